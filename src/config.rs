@@ -1,0 +1,1183 @@
+//! Settings: the TOML file, environment overrides, defaults, secrets and validation.
+//!
+//! The file is read with the `config` crate; every key can be overridden by an environment
+//! variable `SYNC_DAEMON__SECTION__KEY` (double underscore between levels, a number selects an
+//! element of `[[sources]]`, e.g. `SYNC_DAEMON__SOURCES__0__API_KEY`). The `config` crate turns an
+//! indexed environment key into a map that replaces the whole array, so overrides are applied
+//! as path overrides (`sources[0].api_key`) instead of through its `Environment` source.
+//!
+//! Everything is checked once, at start: a bad value is a [`ConfigError`] naming the key and the
+//! value, which `main` turns into exit code 78 (`EX_CONFIG`) so systemd does not restart-loop on
+//! it. Secrets are read here and wrapped in [`Secret`], whose `Debug` never shows them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use reqwest::Url;
+use serde::Deserialize;
+
+/// Where the config file is looked for when neither `--config` nor `SYNC_DAEMON_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sync-daemon/config.toml";
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "SYNC_DAEMON__";
+
+/// A configuration problem: which key, and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {problem}")]
+pub struct ConfigError {
+    /// The key in TOML path form, e.g. `sources[1].schedule`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A secret value (API key, push secret). Its `Debug` and `Display` are redacted so that no log
+/// line or error can carry it; [`Secret::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one header or signature that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub revkeen: RevKeenConfig,
+    pub sources: Vec<SourceConfig>,
+}
+
+/// `[daemon]`: the process itself.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// SQLite state file. Default `$STATE_DIRECTORY/state.db`, else `./state.db`.
+    pub state_path: PathBuf,
+    /// Address of the health, metrics and push-feed HTTP server. Default `127.0.0.1:9440`.
+    pub listen: SocketAddr,
+    /// `text` (default) or `json` log lines.
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `sync_daemon=trace`); `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// Seconds a shutdown waits for in-flight requests. Default 10.
+    pub drain_timeout_secs: u64,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[revkeen]`: the destination API.
+#[derive(Debug, Clone)]
+pub struct RevKeenConfig {
+    pub base_url: Url,
+    pub api_key: Secret,
+    /// Client-side limit, requests per minute. Default 1000 (production); staging allows 100.
+    pub requests_per_minute: u32,
+    /// Requests allowed at once before the per-minute rate applies. Default 2000.
+    pub burst: u32,
+    /// Customers per batch upsert; 1 sends single upserts only. Default 100, max 100.
+    pub batch_size: usize,
+    /// Requests in flight at once. Default 4.
+    pub concurrency: usize,
+    /// Per-request timeout in seconds. Default 30.
+    pub timeout_secs: u64,
+    /// Attempts before a customer is dead-lettered as "retries exhausted". Default 25.
+    pub max_attempts: u32,
+    /// `RevKeen-Version` header pinning the API version. Default `2026-05-01`.
+    pub api_version: String,
+}
+
+/// The kinds of source the daemon can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    Wodify,
+    PracticeHub,
+}
+
+impl SourceKind {
+    /// The name used in config and as RevKeen's default `{source}` path segment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Wodify => "wodify",
+            SourceKind::PracticeHub => "practicehub",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "wodify" => Some(SourceKind::Wodify),
+            "practicehub" => Some(SourceKind::PracticeHub),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a Wodify scan moves through the client list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WodifyScan {
+    /// `GET /clients/search?q=id|gt|N&sort=id`: robust against inserts during a scan.
+    Keyset,
+    /// `GET /clients?page=N&sort=id`: the fallback if search is unavailable to a key.
+    Pages,
+}
+
+/// One `[[sources]]` entry.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Unique name: used in the state file, metrics, logs and `--source`.
+    pub name: String,
+    pub kind: SourceKind,
+    /// RevKeen's `{source}` path segment. Default: the kind.
+    pub revkeen_source: String,
+    pub base_url: Url,
+    pub api_key: Secret,
+    /// Cron schedule with seconds (`sec min hour day month weekday`).
+    pub schedule: String,
+    /// Client-side limit on requests to this source.
+    pub requests_per_second: u32,
+    pub burst: u32,
+    /// ISO 3166-1 alpha-2 country for phone numbers written without a country code.
+    pub default_country: String,
+    /// Per-request timeout in seconds. Default 30.
+    pub timeout_secs: u64,
+    /// Wodify: keyset (default) or page-number scans.
+    pub scan: WodifyScan,
+    /// PracticeHub: the mandatory `x-app-details` header, `<appname>=<contact email>`.
+    pub app_details: Option<String>,
+    /// PracticeHub: source field name overrides, e.g. `phone = "home_phone"`.
+    pub fields: BTreeMap<String, String>,
+    /// Enables `POST /v1/changes/{name}` for this source when set.
+    pub push_secret: Option<Secret>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shapes, as written in the file. Every field optional so that defaults and validation
+// happen in one place with messages that name the key.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    revkeen: RawRevKeen,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    state_path: Option<PathBuf>,
+    listen: Option<String>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+    drain_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevKeen {
+    base_url: Option<String>,
+    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    requests_per_minute: Option<u32>,
+    burst: Option<u32>,
+    batch_size: Option<usize>,
+    concurrency: Option<usize>,
+    timeout_secs: Option<u64>,
+    max_attempts: Option<u32>,
+    api_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Option<String>,
+    kind: Option<String>,
+    revkeen_source: Option<String>,
+    base_url: Option<String>,
+    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    schedule: Option<String>,
+    requests_per_second: Option<u32>,
+    burst: Option<u32>,
+    default_country: Option<String>,
+    timeout_secs: Option<u64>,
+    scan: Option<String>,
+    app_details: Option<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, String>,
+    push_secret: Option<String>,
+    push_secret_file: Option<PathBuf>,
+}
+
+/// What the process environment contributes: overrides, and the paths secrets may come from.
+/// Kept apart from `std::env` so tests can load configs without touching the real environment.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// `(NAME, value)` pairs; only `SYNC_DAEMON__…` names are used as overrides.
+    pub vars: Vec<(String, String)>,
+}
+
+impl Environment {
+    /// The real process environment.
+    pub fn from_process() -> Self {
+        Environment {
+            vars: std::env::vars().collect(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.vars
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn overrides(&self) -> impl Iterator<Item = (String, &str, &str)> {
+        self.vars.iter().filter_map(|(name, value)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            Some((override_path(rest), name.as_str(), value.as_str()))
+        })
+    }
+}
+
+/// `SOURCES__0__API_KEY` → `sources[0].api_key`.
+fn override_path(rest: &str) -> String {
+    let mut path = String::new();
+    for segment in rest.split("__") {
+        let segment = segment.to_ascii_lowercase();
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            path.push('[');
+            path.push_str(&segment);
+            path.push(']');
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&segment);
+        }
+    }
+    path
+}
+
+/// Which config file to read: `--config`, else `SYNC_DAEMON_CONFIG`, else the default path.
+/// The flag says whether the file must exist (an explicit path must; the default may be absent
+/// when the environment carries the whole config, as in a container).
+pub fn config_path(cli: Option<&Path>, env: &Environment) -> (PathBuf, bool) {
+    if let Some(path) = cli {
+        return (path.to_path_buf(), true);
+    }
+    if let Some(path) = env.get("SYNC_DAEMON_CONFIG") {
+        return (PathBuf::from(path), true);
+    }
+    (PathBuf::from(DEFAULT_CONFIG_PATH), false)
+}
+
+impl Config {
+    /// Reads and validates the configuration from the process environment.
+    pub fn load(cli_path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with(cli_path, &Environment::from_process())
+    }
+
+    /// Reads and validates the configuration with an explicit environment.
+    pub fn load_with(cli_path: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+        let (path, required) = config_path(cli_path, env);
+        let mut builder = config::Config::builder();
+        let has_overrides = env.overrides().next().is_some();
+        if path.exists() {
+            builder = builder.add_source(
+                config::File::from(path.clone())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        } else if required || !has_overrides {
+            return Err(ConfigError::new(
+                "config file",
+                format!(
+                    "{} does not exist: pass --config PATH, set SYNC_DAEMON_CONFIG, or configure \
+                     everything through SYNC_DAEMON__… environment variables",
+                    path.display()
+                ),
+            ));
+        }
+        for (key, name, value) in env.overrides() {
+            builder = builder.set_override(key.as_str(), value).map_err(|e| {
+                ConfigError::new(key.clone(), format!("bad override from {name}: {e}"))
+            })?;
+        }
+        let raw: RawConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::new(path.display().to_string(), tidy_config_error(&e)))?;
+        Config::from_raw(raw, env)
+    }
+
+    /// Parses a TOML string (used by tests and `demo`), then applies defaults and validation.
+    pub fn from_toml(toml: &str, env: &Environment) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::new("config", tidy_config_error(&e)))?;
+        Config::from_raw(raw, env)
+    }
+
+    /// The sources selected by `--source` (all when the list is empty).
+    pub fn selected_sources(&self, names: &[String]) -> Result<Vec<SourceConfig>, ConfigError> {
+        for name in names {
+            if !self.sources.iter().any(|s| &s.name == name) {
+                let known: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
+                return Err(ConfigError::new(
+                    "--source",
+                    format!(
+                        "no source named {name:?}; configured sources: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(self
+            .sources
+            .iter()
+            .filter(|s| names.is_empty() || names.contains(&s.name))
+            .cloned()
+            .collect())
+    }
+
+    /// The effective configuration as TOML, every default filled in and secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let d = &self.daemon;
+        let r = &self.revkeen;
+        let mut out = format!(
+            "[daemon]\nstate_path = {}\nlisten = {}\nlog_format = {}\nlog_level = {}\ndrain_timeout_secs = {}\n\n\
+             [revkeen]\nbase_url = {}\napi_key = \"[redacted]\"\nrequests_per_minute = {}\nburst = {}\n\
+             batch_size = {}\nconcurrency = {}\ntimeout_secs = {}\nmax_attempts = {}\napi_version = {}\n",
+            q(&d.state_path.display().to_string()),
+            q(&d.listen.to_string()),
+            q(match d.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }),
+            q(&d.log_level),
+            d.drain_timeout_secs,
+            q(r.base_url.as_str()),
+            r.requests_per_minute,
+            r.burst,
+            r.batch_size,
+            r.concurrency,
+            r.timeout_secs,
+            r.max_attempts,
+            q(&r.api_version),
+        );
+        for source in &self.sources {
+            out.push_str(&format!(
+                "\n[[sources]]\nname = {}\nkind = {}\nrevkeen_source = {}\nbase_url = {}\napi_key = \"[redacted]\"\n\
+                 schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n",
+                q(&source.name),
+                q(source.kind.as_str()),
+                q(&source.revkeen_source),
+                q(source.base_url.as_str()),
+                q(&source.schedule),
+                source.requests_per_second,
+                source.burst,
+                q(&source.default_country),
+                source.timeout_secs,
+            ));
+            match source.kind {
+                SourceKind::Wodify => out.push_str(&format!(
+                    "scan = {}\n",
+                    q(match source.scan {
+                        WodifyScan::Keyset => "keyset",
+                        WodifyScan::Pages => "pages",
+                    })
+                )),
+                SourceKind::PracticeHub => {
+                    out.push_str(&format!(
+                        "app_details = {}\n",
+                        q(source.app_details.as_deref().unwrap_or(""))
+                    ));
+                }
+            }
+            if source.push_secret.is_some() {
+                out.push_str("push_secret = \"[redacted]\"\n");
+            }
+            if !source.fields.is_empty() {
+                out.push_str("[sources.fields]\n");
+                for (field, attribute) in &source.fields {
+                    out.push_str(&format!("{field} = {}\n", q(attribute)));
+                }
+            }
+        }
+        out
+    }
+
+    fn from_raw(raw: RawConfig, env: &Environment) -> Result<Config, ConfigError> {
+        let credentials = env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let daemon = daemon_config(raw.daemon, env)?;
+        let revkeen = revkeen_config(raw.revkeen, credentials.as_deref())?;
+        if raw.sources.is_empty() {
+            return Err(ConfigError::new(
+                "sources",
+                "no [[sources]] configured: add at least one (kind = \"wodify\" or \"practicehub\")",
+            ));
+        }
+        let mut sources = Vec::with_capacity(raw.sources.len());
+        let mut names = HashSet::new();
+        let mut revkeen_sources = HashSet::new();
+        for (index, raw) in raw.sources.into_iter().enumerate() {
+            let source = source_config(index, raw, credentials.as_deref())?;
+            if !names.insert(source.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("sources[{index}].name"),
+                    format!(
+                        "{:?} is used by another source: names must be unique",
+                        source.name
+                    ),
+                ));
+            }
+            if !revkeen_sources.insert(source.revkeen_source.clone()) {
+                return Err(ConfigError::new(
+                    format!("sources[{index}].revkeen_source"),
+                    format!(
+                        "{:?} is already written by another source: two sources sharing RevKeen's \
+                         {{source}} would overwrite each other's customers; set a distinct \
+                         revkeen_source",
+                        source.revkeen_source
+                    ),
+                ));
+            }
+            sources.push(source);
+        }
+        Ok(Config {
+            daemon,
+            revkeen,
+            sources,
+        })
+    }
+}
+
+/// The `config` crate renders paths as `sources[1]requests_per_second`; add the missing dot.
+fn tidy_config_error(error: &config::ConfigError) -> String {
+    error.to_string().replace("]", "].").replace("].`", "]`")
+}
+
+fn daemon_config(raw: RawDaemon, env: &Environment) -> Result<DaemonConfig, ConfigError> {
+    let state_path = raw.state_path.unwrap_or_else(|| {
+        env.get("STATE_DIRECTORY")
+            // systemd may pass several directories separated by ':'; ours is the first.
+            .and_then(|dirs| dirs.split(':').next())
+            .map(|dir| Path::new(dir).join("state.db"))
+            .unwrap_or_else(|| PathBuf::from("state.db"))
+    });
+    let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:9440".to_string());
+    let listen = listen_text.parse().map_err(|_| {
+        ConfigError::new(
+            "daemon.listen",
+            format!("{listen_text:?} is not an address with a port, e.g. \"127.0.0.1:9440\""),
+        )
+    })?;
+    let log_format = match raw.log_format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(ConfigError::new(
+                "daemon.log_format",
+                format!("{other:?} is not a log format: use \"text\" or \"json\""),
+            ));
+        }
+    };
+    let log_level = raw.log_level.unwrap_or_else(|| "info".to_string());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        return Err(ConfigError::new(
+            "daemon.log_level",
+            format!("{log_level:?} is not a log filter: use error, warn, info, debug or trace"),
+        ));
+    }
+    Ok(DaemonConfig {
+        state_path,
+        listen,
+        log_format,
+        log_level,
+        drain_timeout_secs: raw.drain_timeout_secs.unwrap_or(10),
+    })
+}
+
+fn revkeen_config(
+    raw: RawRevKeen,
+    credentials: Option<&Path>,
+) -> Result<RevKeenConfig, ConfigError> {
+    let base_url = base_url(
+        "revkeen.base_url",
+        raw.base_url
+            .as_deref()
+            .or(Some("https://api.revkeen.com/v2")),
+    )?;
+    let api_key = secret(
+        "revkeen",
+        raw.api_key,
+        raw.api_key_file,
+        credentials,
+        &["revkeen_api_key"],
+    )?;
+    let batch_size = raw.batch_size.unwrap_or(100);
+    if !(1..=100).contains(&batch_size) {
+        return Err(ConfigError::new(
+            "revkeen.batch_size",
+            format!(
+                "{batch_size} is out of range: RevKeen takes 1 to 100 customers per batch (1 = single upserts)"
+            ),
+        ));
+    }
+    let requests_per_minute =
+        positive("revkeen.requests_per_minute", raw.requests_per_minute, 1000)?;
+    let burst = positive("revkeen.burst", raw.burst, 2000)?;
+    let concurrency =
+        positive("revkeen.concurrency", raw.concurrency.map(|c| c as u32), 4)? as usize;
+    let max_attempts = positive("revkeen.max_attempts", raw.max_attempts, 25)?;
+    let timeout_secs = u64::from(positive(
+        "revkeen.timeout_secs",
+        raw.timeout_secs.map(|t| t.min(u64::from(u32::MAX)) as u32),
+        30,
+    )?);
+    Ok(RevKeenConfig {
+        base_url,
+        api_key,
+        requests_per_minute,
+        burst,
+        batch_size,
+        concurrency,
+        timeout_secs,
+        max_attempts,
+        api_version: raw.api_version.unwrap_or_else(|| "2026-05-01".to_string()),
+    })
+}
+
+fn source_config(
+    index: usize,
+    raw: RawSource,
+    credentials: Option<&Path>,
+) -> Result<SourceConfig, ConfigError> {
+    let key = |field: &str| format!("sources[{index}].{field}");
+    let name = raw.name.ok_or_else(|| {
+        ConfigError::new(key("name"), "missing: every source needs a unique name")
+    })?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::new(
+            key("name"),
+            format!(
+                "{name:?} is not a valid name: use 1-64 letters, digits, '-' or '_' (it appears in URLs and metrics)"
+            ),
+        ));
+    }
+    let kind_text = raw.kind.ok_or_else(|| {
+        ConfigError::new(key("kind"), "missing: use \"wodify\" or \"practicehub\"")
+    })?;
+    let kind = SourceKind::parse(&kind_text).ok_or_else(|| {
+        ConfigError::new(
+            key("kind"),
+            format!("unknown source kind {kind_text:?}: use \"wodify\" or \"practicehub\""),
+        )
+    })?;
+    let Some(base_url_text) = raw.base_url.as_deref() else {
+        let example = match kind {
+            SourceKind::Wodify => "https://api.wodify.com/v1",
+            SourceKind::PracticeHub => "https://{account}.neptune.practicehub.io/api",
+        };
+        return Err(ConfigError::new(
+            key("base_url"),
+            format!("missing: set the {kind} API address, e.g. \"{example}\""),
+        ));
+    };
+    let mut base_url = base_url(&key("base_url"), Some(base_url_text))?;
+    if kind == SourceKind::PracticeHub {
+        base_url = normalize_practicehub_url(base_url);
+    }
+    let api_key = secret(
+        &format!("sources[{index}]"),
+        raw.api_key,
+        raw.api_key_file,
+        credentials,
+        &[&format!("{name}_api_key"), &format!("{kind}_api_key")],
+    )?;
+    let schedule = raw.schedule.unwrap_or_else(|| {
+        match kind {
+            SourceKind::Wodify => "0 */15 * * * *",
+            SourceKind::PracticeHub => "0 */5 * * * *",
+        }
+        .to_string()
+    });
+    crate::schedule::parse(&schedule).map_err(|problem| {
+        ConfigError::new(
+            key("schedule"),
+            format!(
+                "{schedule:?} is not a valid schedule ({problem}): use cron with seconds, \
+                 `sec min hour day month weekday`, e.g. \"0 */15 * * * *\""
+            ),
+        )
+    })?;
+    let (default_rps, default_burst) = match kind {
+        SourceKind::Wodify => (5, 20),
+        // PracticeHub documents no limit; integrations see 429s when they burst and none with
+        // ~350 ms between pages, so the default is strictly sequential at 3 requests a second.
+        SourceKind::PracticeHub => (3, 1),
+    };
+    let requests_per_second = positive(
+        &key("requests_per_second"),
+        raw.requests_per_second,
+        default_rps,
+    )?;
+    let burst = positive(&key("burst"), raw.burst, default_burst)?;
+    let default_country = raw
+        .default_country
+        .unwrap_or_else(|| match kind {
+            SourceKind::Wodify => "US".to_string(),
+            SourceKind::PracticeHub => "GB".to_string(),
+        })
+        .to_ascii_uppercase();
+    if default_country.parse::<phonenumber::country::Id>().is_err() {
+        return Err(ConfigError::new(
+            key("default_country"),
+            format!(
+                "{default_country:?} is not an ISO 3166-1 alpha-2 country code, e.g. \"US\" or \"GB\""
+            ),
+        ));
+    }
+    let scan = match raw.scan.as_deref() {
+        None | Some("keyset") => WodifyScan::Keyset,
+        Some("pages") => WodifyScan::Pages,
+        Some(other) => {
+            return Err(ConfigError::new(
+                key("scan"),
+                format!("{other:?} is not a scan mode: use \"keyset\" or \"pages\""),
+            ));
+        }
+    };
+    let app_details = raw.app_details;
+    if kind == SourceKind::PracticeHub {
+        match app_details.as_deref() {
+            None => {
+                return Err(ConfigError::new(
+                    key("app_details"),
+                    "missing: PracticeHub requires the x-app-details header, \
+                     e.g. app_details = \"revkeen-sync=ops@clinic.example\"",
+                ));
+            }
+            Some(details) if !valid_app_details(details) => {
+                return Err(ConfigError::new(
+                    key("app_details"),
+                    format!(
+                        "{details:?} is not of the form <appname>=<contact email>, e.g. \"revkeen-sync=ops@clinic.example\""
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    match kind {
+        SourceKind::PracticeHub => {
+            crate::sources::practicehub::validate_field_overrides(&raw.fields)
+                .map_err(|problem| ConfigError::new(key("fields"), problem))?;
+        }
+        SourceKind::Wodify if !raw.fields.is_empty() => {
+            return Err(ConfigError::new(
+                key("fields"),
+                "field overrides exist for PracticeHub sources only",
+            ));
+        }
+        SourceKind::Wodify => {}
+    }
+    let push_secret = match (raw.push_secret, raw.push_secret_file) {
+        (None, None) => None,
+        (inline, file) => Some(secret(
+            &format!("sources[{index}].push"),
+            inline,
+            file,
+            None,
+            &[],
+        )?),
+    };
+    Ok(SourceConfig {
+        revkeen_source: raw
+            .revkeen_source
+            .unwrap_or_else(|| kind.as_str().to_string()),
+        name,
+        kind,
+        base_url,
+        api_key,
+        schedule,
+        requests_per_second,
+        burst,
+        default_country,
+        timeout_secs: raw.timeout_secs.unwrap_or(30).max(1),
+        scan,
+        app_details,
+        fields: raw.fields,
+        push_secret,
+    })
+}
+
+fn valid_app_details(details: &str) -> bool {
+    details
+        .split_once('=')
+        .is_some_and(|(app, contact)| !app.trim().is_empty() && contact.contains('@'))
+}
+
+fn positive(key: &str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(ConfigError::new(
+            key,
+            "0 is not allowed: use a positive number",
+        )),
+        Some(v) => Ok(v),
+    }
+}
+
+/// Parses a base URL: https anywhere, plain http only to loopback (a simulator or a local
+/// proxy), because API keys travel in headers.
+fn base_url(key: &str, value: Option<&str>) -> Result<Url, ConfigError> {
+    let text = value.ok_or_else(|| ConfigError::new(key, "missing"))?;
+    let mut url = Url::parse(text).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("{text:?} is not a URL ({e}), e.g. \"https://api.example.com/v1\""),
+        )
+    })?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "{text:?} uses plain http to a remote host, which would send the API key unencrypted: use https:// (http:// is allowed only to 127.0.0.1, ::1 or localhost)"
+                ),
+            ));
+        }
+        other => {
+            return Err(ConfigError::new(
+                key,
+                format!("{text:?} has scheme {other:?}: use https://"),
+            ));
+        }
+    }
+    // Joining relative paths onto a base without a trailing slash drops its last segment.
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+/// `https://{account}.practicehub.io[/…]` → `https://{account}.neptune.practicehub.io/api/`;
+/// anything else (the neptune form, a simulator on loopback) is kept.
+fn normalize_practicehub_url(url: Url) -> Url {
+    let Some(host) = url.host_str() else {
+        return url;
+    };
+    let Some(account) = host.strip_suffix(".practicehub.io") else {
+        return url;
+    };
+    if account.contains('.') {
+        return url;
+    }
+    let normalized = format!("https://{account}.neptune.practicehub.io/api/");
+    Url::parse(&normalized).unwrap_or(url)
+}
+
+/// Reads a secret: `<prefix>.api_key_file`, else `<prefix>.api_key`, else the first of
+/// `credential_names` present in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+fn secret(
+    prefix: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    credentials: Option<&Path>,
+    credential_names: &[&str],
+) -> Result<Secret, ConfigError> {
+    let (inline_key, file_key) = if prefix.ends_with(".push") {
+        let base = prefix.trim_end_matches(".push");
+        (
+            format!("{base}.push_secret"),
+            format!("{base}.push_secret_file"),
+        )
+    } else {
+        (
+            format!("{prefix}.api_key"),
+            format!("{prefix}.api_key_file"),
+        )
+    };
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::new(
+                &file_key,
+                format!(
+                    "cannot read {}: {e}; check the path and that the service user may read it",
+                    path.display()
+                ),
+            )
+        })?;
+        return non_empty(
+            &file_key,
+            text.trim(),
+            &format!("{} is empty", path.display()),
+        );
+    }
+    if let Some(value) = inline {
+        return non_empty(&inline_key, value.trim(), "is empty");
+    }
+    if let Some(dir) = credentials {
+        for name in credential_names {
+            let path = dir.join(name);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return non_empty(
+                    &file_key,
+                    text.trim(),
+                    &format!("credential {} is empty", path.display()),
+                );
+            }
+        }
+    }
+    let mut sources = vec![
+        format!("{file_key} = \"/path/to/key\""),
+        format!("{inline_key} = \"…\""),
+    ];
+    if let Some(first) = credential_names.first() {
+        sources.push(format!("a systemd credential named {first}"));
+    }
+    Err(ConfigError::new(
+        &inline_key,
+        format!("missing: set one of {}", sources.join(", ")),
+    ))
+}
+
+fn non_empty(key: &str, value: &str, problem: &str) -> Result<Secret, ConfigError> {
+    if value.is_empty() {
+        Err(ConfigError::new(key, problem.to_string()))
+    } else {
+        Ok(Secret::new(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[revkeen]
+base_url = "http://127.0.0.1:1/v2"
+api_key = "rk_sandbox_abc"
+
+[[sources]]
+name = "main-gym"
+kind = "wodify"
+base_url = "http://127.0.0.1:2/v1"
+api_key = "wodify-secret"
+"#;
+
+    fn env(vars: &[(&str, &str)]) -> Environment {
+        Environment {
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn error_for(toml: &str) -> ConfigError {
+        Config::from_toml(toml, &Environment::default()).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
+        assert_eq!(config.revkeen.requests_per_minute, 1000);
+        assert_eq!(config.revkeen.burst, 2000);
+        assert_eq!(config.revkeen.batch_size, 100);
+        assert_eq!(config.revkeen.concurrency, 4);
+        assert_eq!(config.revkeen.max_attempts, 25);
+        let source = &config.sources[0];
+        assert_eq!(source.revkeen_source, "wodify");
+        assert_eq!(source.schedule, "0 */15 * * * *");
+        assert_eq!((source.requests_per_second, source.burst), (5, 20));
+        assert_eq!(source.default_country, "US");
+        assert_eq!(config.daemon.state_path, PathBuf::from("state.db"));
+        assert_eq!(config.daemon.listen.to_string(), "127.0.0.1:9440");
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let config = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
+        let redacted = config.to_redacted_toml();
+        assert!(!redacted.contains("rk_sandbox_abc") && !redacted.contains("wodify-secret"));
+        // The redacted rendering is itself a valid config once keys are supplied again.
+        let again = Config::from_toml(
+            &redacted.replace("\"[redacted]\"", "\"k\""),
+            &Environment::default(),
+        )
+        .expect("round trip");
+        assert_eq!(again.sources[0].schedule, config.sources[0].schedule);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("rk_sandbox_abc"), "{debug}");
+        assert!(!debug.contains("wodify-secret"), "{debug}");
+        assert!(debug.contains("[redacted]"));
+    }
+
+    #[test]
+    fn unknown_kind_names_key_and_value() {
+        let error = error_for(&MINIMAL.replace("kind = \"wodify\"", "kind = \"wodfy\""));
+        assert_eq!(error.key, "sources[0].kind");
+        assert!(error.problem.contains("\"wodfy\""), "{error}");
+    }
+
+    #[test]
+    fn missing_base_url_is_named() {
+        let error = error_for(&MINIMAL.replace("base_url = \"http://127.0.0.1:2/v1\"", ""));
+        assert_eq!(error.key, "sources[0].base_url");
+    }
+
+    #[test]
+    fn invalid_schedule_is_named() {
+        let error = error_for(&format!("{MINIMAL}schedule = \"*/5 * * *\"\n"));
+        assert_eq!(error.key, "sources[0].schedule");
+        assert!(error.problem.contains("\"*/5 * * *\""), "{error}");
+    }
+
+    #[test]
+    fn duplicate_source_name_is_refused() {
+        let second = "\n[[sources]]\nname = \"main-gym\"\nkind = \"wodify\"\nrevkeen_source = \"w2\"\nbase_url = \"https://api.wodify.com/v1\"\napi_key = \"k\"\n";
+        let error = error_for(&format!("{MINIMAL}{second}"));
+        assert_eq!(error.key, "sources[1].name");
+    }
+
+    #[test]
+    fn shared_revkeen_source_is_refused() {
+        let second = "\n[[sources]]\nname = \"second-gym\"\nkind = \"wodify\"\nbase_url = \"https://api.wodify.com/v1\"\napi_key = \"k\"\n";
+        let error = error_for(&format!("{MINIMAL}{second}"));
+        assert_eq!(error.key, "sources[1].revkeen_source");
+    }
+
+    #[test]
+    fn plain_http_to_a_remote_host_is_refused() {
+        let error =
+            error_for(&MINIMAL.replace("http://127.0.0.1:1/v2", "http://api.revkeen.com/v2"));
+        assert_eq!(error.key, "revkeen.base_url");
+        assert!(
+            error.problem.contains("http://api.revkeen.com/v2"),
+            "{error}"
+        );
+        for ok in [
+            "http://localhost:8080/v2",
+            "http://[::1]:8080/v2",
+            "https://api.revkeen.com/v2",
+        ] {
+            Config::from_toml(
+                &MINIMAL.replace("http://127.0.0.1:1/v2", ok),
+                &Environment::default(),
+            )
+            .expect(ok);
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let error =
+            error_for(&MINIMAL.replace("kind = \"wodify\"", "kind = \"wodify\"\nshedule = \"x\""));
+        assert!(error.problem.contains("shedule"), "{error}");
+    }
+
+    #[test]
+    fn missing_key_lists_the_ways_to_give_one() {
+        let error = error_for(&MINIMAL.replace("api_key = \"wodify-secret\"", ""));
+        assert_eq!(error.key, "sources[0].api_key");
+        assert!(error.problem.contains("api_key_file"), "{error}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_credentials_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("revkeen_api_key"), "rk_from_credential\n").expect("write");
+        std::fs::write(dir.path().join("wodify.key"), "  from_file \n").expect("write");
+        let toml = MINIMAL.replace("api_key = \"rk_sandbox_abc\"", "").replace(
+            "api_key = \"wodify-secret\"",
+            &format!(
+                "api_key_file = \"{}\"",
+                dir.path().join("wodify.key").display()
+            ),
+        );
+        let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
+        let config = Config::from_toml(&toml, &env).expect("valid");
+        assert_eq!(config.revkeen.api_key.expose(), "rk_from_credential");
+        assert_eq!(config.sources[0].api_key.expose(), "from_file");
+    }
+
+    #[test]
+    fn environment_overrides_every_level_including_sources() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, MINIMAL).expect("write");
+        let env = env(&[
+            ("SYNC_DAEMON__REVKEEN__BATCH_SIZE", "7"),
+            ("SYNC_DAEMON__SOURCES__0__DEFAULT_COUNTRY", "ca"),
+            ("SYNC_DAEMON__DAEMON__STATE_PATH", "/tmp/x.db"),
+        ]);
+        let config = Config::load_with(Some(&path), &env).expect("valid");
+        assert_eq!(config.revkeen.batch_size, 7);
+        assert_eq!(config.sources[0].default_country, "CA");
+        assert_eq!(config.sources[0].name, "main-gym");
+        assert_eq!(config.daemon.state_path, PathBuf::from("/tmp/x.db"));
+    }
+
+    #[test]
+    fn environment_alone_can_configure_everything() {
+        let env = env(&[
+            ("SYNC_DAEMON__REVKEEN__BASE_URL", "http://127.0.0.1:1/v2"),
+            ("SYNC_DAEMON__REVKEEN__API_KEY", "rk"),
+            ("SYNC_DAEMON__SOURCES__0__NAME", "gym"),
+            ("SYNC_DAEMON__SOURCES__0__KIND", "wodify"),
+            ("SYNC_DAEMON__SOURCES__0__BASE_URL", "http://127.0.0.1:2/v1"),
+            ("SYNC_DAEMON__SOURCES__0__API_KEY", "w"),
+            ("SYNC_DAEMON__SOURCES__1__NAME", "clinic"),
+            ("SYNC_DAEMON__SOURCES__1__KIND", "practicehub"),
+            (
+                "SYNC_DAEMON__SOURCES__1__BASE_URL",
+                "http://127.0.0.1:3/api",
+            ),
+            ("SYNC_DAEMON__SOURCES__1__API_KEY", "p"),
+            (
+                "SYNC_DAEMON__SOURCES__1__APP_DETAILS",
+                "sync=ops@clinic.example",
+            ),
+        ]);
+        let missing = Path::new("/nonexistent/sync-daemon.toml");
+        // The default path may be absent when the environment carries the config …
+        let (path, required) = config_path(None, &env);
+        assert!(!required);
+        assert_eq!(path, PathBuf::from(DEFAULT_CONFIG_PATH));
+        let config = Config::load_with(None, &env).expect("valid");
+        assert_eq!(config.sources.len(), 2);
+        assert_eq!(config.sources[1].kind, SourceKind::PracticeHub);
+        // … but an explicit path must exist.
+        let error = Config::load_with(Some(missing), &env).expect_err("missing file");
+        assert!(error.problem.contains("/nonexistent/sync-daemon.toml"));
+    }
+
+    #[test]
+    fn practicehub_urls_are_normalized_and_app_details_required() {
+        let toml = r#"
+[revkeen]
+api_key = "rk"
+[[sources]]
+name = "clinic"
+kind = "practicehub"
+base_url = "https://bayside.practicehub.io"
+api_key = "p"
+"#;
+        let error = error_for(toml);
+        assert_eq!(error.key, "sources[0].app_details");
+        let config = Config::from_toml(
+            &format!("{toml}app_details = \"sync=ops@bayside.example\"\n"),
+            &Environment::default(),
+        )
+        .expect("valid");
+        assert_eq!(
+            config.sources[0].base_url.as_str(),
+            "https://bayside.neptune.practicehub.io/api/"
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_documents_the_defaults() {
+        let example = include_str!("../config/example.toml");
+        let with_inline_keys: String = example
+            .lines()
+            .map(|line| {
+                if line.starts_with("api_key_file") {
+                    "api_key = \"k\"".to_string()
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::from_toml(&with_inline_keys, &Environment::default()).expect("valid");
+        let defaults = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
+        assert_eq!(
+            config.revkeen.requests_per_minute,
+            defaults.revkeen.requests_per_minute
+        );
+        assert_eq!(config.revkeen.batch_size, defaults.revkeen.batch_size);
+        assert_eq!(config.revkeen.max_attempts, defaults.revkeen.max_attempts);
+        assert_eq!(config.daemon.listen, defaults.daemon.listen);
+        assert_eq!(config.sources[0].schedule, defaults.sources[0].schedule);
+        assert_eq!(config.sources[1].kind, SourceKind::PracticeHub);
+    }
+
+    #[test]
+    fn batch_size_over_100_is_refused() {
+        let error = error_for(&MINIMAL.replace(
+            "api_key = \"rk_sandbox_abc\"",
+            "api_key = \"rk\"\nbatch_size = 101",
+        ));
+        assert_eq!(error.key, "revkeen.batch_size");
+    }
+}

@@ -1,0 +1,293 @@
+//! The normalized customer every source maps into, and its canonical body.
+//!
+//! A [`Customer`] holds exactly the fields RevKeen's upsert accepts (an unknown field is a 400
+//! there), so a body built from it cannot be refused for its shape. Its serialization is
+//! canonical: fields in declaration order, absent ones omitted, metadata keys sorted. The same
+//! record therefore always produces the same bytes and the same hash, which is what change
+//! detection and idempotency keys rest on (DESIGN invariants 3 and 5).
+//!
+//! The field helpers here (email, phone, country, timestamps) are shared by every adapter.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// A customer as RevKeen's `PUT /customers/external/{source}/{id}` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Customer {
+    pub email: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_line1: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_line2: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+    /// ISO 3166-1 alpha-2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+    /// RFC 3339 UTC; drives RevKeen's stale protection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_updated_at: Option<String>,
+}
+
+impl Customer {
+    /// The canonical body bytes.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a struct of strings and JSON values always serializes")
+    }
+}
+
+/// Hex SHA-256 of a body: the identity of a version of a customer.
+pub fn body_hash(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// Why a record cannot become a customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Short machine-friendly reason, e.g. `no_email`.
+    pub code: &'static str,
+    /// What is wrong, for `failures`.
+    pub reason: String,
+    /// What to do about it, for `failures`.
+    pub hint: String,
+}
+
+/// Trims and lower-cases an email; `Err` says why it is not one.
+pub fn normalize_email(raw: Option<&str>) -> Result<String, &'static str> {
+    let email = raw.map(str::trim).unwrap_or_default().to_ascii_lowercase();
+    if email.is_empty() {
+        return Err("no email");
+    }
+    let valid = email.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && !domain.contains('@')
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+            && !domain.contains("..")
+    }) && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if valid {
+        Ok(email)
+    } else {
+        Err("invalid email")
+    }
+}
+
+/// The outcome of normalizing a phone number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phone {
+    /// No number given.
+    Absent,
+    /// Parsed and valid: E.164.
+    E164(String),
+    /// Something was given that is not a valid number for the default country.
+    Invalid,
+}
+
+/// Parses a free-text phone number with the source's default country into E.164.
+pub fn normalize_phone(raw: Option<&str>, default_country: &str) -> Phone {
+    let text = raw.map(str::trim).unwrap_or_default();
+    if text.is_empty() {
+        return Phone::Absent;
+    }
+    let country = default_country.parse::<phonenumber::country::Id>().ok();
+    match phonenumber::parse(country, text) {
+        Ok(number) if phonenumber::is_valid(&number) => {
+            Phone::E164(number.format().mode(phonenumber::Mode::E164).to_string())
+        }
+        _ => Phone::Invalid,
+    }
+}
+
+/// An ISO 3166-1 alpha-2 code for a country written as a code or a name ("USA", "United
+/// States", "ca"); `None` when it is not recognisable.
+pub fn normalize_country(raw: Option<&str>) -> Option<String> {
+    let text = raw.map(str::trim).unwrap_or_default();
+    if text.is_empty() {
+        return None;
+    }
+    // celes keys are lower-case names without spaces or punctuation; numeric codes are not
+    // something a person types into an address form.
+    let key: String = text
+        .chars()
+        .filter(|c| c.is_alphabetic())
+        .flat_map(char::to_lowercase)
+        .collect();
+    if key.is_empty() {
+        return None;
+    }
+    // "UK" is the common name, not the ISO code (GB).
+    if key == "uk" {
+        return Some("GB".to_string());
+    }
+    key.parse::<celes::Country>()
+        .ok()
+        .map(|country| country.alpha2.to_string())
+}
+
+/// A source timestamp as RFC 3339 UTC. Naive times are UTC; `1900-01-01…` is the sources'
+/// null sentinel; unparseable text is treated as absent rather than sent.
+pub fn normalize_timestamp(raw: Option<&str>) -> Option<String> {
+    let text = raw.map(str::trim).unwrap_or_default();
+    if text.is_empty() || text.starts_with("1900-01-01") {
+        return None;
+    }
+    let parsed = DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .iter()
+                .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+                .map(|naive| naive.and_utc())
+        })
+        .or_else(|| {
+            NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .ok()
+                .and_then(|date| date.and_hms_opt(0, 0, 0))
+                .map(|naive| naive.and_utc())
+        })?;
+    Some(parsed.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+/// Trimmed text, or `None` when empty.
+pub fn text(raw: Option<&str>) -> Option<String> {
+    raw.map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// "First Last" from optional parts; `None` when both are empty.
+pub fn full_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+    let parts: Vec<&str> = [first, last]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_canonical_and_omits_absent_fields() {
+        let mut customer = Customer {
+            email: "a@example.com".into(),
+            name: Some("Ann Lee".into()),
+            ..Customer::default()
+        };
+        customer
+            .metadata
+            .insert("z".into(), serde_json::json!("last"));
+        customer
+            .metadata
+            .insert("a".into(), serde_json::json!("first"));
+        let body = String::from_utf8(customer.to_body()).expect("utf-8");
+        assert_eq!(
+            body,
+            r#"{"email":"a@example.com","name":"Ann Lee","metadata":{"a":"first","z":"last"}}"#
+        );
+        assert_eq!(body_hash(body.as_bytes()), body_hash(&customer.to_body()));
+    }
+
+    #[test]
+    fn emails_are_trimmed_lowercased_and_checked() {
+        assert_eq!(
+            normalize_email(Some("  John.Doe@Example.COM ")),
+            Ok("john.doe@example.com".into())
+        );
+        assert_eq!(normalize_email(Some("")), Err("no email"));
+        assert_eq!(normalize_email(None), Err("no email"));
+        for bad in [
+            "john at example",
+            "a@b",
+            "@example.com",
+            "a@@example.com",
+            "a b@example.com",
+        ] {
+            assert_eq!(normalize_email(Some(bad)), Err("invalid email"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn phones_become_e164_with_the_default_country() {
+        assert_eq!(
+            normalize_phone(Some("(312) 444-1234"), "US"),
+            Phone::E164("+13124441234".into())
+        );
+        assert_eq!(
+            normalize_phone(Some("+44 7911 123456"), "US"),
+            Phone::E164("+447911123456".into())
+        );
+        assert_eq!(
+            normalize_phone(Some("07911 123456"), "GB"),
+            Phone::E164("+447911123456".into())
+        );
+        assert_eq!(
+            normalize_phone(Some("ask front desk"), "US"),
+            Phone::Invalid
+        );
+        assert_eq!(normalize_phone(Some("  "), "US"), Phone::Absent);
+    }
+
+    #[test]
+    fn countries_become_alpha2() {
+        for (raw, code) in [
+            ("US", "US"),
+            ("usa", "US"),
+            ("United States", "US"),
+            ("Canada", "CA"),
+            ("UK", "GB"),
+            ("United Kingdom", "GB"),
+        ] {
+            assert_eq!(normalize_country(Some(raw)).as_deref(), Some(code), "{raw}");
+        }
+        assert_eq!(normalize_country(Some("")), None);
+        assert_eq!(normalize_country(Some("Atlantis")), None);
+    }
+
+    #[test]
+    fn timestamps_are_utc_and_the_sentinel_is_none() {
+        assert_eq!(
+            normalize_timestamp(Some("2024-03-10T14:45:00")).as_deref(),
+            Some("2024-03-10T14:45:00Z")
+        );
+        assert_eq!(
+            normalize_timestamp(Some("2024-03-10T14:45:00Z")).as_deref(),
+            Some("2024-03-10T14:45:00Z")
+        );
+        assert_eq!(
+            normalize_timestamp(Some("2024-03-10T15:45:00+01:00")).as_deref(),
+            Some("2024-03-10T14:45:00Z")
+        );
+        assert_eq!(normalize_timestamp(Some("1900-01-01T00:00:00")), None);
+        assert_eq!(normalize_timestamp(Some("1900-01-01")), None);
+        assert_eq!(normalize_timestamp(Some("yesterday")), None);
+    }
+
+    #[test]
+    fn names_join_present_parts() {
+        assert_eq!(
+            full_name(Some("John"), Some("Doe")).as_deref(),
+            Some("John Doe")
+        );
+        assert_eq!(full_name(Some(" "), Some("Doe")).as_deref(), Some("Doe"));
+        assert_eq!(full_name(None, None), None);
+    }
+}

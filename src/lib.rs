@@ -1,0 +1,34 @@
+//! sync-daemon keeps a merchant's RevKeen customers in step with their Wodify clients and
+//! PracticeHub patients.
+//!
+//! Data flows one way: a source adapter fetches a page, each record is normalized into a
+//! customer body, change detection drops what RevKeen already has, and the page's jobs commit
+//! to the SQLite outbox together with the cursor that moves past the page. A queue worker
+//! claims jobs (or batches of them), sends them to RevKeen with deterministic idempotency keys
+//! and acknowledges them only on a final answer. DESIGN.md states the invariants; the store's
+//! module doc says how the state file keeps them.
+//!
+//! Map of the crate:
+//! - [`config`]: the TOML file, `SYNC_DAEMON__…` overrides, secrets, validation (exit 78).
+//! - [`customer`]: the normalized customer, its canonical body and hash, field helpers.
+//! - [`sources`]: the adapter trait and the shared poll loop; [`sources::wodify`].
+//! - [`store`]: the state file: cursors, outbox, batches, synced hashes, failures, runs.
+//! - [`revkeen`]: the RevKeen client, idempotency keys, answer classification.
+//! - [`worker`]: claims, sends, acknowledges, retries, halts.
+//! - [`limiter`]: token buckets, `Retry-After` pauses, full-jitter backoff.
+//! - [`run`]: `--once` (poll everything, drain, report) and exit codes.
+//! - [`demo`]: the whole pipeline against the bundled simulators.
+//! - [`schedule`]: cron schedules as the scheduler reads them.
+//! - [`sim`]: in-memory simulators of RevKeen, Wodify and PracticeHub.
+
+pub mod config;
+pub mod customer;
+pub mod demo;
+pub mod limiter;
+pub mod revkeen;
+pub mod run;
+pub mod schedule;
+pub mod sim;
+pub mod sources;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,592 @@
+//! The RevKeen client: single and batch upserts, idempotency keys, and the mapping of every
+//! answer onto the failure policy in DESIGN.
+//!
+//! The client only speaks HTTP and classifies; it never retries or waits. Rate limiting lives in
+//! [`crate::limiter`], and what to do with each [`Answer`] (ack, dead letter, retry, halt) in
+//! [`crate::worker`].
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::config::{RevKeenConfig, Secret};
+
+/// Namespace of every idempotency key this daemon derives (a UUIDv5 of a fixed name, so keys
+/// are stable across versions and machines).
+pub fn key_namespace() -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_URL,
+        b"https://revkeen.com/sync-daemon/idempotency",
+    )
+}
+
+/// The idempotency key of one job (DESIGN invariant 3): a UUIDv5 of
+/// `{revkeen_source}/{external_id}/{hash last synced, or "-"}/{sha256(body)}/{version}`.
+///
+/// The last-synced hash keeps A → B → A from replaying the first A. `version` is the
+/// customer's job counter in the state file; it adds what the hash alone cannot: a record that
+/// flips A → B → A → B within RevKeen's 24 h window, or is resent by `--resync` or `replay`,
+/// still gets a key RevKeen has never seen, so a replayed old answer can never stand in for a
+/// new write.
+pub fn idempotency_key(
+    revkeen_source: &str,
+    external_id: &str,
+    synced_hash: Option<&str>,
+    body_hash: &str,
+    version: i64,
+) -> String {
+    let name = format!(
+        "{revkeen_source}/{external_id}/{}/{body_hash}/{version}",
+        synced_hash.unwrap_or("-")
+    );
+    Uuid::new_v5(&key_namespace(), name.as_bytes()).to_string()
+}
+
+/// A batch's key: a UUIDv5 of its members' keys in order.
+pub fn batch_key<'a>(member_keys: impl Iterator<Item = &'a str>) -> String {
+    let joined: Vec<&str> = member_keys.collect();
+    Uuid::new_v5(&key_namespace(), joined.join("\n").as_bytes()).to_string()
+}
+
+/// The batch body `{"source": …, "customers": [{"external_id": …, <body fields>}, …]}` built
+/// from members' stored bodies, spliced as bytes so each item carries its body exactly.
+pub fn batch_body<'a>(
+    revkeen_source: &str,
+    members: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(b"{\"source\":");
+    out.extend_from_slice(&json_string(revkeen_source));
+    out.extend_from_slice(b",\"customers\":[");
+    for (index, (external_id, body)) in members.enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"external_id\":");
+        out.extend_from_slice(&json_string(external_id));
+        // A stored body is a non-empty JSON object (`email` is required): splice its fields.
+        let fields = body.get(1..).unwrap_or_default();
+        if fields != b"}" {
+            out.push(b',');
+        }
+        out.extend_from_slice(fields);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+fn json_string(value: &str) -> Vec<u8> {
+    serde_json::to_vec(value).expect("a string always serializes")
+}
+
+/// RevKeen's error object (`{"error": {...}}`), reduced to what the daemon keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub fields: Option<serde_json::Value>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+/// Totals of a batch answer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchResult {
+    pub created: u64,
+    pub updated: u64,
+    pub skipped: u64,
+    /// `(external_id, error)` for items RevKeen refused.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Every answer RevKeen can give, classified for the failure policy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// 2xx, written. `created` tells a new customer from an update.
+    Applied { created: bool },
+    /// 2xx `stale_update`: RevKeen already holds newer data. Success.
+    Stale,
+    /// 200 answer to a batch.
+    Batch(BatchResult),
+    /// 400/422 (and other final 4xx): dead letter with RevKeen's reasons.
+    Refused(ApiError),
+    /// 401/403: halt sending with this key.
+    AuthRefused(ApiError),
+    /// 409 `idempotency_in_progress`: the first attempt is still running; retry shortly.
+    InProgress,
+    /// 409 `idempotency_conflict`: one key, two bodies. A bug in this daemon.
+    Conflict(ApiError),
+    /// 429: pause the host.
+    RateLimited { retry_after: Option<Duration> },
+    /// 5xx, timeout, connection error, a cut-off answer: retry with backoff.
+    Transient(String),
+}
+
+impl Answer {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Answer::Applied { created: true } => "created",
+            Answer::Applied { created: false } => "updated",
+            Answer::Stale => "stale",
+            Answer::Batch(_) => "batch",
+            Answer::Refused(_) => "refused",
+            Answer::AuthRefused(_) => "auth_refused",
+            Answer::InProgress => "in_progress",
+            Answer::Conflict(_) => "conflict",
+            Answer::RateLimited { .. } => "rate_limited",
+            Answer::Transient(_) => "transient",
+        }
+    }
+}
+
+/// The outcome of `check-config --connect`'s read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probe {
+    Ok,
+    KeyRefused(String),
+    Unreachable(String),
+    Tls(String),
+    Unexpected(String),
+}
+
+/// A RevKeen API client bound to one base URL and key.
+#[derive(Clone)]
+pub struct RevKeenClient {
+    http: reqwest::Client,
+    base: Url,
+    api_key: Secret,
+    api_version: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    details: Option<ErrorDetails>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetails {
+    #[serde(default)]
+    fields: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct SingleAnswer {
+    #[serde(default)]
+    created: Option<bool>,
+    #[serde(default)]
+    ignored: Option<bool>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    #[serde(default)]
+    created: u64,
+    #[serde(default)]
+    updated: u64,
+    #[serde(default)]
+    skipped: u64,
+    #[serde(default)]
+    failed: Vec<BatchFailure>,
+}
+
+#[derive(Deserialize)]
+struct BatchFailure {
+    external_id: serde_json::Value,
+    #[serde(default)]
+    error: serde_json::Value,
+}
+
+/// Builds the shared reqwest client: rustls, a timeout, and a user agent naming the version.
+pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("sync-daemon/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+}
+
+impl RevKeenClient {
+    /// A client for the configured API.
+    pub fn new(config: &RevKeenConfig) -> reqwest::Result<Self> {
+        Ok(RevKeenClient {
+            http: http_client(Duration::from_secs(config.timeout_secs))?,
+            base: config.base_url.clone(),
+            api_key: config.api_key.clone(),
+            api_version: config.api_version.clone(),
+        })
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            // Percent-encodes each segment: an external id may hold '/', '?', spaces.
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    fn headers(&self, idempotency_key: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(mut key) = HeaderValue::from_str(self.api_key.expose()) {
+            key.set_sensitive(true);
+            headers.insert("x-api-key", key);
+        }
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(version) = HeaderValue::from_str(&self.api_version) {
+            headers.insert("revkeen-version", version);
+        }
+        if let Some(key) = idempotency_key.and_then(|k| HeaderValue::from_str(k).ok()) {
+            headers.insert("idempotency-key", key);
+        }
+        headers
+    }
+
+    /// `PUT /customers/external/{source}/{externalId}` with the stored body bytes.
+    pub async fn upsert(
+        &self,
+        revkeen_source: &str,
+        external_id: &str,
+        body: &[u8],
+        idempotency_key: &str,
+    ) -> Answer {
+        let url = self.url(&["customers", "external", revkeen_source, external_id]);
+        self.put(url, body, idempotency_key, "single").await
+    }
+
+    /// `PUT /customers/external/batch` with a recorded batch body.
+    pub async fn upsert_batch(&self, body: &[u8], idempotency_key: &str) -> Answer {
+        let url = self.url(&["customers", "external", "batch"]);
+        self.put(url, body, idempotency_key, "batch").await
+    }
+
+    async fn put(
+        &self,
+        url: Url,
+        body: &[u8],
+        idempotency_key: &str,
+        kind: &'static str,
+    ) -> Answer {
+        let started = Instant::now();
+        let sent = self
+            .http
+            .put(url)
+            .headers(self.headers(Some(idempotency_key)))
+            .body(body.to_vec())
+            .send()
+            .await;
+        let answer = match sent {
+            Err(error) => Answer::Transient(describe_transport_error(&error)),
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = parse_retry_after(response.headers());
+                match response.bytes().await {
+                    Err(error) => Answer::Transient(format!(
+                        "HTTP {status}: answer cut off: {}",
+                        describe_transport_error(&error)
+                    )),
+                    Ok(bytes) => classify(status, &bytes, retry_after, kind == "batch"),
+                }
+            }
+        };
+        metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "revkeen")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("sync_daemon_http_requests_total", "target" => "revkeen",
+            "kind" => kind, "answer" => answer.label())
+        .increment(1);
+        answer
+    }
+
+    /// `GET /customers?limit=1`: one authenticated read to prove the key and the address.
+    pub async fn probe(&self) -> Probe {
+        let mut url = self.url(&["customers"]);
+        url.set_query(Some("limit=1"));
+        match self.http.get(url).headers(self.headers(None)).send().await {
+            Err(error) => probe_transport_error(&error),
+            Ok(response) if response.status().is_success() => Probe::Ok,
+            Ok(response)
+                if matches!(
+                    response.status(),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+                ) =>
+            {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                let error = parse_error(status, text.as_bytes());
+                Probe::KeyRefused(error.to_string())
+            }
+            Ok(response) => Probe::Unexpected(format!("HTTP {}", response.status())),
+        }
+    }
+}
+
+/// Classifies an answer per DESIGN's failure policy.
+pub fn classify(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    batch: bool,
+) -> Answer {
+    if status.is_success() {
+        if batch {
+            return match serde_json::from_slice::<BatchAnswer>(body) {
+                Ok(answer) => Answer::Batch(BatchResult {
+                    created: answer.created,
+                    updated: answer.updated,
+                    skipped: answer.skipped,
+                    failed: answer
+                        .failed
+                        .into_iter()
+                        .map(|f| (json_text(&f.external_id), json_text(&f.error)))
+                        .collect(),
+                }),
+                // Without the failed[] list the outcome of each item is unknown; a retry with
+                // the same key gets the stored answer again.
+                Err(error) => Answer::Transient(format!("unreadable batch answer: {error}")),
+            };
+        }
+        return match serde_json::from_slice::<SingleAnswer>(body) {
+            Ok(SingleAnswer {
+                ignored: Some(true),
+                reason,
+                ..
+            }) if reason.as_deref().is_none_or(|r| r == "stale_update") => Answer::Stale,
+            Ok(answer) => Answer::Applied {
+                created: answer.created.unwrap_or(status == StatusCode::CREATED),
+            },
+            // A 2xx means the write happened; the body only adds detail.
+            Err(_) => Answer::Applied {
+                created: status == StatusCode::CREATED,
+            },
+        };
+    }
+    let error = parse_error(status, body);
+    match status.as_u16() {
+        401 | 403 => Answer::AuthRefused(error),
+        409 if error.code == "idempotency_in_progress" => Answer::InProgress,
+        409 if error.code == "idempotency_conflict" => Answer::Conflict(error),
+        429 => Answer::RateLimited { retry_after },
+        408 => Answer::Transient(error.to_string()),
+        500..=599 => Answer::Transient(error.to_string()),
+        _ => Answer::Refused(error),
+    }
+}
+
+fn json_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn parse_error(status: StatusCode, body: &[u8]) -> ApiError {
+    match serde_json::from_slice::<ErrorEnvelope>(body) {
+        Ok(envelope) => ApiError {
+            status: status.as_u16(),
+            code: if envelope.error.code.is_empty() {
+                status_code_name(status)
+            } else {
+                envelope.error.code
+            },
+            message: envelope.error.message,
+            fields: envelope.error.details.and_then(|d| d.fields),
+        },
+        Err(_) => ApiError {
+            status: status.as_u16(),
+            code: status_code_name(status),
+            message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            fields: None,
+        },
+    }
+}
+
+fn status_code_name(status: StatusCode) -> String {
+    format!("http_{}", status.as_u16())
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// A transport error in words an operator can act on, without the URL (it is in the config).
+pub fn describe_transport_error(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        return "timed out".to_string();
+    }
+    if error.is_connect() {
+        return format!("cannot connect: {}", root_cause(error));
+    }
+    root_cause(error)
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Sorts a transport error into unreachable / TLS for `check-config --connect`.
+pub fn probe_transport_error(error: &reqwest::Error) -> Probe {
+    let text = root_cause(error);
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        Probe::Tls(text)
+    } else {
+        Probe::Unreachable(describe_transport_error(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_deterministic_and_distinguish_every_input() {
+        let a = idempotency_key("wodify", "1", None, "h1", 1);
+        assert_eq!(a, idempotency_key("wodify", "1", None, "h1", 1));
+        assert_ne!(a, idempotency_key("wodify", "1", Some("h0"), "h1", 1));
+        assert_ne!(a, idempotency_key("wodify", "1", None, "h1", 2));
+        assert_ne!(a, idempotency_key("wodify", "2", None, "h1", 1));
+        assert_ne!(a, idempotency_key("practicehub", "1", None, "h1", 1));
+        assert!(Uuid::parse_str(&a).is_ok());
+        assert_ne!(
+            batch_key(["a", "b"].into_iter()),
+            batch_key(["b", "a"].into_iter())
+        );
+    }
+
+    #[test]
+    fn batch_body_splices_member_bodies() {
+        let body = batch_body(
+            "wodify",
+            [
+                ("1", br#"{"email":"a@x.io"}"#.as_slice()),
+                ("2/b", br#"{"email":"b@x.io","name":"B"}"#.as_slice()),
+            ]
+            .into_iter(),
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+        assert_eq!(
+            parsed,
+            serde_json::json!({"source": "wodify", "customers": [
+                {"external_id": "1", "email": "a@x.io"},
+                {"external_id": "2/b", "email": "b@x.io", "name": "B"}
+            ]})
+        );
+    }
+
+    #[test]
+    fn answers_follow_the_failure_policy() {
+        let ok = |status: u16, body: &str| {
+            classify(
+                StatusCode::from_u16(status).expect("status"),
+                body.as_bytes(),
+                None,
+                false,
+            )
+        };
+        assert_eq!(
+            ok(201, r#"{"data":{},"created":true}"#),
+            Answer::Applied { created: true }
+        );
+        assert_eq!(
+            ok(200, r#"{"data":{},"created":false}"#),
+            Answer::Applied { created: false }
+        );
+        assert_eq!(
+            ok(200, r#"{"ignored":true,"reason":"stale_update"}"#),
+            Answer::Stale
+        );
+        let refused = ok(
+            400,
+            r#"{"error":{"type":"invalid_request","code":"validation_error","message":"bad","details":{"fields":{"email":"required"}}}}"#,
+        );
+        let Answer::Refused(error) = refused else {
+            panic!("400 must be a refusal: {refused:?}");
+        };
+        assert_eq!(error.code, "validation_error");
+        assert_eq!(error.fields, Some(serde_json::json!({"email": "required"})));
+        assert!(matches!(ok(422, "{}"), Answer::Refused(_)));
+        assert!(
+            matches!(ok(401, r#"{"error":{"code":"invalid_api_key","message":"no"}}"#), Answer::AuthRefused(e) if e.code == "invalid_api_key")
+        );
+        assert!(matches!(ok(403, "{}"), Answer::AuthRefused(_)));
+        assert_eq!(
+            ok(409, r#"{"error":{"code":"idempotency_in_progress"}}"#),
+            Answer::InProgress
+        );
+        assert!(matches!(
+            ok(409, r#"{"error":{"code":"idempotency_conflict"}}"#),
+            Answer::Conflict(_)
+        ));
+        assert!(matches!(ok(429, "{}"), Answer::RateLimited { .. }));
+        assert!(matches!(ok(503, "<html>"), Answer::Transient(_)));
+        let batch = classify(
+            StatusCode::OK,
+            br#"{"created":2,"updated":1,"skipped":1,"failed":[{"external_id":"9","error":"validation_error: bad"}]}"#,
+            None,
+            true,
+        );
+        assert_eq!(
+            batch,
+            Answer::Batch(BatchResult {
+                created: 2,
+                updated: 1,
+                skipped: 1,
+                failed: vec![("9".into(), "validation_error: bad".into())],
+            })
+        );
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn external_ids_are_percent_encoded_in_the_path() {
+        let client = RevKeenClient {
+            http: reqwest::Client::new(),
+            base: Url::parse("https://api.revkeen.com/v2/").expect("url"),
+            api_key: Secret::new("k"),
+            api_version: "2026-05-01".into(),
+        };
+        let url = client.url(&["customers", "external", "wodify", "a/b c?"]);
+        assert_eq!(
+            url.as_str(),
+            "https://api.revkeen.com/v2/customers/external/wodify/a%2Fb%20c%3F"
+        );
+    }
+}

@@ -1,0 +1,499 @@
+//! `--once`: poll every selected source to the end of its listing, drain the outbox, report.
+//!
+//! The poll loops and the worker run concurrently: RevKeen batches go out while polling goes
+//! on. When every poll has finished the worker is told its inputs are done and stops once the
+//! outbox holds nothing more for the selected sources. An auth refusal on either side stops
+//! the run early; everything already committed stays queued for the next one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, SourceConfig};
+use crate::limiter::{Backoff, Limiter};
+use crate::revkeen::RevKeenClient;
+use crate::sources::{self, AnySource, PollContext, PollError};
+use crate::store::{ClaimFilter, PollStats, Store, StoreError};
+use crate::worker::{Exhausted, SendStats, Worker, WorkerExit, WorkerState};
+
+/// Process exit codes (DESIGN's external interface; sysexits where one fits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ExitStatus {
+    /// Everything delivered.
+    Ok = 0,
+    /// Anything else went wrong.
+    Failure = 1,
+    /// Bad command line.
+    Usage = 2,
+    /// Finished, but some records were rejected or dead-lettered.
+    Rejected = 65,
+    /// An upstream stayed unavailable.
+    Unavailable = 69,
+    /// An API refused its key.
+    AuthRefused = 77,
+    /// The configuration is invalid.
+    Config = 78,
+}
+
+impl ExitStatus {
+    /// The numeric code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// What `--once` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct OnceOptions {
+    /// Limit the run to these sources (all when empty).
+    pub sources: Vec<String>,
+    /// Send everything again, ignoring synced hashes.
+    pub resync: bool,
+}
+
+/// Knobs tests turn; the defaults are DESIGN's policy.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub backoff: Backoff,
+    /// Fetch attempts per source page before a poll gives up.
+    pub fetch_attempts: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            backoff: Backoff::default(),
+            fetch_attempts: 8,
+        }
+    }
+}
+
+/// One source's part of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceReport {
+    pub name: String,
+    pub kind: String,
+    pub poll: PollStats,
+    /// Why the poll stopped early, if it did.
+    pub poll_error: Option<String>,
+    pub sent: SendStats,
+    /// Open failures after the run: records rejected before sending.
+    pub rejected_open: u64,
+    /// Open failures after the run: dead letters.
+    pub dead_letters_open: u64,
+}
+
+impl SourceReport {
+    /// The one-line summary printed at the end of every run.
+    pub fn summary_line(&self) -> String {
+        let mut line = format!(
+            "{}: fetched {}, queued {}, unchanged {}, rejected {}; sent {} (created {}, updated {}, stale {}), dead-lettered {}",
+            self.name,
+            self.poll.fetched,
+            self.poll.enqueued,
+            self.poll.unchanged,
+            self.poll.rejected,
+            self.sent.delivered(),
+            self.sent.created,
+            self.sent.updated,
+            self.sent.stale,
+            self.sent.dead_lettered,
+        );
+        if self.poll.skipped > 0 {
+            line.push_str(&format!(
+                "; {} skipped (deleted at the source, never in RevKeen)",
+                self.poll.skipped
+            ));
+        }
+        if self.poll.warnings > 0 {
+            line.push_str(&format!(
+                "; {} unusable phones or countries left out",
+                self.poll.warnings
+            ));
+        }
+        if self.rejected_open + self.dead_letters_open > 0 {
+            line.push_str(&format!(
+                "; open failures: {} rejected, {} dead letters (see `sync-daemon failures`)",
+                self.rejected_open, self.dead_letters_open
+            ));
+        }
+        if let Some(error) = &self.poll_error {
+            line.push_str(&format!("; poll stopped: {error}"));
+        }
+        line
+    }
+}
+
+/// The outcome of a `--once` run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub sources: Vec<SourceReport>,
+    #[serde(skip)]
+    pub exit: ExitStatus,
+    /// Why the run ended early, if it did.
+    pub stopped: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build an HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("{0}: {1}")]
+    Poll(String, String),
+}
+
+impl RunError {
+    /// The exit code for this failure.
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            RunError::Config(_) => ExitStatus::Config,
+            RunError::Store(_) | RunError::Http(_) => ExitStatus::Failure,
+            RunError::Poll(..) => ExitStatus::Unavailable,
+        }
+    }
+}
+
+/// Runs `--once`.
+pub async fn once(config: &Config, options: &OnceOptions) -> Result<RunReport, RunError> {
+    once_tuned(config, options, &Tuning::default()).await
+}
+
+/// Runs `--once` with explicit tuning (tests shorten backoff).
+pub async fn once_tuned(
+    config: &Config,
+    options: &OnceOptions,
+    tuning: &Tuning,
+) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let selected = config.selected_sources(&options.sources)?;
+    let names: Vec<String> = selected.iter().map(|s| s.name.clone()).collect();
+    let path = config.daemon.state_path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .expect("opening the store does not panic")?;
+    {
+        // A new run gets a full retry budget for what an earlier run left queued.
+        let names = names.clone();
+        store.call(move |s| s.reset_attempts(&names)).await?;
+    }
+    let run_id = store.call(|s| s.begin_run("once")).await?;
+
+    let wake = Arc::new(Notify::new());
+    let state = Arc::new(WorkerState::default());
+    let inputs_done = CancellationToken::new();
+    let stop_polls = CancellationToken::new();
+    let worker = Worker {
+        store: store.clone(),
+        client: RevKeenClient::new(&config.revkeen)?,
+        limiter: Arc::new(Limiter::per_minute(
+            "revkeen",
+            config.revkeen.requests_per_minute,
+            config.revkeen.burst,
+        )),
+        filter: ClaimFilter {
+            sources: names.clone(),
+            batch_size: config.revkeen.batch_size,
+        },
+        concurrency: config.revkeen.concurrency,
+        max_attempts: config.revkeen.max_attempts,
+        backoff: tuning.backoff,
+        exhausted: Exhausted::StopRun,
+        wake: wake.clone(),
+        state: state.clone(),
+    };
+    let worker_task = {
+        let (inputs_done, never) = (inputs_done.clone(), CancellationToken::new());
+        tokio::spawn(async move { worker.run(inputs_done, never, Duration::ZERO).await })
+    };
+
+    let mut polls = tokio::task::JoinSet::new();
+    for source in &selected {
+        let ctx = PollContext {
+            source: source.clone(),
+            store: store.clone(),
+            limiter: Arc::new(source_limiter(source)),
+            backoff: tuning.backoff,
+            max_attempts: tuning.fetch_attempts,
+            wake_worker: wake.clone(),
+            cancel: stop_polls.clone(),
+            resync: options.resync,
+            run_id: Some(run_id),
+        };
+        let adapter = AnySource::new(source)?;
+        polls.spawn(async move {
+            let result = sources::poll(&adapter, &ctx).await;
+            (ctx.source.name.clone(), result)
+        });
+    }
+
+    // Watch for a RevKeen auth halt while polls run: polling on would only queue more.
+    let mut poll_results: Vec<(String, Result<PollStats, PollError>)> = Vec::new();
+    let mut worker_task = Some(worker_task);
+    let mut worker_exit = None;
+    while !polls.is_empty() {
+        tokio::select! {
+            Some(done) = polls.join_next() => {
+                poll_results.push(done.expect("poll tasks do not panic"));
+            }
+            exit = async { worker_task.as_mut().expect("present until it ends").await }, if worker_task.is_some() => {
+                worker_task = None;
+                let exit = exit.expect("the worker does not panic")?;
+                if !matches!(exit, WorkerExit::Drained) {
+                    stop_polls.cancel();
+                }
+                worker_exit = Some(exit);
+            }
+        }
+    }
+    inputs_done.cancel();
+    let worker_exit = match (worker_exit, worker_task) {
+        (Some(exit), _) => exit,
+        (None, Some(task)) => task.await.expect("the worker does not panic")?,
+        (None, None) => WorkerExit::Drained,
+    };
+
+    // Source auth refusals are recorded for `status`, like RevKeen's.
+    let mut source_halt = false;
+    for (name, result) in &poll_results {
+        if let Err(PollError::AuthRefused(reason)) = result {
+            source_halt = true;
+            let (name, reason) = (name.clone(), reason.clone());
+            store
+                .call(move |s| s.set_halt(&name, "auth_refused", &reason))
+                .await?;
+        } else if result.is_ok() {
+            let name = name.clone();
+            store.call(move |s| s.clear_halt(&name)).await?;
+        }
+    }
+
+    let sent = state.stats();
+    let mut reports = Vec::new();
+    for source in &selected {
+        let result = poll_results.iter().find(|(n, _)| *n == source.name);
+        let (poll, poll_error) = match result {
+            Some((_, Ok(stats))) => (*stats, None),
+            Some((_, Err(PollError::Cancelled))) | None => (
+                last_poll_stats(&store, &source.name).await?,
+                Some("stopped early".to_string()),
+            ),
+            Some((_, Err(error))) => (
+                last_poll_stats(&store, &source.name).await?,
+                Some(error.to_string()),
+            ),
+        };
+        let (rejected_open, dead_letters_open) = {
+            let names = vec![source.name.clone()];
+            store.call(move |s| s.failure_counts(&names)).await?
+        };
+        reports.push(SourceReport {
+            name: source.name.clone(),
+            kind: source.kind.to_string(),
+            poll,
+            poll_error,
+            sent: sent.get(&source.name).copied().unwrap_or_default(),
+            rejected_open,
+            dead_letters_open,
+        });
+    }
+
+    let poll_failed = |f: fn(&PollError) -> bool| {
+        poll_results
+            .iter()
+            .any(|(_, r)| r.as_ref().err().is_some_and(f))
+    };
+    let (exit, stopped) = match &worker_exit {
+        WorkerExit::AuthHalted(reason) => (ExitStatus::AuthRefused, Some(reason.clone())),
+        _ if source_halt => (
+            ExitStatus::AuthRefused,
+            Some("a source refused its API key".to_string()),
+        ),
+        WorkerExit::Unavailable(reason) => (ExitStatus::Unavailable, Some(reason.clone())),
+        _ if poll_failed(|e| matches!(e, PollError::Unavailable(_))) => (
+            ExitStatus::Unavailable,
+            Some("a source stayed unavailable".to_string()),
+        ),
+        _ if poll_failed(|e| matches!(e, PollError::Failed(_) | PollError::Store(_))) => {
+            (ExitStatus::Failure, Some("a poll failed".to_string()))
+        }
+        _ if reports
+            .iter()
+            .any(|r| r.rejected_open + r.dead_letters_open > 0) =>
+        {
+            (ExitStatus::Rejected, None)
+        }
+        _ => (ExitStatus::Ok, None),
+    };
+    let outcome = match exit {
+        ExitStatus::Ok => "ok",
+        ExitStatus::Rejected => "ok_with_failures",
+        ExitStatus::AuthRefused => "auth_refused",
+        ExitStatus::Unavailable => "unavailable",
+        _ => "failed",
+    };
+    store.call(move |s| s.finish_run(run_id, outcome)).await?;
+    Ok(RunReport {
+        sources: reports,
+        exit,
+        stopped,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The client-side limiter for a source's API.
+pub fn source_limiter(source: &SourceConfig) -> Limiter {
+    Limiter::per_second(
+        source.name.clone(),
+        source.requests_per_second,
+        source.burst,
+    )
+}
+
+async fn last_poll_stats(store: &Store, name: &str) -> Result<PollStats, StoreError> {
+    let name = name.to_string();
+    Ok(store
+        .call(move |s| s.last_poll(&name))
+        .await?
+        .map(|p| p.stats)
+        .unwrap_or_default())
+}
+
+/// One customer `--dry-run` would write (or cannot).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DryRunEntry {
+    pub source: String,
+    pub external_id: String,
+    /// `create`, `update` or `reject`.
+    pub action: &'static str,
+    /// Fields that differ from what was last synced (every field for a create).
+    pub fields: Vec<String>,
+    /// The body that would be sent (shown with `--verbose`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+    /// Why a record cannot be sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Fetches every selected source and reports what a run would send, writing nothing: not to
+/// RevKeen, not to the state file (which is opened read-only, if it exists at all).
+pub async fn dry_run(
+    config: &Config,
+    options: &OnceOptions,
+    mut emit: impl FnMut(DryRunEntry),
+) -> Result<Vec<SourceReport>, RunError> {
+    let selected = config.selected_sources(&options.sources)?;
+    let path = config.daemon.state_path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_read_only(&path))
+        .await
+        .expect("opening the store does not panic")?;
+    let mut reports = Vec::new();
+    for source in &selected {
+        let adapter = AnySource::new(source)?;
+        let ctx = PollContext {
+            source: source.clone(),
+            // `scan` never touches the store; a read-only handle or a throwaway in-memory one.
+            store: match &store {
+                Some(store) => store.clone(),
+                None => Store::open_in_memory()?,
+            },
+            limiter: Arc::new(source_limiter(source)),
+            backoff: Backoff::default(),
+            max_attempts: Tuning::default().fetch_attempts,
+            wake_worker: Arc::new(Notify::new()),
+            cancel: CancellationToken::new(),
+            resync: options.resync,
+            run_id: None,
+        };
+        let mut pages = Vec::new();
+        let stats = sources::scan(&adapter, &ctx, |page| pages.push(page))
+            .await
+            .map_err(|e| RunError::Poll(source.name.clone(), e.to_string()))?;
+        let mut report = SourceReport {
+            name: source.name.clone(),
+            kind: source.kind.to_string(),
+            poll: stats,
+            ..SourceReport::default()
+        };
+        for mapped in pages.into_iter().flatten() {
+            let external_id = mapped.item.external_id;
+            let body = match mapped.item.outcome {
+                crate::store::PageItemOutcome::Customer { body, .. } => body,
+                crate::store::PageItemOutcome::Rejected(rejection) => {
+                    report.poll.rejected += 1;
+                    emit(DryRunEntry {
+                        source: source.name.clone(),
+                        external_id,
+                        action: "reject",
+                        fields: Vec::new(),
+                        body: None,
+                        reason: Some(rejection.reason),
+                    });
+                    continue;
+                }
+                crate::store::PageItemOutcome::Ignored => {
+                    report.poll.skipped += 1;
+                    continue;
+                }
+            };
+            let lane = match &store {
+                Some(store) => store.lane(&source.name, &external_id)?,
+                None => None,
+            };
+            let hash = crate::customer::body_hash(&body);
+            let lane = lane.unwrap_or(crate::store::LaneState {
+                latest_hash: None,
+                synced_hash: None,
+                synced_body: None,
+            });
+            if !options.resync && lane.latest_hash.as_deref() == Some(hash.as_str()) {
+                report.poll.unchanged += 1;
+                continue;
+            }
+            report.poll.enqueued += 1;
+            let new: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+            let old: Option<serde_json::Value> = lane
+                .synced_body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok());
+            emit(DryRunEntry {
+                source: source.name.clone(),
+                external_id,
+                action: if lane.synced_hash.is_some() {
+                    "update"
+                } else {
+                    "create"
+                },
+                fields: changed_fields(old.as_ref(), &new),
+                body: Some(new),
+                reason: None,
+            });
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Top-level fields whose values differ between two bodies (all of `new`'s when `old` is none).
+pub fn changed_fields(old: Option<&serde_json::Value>, new: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let new = new.as_object().unwrap_or(&empty);
+    let old = old.and_then(|o| o.as_object()).unwrap_or(&empty);
+    let mut fields: Vec<String> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .chain(old.keys().filter(|k| !new.contains_key(*k)).cloned())
+        .collect();
+    fields.sort();
+    fields
+}

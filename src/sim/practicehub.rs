@@ -1,0 +1,1587 @@
+//! Simulator of the PracticeHub patient API (`shared/api/practicehub.md`): the two required
+//! headers (`x-practicehub-key`, `x-app-details: name=email`), `GET /api/patients` with
+//! `total_entries`, `data` and absolute `links` (`next`/`previous` only when relevant, every query
+//! parameter but `page` kept), `?attribute=op:value` filters that are **silently ignored** when
+//! invalid, the documented `?updated=<timestamp>` poll form, and 429 with `Retry-After` when a
+//! client bursts. Generated patients carry the quirks the daemon must cope with: a
+//! `patient_number` that is sometimes a JSON number, null names and emails, UK phones in many
+//! formats, an HTML clinical note (PHI), and `deleted` as a bool or as 0/1.
+//!
+//! Where it deliberately differs or has to guess: the rate limit is undocumented upstream, so
+//! 3 rps / burst 5 is our reading of "~350 ms spacing avoids it"; rows come in id order although
+//! the API promises no order; filters on one attribute repeated (`updated=gte:a&updated=lte:b`)
+//! all apply, where the real server's parameter parsing may keep only the last; comparisons
+//! follow SQL (a null matches only `null`, not even `ne`; `like` is case-sensitive with `%` and
+//! `_`); a bad `page`/`page_size` falls back to the default, in keeping with the API's leniency;
+//! unknown paths answer 404 before the headers are checked; `soft_delete` writes `deleted: true`
+//! even on a patient whose flag was 0/1. [`PracticeHubSim::set_ignore_filters`] turns the
+//! simulator into a server that supports no filter at all.
+//! Generated mobiles are valid UK ranges rather than Ofcom's 07700 900xxx drama range, which
+//! libphonenumber rejects, and generated timestamps lie in the year before a fixed instant
+//! (2026-01-01) so a seed gives the same data on any day.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::wodify::{
+    GENERATED_UNTIL_SECS, KeyBody, Outcome, RateLimitBody, RequestLog, SeedBody, SourceRequest,
+    SourceStats, capitalized, email_part, json_response, merge_top_level, now_ms, path_and_query,
+    pick, query_pairs, record_rng,
+};
+use super::{Bucket, Faults, SimServer, dropped_connection, retry_after_secs};
+
+/// Settings a [`PracticeHubSim`] starts with; all can be changed later.
+#[derive(Clone, Debug)]
+pub struct PracticeHubOptions {
+    /// The key requests must send in `x-practicehub-key`.
+    pub api_key: String,
+    /// Sustained requests per second before 429s; 0 is unlimited.
+    pub requests_per_second: u32,
+    /// Requests allowed at once before the sustained rate applies.
+    pub burst: u32,
+}
+
+impl Default for PracticeHubOptions {
+    fn default() -> Self {
+        PracticeHubOptions {
+            api_key: "practicehub_sim_key".to_owned(),
+            requests_per_second: 3,
+            burst: 5,
+        }
+    }
+}
+
+/// The most rows a page holds; larger `page_size` values are clamped to it.
+const MAX_PAGE_SIZE: u64 = 100;
+
+/// The one API path.
+const PATIENTS_PATH: &str = "/api/patients";
+
+/// Handle to a simulated PracticeHub clinic; clones share state.
+#[derive(Clone)]
+pub struct PracticeHubSim {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Mutex<Shared>,
+    bucket: Bucket,
+}
+
+struct Shared {
+    api_key: String,
+    ignore_filters: bool,
+    faults: Faults,
+    patients: BTreeMap<i64, Value>,
+    log: RequestLog,
+}
+
+impl PracticeHubSim {
+    /// A clinic with no patients; call [`PracticeHubSim::seed`] or [`PracticeHubSim::put_patient`].
+    pub fn new(options: PracticeHubOptions) -> Self {
+        PracticeHubSim {
+            inner: Arc::new(Inner {
+                shared: Mutex::new(Shared {
+                    api_key: options.api_key,
+                    ignore_filters: false,
+                    faults: Faults::default(),
+                    patients: BTreeMap::new(),
+                    log: RequestLog::default(),
+                }),
+                bucket: Bucket::new(
+                    options.requests_per_second,
+                    Duration::from_secs(1),
+                    options.burst,
+                ),
+            }),
+        }
+    }
+
+    /// `/api/patients` plus the `/_sim` control surface (outside `/api`).
+    pub fn router(&self) -> Router {
+        let control = Router::new()
+            .route("/stats", get(sim_stats))
+            .route("/requests", get(sim_requests))
+            .route("/reset-log", post(sim_reset_log))
+            .route("/faults", put(sim_faults))
+            .route("/key", put(sim_key))
+            .route("/rate-limit", put(sim_rate_limit))
+            .route("/ignore-filters", put(sim_ignore_filters))
+            .route("/patients", get(sim_patients))
+            .route("/patients/seed", post(sim_seed))
+            .route(
+                "/patients/{id}",
+                put(sim_put_patient)
+                    .patch(sim_patch_patient)
+                    .delete(sim_delete_patient),
+            )
+            // Without its own fallback a typo under /_sim would be served (and logged) as an
+            // API request.
+            .fallback(sim_not_found);
+        Router::new()
+            .nest("/_sim", control)
+            .fallback(serve_api)
+            .with_state(self.clone())
+    }
+
+    /// Serves [`PracticeHubSim::router`] on `addr` (port 0 picks a free one); the base URL to
+    /// configure is the server's URL plus `/api`.
+    pub async fn spawn(&self, addr: SocketAddr) -> std::io::Result<SimServer> {
+        SimServer::spawn(self.router(), addr).await
+    }
+
+    /// Replaces the injected faults (`envelope_rate` does not apply here).
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    /// Changes the key requests must send.
+    pub fn set_api_key(&self, key: &str) {
+        key.clone_into(&mut self.lock().api_key);
+    }
+
+    /// Changes the rate limit (0 = unlimited); the bucket starts full.
+    pub fn set_rate_limit(&self, requests_per_second: u32, burst: u32) {
+        self.inner
+            .bucket
+            .set(requests_per_second, Duration::from_secs(1), burst);
+    }
+
+    /// When on, every filter is treated as invalid and every query returns the whole table:
+    /// what a server that does not support a filter the daemon relies on looks like.
+    pub fn set_ignore_filters(&self, ignore: bool) {
+        self.lock().ignore_filters = ignore;
+    }
+
+    /// Replaces all patients by `count` generated ones with ids `1..=count`.
+    pub fn seed(&self, count: usize, seed: u64) {
+        let patients = (1..=i64::try_from(count).unwrap_or(i64::MAX))
+            .map(|id| (id, generate_patient(id, seed)))
+            .collect();
+        self.lock().patients = patients;
+    }
+
+    /// All patients, sorted by id.
+    pub fn patients(&self) -> Vec<Value> {
+        self.lock().patients.values().cloned().collect()
+    }
+
+    /// One patient.
+    pub fn patient(&self, id: i64) -> Option<Value> {
+        self.lock().patients.get(&id).cloned()
+    }
+
+    /// Inserts or replaces the patient with the same integer `"id"`, stored as given. A value
+    /// without one cannot be stored and is dropped with a warning.
+    pub fn put_patient(&self, patient: Value) {
+        match patient.get("id").and_then(Value::as_i64) {
+            Some(id) => {
+                self.lock().patients.insert(id, patient);
+            }
+            None => tracing::warn!("Simulated PracticeHub patient without an integer id ignored."),
+        }
+    }
+
+    /// Merges the top-level keys of `patch` into patient `id` and sets `updated` to now, or
+    /// one second after its previous value if that is not earlier than now, so a cursor on
+    /// `updated` always sees the change. False if absent or `patch` is not an object.
+    pub fn update_patient(&self, id: i64, patch: Value) -> bool {
+        let mut shared = self.lock();
+        let Some(patient) = shared.patients.get_mut(&id) else {
+            return false;
+        };
+        let previous = patient
+            .get("updated")
+            .and_then(Value::as_str)
+            .and_then(parse_instant);
+        if !merge_top_level(patient, patch) {
+            return false;
+        }
+        patient["updated"] = Value::String(format_instant(bumped(previous)));
+        true
+    }
+
+    /// Marks patient `id` deleted (`deleted: true`) and bumps `updated` as
+    /// [`PracticeHubSim::update_patient`] does. False if absent.
+    pub fn soft_delete(&self, id: i64) -> bool {
+        self.update_patient(id, json!({"deleted": true}))
+    }
+
+    /// The API requests served, oldest first.
+    pub fn requests(&self) -> Vec<SourceRequest> {
+        self.lock().log.requests()
+    }
+
+    /// Counters over the API requests served.
+    pub fn stats(&self) -> SourceStats {
+        self.lock().log.stats()
+    }
+
+    /// Forgets the request log and zeroes the stats.
+    pub fn clear_log(&self) {
+        self.lock().log.clear();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.inner
+            .shared
+            .lock()
+            .expect("PracticeHub simulator lock poisoned")
+    }
+
+    /// Runs one API request through routing, faults, headers, method, rate limit and latency.
+    async fn answer(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> (Response, Outcome) {
+        if uri.path() != PATIENTS_PATH {
+            return (
+                message(StatusCode::NOT_FOUND, "Not found"),
+                Outcome::Answered,
+            );
+        }
+        let (faults, key_ok) = {
+            let shared = self.lock();
+            let presented = headers
+                .get("x-practicehub-key")
+                .and_then(|v| v.to_str().ok());
+            (
+                shared.faults.clone(),
+                presented == Some(shared.api_key.as_str()),
+            )
+        };
+        if Faults::roll(faults.error_rate) {
+            let response = message(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
+            return (response, Outcome::Error);
+        }
+        if Faults::roll(faults.rate_429) {
+            return (
+                too_many_requests(Duration::from_secs(1)),
+                Outcome::RateLimited,
+            );
+        }
+        if !key_ok {
+            return (
+                message(StatusCode::UNAUTHORIZED, "Invalid API key"),
+                Outcome::AuthFailure,
+            );
+        }
+        if !headers
+            .get("x-app-details")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(valid_app_details)
+        {
+            let response = message(
+                StatusCode::BAD_REQUEST,
+                "x-app-details header is required: <appname>=<contact email>",
+            );
+            return (response, Outcome::Answered);
+        }
+        if method != Method::GET {
+            let mut response = message(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("Method {method} not allowed; the simulator serves GET only"),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return (response, Outcome::Answered);
+        }
+        if let Err(wait) = self.inner.bucket.check() {
+            return (too_many_requests(wait), Outcome::RateLimited);
+        }
+        faults.delay().await;
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        let response = self.list(uri, host);
+        if Faults::roll(faults.drop_rate) {
+            return (dropped_connection(), Outcome::Dropped);
+        }
+        (response, Outcome::Answered)
+    }
+
+    /// One page of patients matching the valid filters, with links to its neighbours.
+    fn list(&self, uri: &Uri, host: &str) -> Response {
+        // Like the real server, be lenient: a malformed query string or paging value falls
+        // back to the defaults instead of failing.
+        let pairs = query_pairs(uri).unwrap_or_default();
+        let number = |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+                .filter(|value| *value >= 1)
+        };
+        let page = number("page").unwrap_or(1);
+        let page_size = number("page_size")
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE);
+
+        let shared = self.lock();
+        let filters: Vec<Filter> = if shared.ignore_filters {
+            Vec::new()
+        } else {
+            pairs
+                .iter()
+                .filter_map(|(key, value)| Filter::parse(key, value))
+                .collect()
+        };
+        let matching: Vec<&Value> = shared
+            .patients
+            .values()
+            .filter(|patient| filters.iter().all(|filter| filter.matches(patient)))
+            .collect();
+        let total = matching.len();
+        let start = (page - 1)
+            .checked_mul(page_size)
+            .and_then(|start| usize::try_from(start).ok())
+            .unwrap_or(usize::MAX)
+            .min(total);
+        let end = start
+            .saturating_add(usize::try_from(page_size).unwrap_or(usize::MAX))
+            .min(total);
+        let data: Vec<Value> = matching[start..end].iter().map(|p| (*p).clone()).collect();
+        drop(shared);
+
+        let kept: Vec<&str> = uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|segment| !segment.is_empty())
+            .filter(|segment| segment.split('=').next() != Some("page"))
+            .collect();
+        let link = |page: u64| {
+            let mut url = format!("http://{host}{PATIENTS_PATH}?page={page}");
+            for segment in &kept {
+                url.push('&');
+                url.push_str(segment);
+            }
+            Value::String(url)
+        };
+        let mut links = Map::new();
+        links.insert("self".to_owned(), link(page));
+        if page > 1 {
+            links.insert("previous".to_owned(), link(page - 1));
+        }
+        if end < total {
+            links.insert("next".to_owned(), link(page + 1));
+        }
+        json_response(
+            StatusCode::OK,
+            &json!({"total_entries": total, "data": data, "links": links}),
+        )
+    }
+}
+
+/// `name=email` with both parts present and something email-like on the right.
+fn valid_app_details(value: &str) -> bool {
+    let Some((name, email)) = value.split_once('=') else {
+        return false;
+    };
+    let email = email.trim();
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !name.trim().is_empty() && !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+}
+
+/// `{"message": …}`, the only error shape PracticeHub has been seen to use.
+fn message(status: StatusCode, text: &str) -> Response {
+    json_response(status, &json!({"message": text}))
+}
+
+fn too_many_requests(wait: Duration) -> Response {
+    let mut response = message(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after_secs(wait)),
+    );
+    response
+}
+
+/// An instant as the API writes it: RFC 3339, UTC, whole seconds, `+00:00`.
+fn format_instant(instant: DateTime<Utc>) -> String {
+    instant.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+}
+
+/// An instant in any form a client may send: RFC 3339 (`Z` or an offset), naive (read as
+/// UTC, optional fraction) or a bare date (midnight UTC).
+fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
+        return Some(instant.with_timezone(&Utc));
+    }
+    if let Ok(naive) = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f") {
+        return Some(naive.and_utc());
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|date| date.and_hms_opt(0, 0, 0))
+        .map(|naive| naive.and_utc())
+}
+
+/// Now, whole seconds, but strictly after `previous`: a change must move `updated` forward
+/// even twice within a second, or a `gte` cursor could still see it but a `gt` one would not.
+fn bumped(previous: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    let now = Utc::now();
+    let now = now - TimeDelta::nanoseconds(i64::from(now.timestamp_subsec_nanos()));
+    match previous {
+        Some(previous) if previous >= now => previous + TimeDelta::seconds(1),
+        _ => now,
+    }
+}
+
+/// What type an attribute's filter values are read as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Integer,
+    /// Compared as text; a JSON number (`patient_number`'s quirk) counts as its digits.
+    Text,
+    Instant,
+    Date,
+    /// `true`/`false` or `1`/`0`.
+    Flag,
+}
+
+const ATTRIBUTES: &[(&str, Kind)] = &[
+    ("id", Kind::Integer),
+    ("patient_number", Kind::Text),
+    ("custom_reference", Kind::Text),
+    ("first_name", Kind::Text),
+    ("last_name", Kind::Text),
+    ("email", Kind::Text),
+    ("mobile", Kind::Text),
+    ("home_phone", Kind::Text),
+    ("note", Kind::Text),
+    ("date_of_birth", Kind::Date),
+    ("created", Kind::Instant),
+    ("updated", Kind::Instant),
+    ("deleted", Kind::Flag),
+    ("active", Kind::Flag),
+];
+
+/// A filter operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    Null,
+    NotNull,
+    Like,
+    In,
+    NotIn,
+    Between,
+}
+
+impl Op {
+    fn parse(raw: &str) -> Option<Op> {
+        Some(match raw {
+            "eq" => Op::Eq,
+            "ne" => Op::Ne,
+            "gt" => Op::Gt,
+            "gte" => Op::Gte,
+            "lt" => Op::Lt,
+            "lte" => Op::Lte,
+            "null" => Op::Null,
+            "not-null" => Op::NotNull,
+            "like" => Op::Like,
+            "in" => Op::In,
+            "not-in" => Op::NotIn,
+            "between" => Op::Between,
+            _ => return None,
+        })
+    }
+}
+
+/// A typed value: a filter operand or a patient's attribute read for comparison.
+#[derive(Clone, Debug, PartialEq)]
+enum Scalar {
+    Integer(i64),
+    Text(String),
+    Instant(DateTime<Utc>),
+    Date(NaiveDate),
+    Flag(bool),
+}
+
+impl Scalar {
+    /// A filter operand, or `None` if it does not parse (which makes the filter invalid).
+    fn parse(kind: Kind, raw: &str) -> Option<Scalar> {
+        Some(match kind {
+            Kind::Integer => Scalar::Integer(raw.trim().parse().ok()?),
+            Kind::Text => Scalar::Text(raw.to_owned()),
+            Kind::Instant => Scalar::Instant(parse_instant(raw)?),
+            Kind::Date => Scalar::Date(NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d").ok()?),
+            Kind::Flag => Scalar::Flag(match raw.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return None,
+            }),
+        })
+    }
+
+    /// A patient's attribute, or `None` if it is not of the attribute's type.
+    fn read(kind: Kind, value: &Value) -> Option<Scalar> {
+        Some(match (kind, value) {
+            (Kind::Integer, value) => Scalar::Integer(value.as_i64()?),
+            (Kind::Text, Value::String(text)) => Scalar::Text(text.clone()),
+            (Kind::Text, Value::Number(number)) => Scalar::Text(number.to_string()),
+            (Kind::Instant, Value::String(text)) => Scalar::Instant(parse_instant(text)?),
+            (Kind::Date, Value::String(text)) => {
+                Scalar::Date(NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?)
+            }
+            (Kind::Flag, Value::Bool(flag)) => Scalar::Flag(*flag),
+            (Kind::Flag, Value::Number(number)) => Scalar::Flag(number.as_i64()? != 0),
+            _ => return None,
+        })
+    }
+
+    fn compare(&self, other: &Scalar) -> Option<Ordering> {
+        match (self, other) {
+            (Scalar::Integer(a), Scalar::Integer(b)) => Some(a.cmp(b)),
+            (Scalar::Text(a), Scalar::Text(b)) => Some(a.cmp(b)),
+            (Scalar::Instant(a), Scalar::Instant(b)) => Some(a.cmp(b)),
+            (Scalar::Date(a), Scalar::Date(b)) => Some(a.cmp(b)),
+            (Scalar::Flag(a), Scalar::Flag(b)) => Some(a.cmp(b)),
+            _ => None,
+        }
+    }
+}
+
+/// One valid `attribute=op:value` filter.
+#[derive(Clone, Debug, PartialEq)]
+struct Filter {
+    attribute: &'static str,
+    kind: Kind,
+    op: Op,
+    operands: Vec<Scalar>,
+}
+
+impl Filter {
+    /// The filter a query parameter asks for, or `None` if it is not a valid one — which the
+    /// API answers by ignoring it, not by an error.
+    fn parse(key: &str, value: &str) -> Option<Filter> {
+        let &(attribute, kind) = ATTRIBUTES.iter().find(|(name, _)| *name == key)?;
+        let with_op = value
+            .split_once(':')
+            .and_then(|(op, raw)| Some((Op::parse(op)?, raw)));
+        let (op, raw) = match with_op {
+            Some(with_op) => with_op,
+            // `null`/`not-null` need no operand, so the colon is optional.
+            None if matches!(value, "null" | "not-null") => (Op::parse(value)?, ""),
+            // The documented poll form: `?updated=<timestamp>` means "new or updated since".
+            None if attribute == "updated" && parse_instant(value).is_some() => (Op::Gte, value),
+            None => return None,
+        };
+        let list = || -> Option<Vec<Scalar>> {
+            raw.split(',')
+                .map(|item| Scalar::parse(kind, item))
+                .collect()
+        };
+        let operands = match op {
+            Op::Null | Op::NotNull => Vec::new(),
+            Op::Like if kind == Kind::Text => vec![Scalar::Text(raw.to_owned())],
+            Op::Like => return None,
+            Op::In | Op::NotIn => list()?,
+            Op::Between => {
+                let operands = list()?;
+                if operands.len() != 2 {
+                    return None;
+                }
+                operands
+            }
+            _ => vec![Scalar::parse(kind, raw)?],
+        };
+        Some(Filter {
+            attribute,
+            kind,
+            op,
+            operands,
+        })
+    }
+
+    fn matches(&self, patient: &Value) -> bool {
+        let raw = patient.get(self.attribute).filter(|value| !value.is_null());
+        // Like SQL: a null (or a value of the wrong type) satisfies no comparison, not even ne.
+        let value = raw.and_then(|raw| Scalar::read(self.kind, raw));
+        let order = |operand: &Scalar| value.as_ref()?.compare(operand);
+        let equals = |operand: &Scalar| order(operand) == Some(Ordering::Equal);
+        let first = self.operands.first();
+        match self.op {
+            Op::Null => raw.is_none(),
+            Op::NotNull => raw.is_some(),
+            Op::Eq => first.is_some_and(equals),
+            Op::Ne => first.is_some_and(|operand| order(operand).is_some_and(Ordering::is_ne)),
+            Op::Gt => first.and_then(order) == Some(Ordering::Greater),
+            Op::Gte => first.and_then(order).is_some_and(Ordering::is_ge),
+            Op::Lt => first.and_then(order) == Some(Ordering::Less),
+            Op::Lte => first.and_then(order).is_some_and(Ordering::is_le),
+            Op::In => self.operands.iter().any(equals),
+            // Every comparison must be possible (non-null, right type) and unequal.
+            Op::NotIn => self
+                .operands
+                .iter()
+                .all(|operand| order(operand).is_some_and(Ordering::is_ne)),
+            Op::Between => match self.operands.as_slice() {
+                [low, high] => {
+                    order(low).is_some_and(Ordering::is_ge)
+                        && order(high).is_some_and(Ordering::is_le)
+                }
+                _ => false,
+            },
+            Op::Like => match (value.as_ref(), first) {
+                (Some(Scalar::Text(text)), Some(Scalar::Text(pattern))) => like(text, pattern),
+                _ => false,
+            },
+        }
+    }
+}
+
+/// SQL `LIKE`: `%` matches any run of characters, `_` exactly one; case-sensitive.
+fn like(text: &str, pattern: &str) -> bool {
+    let text: Vec<char> = text.chars().collect();
+    let pattern: Vec<char> = pattern.chars().collect();
+    let (mut t, mut p) = (0, 0);
+    // Where the last `%` was and how much text it had swallowed, to backtrack to.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some('%') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == '_' || c == text[t] => {
+                t += 1;
+                p += 1;
+            }
+            _ => match star {
+                Some((star_p, star_t)) => {
+                    p = star_p + 1;
+                    t = star_t + 1;
+                    star = Some((star_p, star_t + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '%')
+}
+
+async fn serve_api(State(sim): State<PracticeHubSim>, request: Request) -> Response {
+    let at_ms = now_ms();
+    let (parts, _body) = request.into_parts();
+    let (response, outcome) = sim.answer(&parts.method, &parts.uri, &parts.headers).await;
+    let entry = SourceRequest {
+        method: parts.method.to_string(),
+        path_and_query: path_and_query(&parts.uri),
+        status: response.status().as_u16(),
+        at_ms,
+    };
+    sim.lock().log.record(entry, outcome);
+    response
+}
+
+async fn sim_not_found() -> Response {
+    message(StatusCode::NOT_FOUND, "No such simulator route.")
+}
+
+async fn sim_stats(State(sim): State<PracticeHubSim>) -> Json<SourceStats> {
+    Json(sim.stats())
+}
+
+async fn sim_requests(State(sim): State<PracticeHubSim>) -> Json<Vec<SourceRequest>> {
+    Json(sim.requests())
+}
+
+async fn sim_reset_log(State(sim): State<PracticeHubSim>) -> StatusCode {
+    sim.clear_log();
+    StatusCode::NO_CONTENT
+}
+
+async fn sim_faults(State(sim): State<PracticeHubSim>, Json(faults): Json<Faults>) -> StatusCode {
+    sim.set_faults(faults);
+    StatusCode::NO_CONTENT
+}
+
+async fn sim_key(State(sim): State<PracticeHubSim>, Json(body): Json<KeyBody>) -> StatusCode {
+    sim.set_api_key(&body.api_key);
+    StatusCode::NO_CONTENT
+}
+
+async fn sim_rate_limit(
+    State(sim): State<PracticeHubSim>,
+    Json(body): Json<RateLimitBody>,
+) -> StatusCode {
+    sim.set_rate_limit(body.requests_per_second, body.burst);
+    StatusCode::NO_CONTENT
+}
+
+/// Body of `PUT /_sim/ignore-filters`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IgnoreFiltersBody {
+    ignore: bool,
+}
+
+async fn sim_ignore_filters(
+    State(sim): State<PracticeHubSim>,
+    Json(body): Json<IgnoreFiltersBody>,
+) -> StatusCode {
+    sim.set_ignore_filters(body.ignore);
+    StatusCode::NO_CONTENT
+}
+
+async fn sim_patients(State(sim): State<PracticeHubSim>) -> Json<Vec<Value>> {
+    Json(sim.patients())
+}
+
+async fn sim_seed(State(sim): State<PracticeHubSim>, Json(body): Json<SeedBody>) -> StatusCode {
+    sim.seed(body.count, body.seed);
+    StatusCode::NO_CONTENT
+}
+
+async fn sim_put_patient(
+    State(sim): State<PracticeHubSim>,
+    Path(id): Path<i64>,
+    Json(mut patient): Json<Value>,
+) -> Response {
+    let Some(object) = patient.as_object_mut() else {
+        return message(StatusCode::BAD_REQUEST, "A patient must be a JSON object.");
+    };
+    // The path names the patient; a differing or missing id in the body would store it
+    // somewhere the caller did not ask for.
+    object.insert("id".to_owned(), Value::from(id));
+    sim.put_patient(patient.clone());
+    json_response(StatusCode::OK, &patient)
+}
+
+async fn sim_patch_patient(
+    State(sim): State<PracticeHubSim>,
+    Path(id): Path<i64>,
+    Json(patch): Json<Value>,
+) -> Response {
+    if !patch.is_object() {
+        return message(StatusCode::BAD_REQUEST, "A patch must be a JSON object.");
+    }
+    if !sim.update_patient(id, patch) {
+        return message(StatusCode::NOT_FOUND, "No such patient.");
+    }
+    match sim.patient(id) {
+        Some(patient) => json_response(StatusCode::OK, &patient),
+        // Replaced by a concurrent caller between the two calls.
+        None => message(StatusCode::NOT_FOUND, "No such patient."),
+    }
+}
+
+async fn sim_delete_patient(State(sim): State<PracticeHubSim>, Path(id): Path<i64>) -> Response {
+    if sim.soft_delete(id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        message(StatusCode::NOT_FOUND, "No such patient.")
+    }
+}
+
+#[rustfmt::skip]
+const FIRST_NAMES: &[&str] = &[
+    "Oliver", "Amelia", "George", "Isla", "Harry", "Ava", "Jack", "Mia", "Charlie", "Ivy",
+    "Freddie", "Grace", "Alfie", "Sophie", "Thomas", "Emily", "Siobhan", "Niamh", "Rhys", "Ffion",
+    "Aled", "Priya", "Mohammed", "Aisha", "Callum", "Eilidh", "Zoë", "Seán",
+];
+
+#[rustfmt::skip]
+const LAST_NAMES: &[&str] = &[
+    "Smith", "Jones", "Williams", "Taylor", "Brown", "Davies", "Evans", "Wilson", "Thomas",
+    "Johnson", "Roberts", "Robinson", "Thompson", "Wright", "Walker", "White", "Edwards", "Hughes",
+    "Green", "Hall", "O'Connor", "Macdonald", "Patel", "Khan", "Ahmed", "Fitzgerald-Hughes",
+    "Ó Súilleabháin",
+];
+
+const NOTES: &[&str] = &[
+    "<p>Lower back pain, referred by GP</p>",
+    "<p>Left knee ACL reconstruction &ndash; week 6 rehab</p>",
+    "<p>Neck stiffness after RTA. <strong>Check insurer details</strong></p>",
+    "<p>Prefers morning appointments</p>",
+    "<p>Plantar fasciitis, right foot</p><ul><li>orthotics fitted</li></ul>",
+    "<p>Pregnant (28 weeks) &ndash; no prone positioning</p>",
+    "<p>Allergic to latex</p>",
+    "<p>Shoulder impingement; desk worker</p>",
+    "<p>Migraine history. Hypertension &ndash; on amlodipine</p>",
+    "",
+];
+
+/// The digits after `07` of a UK mobile in a range libphonenumber accepts (0740-0749 but not
+/// 0745, 0771-0777, 0780/0781/0784-0789, 0790/0792/0794-0799).
+fn uk_mobile_digits(rng: &mut fastrand::Rng) -> String {
+    let prefix = *pick(
+        rng,
+        &[
+            "40", "41", "42", "43", "44", "46", "47", "48", "49", "71", "72", "73", "74", "75",
+            "76", "77", "80", "81", "84", "85", "86", "87", "88", "89", "90", "92", "94", "95",
+            "96", "97", "98", "99",
+        ],
+    );
+    format!("{prefix}{:07}", rng.u32(0..10_000_000))
+}
+
+fn uk_mobile(rng: &mut fastrand::Rng) -> String {
+    // 9 digits after the 0 7 / +44 7: split as UK people write them, 7xxx xxxxxx.
+    let digits = uk_mobile_digits(rng);
+    let (head, tail) = digits.split_at(3);
+    match rng.u8(0..8) {
+        0 => format!("07{head} {tail}"),
+        1 => format!("+44 7{head} {tail}"),
+        2 => format!("07{digits}"),
+        3 => format!("+447{digits}"),
+        4 => format!("07{head} {} {}", &tail[..3], &tail[3..]),
+        5 => format!("0044 7{head} {tail}"),
+        6 => format!("+44 (0)7{head} {tail}"),
+        _ => format!("(07{head}) {tail}"),
+    }
+}
+
+/// A UK landline in a real geographic range.
+fn uk_landline(rng: &mut fastrand::Rng) -> String {
+    match rng.u8(0..4) {
+        0 => format!("020 {} {:04}", rng.u16(7000..=8999), rng.u16(0..=9999)),
+        1 => format!("0161 {} {:04}", rng.u16(200..=999), rng.u16(0..=9999)),
+        2 => format!("0131 {} {:04}", rng.u16(200..=899), rng.u16(0..=9999)),
+        _ => format!("0117 {} {:04}", rng.u16(900..=999), rng.u16(0..=9999)),
+    }
+}
+
+/// One generated patient; the same `(id, seed)` always gives the same patient.
+pub fn generate_patient(id: i64, seed: u64) -> Value {
+    let rng = &mut record_rng(id, seed);
+    let first = *pick(rng, FIRST_NAMES);
+    let last = *pick(rng, LAST_NAMES);
+
+    let patient_number = if rng.f64() < 0.1 {
+        json!(id)
+    } else {
+        json!(format!("P{id:05}"))
+    };
+    let custom_reference = match rng.u8(0..10) {
+        0..=2 => json!(format!("INS-{:06}", rng.u32(0..1_000_000))),
+        3 => json!(format!("REF/{}", rng.u16(100..=9999))),
+        _ => Value::Null,
+    };
+    let last_name = if rng.f64() < 0.02 {
+        Value::Null
+    } else {
+        json!(last)
+    };
+    let email = match rng.f64() {
+        roll if roll < 0.07 => Value::Null,
+        roll if roll < 0.1 => json!(""),
+        _ => {
+            let (first, last) = (email_part(first), email_part(last));
+            let domain = *pick(rng, &["example.co.uk", "example.com", "example.org"]);
+            json!(match rng.f64() {
+                roll if roll < 0.7 => format!("{first}.{last}{id}@{domain}"),
+                roll if roll < 0.9 => format!(
+                    "{}.{}{id}@{domain}",
+                    capitalized(&first),
+                    capitalized(&last)
+                ),
+                _ => format!("{first}.{last}{id}@{domain}").to_uppercase(),
+            })
+        }
+    };
+    let mobile = match rng.f64() {
+        roll if roll < 0.1 => Value::Null,
+        roll if roll < 0.12 => json!(*pick(rng, &["no mobile", "07700", "see notes", "n/a"])),
+        _ => json!(uk_mobile(rng)),
+    };
+    let home_phone = if rng.f64() < 0.15 {
+        json!(uk_landline(rng))
+    } else {
+        Value::Null
+    };
+    let date_of_birth = format!(
+        "{}-{:02}-{:02}",
+        rng.u16(1940..=2015),
+        rng.u8(1..=12),
+        rng.u8(1..=28)
+    );
+    const YEAR: i64 = 365 * 24 * 3600;
+    let updated = GENERATED_UNTIL_SECS - rng.i64(1..YEAR);
+    let created = updated - rng.i64(0..2 * YEAR);
+    let instant = |secs: i64| {
+        format_instant(
+            DateTime::<Utc>::from_timestamp(secs, 0).expect("generated instants lie around 2025"),
+        )
+    };
+    let is_deleted = rng.f64() < 0.02;
+    let deleted = if rng.bool() {
+        json!(i64::from(is_deleted))
+    } else {
+        json!(is_deleted)
+    };
+
+    json!({
+        "id": id,
+        "patient_number": patient_number,
+        "custom_reference": custom_reference,
+        "first_name": first,
+        "last_name": last_name,
+        "email": email,
+        "mobile": mobile,
+        "home_phone": home_phone,
+        "note": *pick(rng, NOTES),
+        "date_of_birth": date_of_birth,
+        "created": instant(created),
+        "updated": instant(updated),
+        "deleted": deleted,
+        "active": rng.f64() >= 0.03,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const KEY: &str = "practicehub_sim_key";
+    const APP: &str = "revkeen-sync=ops@clinic.example";
+
+    fn unlimited() -> PracticeHubOptions {
+        PracticeHubOptions {
+            requests_per_second: 0,
+            ..PracticeHubOptions::default()
+        }
+    }
+
+    async fn start(options: PracticeHubOptions) -> (PracticeHubSim, SimServer) {
+        let sim = PracticeHubSim::new(options);
+        let server = sim
+            .spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("bind a loopback port");
+        (sim, server)
+    }
+
+    /// GETs an absolute URL with both required headers.
+    async fn fetch(url: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(url)
+            .header("x-practicehub-key", KEY)
+            .header("x-app-details", APP)
+            .send()
+            .await
+            .expect("send request")
+    }
+
+    /// GETs `/api/patients` with `query` percent-encoded.
+    async fn patients(server: &SimServer, query: &[(&str, &str)]) -> (u16, Value) {
+        let base = format!("{}/api/patients", server.url());
+        let url = reqwest::Url::parse_with_params(&base, query).expect("valid URL");
+        let response = fetch(url.as_str()).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    async fn ids_for(server: &SimServer, query: &[(&str, &str)]) -> Vec<i64> {
+        let (status, body) = patients(server, query).await;
+        assert_eq!(status, 200, "{query:?}: {body}");
+        ids(&body)
+    }
+
+    fn ids(body: &Value) -> Vec<i64> {
+        body["data"]
+            .as_array()
+            .expect("data array")
+            .iter()
+            .map(|patient| patient["id"].as_i64().expect("integer id"))
+            .collect()
+    }
+
+    /// Query parameters, unencoded.
+    type Query<'a> = &'a [(&'a str, &'a str)];
+
+    /// A generated patient with `fields` overridden.
+    fn patient_with(id: i64, fields: Value) -> Value {
+        let mut patient = generate_patient(id, 0);
+        assert!(merge_top_level(&mut patient, fields));
+        patient
+    }
+
+    fn updated(sim: &PracticeHubSim, id: i64) -> DateTime<Utc> {
+        let patient = sim.patient(id).expect("patient");
+        let text = patient["updated"].as_str().expect("updated string");
+        DateTime::parse_from_rfc3339(text)
+            .expect("RFC 3339")
+            .with_timezone(&Utc)
+    }
+
+    #[tokio::test]
+    async fn links_next_pages_to_the_end_keeping_filters() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(250, 5);
+        let expected: Vec<i64> = sim
+            .patients()
+            .iter()
+            .filter(|p| p["active"] == true)
+            .map(|p| p["id"].as_i64().expect("id"))
+            .collect();
+        assert!(expected.len() > 200);
+
+        let base = format!("{}/api/patients", server.url());
+        let mut url = format!("{base}?page_size=40&active=eq:true");
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let body: Value = fetch(&url).await.json().await.expect("JSON");
+            pages += 1;
+            assert_eq!(body["total_entries"], expected.len());
+            seen.extend(ids(&body));
+            let links = &body["links"];
+            assert!(links["self"].as_str().expect("self").starts_with(&base));
+            assert_eq!(links.get("previous").is_some(), pages > 1, "{links}");
+            match links.get("next").and_then(Value::as_str) {
+                Some(next) => {
+                    assert!(
+                        next.starts_with(&format!("{base}?page={}", pages + 1)),
+                        "{next}"
+                    );
+                    assert!(next.contains("&page_size=40") && next.contains("&active=eq:true"));
+                    url = next.to_owned();
+                }
+                None => break,
+            }
+        }
+        assert_eq!(pages, expected.len().div_ceil(40));
+        assert_eq!(seen, expected);
+    }
+
+    #[tokio::test]
+    async fn updated_gte_returns_rows_changed_since_in_any_instant_form() {
+        let (sim, server) = start(unlimited()).await;
+        for (id, stamp) in [
+            (1, "2025-01-10T00:00:00+00:00"),
+            (2, "2025-02-01T00:00:00+00:00"),
+            (3, "2025-03-01T12:00:00+00:00"),
+        ] {
+            sim.put_patient(patient_with(id, json!({"updated": stamp})));
+        }
+        for cursor in [
+            "gte:2025-02-01T00:00:00Z",
+            "gte:2025-02-01T00:00:00+00:00",
+            "gte:2025-02-01T01:00:00+01:00",
+            "gte:2025-02-01T00:00:00",
+            // The documented poll form: a bare timestamp means "new or updated since".
+            "2025-02-01T00:00:00Z",
+        ] {
+            assert_eq!(
+                ids_for(&server, &[("updated", cursor)]).await,
+                vec![2, 3],
+                "{cursor}"
+            );
+        }
+        assert_eq!(
+            ids_for(&server, &[("updated", "gt:2025-02-01T00:00:00Z")]).await,
+            vec![3]
+        );
+
+        // An unencoded `+` arrives as a space, which no longer parses: the filter is dropped
+        // and the whole table comes back, as upstream.
+        let url = format!(
+            "{}/api/patients?updated=gte:2025-02-01T00:00:00+00:00",
+            server.url()
+        );
+        let body: Value = fetch(&url).await.json().await.expect("JSON");
+        assert_eq!(ids(&body), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn filters_apply_each_documented_operator() {
+        let (sim, server) = start(unlimited()).await;
+        sim.put_patient(patient_with(
+            1,
+            json!({"email": null, "last_name": "Smith", "patient_number": "P00001", "deleted": false}),
+        ));
+        sim.put_patient(patient_with(
+            2,
+            json!({"email": "a@example.com", "last_name": "Smythe", "patient_number": 2, "deleted": 1}),
+        ));
+        sim.put_patient(patient_with(
+            3,
+            json!({"email": "", "last_name": null, "patient_number": "P00003", "deleted": 0}),
+        ));
+        sim.put_patient(patient_with(
+            4,
+            json!({"email": "B@Example.com", "last_name": "Jones", "patient_number": "P00004", "deleted": true}),
+        ));
+        let cases: &[(Query, &[i64])] = &[
+            (&[("id", "eq:3")], &[3]),
+            (&[("id", "ne:3")], &[1, 2, 4]),
+            (&[("id", "gt:2")], &[3, 4]),
+            (&[("id", "lte:2")], &[1, 2]),
+            (&[("id", "in:1,4")], &[1, 4]),
+            (&[("id", "not-in:1,2")], &[3, 4]),
+            (&[("id", "between:2,3")], &[2, 3]),
+            (&[("email", "null")], &[1]),
+            (&[("email", "null:")], &[1]),
+            (&[("email", "not-null:")], &[2, 3, 4]),
+            (&[("last_name", "like:Sm%")], &[1, 2]),
+            (&[("last_name", "like:Sm_th")], &[1]),
+            (&[("last_name", "like:%s")], &[4]),
+            (&[("last_name", "ne:Smith")], &[2, 4]),
+            (&[("patient_number", "eq:2")], &[2]),
+            (&[("deleted", "eq:true")], &[2, 4]),
+            (&[("deleted", "eq:0")], &[1, 3]),
+            (&[("id", "gt:2"), ("last_name", "like:J%")], &[4]),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(ids_for(&server, query).await, *expected, "{query:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_filters_are_silently_ignored() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(10, 1);
+        let all: Vec<i64> = (1..=10).collect();
+        for (attribute, filter) in [
+            ("colour", "eq:red"),
+            ("id", "approx:3"),
+            ("id", "eq:three"),
+            ("id", "3"),
+            ("updated", "gte:yesterday"),
+            ("id", "between:1"),
+            ("deleted", "like:t%"),
+            ("sort", "id"),
+        ] {
+            let (status, body) = patients(&server, &[(attribute, filter)]).await;
+            assert_eq!(status, 200);
+            assert_eq!(body["total_entries"], 10, "{attribute}={filter}");
+            assert_eq!(ids(&body), all);
+        }
+        // Valid filters still apply next to an ignored one.
+        let query = [("id", "eq:3"), ("colour", "eq:red")];
+        assert_eq!(ids_for(&server, &query).await, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn the_ignore_filters_switch_returns_the_whole_table() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(10, 1);
+        sim.set_ignore_filters(true);
+        assert_eq!(ids_for(&server, &[("id", "eq:3")]).await.len(), 10);
+        let (_, body) = patients(&server, &[("id", "eq:3"), ("page_size", "4")]).await;
+        assert_eq!(body["total_entries"], 10);
+        assert_eq!(ids(&body), vec![1, 2, 3, 4]);
+
+        let switched = reqwest::Client::new()
+            .put(format!("{}/_sim/ignore-filters", server.url()))
+            .json(&json!({"ignore": false}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(switched.status(), 204);
+        assert_eq!(ids_for(&server, &[("id", "eq:3")]).await, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn missing_or_bad_headers_are_refused() {
+        let (sim, server) = start(unlimited()).await;
+        let url = format!("{}/api/patients", server.url());
+        let http = reqwest::Client::new();
+        let send = |key: Option<&str>, app: Option<&str>| {
+            let mut request = http.get(&url);
+            if let Some(key) = key {
+                request = request.header("x-practicehub-key", key);
+            }
+            if let Some(app) = app {
+                request = request.header("x-app-details", app);
+            }
+            request.send()
+        };
+        let invalid_key = json!({"message": "Invalid API key"});
+        let response = send(None, Some(APP)).await.expect("send");
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.json::<Value>().await.expect("JSON"), invalid_key);
+        let response = send(Some("wrong"), Some(APP)).await.expect("send");
+        assert_eq!(response.status(), 401);
+
+        let app_required =
+            json!({"message": "x-app-details header is required: <appname>=<contact email>"});
+        for app in [
+            None,
+            Some("revkeen-sync"),
+            Some("=ops@clinic.example"),
+            Some("sync=nobody"),
+        ] {
+            let response = send(Some(KEY), app).await.expect("send");
+            assert_eq!(response.status(), 400, "{app:?}");
+            assert_eq!(response.json::<Value>().await.expect("JSON"), app_required);
+        }
+        assert_eq!(
+            send(Some(KEY), Some(APP)).await.expect("send").status(),
+            200
+        );
+
+        sim.set_api_key("rotated");
+        assert_eq!(
+            send(Some(KEY), Some(APP)).await.expect("send").status(),
+            401
+        );
+        assert_eq!(sim.stats().auth_failures, 3);
+    }
+
+    #[tokio::test]
+    async fn writes_get_405_unknown_paths_404_and_both_are_logged() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(1, 0);
+        let http = reqwest::Client::new();
+        for method in [Method::POST, Method::DELETE] {
+            let response = http
+                .request(method.clone(), format!("{}/api/patients", server.url()))
+                .header("x-practicehub-key", KEY)
+                .header("x-app-details", APP)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(response.status(), 405, "{method}");
+            assert!(response.json::<Value>().await.expect("JSON")["message"].is_string());
+        }
+        let missing = fetch(&format!("{}/api/appointments", server.url())).await;
+        assert_eq!(missing.status(), 404);
+        assert_eq!(
+            missing.json::<Value>().await.expect("JSON"),
+            json!({"message": "Not found"})
+        );
+
+        let stats = sim.stats();
+        assert_eq!((stats.requests, stats.non_get), (3, 2));
+        let log = sim.requests();
+        assert_eq!((log[1].method.as_str(), log[1].status), ("DELETE", 405));
+        assert_eq!(
+            (log[2].path_and_query.as_str(), log[2].status),
+            ("/api/appointments", 404)
+        );
+        assert!(sim.patient(1).is_some_and(|p| p["deleted"] != true));
+    }
+
+    #[tokio::test]
+    async fn bursts_get_429_with_retry_after() {
+        let (sim, server) = start(PracticeHubOptions {
+            requests_per_second: 1,
+            burst: 2,
+            ..PracticeHubOptions::default()
+        })
+        .await;
+        let url = format!("{}/api/patients", server.url());
+        let mut statuses = Vec::new();
+        let mut last = None;
+        for _ in 0..3 {
+            let response = fetch(&url).await;
+            statuses.push(response.status().as_u16());
+            last = Some(response);
+        }
+        assert_eq!(statuses, vec![200, 200, 429]);
+        let limited = last.expect("three responses");
+        let seconds: u64 = limited.headers()[header::RETRY_AFTER]
+            .to_str()
+            .expect("ASCII")
+            .parse()
+            .expect("whole seconds");
+        assert!((1..=2).contains(&seconds), "{seconds}");
+        let body: Value = limited.json().await.expect("JSON");
+        assert_eq!(body, json!({"message": "Too many requests"}));
+        assert_eq!(sim.stats().rate_limited, 1);
+
+        sim.set_faults(Faults {
+            rate_429: 1.0,
+            ..Faults::default()
+        });
+        sim.set_rate_limit(0, 0);
+        let limited = fetch(&url).await;
+        assert_eq!(limited.status(), 429);
+        assert_eq!(limited.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn injected_errors_and_drops() {
+        let (sim, server) = start(unlimited()).await;
+        let url = format!("{}/api/patients", server.url());
+        sim.set_faults(Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        });
+        let failed = fetch(&url).await;
+        assert_eq!(failed.status(), 500);
+        assert!(failed.json::<Value>().await.expect("JSON")["message"].is_string());
+
+        sim.set_faults(Faults {
+            drop_rate: 1.0,
+            ..Faults::default()
+        });
+        let dropped = reqwest::Client::new()
+            .get(&url)
+            .header("x-practicehub-key", KEY)
+            .header("x-app-details", APP)
+            .send()
+            .await;
+        // hyper polls the body before flushing the headers, so the break usually surfaces as
+        // a failed send rather than a failed body read; either way no data arrives.
+        match dropped {
+            Ok(response) => assert!(response.bytes().await.is_err()),
+            Err(error) => assert!(error.status().is_none(), "{error}"),
+        }
+        let stats = sim.stats();
+        assert_eq!((stats.errors, stats.dropped), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn soft_delete_and_updates_move_updated_strictly_forward() {
+        let (sim, server) = start(unlimited()).await;
+        sim.put_patient(patient_with(
+            1,
+            json!({"updated": "2025-01-01T00:00:00+00:00", "deleted": false}),
+        ));
+        sim.put_patient(patient_with(
+            2,
+            json!({"updated": "2025-01-01T00:00:00+00:00"}),
+        ));
+        let cursor = Utc::now() - TimeDelta::seconds(1);
+
+        assert!(sim.soft_delete(1));
+        let first = updated(&sim, 1);
+        assert!(first >= cursor, "{first}");
+        assert_eq!(sim.patient(1).expect("kept")["deleted"], true);
+        assert!(sim.soft_delete(1));
+        let second = updated(&sim, 1);
+        assert!(second > first, "{second} is not after {first}");
+        assert!(sim.update_patient(1, json!({"email": "new@example.com"})));
+        assert!(updated(&sim, 1) > second);
+        assert!(!sim.soft_delete(99));
+        assert!(!sim.update_patient(99, json!({})));
+
+        let since = format!("gte:{}", format_instant(cursor));
+        let (_, body) = patients(&server, &[("updated", &since)]).await;
+        assert_eq!(ids(&body), vec![1]);
+        assert_eq!(body["data"][0]["deleted"], true);
+
+        // The same through the control surface.
+        let deleted = reqwest::Client::new()
+            .delete(format!("{}/_sim/patients/2", server.url()))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(deleted.status(), 204);
+        assert_eq!(sim.patient(2).expect("kept")["deleted"], true);
+        assert!(updated(&sim, 2) >= cursor);
+        assert_eq!(ids_for(&server, &[("updated", &since)]).await, vec![1, 2]);
+    }
+
+    #[test]
+    fn seeding_is_deterministic_and_quirky() {
+        let sim = PracticeHubSim::new(unlimited());
+        sim.seed(40, 9);
+        let first = sim.patients();
+        sim.seed(40, 9);
+        assert_eq!(sim.patients(), first);
+        assert_eq!(first[0], generate_patient(1, 9));
+        assert_eq!(first[39]["id"], 40);
+        sim.seed(40, 10);
+        assert_ne!(sim.patients(), first);
+
+        let patients: Vec<Value> = (1..=2000).map(|id| generate_patient(id, 3)).collect();
+        let count = |test: &dyn Fn(&Value) -> bool| patients.iter().filter(|p| test(p)).count();
+        let share = |n: usize| n as f64 / patients.len() as f64;
+        assert!((0.05..0.15).contains(&share(count(&|p| p["patient_number"].is_number()))));
+        assert!((0.4..0.6).contains(&share(count(&|p| p["deleted"].is_number()))));
+        let deleted = |p: &Value| p["deleted"] == true || p["deleted"] == 1;
+        assert!((0.005..0.04).contains(&share(count(&deleted))));
+        assert!((0.01..0.06).contains(&share(count(&|p| p["active"] == false))));
+        assert!(count(&|p| p["last_name"].is_null()) > 0);
+        assert!(count(&|p| p["email"].is_null()) > 50);
+        assert!(count(&|p| p["email"] == "") > 10);
+        assert!(count(&|p| p["mobile"].is_null()) > 100);
+        assert!(share(count(&|p| p["home_phone"].is_null())) > 0.7);
+        assert!(patients.iter().all(|p| {
+            p["note"]
+                .as_str()
+                .is_some_and(|n| n.is_empty() || n.starts_with("<p>"))
+        }));
+
+        let until = DateTime::<Utc>::from_timestamp(GENERATED_UNTIL_SECS, 0).expect("anchor");
+        for patient in &patients {
+            let instant = |key: &str| {
+                DateTime::parse_from_rfc3339(patient[key].as_str().expect("instant"))
+                    .expect("RFC 3339")
+                    .with_timezone(&Utc)
+            };
+            assert!(
+                patient["updated"]
+                    .as_str()
+                    .expect("updated")
+                    .ends_with("+00:00")
+            );
+            assert!(instant("created") <= instant("updated"));
+            assert!(
+                instant("updated") < until && instant("updated") > until - TimeDelta::days(366)
+            );
+            NaiveDate::parse_from_str(patient["date_of_birth"].as_str().expect("dob"), "%Y-%m-%d")
+                .expect("date of birth");
+
+            let junk = ["no mobile", "07700", "see notes", "n/a"];
+            for field in ["mobile", "home_phone"] {
+                let Some(phone) = patient[field].as_str() else {
+                    continue;
+                };
+                if junk.contains(&phone) {
+                    continue;
+                }
+                let parsed = phonenumber::parse(Some(phonenumber::country::Id::GB), phone)
+                    .unwrap_or_else(|error| panic!("{phone}: {error}"));
+                assert!(
+                    phonenumber::is_valid(&parsed),
+                    "{phone} is not a valid UK number"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_control_surface_changes_state_without_being_logged() {
+        let (sim, server) = start(unlimited()).await;
+        let http = reqwest::Client::new();
+        let url = |path: &str| format!("{}/_sim{path}", server.url());
+        let seeded = http
+            .post(url("/patients/seed"))
+            .json(&json!({"count": 4, "seed": 2}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(seeded.status(), 204);
+        let listed: Vec<Value> = http
+            .get(url("/patients"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(listed, sim.patients());
+        assert_eq!(listed.len(), 4);
+
+        let put = http
+            .put(url("/patients/9"))
+            .json(&patient_with(0, json!({"first_name": "Put"})))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(put.status(), 200);
+        assert_eq!(sim.patient(9).expect("stored")["first_name"], "Put");
+        let before = updated(&sim, 9);
+        let patched: Value = http
+            .patch(url("/patients/9"))
+            .json(&json!({"first_name": "Patched"}))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(patched["first_name"], "Patched");
+        assert!(updated(&sim, 9) > before);
+        assert_eq!(
+            http.patch(url("/patients/99"))
+                .json(&json!({}))
+                .send()
+                .await
+                .expect("send")
+                .status(),
+            404
+        );
+
+        let key = http
+            .put(url("/key"))
+            .json(&json!({"api_key": "k2"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(key.status(), 204);
+        let patients_url = format!("{}/api/patients", server.url());
+        assert_eq!(fetch(&patients_url).await.status(), 401);
+        sim.set_api_key(KEY);
+
+        let limit = http
+            .put(url("/rate-limit"))
+            .json(&json!({"requests_per_second": 1, "burst": 1}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(limit.status(), 204);
+        assert_eq!(fetch(&patients_url).await.status(), 200);
+        assert_eq!(fetch(&patients_url).await.status(), 429);
+        sim.set_rate_limit(0, 0);
+
+        let faults = http
+            .put(url("/faults"))
+            .json(&json!({"error_rate": 1.0}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(faults.status(), 204);
+        assert_eq!(fetch(&patients_url).await.status(), 500);
+
+        let stats: SourceStats = http
+            .get(url("/stats"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(stats, sim.stats());
+        assert_eq!(
+            (
+                stats.requests,
+                stats.errors,
+                stats.rate_limited,
+                stats.auth_failures
+            ),
+            (4, 1, 1, 1)
+        );
+        let requests: Vec<SourceRequest> = http
+            .get(url("/requests"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(requests.len(), 4);
+        assert!(requests.iter().all(|r| r.path_and_query == "/api/patients"));
+        assert_eq!(
+            http.get(url("/nope")).send().await.expect("send").status(),
+            404
+        );
+        assert_eq!(
+            http.post(url("/reset-log"))
+                .send()
+                .await
+                .expect("send")
+                .status(),
+            204
+        );
+        assert_eq!(sim.stats(), SourceStats::default());
+        assert!(sim.requests().is_empty());
+    }
+}

@@ -1,0 +1,403 @@
+//! Source adapters and the poll loop they share.
+//!
+//! An adapter knows only its API: how to fetch the page after a cursor ([`Adapter::fetch`]) and
+//! how to map one record to a customer ([`Adapter::map`]). [`poll`] owns everything else —
+//! rate limiting, retries with backoff, change detection, the page transaction, metrics — as
+//! vector's `http_client` source does. Adding a source is one file plus one [`AnySource`]
+//! variant.
+//!
+//! A poll covers the whole listing once. A poll that starts where a crashed one stopped
+//! resumes there and, for adapters whose listing is a full scan (Wodify), wraps around to the
+//! start and stops where it began, so every record is read at least once per poll.
+
+pub mod practicehub;
+pub mod wodify;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::Retryable;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SourceConfig, SourceKind};
+use crate::limiter::{Backoff, Limiter};
+use crate::store::{PageItem, PollStats, Store, StoreError};
+
+/// One fetched page.
+#[derive(Debug)]
+pub struct Fetched<R> {
+    pub records: Vec<R>,
+    /// The cursor after this page (the start of a new pass when `pass_complete`).
+    pub next: String,
+    /// This page ended the listing.
+    pub pass_complete: bool,
+}
+
+/// A record mapped for the outbox, with any fields that had to be left out.
+#[derive(Debug, Clone)]
+pub struct Mapped {
+    pub item: PageItem,
+    /// Short names of fields dropped from the customer (`phone_unparseable`, …).
+    pub warnings: Vec<&'static str>,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SourceError {
+    /// 401/403: the key is refused. Polling this source stops.
+    #[error("API key refused: {0}")]
+    AuthRefused(String),
+    /// 429, with the wait the API asked for.
+    #[error("rate limited")]
+    RateLimited(Option<Duration>),
+    /// 5xx, a timeout, a connection error, an error envelope carrying one: retried.
+    #[error("{0}")]
+    Transient(String),
+    /// A request the API will never accept as sent (a wrong base URL, a bad query).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl SourceError {
+    fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            SourceError::RateLimited(_) | SourceError::Transient(_)
+        )
+    }
+}
+
+/// A source API, as the poll loop sees it.
+pub trait Adapter: Send + Sync + 'static {
+    /// A record as the API returns it.
+    type Record: Send + 'static;
+
+    /// The cursor at the start of a fresh listing.
+    fn start_cursor(&self) -> String;
+
+    /// Fetches the page after `cursor`. One request; the loop does limiting and retries.
+    fn fetch(
+        &self,
+        cursor: &str,
+    ) -> impl Future<Output = Result<Fetched<Self::Record>, SourceError>> + Send;
+
+    /// Maps one record to what the outbox takes.
+    fn map(&self, record: &Self::Record) -> Mapped;
+
+    /// For a poll that resumed at `resumed_at`: whether reaching `cursor` on the next pass
+    /// covers what the crashed poll had read before it. The default (`true`) ends a resumed
+    /// poll at the end of its listing.
+    fn covers(&self, resumed_at: &str, cursor: &str) -> bool {
+        let _ = (resumed_at, cursor);
+        true
+    }
+}
+
+/// Every kind of source, for dispatch without trait objects.
+pub enum AnySource {
+    Wodify(wodify::Wodify),
+    PracticeHub(practicehub::PracticeHub),
+}
+
+impl AnySource {
+    /// Builds the adapter a source's config asks for.
+    pub fn new(config: &SourceConfig) -> Result<AnySource, reqwest::Error> {
+        match config.kind {
+            SourceKind::Wodify => Ok(AnySource::Wodify(wodify::Wodify::new(config)?)),
+            SourceKind::PracticeHub => Ok(AnySource::PracticeHub(practicehub::PracticeHub::new(
+                config,
+            )?)),
+        }
+    }
+}
+
+/// Why a poll stopped before the end of its listing.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("{0}")]
+    AuthRefused(String),
+    #[error("unavailable after retries: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What a poll needs besides its adapter.
+#[derive(Clone)]
+pub struct PollContext {
+    pub source: SourceConfig,
+    pub store: Store,
+    pub limiter: Arc<Limiter>,
+    pub backoff: Backoff,
+    /// Fetch attempts before the poll gives up on a page (it resumes there next time).
+    pub max_attempts: u32,
+    /// Woken whenever a page enqueued work.
+    pub wake_worker: Arc<Notify>,
+    pub cancel: CancellationToken,
+    /// Send every record again (`--resync`).
+    pub resync: bool,
+    pub run_id: Option<i64>,
+}
+
+/// Polls a source once through its whole listing.
+pub async fn poll(source: &AnySource, ctx: &PollContext) -> Result<PollStats, PollError> {
+    match source {
+        AnySource::Wodify(adapter) => poll_with(adapter, ctx).await,
+        AnySource::PracticeHub(adapter) => poll_with(adapter, ctx).await,
+    }
+}
+
+/// Walks a source's whole listing from the start without touching the state file, handing
+/// each mapped page to `on_page` (`--dry-run`).
+pub async fn scan(
+    source: &AnySource,
+    ctx: &PollContext,
+    on_page: impl FnMut(Vec<Mapped>),
+) -> Result<PollStats, PollError> {
+    match source {
+        AnySource::Wodify(adapter) => scan_with(adapter, ctx, on_page).await,
+        AnySource::PracticeHub(adapter) => scan_with(adapter, ctx, on_page).await,
+    }
+}
+
+async fn scan_with<A: Adapter>(
+    adapter: &A,
+    ctx: &PollContext,
+    mut on_page: impl FnMut(Vec<Mapped>),
+) -> Result<PollStats, PollError> {
+    let mut stats = PollStats::default();
+    let mut cursor = adapter.start_cursor();
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(PollError::Cancelled);
+        }
+        let fetched = fetch_with_retry(adapter, ctx, &cursor)
+            .await
+            .map_err(poll_error)?;
+        stats.pages += 1;
+        stats.fetched += fetched.records.len() as u64;
+        let mapped: Vec<Mapped> = fetched.records.iter().map(|r| adapter.map(r)).collect();
+        stats.warnings += mapped.iter().map(|m| m.warnings.len() as u64).sum::<u64>();
+        on_page(mapped);
+        if fetched.pass_complete {
+            return Ok(stats);
+        }
+        cursor = fetched.next;
+    }
+}
+
+fn poll_error(error: SourceError) -> PollError {
+    match error {
+        SourceError::AuthRefused(e) => PollError::AuthRefused(e),
+        SourceError::Permanent(e) => PollError::Failed(e),
+        other => PollError::Unavailable(other.to_string()),
+    }
+}
+
+async fn poll_with<A: Adapter>(adapter: &A, ctx: &PollContext) -> Result<PollStats, PollError> {
+    let name = ctx.source.name.clone();
+    let store = ctx.store.clone();
+    let poll_id = {
+        let (run_id, name) = (ctx.run_id, name.clone());
+        store.call(move |s| s.begin_poll(run_id, &name)).await?
+    };
+    let mut stats = PollStats::default();
+    let result = poll_pages(adapter, ctx, &mut stats).await;
+    let (outcome, error) = match &result {
+        Ok(()) => ("ok", None),
+        Err(PollError::Cancelled) => ("cancelled", None),
+        Err(PollError::AuthRefused(e)) => ("auth_refused", Some(e.clone())),
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    {
+        let stats = stats;
+        store
+            .call(move |s| s.update_poll(poll_id, &stats, Some(outcome), error.as_deref()))
+            .await?;
+    }
+    match &result {
+        Ok(()) => tracing::info!(
+            source = %name,
+            pages = stats.pages,
+            fetched = stats.fetched,
+            enqueued = stats.enqueued,
+            unchanged = stats.unchanged,
+            rejected = stats.rejected,
+            warnings = stats.warnings,
+            "Poll finished."
+        ),
+        Err(PollError::Cancelled) => {
+            tracing::info!(source = %name, pages = stats.pages, "Poll stopped early.")
+        }
+        Err(error) => tracing::error!(source = %name, %error, "Poll failed."),
+    }
+    result.map(|()| stats)
+}
+
+async fn poll_pages<A: Adapter>(
+    adapter: &A,
+    ctx: &PollContext,
+    stats: &mut PollStats,
+) -> Result<(), PollError> {
+    let name = ctx.source.name.as_str();
+    let saved = {
+        let name = name.to_string();
+        ctx.store.call(move |s| s.cursor(&name)).await?
+    };
+    let start = adapter.start_cursor();
+    let mut cursor = saved.map(|(c, _)| c).unwrap_or_else(|| start.clone());
+    let resumed_at = (cursor != start).then(|| cursor.clone());
+    if let Some(at) = &resumed_at {
+        tracing::info!(source = %name, cursor = %at, "Resuming the listing where the last poll stopped.");
+    }
+    let mut wrapped = false;
+    let mut commit: Option<tokio::task::JoinHandle<Result<CommitDone, StoreError>>> = None;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            finish_commit(commit.take(), ctx, stats).await?;
+            return Err(PollError::Cancelled);
+        }
+        // Fetch the next page while the previous one commits.
+        let fetch = fetch_with_retry(adapter, ctx, &cursor);
+        let previous = finish_commit(commit.take(), ctx, stats);
+        let (fetched, committed) = tokio::select! {
+            both = async { tokio::join!(fetch, previous) } => both,
+            () = ctx.cancel.cancelled() => {
+                return Err(PollError::Cancelled);
+            }
+        };
+        committed?;
+        let fetched = fetched.map_err(poll_error)?;
+
+        let mut items = Vec::with_capacity(fetched.records.len());
+        let mut warnings = 0u64;
+        for record in &fetched.records {
+            let mapped = adapter.map(record);
+            for warning in &mapped.warnings {
+                metrics::counter!("sync_daemon_normalization_warnings_total",
+                    "source" => name.to_string(), "warning" => *warning)
+                .increment(1);
+            }
+            warnings += mapped.warnings.len() as u64;
+            items.push(mapped.item);
+        }
+        let stop = if fetched.pass_complete {
+            match &resumed_at {
+                Some(at) if !wrapped && !adapter.covers(at, &fetched.next) => {
+                    wrapped = true;
+                    false
+                }
+                _ => true,
+            }
+        } else {
+            wrapped
+                && resumed_at
+                    .as_deref()
+                    .is_some_and(|at| adapter.covers(at, &fetched.next))
+        };
+        let fetched_count = fetched.records.len();
+        let next = fetched.next;
+        let pass_complete = fetched.pass_complete;
+        let store = ctx.store.clone();
+        let (source, revkeen_source, resync) = (
+            name.to_string(),
+            ctx.source.revkeen_source.clone(),
+            ctx.resync,
+        );
+        let cursor_value = next.clone();
+        commit = Some(tokio::task::spawn_blocking(move || {
+            let page = store.commit_page(
+                &source,
+                &revkeen_source,
+                &items,
+                Some(&cursor_value),
+                pass_complete,
+                resync,
+            )?;
+            Ok(CommitDone {
+                fetched: fetched_count,
+                warnings,
+                page,
+            })
+        }));
+        cursor = next;
+        if stop {
+            finish_commit(commit.take(), ctx, stats).await?;
+            return Ok(());
+        }
+    }
+}
+
+struct CommitDone {
+    fetched: usize,
+    warnings: u64,
+    page: crate::store::PageOutcome,
+}
+
+async fn finish_commit(
+    commit: Option<tokio::task::JoinHandle<Result<CommitDone, StoreError>>>,
+    ctx: &PollContext,
+    stats: &mut PollStats,
+) -> Result<(), PollError> {
+    let Some(commit) = commit else {
+        return Ok(());
+    };
+    let done = match commit.await {
+        Ok(done) => done?,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => return Err(PollError::Cancelled),
+    };
+    stats.add_page(done.fetched, &done.page);
+    stats.warnings += done.warnings;
+    let name = ctx.source.name.clone();
+    metrics::counter!("sync_daemon_fetched_total", "source" => name.clone())
+        .increment(done.fetched as u64);
+    metrics::counter!("sync_daemon_enqueued_total", "source" => name.clone())
+        .increment(done.page.enqueued);
+    metrics::counter!("sync_daemon_unchanged_total", "source" => name.clone())
+        .increment(done.page.unchanged);
+    metrics::counter!("sync_daemon_skipped_total", "source" => name.clone())
+        .increment(done.page.skipped);
+    metrics::counter!("sync_daemon_rejected_total", "source" => name).increment(done.page.rejected);
+    if done.page.enqueued > 0 {
+        ctx.wake_worker.notify_one();
+    }
+    Ok(())
+}
+
+async fn fetch_with_retry<A: Adapter>(
+    adapter: &A,
+    ctx: &PollContext,
+    cursor: &str,
+) -> Result<Fetched<A::Record>, SourceError> {
+    let name = ctx.source.name.as_str();
+    let limiter = &ctx.limiter;
+    let attempt = || async {
+        limiter.acquire().await;
+        let result = adapter.fetch(cursor).await;
+        if let Err(SourceError::RateLimited(Some(wait))) = &result {
+            // Every request to the host waits, not just this one.
+            limiter.pause(*wait);
+        }
+        result
+    };
+    attempt
+        .retry(ctx.backoff.builder(ctx.max_attempts.saturating_sub(1) as usize))
+        .sleep(tokio::time::sleep)
+        .when(SourceError::is_retryable)
+        .adjust(|error, delay| match error {
+            // The pause already holds the limiter; retry as soon as it lifts.
+            SourceError::RateLimited(Some(_)) => delay.map(|_| Duration::ZERO),
+            _ => delay,
+        })
+        .notify(|error, delay| {
+            tracing::warn!(source = %name, %error, retry_in_ms = delay.as_millis() as u64, "Fetch failed; retrying.");
+        })
+        .await
+}

@@ -1,0 +1,603 @@
+//! PracticeHub patients: incremental listing by `updated=gte:` and a PHI-proof allowlist.
+//!
+//! **No PHI leaves a clinic (DESIGN invariant 7).** A listed patient is cut down to
+//! [`PatientRecord`] inside [`PracticeHub::fetch`], before it leaves this module: that type has a
+//! field for each allowlisted attribute (email, names, phone, patient number, lifecycle flags)
+//! and nothing else, so notes, dates of birth, addresses and clinical text are dropped with the
+//! raw JSON of the page. The customer body is [`PatientBody`], whose metadata is a typed struct
+//! with two fields; there is no map a field could be added to. The source-field table
+//! ([`FIELDS`]) can be re-pointed by config (`[sources.fields] phone = "home_phone"`), but only
+//! for these logical fields, and never at an attribute whose name says PHI.
+//!
+//! Incremental polling: the first listing reads the whole table; later ones ask for
+//! `updated=gte:<mark>`, where the mark is when the previous complete listing *started* (minus
+//! a margin for clock skew), so a patient changed while a listing ran is read again next time.
+//! The mark advances only when a listing completes; a crash resumes from the saved `links.next`.
+//! PracticeHub silently ignores filters it does not understand, so every row is checked
+//! against the filter: if one is older than the mark, the filter was ignored, the poll becomes
+//! a full scan (change detection keeps it cheap) and one warning says so.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Adapter, Fetched, Mapped, SourceError};
+use crate::config::{Secret, SourceConfig};
+use crate::customer::{self, Phone, Rejection};
+use crate::revkeen::{describe_transport_error, http_client, parse_retry_after};
+use crate::store::{PageItem, PageItemOutcome};
+
+/// Patients per request: PracticeHub's documented maximum.
+pub const PAGE_SIZE: u32 = 100;
+/// How far before a listing's start the next one's `updated` filter reaches back, to absorb
+/// clock skew between this host and PracticeHub.
+pub const MARK_MARGIN: Duration = Duration::from_secs(120);
+
+/// The logical fields a patient may contribute, and the PracticeHub attribute each is read
+/// from by default. This table is the whole of what the daemon reads from a patient.
+pub const FIELDS: &[(&str, &str)] = &[
+    ("id", "id"),
+    ("email", "email"),
+    ("first_name", "first_name"),
+    ("last_name", "last_name"),
+    ("phone", "mobile"),
+    ("phone_fallback", "home_phone"),
+    ("patient_number", "patient_number"),
+    ("updated", "updated"),
+    ("deleted", "deleted"),
+    ("active", "active"),
+];
+
+/// Fragments of attribute names that config may never point a field at.
+const PHI_NAMES: &[&str] = &[
+    "note",
+    "birth",
+    "dob",
+    "address",
+    "street",
+    "postcode",
+    "medical",
+    "clinical",
+    "diagnos",
+    "condition",
+    "treatment",
+    "allerg",
+    "medication",
+    "gender",
+    "sex",
+    "nhs",
+    "insurance",
+    "referr",
+    "history",
+    "symptom",
+    "custom",
+];
+
+/// Checks `[sources.fields]` overrides: known logical fields only, never a PHI attribute.
+pub fn validate_field_overrides(overrides: &BTreeMap<String, String>) -> Result<(), String> {
+    for (field, attribute) in overrides {
+        if !FIELDS.iter().any(|(name, _)| name == field) {
+            let known: Vec<&str> = FIELDS.iter().map(|(name, _)| *name).collect();
+            return Err(format!(
+                "{field:?} is not a field sync-daemon reads from a patient; known fields: {}",
+                known.join(", ")
+            ));
+        }
+        let lower = attribute.to_ascii_lowercase();
+        if attribute.trim().is_empty() {
+            return Err(format!(
+                "{field} = \"\": give the PracticeHub attribute name"
+            ));
+        }
+        if let Some(fragment) = PHI_NAMES.iter().find(|f| lower.contains(*f)) {
+            return Err(format!(
+                "{field} = {attribute:?} points at an attribute that looks like clinical or personal data ({fragment:?}); patient sync sends billing-safe fields only"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A patient cut down to the allowlisted attributes. Nothing else is ever kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PatientRecord {
+    pub id: Option<String>,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+    pub phone_fallback: Option<String>,
+    pub patient_number: Option<String>,
+    pub updated: Option<DateTime<Utc>>,
+    pub deleted: bool,
+    pub inactive: bool,
+}
+
+/// The customer body a patient becomes: email, name, phone, patient number, lifecycle status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatientBody {
+    pub email: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    pub metadata: PatientMetadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_updated_at: Option<String>,
+}
+
+/// The only metadata a patient carries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatientMetadata {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_number: Option<String>,
+    /// `active`, `inactive` or `deleted`.
+    pub source_status: &'static str,
+}
+
+/// A PracticeHub clinic account.
+pub struct PracticeHub {
+    http: reqwest::Client,
+    base: Url,
+    api_key: Secret,
+    app_details: String,
+    default_country: String,
+    /// Attribute name for each logical field, after config overrides.
+    attributes: BTreeMap<&'static str, String>,
+    /// Whether this listing already said the filter was ignored (one warning per listing).
+    warned: AtomicBool,
+    source: String,
+}
+
+/// Where a listing stands.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Cursor {
+    /// `updated=gte:` value of the current listing; `None` lists everything.
+    #[serde(default)]
+    mark: Option<DateTime<Utc>>,
+    /// When the current listing started (the next mark).
+    #[serde(default)]
+    started: Option<DateTime<Utc>>,
+    /// `links.next` of the last page read, to resume a listing.
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(default)]
+    data: Vec<Value>,
+    #[serde(default)]
+    links: Option<Links>,
+}
+
+#[derive(Deserialize)]
+struct Links {
+    #[serde(default)]
+    next: Option<String>,
+}
+
+impl PracticeHub {
+    /// An adapter for one configured PracticeHub source.
+    pub fn new(config: &SourceConfig) -> Result<PracticeHub, reqwest::Error> {
+        let mut attributes: BTreeMap<&'static str, String> = FIELDS
+            .iter()
+            .map(|(field, attribute)| (*field, attribute.to_string()))
+            .collect();
+        for (field, attribute) in &config.fields {
+            if let Some((name, _)) = FIELDS.iter().find(|(name, _)| name == field) {
+                attributes.insert(name, attribute.clone());
+            }
+        }
+        Ok(PracticeHub {
+            http: http_client(Duration::from_secs(config.timeout_secs))?,
+            base: config.base_url.clone(),
+            api_key: config.api_key.clone(),
+            app_details: config.app_details.clone().unwrap_or_default(),
+            default_country: config.default_country.clone(),
+            attributes,
+            warned: AtomicBool::new(false),
+            source: config.name.clone(),
+        })
+    }
+
+    fn attribute<'a>(&'a self, field: &'a str) -> &'a str {
+        self.attributes
+            .get(field)
+            .map(String::as_str)
+            .unwrap_or(field)
+    }
+
+    fn first_page(&self, mark: Option<DateTime<Utc>>) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("patients");
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            query
+                .append_pair("page", "1")
+                .append_pair("page_size", &PAGE_SIZE.to_string());
+            if let Some(mark) = mark {
+                query.append_pair(
+                    self.attribute("updated"),
+                    &format!("gte:{}", mark.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                );
+            }
+        }
+        url
+    }
+
+    /// GET with both mandatory headers; only ever GET (a PracticeHub key can delete data).
+    pub async fn get(&self, url: Url) -> Result<Value, SourceError> {
+        let started = std::time::Instant::now();
+        let response = self
+            .http
+            .get(url)
+            .header("x-practicehub-key", self.api_key.expose())
+            .header("x-app-details", &self.app_details)
+            .header("accept", "application/json")
+            .send()
+            .await;
+        let result = match response {
+            Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = parse_retry_after(response.headers());
+                match response.bytes().await {
+                    Err(error) => Err(SourceError::Transient(format!(
+                        "answer cut off: {}",
+                        describe_transport_error(&error)
+                    ))),
+                    Ok(body) => read_answer(status, &body, retry_after),
+                }
+            }
+        };
+        metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "practicehub")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Cuts a listed patient down to the allowlist. The raw value is dropped by the caller.
+    fn record(&self, value: &Value) -> PatientRecord {
+        let text = |field: &str| value.get(self.attribute(field)).and_then(json_text);
+        PatientRecord {
+            id: text("id"),
+            email: text("email"),
+            first_name: text("first_name"),
+            last_name: text("last_name"),
+            phone: text("phone"),
+            phone_fallback: text("phone_fallback"),
+            patient_number: text("patient_number"),
+            updated: text("updated").and_then(|t| parse_time(&t)),
+            deleted: value.get(self.attribute("deleted")).is_some_and(truthy),
+            inactive: value
+                .get(self.attribute("active"))
+                .is_some_and(|v| !v.is_null() && !truthy(v)),
+        }
+    }
+
+    /// Whether a `links.next` URL points at the configured API (the key goes with it).
+    fn same_origin(&self, url: &Url) -> bool {
+        url.scheme() == self.base.scheme()
+            && url.host_str() == self.base.host_str()
+            && url.port_or_known_default() == self.base.port_or_known_default()
+    }
+}
+
+fn json_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => matches!(s.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"),
+        _ => false,
+    }
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    customer::normalize_timestamp(Some(text))
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn read_answer(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<Value, SourceError> {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    if status.is_success() {
+        return parsed.ok_or_else(|| {
+            SourceError::Transient(format!("HTTP {status} with a body that is not JSON"))
+        });
+    }
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let detail = format!("PracticeHub answered HTTP {}: {message}", status.as_u16());
+    Err(match status.as_u16() {
+        401 | 403 => SourceError::AuthRefused(format!(
+            "{detail}; check the source's api_key / api_key_file"
+        )),
+        429 => SourceError::RateLimited(retry_after),
+        408 | 500..=599 => SourceError::Transient(detail),
+        400 => SourceError::Permanent(format!("{detail}; check the source's app_details")),
+        404 => SourceError::Permanent(format!(
+            "{detail}; check the source's base_url (https://{{account}}.neptune.practicehub.io/api)"
+        )),
+        _ => SourceError::Permanent(detail),
+    })
+}
+
+impl Adapter for PracticeHub {
+    type Record = PatientRecord;
+
+    fn start_cursor(&self) -> String {
+        serde_json::to_string(&Cursor::default()).expect("cursor serializes")
+    }
+
+    async fn fetch(&self, cursor: &str) -> Result<Fetched<PatientRecord>, SourceError> {
+        let mut at: Cursor = serde_json::from_str(cursor).unwrap_or_default();
+        let url = match at.next.as_deref().map(Url::parse) {
+            Some(Ok(url)) if self.same_origin(&url) => url,
+            Some(Ok(url)) => {
+                return Err(SourceError::Permanent(format!(
+                    "PracticeHub's next link points at another host ({}); refusing to send the key there",
+                    url.host_str().unwrap_or("?")
+                )));
+            }
+            Some(Err(_)) | None => {
+                // A fresh listing: it starts now, and its start is the next listing's mark.
+                at.started = Some(Utc::now());
+                at.next = None;
+                self.warned.store(false, Ordering::Relaxed);
+                self.first_page(at.mark)
+            }
+        };
+        let value = self.get(url).await?;
+        let listing: Listing = serde_json::from_value(value).map_err(|e| {
+            SourceError::Transient(format!(
+                "PracticeHub listing is not in the documented shape: {e}"
+            ))
+        })?;
+        // Cut every row down to the allowlist here; the raw page is dropped with `listing`.
+        let records: Vec<PatientRecord> = listing.data.iter().map(|v| self.record(v)).collect();
+        if let Some(mark) = at.mark {
+            let ignored = records
+                .iter()
+                .any(|r| r.updated.is_some_and(|updated| updated < mark));
+            if ignored && !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    source = %self.source,
+                    "PracticeHub ignored the updated filter; this poll reads the whole patient list (unchanged patients are not sent)."
+                );
+                metrics::counter!("sync_daemon_filter_ignored_total", "source" => self.source.clone())
+                    .increment(1);
+            }
+        }
+        let next_link = listing
+            .links
+            .and_then(|l| l.next)
+            .filter(|n| !n.trim().is_empty());
+        let pass_complete = next_link.is_none();
+        let next = if pass_complete {
+            Cursor {
+                mark: at
+                    .started
+                    .map(|s| s - chrono::Duration::from_std(MARK_MARGIN).unwrap_or_default()),
+                started: None,
+                next: None,
+            }
+        } else {
+            Cursor {
+                next: next_link,
+                ..at
+            }
+        };
+        Ok(Fetched {
+            records,
+            next: serde_json::to_string(&next).expect("cursor serializes"),
+            pass_complete,
+        })
+    }
+
+    fn map(&self, record: &PatientRecord) -> Mapped {
+        let external_id = record.id.clone().unwrap_or_else(|| "(no id)".to_string());
+        let (outcome, warnings) = match map_patient(record, &self.default_country) {
+            Ok((body, warnings)) => (
+                PageItemOutcome::Customer {
+                    body: serde_json::to_vec(&body).expect("a struct of strings serializes"),
+                    update_only: record.deleted,
+                },
+                warnings,
+            ),
+            // A deleted patient without an email is simply gone: nothing to send or fix.
+            Err(_) if record.deleted => (PageItemOutcome::Ignored, Vec::new()),
+            Err(rejection) => (PageItemOutcome::Rejected(rejection), Vec::new()),
+        };
+        Mapped {
+            item: PageItem {
+                external_id,
+                outcome,
+            },
+            warnings,
+        }
+    }
+}
+
+/// Maps an allowlisted patient to its customer body, or says why it cannot be one.
+pub fn map_patient(
+    record: &PatientRecord,
+    default_country: &str,
+) -> Result<(PatientBody, Vec<&'static str>), Rejection> {
+    if record.id.is_none() {
+        return Err(Rejection {
+            code: "no_id",
+            reason: "PracticeHub returned a patient without an id".to_string(),
+            hint: "check the source's [fields] id mapping".to_string(),
+        });
+    }
+    let email =
+        customer::normalize_email(record.email.as_deref()).map_err(|problem| Rejection {
+            code: if problem == "no email" {
+                "no_email"
+            } else {
+                "invalid_email"
+            },
+            reason: format!("{problem} in PracticeHub"),
+            hint:
+                "add a valid email to the patient's PracticeHub record; it syncs on the next poll"
+                    .to_string(),
+        })?;
+    let mut warnings = Vec::new();
+    let phone = [record.phone.as_deref(), record.phone_fallback.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(
+            |raw| match customer::normalize_phone(Some(raw), default_country) {
+                Phone::E164(number) => Some(number),
+                _ => None,
+            },
+        );
+    if phone.is_none() && (record.phone.is_some() || record.phone_fallback.is_some()) {
+        warnings.push("phone_unparseable");
+    }
+    let source_status = if record.deleted {
+        "deleted"
+    } else if record.inactive {
+        "inactive"
+    } else {
+        "active"
+    };
+    Ok((
+        PatientBody {
+            email,
+            name: customer::full_name(record.first_name.as_deref(), record.last_name.as_deref()),
+            phone,
+            metadata: PatientMetadata {
+                patient_number: record.patient_number.clone(),
+                source_status,
+            },
+            external_updated_at: record
+                .updated
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        },
+        warnings,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(fields: &str) -> PracticeHub {
+        let config = crate::config::Config::from_toml(
+            &format!(
+                "[revkeen]\napi_key='k'\n[[sources]]\nname='clinic'\nkind='practicehub'\n\
+                 base_url='https://bayside.practicehub.io'\napi_key='p'\n\
+                 app_details='sync=ops@bayside.example'\n{fields}"
+            ),
+            &crate::config::Environment::default(),
+        )
+        .expect("config");
+        PracticeHub::new(&config.sources[0]).expect("client")
+    }
+
+    fn patient() -> Value {
+        serde_json::json!({
+            "id": 42, "patient_number": 1042, "custom_reference": "INS-1",
+            "first_name": "Ada", "last_name": "Byron", "email": "Ada@Example.co.uk ",
+            "mobile": "07911 123456", "home_phone": null,
+            "note": "<p>PHI-NOTE-MARKER</p>", "date_of_birth": "1815-12-10",
+            "address": "PHI-ADDRESS-MARKER",
+            "created": "2024-01-01T00:00:00+00:00", "updated": "2025-02-01T10:00:00+00:00",
+            "deleted": 0, "active": true
+        })
+    }
+
+    #[test]
+    fn a_patient_becomes_an_allowlisted_body() {
+        let hub = adapter("");
+        let record = hub.record(&patient());
+        let (body, warnings) = map_patient(&record, "GB").expect("maps");
+        assert!(warnings.is_empty());
+        let json = serde_json::to_string(&body).expect("json");
+        assert_eq!(
+            json,
+            r#"{"email":"ada@example.co.uk","name":"Ada Byron","phone":"+447911123456","metadata":{"patient_number":"1042","source_status":"active"},"external_updated_at":"2025-02-01T10:00:00Z"}"#
+        );
+        assert!(!format!("{record:?}").contains("MARKER"));
+    }
+
+    #[test]
+    fn deleted_patients_are_update_only_and_without_email_ignored() {
+        let hub = adapter("");
+        let mut value = patient();
+        value["deleted"] = Value::Bool(true);
+        let mapped = hub.map(&hub.record(&value));
+        assert!(matches!(
+            mapped.item.outcome,
+            PageItemOutcome::Customer { update_only: true, ref body } if String::from_utf8_lossy(body).contains("\"deleted\"")
+        ));
+        value["email"] = Value::Null;
+        assert!(matches!(
+            hub.map(&hub.record(&value)).item.outcome,
+            PageItemOutcome::Ignored
+        ));
+    }
+
+    #[test]
+    fn field_overrides_are_limited_to_billing_safe_fields() {
+        let mut overrides = BTreeMap::new();
+        overrides.insert("phone".to_string(), "home_phone".to_string());
+        assert!(validate_field_overrides(&overrides).is_ok());
+        overrides.insert("first_name".to_string(), "note".to_string());
+        assert!(
+            validate_field_overrides(&overrides)
+                .expect_err("PHI")
+                .contains("clinical")
+        );
+        let mut unknown = BTreeMap::new();
+        unknown.insert("date_of_birth".to_string(), "date_of_birth".to_string());
+        assert!(validate_field_overrides(&unknown).is_err());
+        let hub = adapter("[sources.fields]\nphone = 'home_phone'\n");
+        let mut value = patient();
+        value["home_phone"] = Value::String("020 7946 0018".into());
+        let record = hub.record(&value);
+        assert_eq!(record.phone.as_deref(), Some("020 7946 0018"));
+    }
+
+    #[test]
+    fn the_first_page_carries_the_filter_and_next_links_must_stay_on_the_host() {
+        let hub = adapter("");
+        let mark = DateTime::parse_from_rfc3339("2025-02-01T00:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        assert_eq!(
+            hub.first_page(Some(mark)).as_str(),
+            "https://bayside.neptune.practicehub.io/api/patients?page=1&page_size=100&updated=gte%3A2025-02-01T00%3A00%3A00Z"
+        );
+        assert!(hub.same_origin(
+            &Url::parse("https://bayside.neptune.practicehub.io/api/patients?page=2").expect("url")
+        ));
+        assert!(
+            !hub.same_origin(&Url::parse("https://evil.example/api/patients?page=2").expect("url"))
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! The schema, as versioned migrations embedded in the binary. Never edit a released migration:
+//! append a new one. `rusqlite_migration` tracks the version in SQLite's `user_version`.
+
+use rusqlite_migration::{M, Migrations};
+
+const V1: &str = r#"
+-- Where each source's listing stands (adapter-specific JSON) and how many complete passes it
+-- has made. Written in the same transaction as the jobs of the page that moved it.
+CREATE TABLE cursors (
+    source      TEXT PRIMARY KEY,
+    cursor      TEXT NOT NULL,
+    passes      INTEGER NOT NULL DEFAULT 0,
+    updated_at  INTEGER NOT NULL
+);
+
+-- One row per customer ever seen. `version` grows with every job created for the customer and
+-- is part of the job's idempotency key, so no two versions ever share a key. `latest_hash` is
+-- the newest body decided on (queued, in flight, synced or dead-lettered): a polled record
+-- hashing the same is unchanged. `synced_*` is the last body RevKeen accepted.
+CREATE TABLE customers (
+    source       TEXT NOT NULL,
+    external_id  TEXT NOT NULL,
+    version      INTEGER NOT NULL DEFAULT 0,
+    latest_hash  TEXT,
+    synced_hash  TEXT,
+    synced_body  BLOB,
+    synced_at    INTEGER,
+    seen_pass    INTEGER,
+    PRIMARY KEY (source, external_id)
+) WITHOUT ROWID;
+
+-- Jobs waiting for a final answer from RevKeen. Within a lane (source, external_id) the
+-- lowest id goes first and is the only one that may be in flight; a later row exists only
+-- while the head is in flight or in a recorded batch.
+CREATE TABLE outbox (
+    id               INTEGER PRIMARY KEY,
+    source           TEXT NOT NULL,
+    external_id      TEXT NOT NULL,
+    revkeen_source   TEXT NOT NULL,
+    body             BLOB NOT NULL,
+    body_hash        TEXT NOT NULL,
+    idempotency_key  TEXT NOT NULL,
+    enqueued_at      INTEGER NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    single_only      INTEGER NOT NULL DEFAULT 0,
+    update_only      INTEGER NOT NULL DEFAULT 0,
+    batch_id         INTEGER REFERENCES batches(id),
+    inflight         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX outbox_lane ON outbox (source, external_id, id);
+CREATE INDEX outbox_batch ON outbox (batch_id) WHERE batch_id IS NOT NULL;
+
+-- A batch is recorded (members, body, key) before it is sent and re-sent exactly as recorded
+-- until it gets a final answer.
+CREATE TABLE batches (
+    id               INTEGER PRIMARY KEY,
+    revkeen_source   TEXT NOT NULL,
+    body             BLOB NOT NULL,
+    idempotency_key  TEXT NOT NULL,
+    created_at       INTEGER NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    inflight         INTEGER NOT NULL DEFAULT 0
+);
+
+-- Records that could not be sent: rejected before sending (no email) or dead-lettered after
+-- RevKeen's final refusal or exhausted retries. One row per customer: its current problem.
+CREATE TABLE failures (
+    source           TEXT NOT NULL,
+    external_id      TEXT NOT NULL,
+    kind             TEXT NOT NULL CHECK (kind IN ('rejected', 'dead_letter')),
+    code             TEXT NOT NULL,
+    reason           TEXT NOT NULL,
+    hint             TEXT,
+    http_status      INTEGER,
+    field_errors     TEXT,
+    revkeen_source   TEXT,
+    body             BLOB,
+    body_hash        TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    first_seen       INTEGER NOT NULL,
+    last_seen        INTEGER NOT NULL,
+    PRIMARY KEY (source, external_id)
+) WITHOUT ROWID;
+
+-- One row per process run (`--once`, daemon).
+CREATE TABLE runs (
+    id           INTEGER PRIMARY KEY,
+    mode         TEXT NOT NULL,
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER,
+    outcome      TEXT
+);
+
+-- One row per poll of a source, with what it found.
+CREATE TABLE polls (
+    id           INTEGER PRIMARY KEY,
+    run_id       INTEGER REFERENCES runs(id),
+    source       TEXT NOT NULL,
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER,
+    outcome      TEXT,
+    error        TEXT,
+    pages        INTEGER NOT NULL DEFAULT 0,
+    fetched      INTEGER NOT NULL DEFAULT 0,
+    enqueued     INTEGER NOT NULL DEFAULT 0,
+    unchanged    INTEGER NOT NULL DEFAULT 0,
+    rejected     INTEGER NOT NULL DEFAULT 0,
+    skipped      INTEGER NOT NULL DEFAULT 0,
+    warnings     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX polls_source ON polls (source, id);
+
+-- Running totals of RevKeen's answers per source.
+CREATE TABLE delivery (
+    source         TEXT PRIMARY KEY,
+    created        INTEGER NOT NULL DEFAULT 0,
+    updated        INTEGER NOT NULL DEFAULT 0,
+    stale          INTEGER NOT NULL DEFAULT 0,
+    dead_lettered  INTEGER NOT NULL DEFAULT 0,
+    last_success   INTEGER
+);
+
+-- An API that refused our key. Sending stops until a later run gets an authenticated answer.
+CREATE TABLE halts (
+    target   TEXT PRIMARY KEY,
+    code     TEXT NOT NULL,
+    message  TEXT NOT NULL,
+    since    INTEGER NOT NULL
+);
+"#;
+
+/// All migrations, oldest first.
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(V1)])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_valid() {
+        super::migrations().validate().expect("migrations apply");
+    }
+}

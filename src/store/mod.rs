@@ -1,0 +1,539 @@
+//! The local state file: SQLite in WAL mode, one writer, versioned migrations.
+//!
+//! On-disk invariants (DESIGN's numbering):
+//! 1. A page's jobs and the cursor that moves past the page commit in one transaction
+//!    ([`Store::commit_page`]).
+//! 2. A job leaves `outbox` only when RevKeen gave a final answer for it; `inflight` marks are
+//!    cleared when the state is opened, so whatever was in flight at a crash is sent again.
+//! 3. A job's body and idempotency key are written once, when the job is created or coalesced,
+//!    and sent as stored; a batch is recorded in `batches` before it is sent.
+//! 4. A lane (source, external id) has at most one job in flight: only the lowest outbox id of a
+//!    lane may be claimed, and a newer version replaces a queued one instead of queueing behind.
+//! 5. `customers.latest_hash` makes an unchanged record a no-op.
+//! 6. A record that cannot be sent lives in `failures` with its reason until it changes or is
+//!    replayed.
+//!
+//! Durability: `synchronous = NORMAL`. In WAL mode that survives a crash of the process at any
+//! point; only a power loss or kernel crash can lose the last commits. That is enough here
+//! because everything in this file can be re-derived from the sources: a lost cursor commit
+//! means a page is fetched again, a lost ack means a job is re-sent with the same key and
+//! RevKeen replays its answer, and a lost job is re-created by the next poll (its record still
+//! differs from the synced hash). `FULL` would buy nothing but an fsync per page.
+//!
+//! One process writes: the daemon (or `--once`) takes an exclusive `flock` on the state file so
+//! a second one fails fast instead of both sending. `status` and `failures` read through a
+//! separate read-only connection and never block the writer; `replay` is a short write that
+//! waits on the busy timeout.
+
+mod migrations;
+mod outbox;
+mod records;
+
+pub use outbox::{Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, PageOutcome, Unit};
+pub use records::{
+    DeadLetter, Delivered, DeliveryCounts, Failure, FailureKind, Halt, LaneState, PollRecord,
+    PollStats, ReplayOutcome,
+};
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags};
+
+/// How long a statement waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state file {path} is in use by another sync-daemon process: stop it first (only one process may send from a state file)"
+    )]
+    Locked { path: PathBuf },
+    #[error("state file {path} cannot be opened: {problem}")]
+    Open { path: PathBuf, problem: String },
+    #[error(
+        "state file {path} was written by a newer sync-daemon (schema {found}, this build knows {known}): upgrade sync-daemon or restore a backup"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
+    #[error("state file {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state file {path}: {problem}")]
+    Corrupt { path: PathBuf, problem: String },
+}
+
+/// The state file, shared by the poll loops and the worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    // Held for the life of the store: the exclusive flock that makes this the only writer.
+    _lock: Option<File>,
+}
+
+/// Milliseconds since the Unix epoch: the time unit of every column in the state file.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating it with mode 0600 if needed) the state file for sending: takes the
+    /// writer lock, applies migrations and clears in-flight marks left by a crash.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let lock = create_and_lock(path)?;
+        let mut conn = Connection::open(path).map_err(|e| open_error(path, &e))?;
+        configure(&conn, path)?;
+        migrate(&mut conn, path)?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+                _lock: Some(lock),
+            }),
+        };
+        store.reset_inflight()?;
+        Ok(store)
+    }
+
+    /// Opens the state file for a short write (`replay`) without taking the writer lock, so it
+    /// works while the daemon runs. Migrations are applied if the file is new.
+    pub fn open_shared(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            create_file(path)?;
+        }
+        let mut conn = Connection::open(path).map_err(|e| open_error(path, &e))?;
+        configure(&conn, path)?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+                _lock: None,
+            }),
+        })
+    }
+
+    /// Opens an existing state file read-only (`status`, `failures`, `--dry-run`): it never
+    /// writes, never takes the writer lock and never blocks the daemon. `None` when the file
+    /// does not exist yet.
+    pub fn open_read_only(path: &Path) -> Result<Option<Store>, StoreError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(path, &e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| sqlite(path, e))?;
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(|e| sqlite(path, e))?;
+        let known = migrations_len();
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        if version < known {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "schema version {version} is older than this build's {known}: run sync-daemon once (or `sync-daemon replay --all`) to migrate it"
+                ),
+            });
+        }
+        Ok(Some(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+                _lock: None,
+            }),
+        }))
+    }
+
+    /// A throwaway store in memory (`--dry-run` with no state file yet).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let path = PathBuf::from(":memory:");
+        let mut conn = Connection::open_in_memory().map_err(|e| sqlite(&path, e))?;
+        migrate(&mut conn, &path)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path,
+                conn: Mutex::new(conn),
+                _lock: None,
+            }),
+        })
+    }
+
+    /// The state file's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs blocking store work off the async runtime.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(result) => result,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Err(StoreError::Open {
+                path: self.inner.path.clone(),
+                problem: "the runtime is shutting down".to_string(),
+            }),
+        }
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (the transaction rolls back
+        // when dropped), so a poisoned lock is still safe to use.
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn err(&self, error: rusqlite::Error) -> StoreError {
+        sqlite(&self.inner.path, error)
+    }
+}
+
+fn migrations_len() -> usize {
+    // `Migrations` does not expose its length; applying to an empty database tells it.
+    let mut conn = match Connection::open_in_memory() {
+        Ok(conn) => conn,
+        Err(_) => return 0,
+    };
+    if migrations::migrations().to_latest(&mut conn).is_err() {
+        return 0;
+    }
+    conn.pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap_or(0)
+}
+
+fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open_error(path: &Path, error: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Open {
+        path: path.to_path_buf(),
+        problem: format!(
+            "{error}; check that the directory exists and is writable by the service user (systemd: StateDirectory=, config: daemon.state_path)"
+        ),
+    }
+}
+
+fn create_file(path: &Path) -> Result<(), StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_error(path, &e))?;
+    }
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            problem: "permission denied creating it: the directory is read-only for this user; check StateDirectory= or daemon.state_path".to_string(),
+        }),
+        Err(e) => Err(open_error(path, &e)),
+    }
+}
+
+/// Creates the file with mode 0600 if missing (SQLite gives its -wal and -shm files the same
+/// mode) and takes the exclusive writer lock.
+fn create_and_lock(path: &Path) -> Result<File, StoreError> {
+    create_file(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                StoreError::Open {
+                    path: path.to_path_buf(),
+                    problem:
+                        "it is read-only for this user: check StateDirectory= or daemon.state_path"
+                            .to_string(),
+                }
+            } else {
+                open_error(path, &e)
+            }
+        })?;
+    // The state file holds customer emails and phones: keep it private even if it was copied in
+    // with looser permissions.
+    if let Ok(meta) = file.metadata()
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(open_error(path, &e)),
+    }
+}
+
+fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sqlite(path, e))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| classify_open_failure(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.to_path_buf(),
+            problem: format!(
+                "SQLite refused WAL mode (got {mode}); put the state file on a local filesystem"
+            ),
+        });
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| sqlite(path, e))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(|e| sqlite(path, e))?;
+    Ok(())
+}
+
+fn classify_open_failure(path: &Path, error: rusqlite::Error) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ReadOnly) => StoreError::Open {
+            path: path.to_path_buf(),
+            problem: "it is read-only: check StateDirectory= or daemon.state_path".to_string(),
+        },
+        Some(rusqlite::ErrorCode::NotADatabase) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            problem: "this is not a SQLite database: move it aside; everything in it is re-derived from the sources on the next run".to_string(),
+        },
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            problem: "the database is corrupt: move it aside; everything in it is re-derived from the sources on the next run".to_string(),
+        },
+        _ => sqlite(path, error),
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let known = migrations_len();
+    let found: usize = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| classify_open_failure(path, e))?;
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
+    }
+    migrations::migrations()
+        .to_latest(conn)
+        .map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            problem: format!("migration failed: {e}"),
+        })
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A store in a fresh temporary directory (kept alive by the returned guard).
+    pub fn temp_store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state.db")).expect("open");
+        (store, dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_state_file_is_private_and_in_wal_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nested/state.db");
+        let store = Store::open(&path).expect("open");
+        let mode = std::fs::metadata(&path)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let journal: String = store
+            .conn()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let first = Store::open(&path).expect("open");
+        let second = Store::open(&path).err().expect("locked");
+        assert!(matches!(second, StoreError::Locked { .. }), "{second}");
+        assert!(second.to_string().contains("another sync-daemon"));
+        drop(first);
+        Store::open(&path).expect("lock released with the first store");
+    }
+
+    #[test]
+    fn read_only_open_of_a_missing_file_is_none_and_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        assert!(Store::open_read_only(&path).expect("ok").is_none());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn garbage_file_is_reported_as_not_a_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        std::fs::write(&path, vec![0x42; 8192]).expect("write");
+        let error = Store::open(&path).err().expect("refused");
+        assert!(
+            error.to_string().contains("not a SQLite database"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_advice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        drop(Store::open(&path).expect("open"));
+        Connection::open(&path)
+            .expect("raw")
+            .pragma_update(None, "user_version", 99)
+            .expect("bump");
+        let error = Store::open(&path).err().expect("refused");
+        assert!(
+            matches!(error, StoreError::TooNew { found: 99, .. }),
+            "{error}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod outbox_tests {
+    use super::test_support::temp_store;
+    use super::*;
+
+    fn item(id: &str, email: &str) -> PageItem {
+        PageItem {
+            external_id: id.to_string(),
+            outcome: PageItemOutcome::Customer {
+                body: format!(r#"{{"email":"{email}"}}"#).into_bytes(),
+                update_only: false,
+            },
+        }
+    }
+
+    fn filter() -> ClaimFilter {
+        ClaimFilter {
+            sources: vec!["gym".to_string()],
+            batch_size: 1,
+        }
+    }
+
+    #[test]
+    fn page_jobs_and_cursor_commit_together_and_unchanged_records_are_skipped() {
+        let (store, _dir) = temp_store();
+        let page = [item("1", "a@x.io"), item("2", "b@x.io")];
+        let outcome = store
+            .commit_page("gym", "wodify", &page, Some("c1"), false, false)
+            .expect("commit");
+        assert_eq!(outcome.enqueued, 2);
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("c1".to_string(), 0))
+        );
+        assert_eq!(store.outstanding(&filter().sources).expect("count"), 2);
+        // Same bodies again: nothing new is queued.
+        let again = store
+            .commit_page("gym", "wodify", &page, Some("c2"), true, false)
+            .expect("commit");
+        assert_eq!((again.enqueued, again.unchanged), (0, 2));
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("c2".to_string(), 1))
+        );
+    }
+
+    #[test]
+    fn a_newer_version_replaces_a_queued_one_but_waits_behind_one_in_flight() {
+        let (store, _dir) = temp_store();
+        store
+            .commit_page("gym", "wodify", &[item("1", "a@x.io")], None, false, false)
+            .expect("commit");
+        store
+            .commit_page("gym", "wodify", &[item("1", "b@x.io")], None, false, false)
+            .expect("commit");
+        assert_eq!(
+            store.outstanding(&filter().sources).expect("count"),
+            1,
+            "coalesced"
+        );
+        let Some(Unit::Single(first)) = store.claim(&filter(), now_ms()).expect("claim") else {
+            panic!("expected a single");
+        };
+        assert_eq!(first.body, br#"{"email":"b@x.io"}"#);
+        store
+            .commit_page("gym", "wodify", &[item("1", "c@x.io")], None, false, false)
+            .expect("commit");
+        assert_eq!(store.outstanding(&filter().sources).expect("count"), 2);
+        // The lane is busy: the newer version cannot be claimed until the first is answered.
+        assert_eq!(store.claim(&filter(), now_ms()).expect("claim"), None);
+        let unit = Unit::Single(first.clone());
+        store
+            .finish(
+                &unit,
+                &[(first.id, Finished::Delivered(Delivered::Created))],
+                DeliveryCounts {
+                    created: 1,
+                    ..DeliveryCounts::default()
+                },
+            )
+            .expect("ack");
+        let Some(Unit::Single(second)) = store.claim(&filter(), now_ms()).expect("claim") else {
+            panic!("expected the newer version");
+        };
+        assert_eq!(second.body, br#"{"email":"c@x.io"}"#);
+        assert_ne!(second.idempotency_key, first.idempotency_key);
+    }
+}

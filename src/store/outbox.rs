@@ -1,0 +1,677 @@
+//! The transactional outbox: committing a polled page, claiming work for the worker, and
+//! recording RevKeen's answers.
+
+use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
+
+use super::records::{DeadLetter, Delivered, DeliveryCounts};
+use super::{Store, StoreError, now_ms};
+use crate::customer::{Rejection, body_hash};
+use crate::revkeen;
+
+/// One record of a polled page, already normalized.
+#[derive(Debug, Clone)]
+pub struct PageItem {
+    pub external_id: String,
+    pub outcome: PageItemOutcome,
+}
+
+/// What normalization made of a record.
+#[derive(Debug, Clone)]
+pub enum PageItemOutcome {
+    /// A body to send. `update_only` bodies (a deleted patient) are sent only to a customer
+    /// RevKeen already has.
+    Customer { body: Vec<u8>, update_only: bool },
+    /// The record cannot become a customer.
+    Rejected(Rejection),
+    /// Nothing to do (a deleted record without an email): counted as skipped.
+    Ignored,
+}
+
+/// What a committed page changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageOutcome {
+    /// New jobs, or queued jobs replaced by a newer version.
+    pub enqueued: u64,
+    /// Records whose body equals what is synced or already queued.
+    pub unchanged: u64,
+    /// Records that could not be normalized.
+    pub rejected: u64,
+    /// Update-only records for customers RevKeen never had (a deleted patient).
+    pub skipped: u64,
+}
+
+/// Which work the worker may claim.
+#[derive(Debug, Clone)]
+pub struct ClaimFilter {
+    /// Source names whose jobs may be claimed.
+    pub sources: Vec<String>,
+    /// Most customers per batch; 1 sends singles only.
+    pub batch_size: usize,
+}
+
+/// One customer's job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    pub source: String,
+    pub external_id: String,
+    pub revkeen_source: String,
+    pub body: Vec<u8>,
+    pub body_hash: String,
+    pub idempotency_key: String,
+    pub attempts: u32,
+}
+
+/// A recorded batch and its members, sent as recorded until it gets a final answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub id: i64,
+    pub revkeen_source: String,
+    pub body: Vec<u8>,
+    pub idempotency_key: String,
+    pub attempts: u32,
+    pub members: Vec<Job>,
+}
+
+/// A unit of sending: one request to RevKeen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unit {
+    Single(Job),
+    Batch(Batch),
+}
+
+impl Unit {
+    /// Attempts already made for this unit.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            Unit::Single(job) => job.attempts,
+            Unit::Batch(batch) => batch.attempts,
+        }
+    }
+
+    /// The jobs this unit carries.
+    pub fn jobs(&self) -> &[Job] {
+        match self {
+            Unit::Single(job) => std::slice::from_ref(job),
+            Unit::Batch(batch) => &batch.members,
+        }
+    }
+}
+
+const JOB_COLUMNS: &str = "o.id, o.source, o.external_id, o.revkeen_source, o.body, o.body_hash, o.idempotency_key, o.attempts";
+
+fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    Ok(Job {
+        id: row.get(0)?,
+        source: row.get(1)?,
+        external_id: row.get(2)?,
+        revkeen_source: row.get(3)?,
+        body: row.get(4)?,
+        body_hash: row.get(5)?,
+        idempotency_key: row.get(6)?,
+        attempts: row.get(7)?,
+    })
+}
+
+/// `?, ?, ?` for an IN list of `n` values (never empty: an empty filter matches nothing).
+fn placeholders(n: usize) -> String {
+    if n == 0 {
+        return "NULL".to_string();
+    }
+    vec!["?"; n].join(", ")
+}
+
+/// The condition that a row is the head of its lane (the only one that may be sent).
+const LANE_HEAD: &str = "NOT EXISTS (SELECT 1 FROM outbox p \
+     WHERE p.source = o.source AND p.external_id = o.external_id AND p.id < o.id)";
+
+impl Store {
+    /// The saved cursor of a source and its number of complete passes.
+    pub fn cursor(&self, source: &str) -> Result<Option<(String, i64)>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT cursor, passes FROM cursors WHERE source = ?1",
+                [source],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Commits one page: enqueues what changed, records rejections and moves the cursor, all
+    /// in one transaction (invariant 1). `cursor` `None` leaves the cursor alone (push events);
+    /// `pass_complete` counts a finished pass over the whole listing.
+    pub fn commit_page(
+        &self,
+        source: &str,
+        revkeen_source: &str,
+        items: &[PageItem],
+        cursor: Option<&str>,
+        pass_complete: bool,
+        resync: bool,
+    ) -> Result<PageOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let now = now_ms();
+        let passes: i64 = tx
+            .query_row(
+                "SELECT passes FROM cursors WHERE source = ?1",
+                [source],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0);
+        let pass = passes + 1;
+        let mut outcome = PageOutcome::default();
+        for item in items {
+            let result = match &item.outcome {
+                PageItemOutcome::Customer { body, update_only } => enqueue(
+                    &tx,
+                    source,
+                    revkeen_source,
+                    &item.external_id,
+                    body,
+                    *update_only,
+                    resync,
+                    pass,
+                    now,
+                ),
+                PageItemOutcome::Rejected(rejection) => {
+                    record_rejection(&tx, source, &item.external_id, rejection, pass, now)
+                        .map(|()| Enqueued::Rejected)
+                }
+                PageItemOutcome::Ignored => {
+                    touch(&tx, source, &item.external_id, pass).map(|()| Enqueued::Skipped)
+                }
+            };
+            match result.map_err(|e| self.err(e))? {
+                Enqueued::New => outcome.enqueued += 1,
+                Enqueued::Unchanged => outcome.unchanged += 1,
+                Enqueued::Rejected => outcome.rejected += 1,
+                Enqueued::Skipped => outcome.skipped += 1,
+            }
+        }
+        if let Some(cursor) = cursor {
+            tx.execute(
+                "INSERT INTO cursors (source, cursor, passes, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor,
+                     passes = excluded.passes, updated_at = excluded.updated_at",
+                params![source, cursor, passes + i64::from(pass_complete), now],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(outcome)
+    }
+
+    /// Clears in-flight marks: at open nothing can be in flight, so whatever was is re-sent.
+    pub(super) fn reset_inflight(&self) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute_batch(
+            "UPDATE outbox SET inflight = 0 WHERE inflight <> 0;
+             UPDATE batches SET inflight = 0 WHERE inflight <> 0;",
+        )
+        .map_err(|e| self.err(e))
+    }
+
+    /// Claims the next unit of work that is due at `now`: a recorded batch first (it must be
+    /// re-sent as recorded), else the oldest lane heads, grouped into a batch when allowed.
+    pub fn claim(&self, filter: &ClaimFilter, now: i64) -> Result<Option<Unit>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let unit = claim_in(&tx, filter, now).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(unit)
+    }
+
+    /// When the next claimable work is due: `Some(t <= now)` means now, `None` means there is
+    /// nothing to claim (everything is in flight or the outbox is empty).
+    pub fn next_due(&self, filter: &ClaimFilter) -> Result<Option<i64>, StoreError> {
+        let conn = self.conn();
+        let n = filter.sources.len();
+        let sql = format!(
+            "SELECT MIN(t) FROM (
+                 SELECT MIN(o.next_attempt_at) AS t FROM outbox o
+                  WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.source IN ({list}) AND {LANE_HEAD}
+                 UNION ALL
+                 SELECT MIN(b.next_attempt_at) FROM batches b
+                  WHERE b.inflight = 0 AND EXISTS (SELECT 1 FROM outbox m
+                        WHERE m.batch_id = b.id AND m.source IN ({list})))",
+            list = placeholders(n)
+        );
+        let args = filter.sources.iter().chain(filter.sources.iter());
+        conn.query_row(&sql, params_from_iter(args), |row| row.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Jobs still waiting for a final answer among `sources`.
+    pub fn outstanding(&self, sources: &[String]) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT COUNT(*) FROM outbox WHERE source IN ({})",
+            placeholders(sources.len())
+        );
+        conn.query_row(&sql, params_from_iter(sources), |row| row.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records final answers for a unit's jobs and removes them from the outbox (invariant 2).
+    /// `counts` adds to the source's delivery totals in the same transaction.
+    pub fn finish(
+        &self,
+        unit: &Unit,
+        results: &[(i64, Finished)],
+        counts: DeliveryCounts,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let now = now_ms();
+        for job in unit.jobs() {
+            let Some((_, result)) = results.iter().find(|(id, _)| *id == job.id) else {
+                continue;
+            };
+            match result {
+                Finished::Delivered(delivered) => {
+                    super::records::mark_synced(&tx, job, *delivered, now)
+                }
+                Finished::DeadLetter(dead) => {
+                    super::records::dead_letter(&tx, job, unit.attempts() + 1, dead, now)
+                }
+            }
+            .map_err(|e| self.err(e))?;
+            tx.execute("DELETE FROM outbox WHERE id = ?1", [job.id])
+                .map_err(|e| self.err(e))?;
+        }
+        if let Some(job) = unit.jobs().first() {
+            super::records::add_delivery(&tx, &job.source, counts, now).map_err(|e| self.err(e))?;
+        }
+        if let Unit::Batch(batch) = unit {
+            // Members without a result (none today) go back to the queue as singles.
+            tx.execute(
+                "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1 WHERE batch_id = ?1",
+                [batch.id],
+            )
+            .map_err(|e| self.err(e))?;
+            tx.execute("DELETE FROM batches WHERE id = ?1", [batch.id])
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Schedules another attempt of a unit at `at` (unix ms). `count` is false for retries that
+    /// say nothing about the record (a 429, an idempotency key still in progress).
+    pub fn retry_later(
+        &self,
+        unit: &Unit,
+        at: i64,
+        error: &str,
+        count: bool,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let add = i64::from(count);
+        match unit {
+            Unit::Single(job) => conn.execute(
+                "UPDATE outbox SET attempts = attempts + ?2, next_attempt_at = ?3, last_error = ?4,
+                        inflight = 0 WHERE id = ?1",
+                params![job.id, add, at, error],
+            ),
+            Unit::Batch(batch) => conn.execute(
+                "UPDATE batches SET attempts = attempts + ?2, next_attempt_at = ?3, last_error = ?4,
+                        inflight = 0 WHERE id = ?1",
+                params![batch.id, add, at, error],
+            ),
+        }
+        .map(drop)
+        .map_err(|e| self.err(e))
+    }
+
+    /// Puts a unit back untouched (auth halt, shutdown): no attempt is counted.
+    pub fn release(&self, unit: &Unit) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match unit {
+            Unit::Single(job) => {
+                conn.execute("UPDATE outbox SET inflight = 0 WHERE id = ?1", [job.id])
+            }
+            Unit::Batch(batch) => {
+                conn.execute("UPDATE batches SET inflight = 0 WHERE id = ?1", [batch.id])
+            }
+        }
+        .map(drop)
+        .map_err(|e| self.err(e))
+    }
+
+    /// Dissolves a batch RevKeen refused as a whole: its members go back as singles, so one bad
+    /// record cannot hold back the others.
+    pub fn split_batch(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1 WHERE batch_id = ?1",
+            [batch.id],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM batches WHERE id = ?1", [batch.id])
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Resets the attempt count of every queued job and batch among `sources`: a new `--once`
+    /// run gets a full retry budget for work an earlier run left because an API was down.
+    pub fn reset_attempts(&self, sources: &[String]) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let list = placeholders(sources.len());
+        conn.execute(
+            &format!(
+                "UPDATE outbox SET attempts = 0, next_attempt_at = 0 WHERE source IN ({list})"
+            ),
+            params_from_iter(sources),
+        )
+        .map_err(|e| self.err(e))?;
+        conn.execute(
+            &format!(
+                "UPDATE batches SET attempts = 0, next_attempt_at = 0 WHERE id IN
+                   (SELECT batch_id FROM outbox WHERE batch_id IS NOT NULL AND source IN ({list}))"
+            ),
+            params_from_iter(sources),
+        )
+        .map(drop)
+        .map_err(|e| self.err(e))
+    }
+}
+
+/// RevKeen's final answer for one job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    Delivered(Delivered),
+    DeadLetter(DeadLetter),
+}
+
+enum Enqueued {
+    New,
+    Unchanged,
+    Rejected,
+    Skipped,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn enqueue(
+    tx: &Transaction<'_>,
+    source: &str,
+    revkeen_source: &str,
+    external_id: &str,
+    body: &[u8],
+    update_only: bool,
+    resync: bool,
+    pass: i64,
+    now: i64,
+) -> rusqlite::Result<Enqueued> {
+    let hash = body_hash(body);
+    // Normalizing successfully means any earlier rejection of this record is resolved.
+    tx.execute(
+        "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'rejected'",
+        params![source, external_id],
+    )?;
+    let lane: Option<(i64, Option<String>, Option<String>)> = tx
+        .query_row(
+            "SELECT version, latest_hash, synced_hash FROM customers
+              WHERE source = ?1 AND external_id = ?2",
+            params![source, external_id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .optional()?;
+    let (version, latest_hash, synced_hash) = lane.unwrap_or((0, None, None));
+    let queued: Option<(i64, Option<i64>, bool)> = tx
+        .query_row(
+            "SELECT id, batch_id, inflight FROM outbox WHERE source = ?1 AND external_id = ?2
+              ORDER BY id DESC LIMIT 1",
+            params![source, external_id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .optional()?;
+    let unchanged = latest_hash.as_deref() == Some(hash.as_str());
+    // `--resync` sends everything again, except what is already on its way.
+    if unchanged && (!resync || queued.is_some()) {
+        touch(tx, source, external_id, pass)?;
+        return Ok(Enqueued::Unchanged);
+    }
+    if update_only && synced_hash.is_none() && queued.is_none() {
+        // RevKeen never had this customer: a deleted record must not create one.
+        touch(tx, source, external_id, pass)?;
+        return Ok(Enqueued::Skipped);
+    }
+    let version = version + 1;
+    let key = revkeen::idempotency_key(
+        revkeen_source,
+        external_id,
+        synced_hash.as_deref(),
+        &hash,
+        version,
+    );
+    match queued {
+        Some((id, None, false)) => {
+            // Coalesce: the queued version was never acknowledged, so the newer one replaces
+            // it. Its key changes with its body, so RevKeen never sees one key with two bodies.
+            tx.execute(
+                "UPDATE outbox SET body = ?2, body_hash = ?3, idempotency_key = ?4, attempts = 0,
+                        next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?5
+                  WHERE id = ?1",
+                params![id, body, hash, key, update_only],
+            )?;
+        }
+        _ => {
+            tx.execute(
+                "INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
+                                     idempotency_key, enqueued_at, update_only)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    source,
+                    external_id,
+                    revkeen_source,
+                    body,
+                    hash,
+                    key,
+                    now,
+                    update_only
+                ],
+            )?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO customers (source, external_id, version, latest_hash, seen_pass)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (source, external_id) DO UPDATE SET version = excluded.version,
+             latest_hash = excluded.latest_hash, seen_pass = excluded.seen_pass",
+        params![source, external_id, version, hash, pass],
+    )?;
+    Ok(Enqueued::New)
+}
+
+fn touch(tx: &Transaction<'_>, source: &str, external_id: &str, pass: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
+         ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass",
+        params![source, external_id, pass],
+    )
+    .map(drop)
+}
+
+fn record_rejection(
+    tx: &Transaction<'_>,
+    source: &str,
+    external_id: &str,
+    rejection: &Rejection,
+    pass: i64,
+    now: i64,
+) -> rusqlite::Result<()> {
+    touch(tx, source, external_id, pass)?;
+    tx.execute(
+        "INSERT INTO failures (source, external_id, kind, code, reason, hint, first_seen, last_seen)
+         VALUES (?1, ?2, 'rejected', ?3, ?4, ?5, ?6, ?6)
+         ON CONFLICT (source, external_id) DO UPDATE SET kind = 'rejected', code = excluded.code,
+             reason = excluded.reason, hint = excluded.hint, http_status = NULL,
+             field_errors = NULL, body = NULL, body_hash = NULL, attempts = 0,
+             first_seen = CASE WHEN failures.kind = 'rejected' THEN failures.first_seen
+                               ELSE excluded.first_seen END,
+             last_seen = excluded.last_seen",
+        params![source, external_id, rejection.code, rejection.reason, rejection.hint, now],
+    )
+    .map(drop)
+}
+
+fn claim_in(
+    tx: &Transaction<'_>,
+    filter: &ClaimFilter,
+    now: i64,
+) -> rusqlite::Result<Option<Unit>> {
+    let list = placeholders(filter.sources.len());
+    // 1. A recorded batch that is due: re-sent exactly as recorded (invariant 3).
+    let batch: Option<(i64, String, Vec<u8>, String, u32)> = tx
+        .query_row(
+            &format!(
+                "SELECT b.id, b.revkeen_source, b.body, b.idempotency_key, b.attempts FROM batches b
+                  WHERE b.inflight = 0 AND b.next_attempt_at <= ?
+                    AND EXISTS (SELECT 1 FROM outbox m WHERE m.batch_id = b.id AND m.source IN ({list}))
+                  ORDER BY b.next_attempt_at, b.id LIMIT 1"
+            ),
+            params_from_iter(
+                std::iter::once(rusqlite::types::Value::from(now)).chain(
+                    filter
+                        .sources
+                        .iter()
+                        .map(|s| rusqlite::types::Value::from(s.clone())),
+                ),
+            ),
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((id, revkeen_source, body, idempotency_key, attempts)) = batch {
+        tx.execute("UPDATE batches SET inflight = 1 WHERE id = ?1", [id])?;
+        let members = batch_members(tx, id)?;
+        return Ok(Some(Unit::Batch(Batch {
+            id,
+            revkeen_source,
+            body,
+            idempotency_key,
+            attempts,
+            members,
+        })));
+    }
+
+    // 2. The oldest due lane head.
+    let head_sql = format!(
+        "SELECT {JOB_COLUMNS}, o.single_only, o.update_only FROM outbox o
+          WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
+            AND o.source IN ({list}) AND {LANE_HEAD}
+          ORDER BY o.next_attempt_at, o.id LIMIT 1"
+    );
+    let due_args = || {
+        std::iter::once(rusqlite::types::Value::from(now)).chain(
+            filter
+                .sources
+                .iter()
+                .map(|s| rusqlite::types::Value::from(s.clone())),
+        )
+    };
+    let (head, single_only) = loop {
+        let head = tx
+            .query_row(&head_sql, params_from_iter(due_args()), |row| {
+                Ok((
+                    job_from_row(row)?,
+                    row.get::<_, bool>(8)?,
+                    row.get::<_, bool>(9)?,
+                ))
+            })
+            .optional()?;
+        let Some((head, single_only, update_only)) = head else {
+            return Ok(None);
+        };
+        if update_only && !has_synced(tx, &head)? {
+            // A deleted record whose create never reached RevKeen: sending it now would
+            // create the customer, so the job is dropped instead.
+            tx.execute("DELETE FROM outbox WHERE id = ?1", [head.id])?;
+            continue;
+        }
+        break (head, single_only || update_only);
+    };
+    if single_only || filter.batch_size <= 1 {
+        tx.execute("UPDATE outbox SET inflight = 1 WHERE id = ?1", [head.id])?;
+        return Ok(Some(Unit::Single(head)));
+    }
+
+    // 3. Fill a batch with more due lane heads for the same RevKeen source.
+    let fill_sql = format!(
+        "SELECT {JOB_COLUMNS} FROM outbox o
+          WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
+            AND o.source IN ({list}) AND {LANE_HEAD}
+            AND o.revkeen_source = ? AND o.single_only = 0 AND o.update_only = 0 AND o.id <> ?
+          ORDER BY o.next_attempt_at, o.id LIMIT ?"
+    );
+    let mut args: Vec<rusqlite::types::Value> = due_args().collect();
+    args.push(head.revkeen_source.clone().into());
+    args.push(head.id.into());
+    args.push(i64::try_from(filter.batch_size - 1).unwrap_or(99).into());
+    let mut stmt = tx.prepare_cached(&fill_sql)?;
+    let mut members: Vec<Job> = std::iter::once(Ok(head))
+        .chain(stmt.query_map(params_from_iter(args), job_from_row)?)
+        .collect::<rusqlite::Result<_>>()?;
+    drop(stmt);
+    if members.len() == 1 {
+        let job = members.remove(0);
+        tx.execute("UPDATE outbox SET inflight = 1 WHERE id = ?1", [job.id])?;
+        return Ok(Some(Unit::Single(job)));
+    }
+    members.sort_by(|a, b| a.external_id.cmp(&b.external_id));
+    let body = revkeen::batch_body(
+        &members[0].revkeen_source,
+        members
+            .iter()
+            .map(|m| (m.external_id.as_str(), m.body.as_slice())),
+    );
+    let key = revkeen::batch_key(members.iter().map(|m| m.idempotency_key.as_str()));
+    tx.execute(
+        "INSERT INTO batches (revkeen_source, body, idempotency_key, created_at, inflight)
+         VALUES (?1, ?2, ?3, ?4, 1)",
+        params![members[0].revkeen_source, body, key, now],
+    )?;
+    let batch_id = tx.last_insert_rowid();
+    {
+        let mut assign = tx.prepare_cached("UPDATE outbox SET batch_id = ?1 WHERE id = ?2")?;
+        for member in &members {
+            assign.execute(params![batch_id, member.id])?;
+        }
+    }
+    Ok(Some(Unit::Batch(Batch {
+        id: batch_id,
+        revkeen_source: members[0].revkeen_source.clone(),
+        body,
+        idempotency_key: key,
+        attempts: 0,
+        members,
+    })))
+}
+
+fn has_synced(tx: &Transaction<'_>, job: &Job) -> rusqlite::Result<bool> {
+    tx.query_row(
+        "SELECT synced_hash IS NOT NULL FROM customers WHERE source = ?1 AND external_id = ?2",
+        params![job.source, job.external_id],
+        |row| row.get(0),
+    )
+    .optional()
+    .map(|synced| synced.unwrap_or(false))
+}
+
+fn batch_members(tx: &Transaction<'_>, batch_id: i64) -> rusqlite::Result<Vec<Job>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {JOB_COLUMNS} FROM outbox o WHERE o.batch_id = ?1 ORDER BY o.external_id"
+    ))?;
+    stmt.query_map([batch_id], job_from_row)?.collect()
+}

@@ -1,0 +1,602 @@
+//! The queue worker: claims units from the outbox, sends them to RevKeen and records the answer.
+//!
+//! Up to `concurrency` requests are in flight, all drawing from one RevKeen [`Limiter`]. A unit
+//! is claimed only once a rate-limit token is in hand, so batches are filled as late as
+//! possible. Every answer maps onto DESIGN's failure policy: an acknowledgement only on a final
+//! answer (invariant 2), retries with full-jitter backoff stored in the outbox (so a restart
+//! does not reset them), a host-wide pause on 429, and an auth halt on 401/403 that stops all
+//! sending with the refused key.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::limiter::{Backoff, Limiter};
+use crate::revkeen::{Answer, ApiError, BatchResult, RevKeenClient};
+use crate::store::{
+    ClaimFilter, DeadLetter, Delivered, DeliveryCounts, Finished, Store, StoreError, Unit, now_ms,
+};
+
+/// How long to wait before retrying a key RevKeen is still processing.
+const IN_PROGRESS_RETRY: Duration = Duration::from_secs(2);
+/// The halt target name for RevKeen (sources use their own names).
+pub const REVKEEN: &str = "revkeen";
+
+/// What happens when a unit runs out of attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    /// Daemon mode: dead-letter it as "retries exhausted" and carry on (DESIGN).
+    DeadLetter,
+    /// `--once`: keep it queued for the next run and end this one with "unavailable".
+    StopRun,
+}
+
+/// How a worker run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Inputs closed and nothing left to send.
+    Drained,
+    /// Shutdown requested.
+    Stopped,
+    /// RevKeen refused the key.
+    AuthHalted(String),
+    /// A unit ran out of attempts in `--once`.
+    Unavailable(String),
+}
+
+/// Per-source counts of what was sent in this process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SendStats {
+    pub requests: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub stale: u64,
+    pub dead_lettered: u64,
+    pub retries: u64,
+}
+
+impl SendStats {
+    /// Customers RevKeen accepted (written or already newer).
+    pub fn delivered(&self) -> u64 {
+        self.created + self.updated + self.stale
+    }
+}
+
+/// State shared between the worker, its send tasks and whoever watches them.
+#[derive(Default)]
+pub struct WorkerState {
+    stats: Mutex<BTreeMap<String, SendStats>>,
+    halt: Mutex<Option<String>>,
+    unavailable: Mutex<Option<String>>,
+    /// Units being sent right now.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl WorkerState {
+    /// Counts so far, per source.
+    pub fn stats(&self) -> BTreeMap<String, SendStats> {
+        self.stats.lock().expect("stats lock poisoned").clone()
+    }
+
+    /// Why sending is halted, if it is.
+    pub fn halt(&self) -> Option<String> {
+        self.halt.lock().expect("halt lock poisoned").clone()
+    }
+
+    /// Units in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, source: &str, f: impl FnOnce(&mut SendStats)) {
+        let mut stats = self.stats.lock().expect("stats lock poisoned");
+        f(stats.entry(source.to_string()).or_default());
+    }
+}
+
+/// Everything a worker needs.
+pub struct Worker {
+    pub store: Store,
+    pub client: RevKeenClient,
+    pub limiter: Arc<Limiter>,
+    pub filter: ClaimFilter,
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub exhausted: Exhausted,
+    /// Notified when new work is queued.
+    pub wake: Arc<Notify>,
+    pub state: Arc<WorkerState>,
+}
+
+struct Shared {
+    store: Store,
+    client: RevKeenClient,
+    limiter: Arc<Limiter>,
+    max_attempts: u32,
+    backoff: Backoff,
+    exhausted: Exhausted,
+    state: Arc<WorkerState>,
+    wake: Arc<Notify>,
+    /// A RevKeen halt left by an earlier run, cleared by the first authenticated answer.
+    stale_halt: Mutex<bool>,
+}
+
+/// A send task's failure that must stop the worker (the state file failed).
+type SendResult = Result<(), StoreError>;
+
+impl Worker {
+    /// Runs until `inputs_done` is cancelled and the outbox is drained (`--once`), or until
+    /// `shutdown` (daemon). In-flight sends are awaited for at most `drain` after a shutdown.
+    pub async fn run(
+        self,
+        inputs_done: CancellationToken,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> Result<WorkerExit, StoreError> {
+        let stale_halt = {
+            let store = self.store.clone();
+            store
+                .call(|s| s.halts())
+                .await?
+                .iter()
+                .any(|h| h.target == REVKEEN)
+        };
+        let shared = Arc::new(Shared {
+            store: self.store,
+            client: self.client,
+            limiter: self.limiter,
+            max_attempts: self.max_attempts.max(1),
+            backoff: self.backoff,
+            exhausted: self.exhausted,
+            state: self.state,
+            wake: self.wake,
+            stale_halt: Mutex::new(stale_halt),
+        });
+        let filter = Arc::new(self.filter);
+        let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let mut tasks: JoinSet<SendResult> = JoinSet::new();
+        let exit = loop {
+            while let Some(done) = tasks.try_join_next() {
+                join_result(done)?;
+            }
+            if shutdown.is_cancelled() {
+                break WorkerExit::Stopped;
+            }
+            if let Some(reason) = shared.state.halt() {
+                break WorkerExit::AuthHalted(reason);
+            }
+            if let Some(reason) = shared.state.unavailable.lock().expect("lock").clone() {
+                break WorkerExit::Unavailable(reason);
+            }
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                () = shutdown.cancelled() => continue,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    join_result(done)?;
+                    continue;
+                }
+            };
+            let due = {
+                let filter = filter.clone();
+                shared.store.call(move |s| s.next_due(&filter)).await?
+            };
+            let now = now_ms();
+            match due {
+                Some(at) if at <= now => {}
+                other => {
+                    drop(permit);
+                    if other.is_none() && inputs_done.is_cancelled() && tasks.is_empty() {
+                        let sources = filter.sources.clone();
+                        let left = shared.store.call(move |s| s.outstanding(&sources)).await?;
+                        if left == 0 {
+                            break WorkerExit::Drained;
+                        }
+                    }
+                    let sleep = other
+                        .map(|at| Duration::from_millis(u64::try_from(at - now).unwrap_or(0)))
+                        // Idle: a periodic look catches work another process (replay) queued.
+                        .unwrap_or(Duration::from_secs(1));
+                    tokio::select! {
+                        () = tokio::time::sleep(sleep) => {}
+                        () = shared.wake.notified() => {}
+                        () = inputs_done.cancelled(), if !inputs_done.is_cancelled() => {}
+                        () = shutdown.cancelled() => {}
+                        Some(done) = tasks.join_next(), if !tasks.is_empty() => join_result(done)?,
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                () = shared.limiter.acquire() => {}
+                () = shutdown.cancelled() => continue,
+            }
+            let unit = {
+                let filter = filter.clone();
+                shared
+                    .store
+                    .call(move |s| s.claim(&filter, now_ms()))
+                    .await?
+            };
+            let Some(unit) = unit else {
+                continue;
+            };
+            shared
+                .state
+                .in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tasks.spawn(send(shared.clone(), unit, permit));
+        };
+        // Let what is in flight finish (it is acknowledged or safely re-sent next time).
+        let wait = if matches!(exit, WorkerExit::Stopped) {
+            drain
+        } else {
+            Duration::from_secs(u64::MAX / 4)
+        };
+        let drained = tokio::time::timeout(wait, async {
+            while let Some(done) = tasks.join_next().await {
+                join_result(done)?;
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await;
+        match drained {
+            Ok(result) => result?,
+            Err(_) => {
+                tracing::warn!(
+                    in_flight = tasks.len(),
+                    "Drain timeout reached; requests still in flight will be re-sent next time."
+                );
+                tasks.abort_all();
+            }
+        }
+        Ok(exit)
+    }
+}
+
+fn join_result(done: Result<SendResult, tokio::task::JoinError>) -> Result<(), StoreError> {
+    match done {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => Ok(()),
+    }
+}
+
+async fn send(shared: Arc<Shared>, unit: Unit, permit: OwnedSemaphorePermit) -> SendResult {
+    let answer = match &unit {
+        Unit::Single(job) => {
+            shared
+                .client
+                .upsert(
+                    &job.revkeen_source,
+                    &job.external_id,
+                    &job.body,
+                    &job.idempotency_key,
+                )
+                .await
+        }
+        Unit::Batch(batch) => {
+            shared
+                .client
+                .upsert_batch(&batch.body, &batch.idempotency_key)
+                .await
+        }
+    };
+    let result = apply(&shared, unit, answer).await;
+    shared
+        .state
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    drop(permit);
+    shared.wake.notify_one();
+    result
+}
+
+fn source_of(unit: &Unit) -> String {
+    unit.jobs()
+        .first()
+        .map(|job| job.source.clone())
+        .unwrap_or_default()
+}
+
+async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
+    let source = source_of(&unit);
+    shared.state.add(&source, |s| s.requests += 1);
+    if !matches!(answer, Answer::AuthRefused(_) | Answer::Transient(_)) {
+        clear_stale_halt(shared).await?;
+    }
+    let store = shared.store.clone();
+    match answer {
+        Answer::Applied { created } => {
+            let (delivered, counts) = if created {
+                (
+                    Delivered::Created,
+                    DeliveryCounts {
+                        created: 1,
+                        ..DeliveryCounts::default()
+                    },
+                )
+            } else {
+                (
+                    Delivered::Updated,
+                    DeliveryCounts {
+                        updated: 1,
+                        ..DeliveryCounts::default()
+                    },
+                )
+            };
+            finish_all(shared, unit, Finished::Delivered(delivered), counts).await
+        }
+        Answer::Stale => {
+            let counts = DeliveryCounts {
+                stale: 1,
+                ..DeliveryCounts::default()
+            };
+            finish_all(shared, unit, Finished::Delivered(Delivered::Stale), counts).await
+        }
+        Answer::Batch(result) => finish_batch(shared, unit, result).await,
+        Answer::Refused(error) => {
+            if let Unit::Batch(batch) = &unit {
+                tracing::warn!(
+                    source = %source,
+                    members = batch.members.len(),
+                    code = %error.code,
+                    "RevKeen refused a batch as a whole; resending its customers one by one."
+                );
+                let batch = batch.clone();
+                store.call(move |s| s.split_batch(&batch)).await?;
+                return Ok(());
+            }
+            let dead = dead_letter_for(&error);
+            for job in unit.jobs() {
+                tracing::error!(
+                    source = %job.source,
+                    external_id = %job.external_id,
+                    status = error.status,
+                    code = %error.code,
+                    "RevKeen refused a customer; it is kept as a dead letter (see `sync-daemon failures`)."
+                );
+            }
+            let counts = DeliveryCounts {
+                dead_lettered: unit.jobs().len() as u64,
+                ..DeliveryCounts::default()
+            };
+            finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
+        }
+        Answer::Conflict(error) => {
+            tracing::error!(
+                source = %source,
+                code = %error.code,
+                "RevKeen saw one idempotency key with two bodies: this is a bug in sync-daemon, please report it. The customer is kept as a dead letter."
+            );
+            let dead = DeadLetter {
+                code: error.code.clone(),
+                reason: error.message.clone(),
+                http_status: Some(error.status),
+                field_errors: None,
+                hint: Some(
+                    "a sync-daemon bug: please report it; `sync-daemon replay` resends with a new key"
+                        .to_string(),
+                ),
+            };
+            let counts = DeliveryCounts {
+                dead_lettered: unit.jobs().len() as u64,
+                ..DeliveryCounts::default()
+            };
+            finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
+        }
+        Answer::AuthRefused(error) => {
+            let reason = format!(
+                "RevKeen refused the API key ({}); fix revkeen.api_key / api_key_file and restart",
+                error
+            );
+            tracing::error!(status = error.status, code = %error.code, "RevKeen refused the API key: sending stops until the key is fixed and sync-daemon restarted.");
+            {
+                let mut halt = shared.state.halt.lock().expect("halt lock poisoned");
+                if halt.is_none() {
+                    *halt = Some(reason.clone());
+                }
+            }
+            metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
+            let (code, message) = (error.code.clone(), reason);
+            store
+                .call(move |s| {
+                    s.release(&unit)?;
+                    s.set_halt(REVKEEN, &code, &message)
+                })
+                .await
+        }
+        Answer::InProgress => {
+            let at = now_ms() + IN_PROGRESS_RETRY.as_millis() as i64;
+            store
+                .call(move |s| s.retry_later(&unit, at, "idempotency key still in progress", false))
+                .await
+        }
+        Answer::RateLimited { retry_after } => {
+            let wait = retry_after.unwrap_or_else(|| shared.backoff.delay(unit.attempts()));
+            shared.limiter.pause(wait);
+            let at = now_ms() + wait.as_millis() as i64;
+            store
+                .call(move |s| s.retry_later(&unit, at, "rate limited (429)", false))
+                .await
+        }
+        Answer::Transient(error) => retry_or_give_up(shared, unit, error).await,
+    }
+}
+
+async fn clear_stale_halt(shared: &Arc<Shared>) -> SendResult {
+    let was_halted = std::mem::replace(
+        &mut *shared.stale_halt.lock().expect("halt lock poisoned"),
+        false,
+    );
+    if was_halted {
+        tracing::info!("RevKeen accepted the API key again; the earlier auth halt is cleared.");
+        metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(0.0);
+        shared.store.call(|s| s.clear_halt(REVKEEN)).await?;
+    }
+    Ok(())
+}
+
+async fn retry_or_give_up(shared: &Arc<Shared>, unit: Unit, error: String) -> SendResult {
+    let source = source_of(&unit);
+    let attempts = unit.attempts() + 1;
+    shared.state.add(&source, |s| s.retries += 1);
+    if attempts < shared.max_attempts {
+        let delay = shared.backoff.delay(unit.attempts());
+        tracing::warn!(source = %source, attempt = attempts, %error, retry_in_ms = delay.as_millis() as u64, "RevKeen request failed; retrying.");
+        let at = now_ms() + delay.as_millis() as i64;
+        return shared
+            .store
+            .call(move |s| s.retry_later(&unit, at, &error, true))
+            .await;
+    }
+    match shared.exhausted {
+        Exhausted::StopRun => {
+            tracing::error!(source = %source, attempts, %error, "RevKeen stayed unavailable; ending the run. Queued customers are sent by the next run.");
+            *shared.state.unavailable.lock().expect("lock") = Some(format!(
+                "RevKeen stayed unavailable after {attempts} attempts: {error}"
+            ));
+            let at = now_ms();
+            shared
+                .store
+                .call(move |s| s.retry_later(&unit, at, &error, true))
+                .await
+        }
+        Exhausted::DeadLetter => {
+            tracing::error!(source = %source, attempts, %error, "RevKeen stayed unavailable; the customer is kept as a dead letter.");
+            let dead = DeadLetter {
+                code: "retries_exhausted".to_string(),
+                reason: format!("no final answer after {attempts} attempts; last error: {error}"),
+                http_status: None,
+                field_errors: None,
+                hint: Some(
+                    "RevKeen was unavailable: run `sync-daemon replay --all` once it is back"
+                        .to_string(),
+                ),
+            };
+            let counts = DeliveryCounts {
+                dead_lettered: unit.jobs().len() as u64,
+                ..DeliveryCounts::default()
+            };
+            finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
+        }
+    }
+}
+
+async fn finish_all(
+    shared: &Arc<Shared>,
+    unit: Unit,
+    result: Finished,
+    counts: DeliveryCounts,
+) -> SendResult {
+    let results: Vec<(i64, Finished)> = unit
+        .jobs()
+        .iter()
+        .map(|job| (job.id, result.clone()))
+        .collect();
+    finish(shared, unit, results, counts).await
+}
+
+async fn finish_batch(shared: &Arc<Shared>, unit: Unit, result: BatchResult) -> SendResult {
+    let mut results = Vec::with_capacity(unit.jobs().len());
+    let mut dead_lettered = 0;
+    for job in unit.jobs() {
+        let failure = result
+            .failed
+            .iter()
+            .find(|(external_id, _)| *external_id == job.external_id);
+        match failure {
+            Some((_, error)) => {
+                dead_lettered += 1;
+                tracing::error!(
+                    source = %job.source,
+                    external_id = %job.external_id,
+                    "RevKeen refused a customer in a batch; it is kept as a dead letter (see `sync-daemon failures`)."
+                );
+                let (code, reason) = match error.split_once(": ") {
+                    Some((code, reason))
+                        if !code.is_empty()
+                            && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+                    {
+                        (code.to_string(), reason.to_string())
+                    }
+                    _ => ("batch_item_failed".to_string(), error.clone()),
+                };
+                results.push((
+                    job.id,
+                    Finished::DeadLetter(DeadLetter {
+                        hint: Some(refusal_hint(&code)),
+                        code,
+                        reason,
+                        http_status: Some(200),
+                        field_errors: None,
+                    }),
+                ));
+            }
+            None => results.push((job.id, Finished::Delivered(Delivered::InBatch))),
+        }
+    }
+    let counts = DeliveryCounts {
+        created: result.created,
+        updated: result.updated,
+        stale: result.skipped,
+        dead_lettered,
+    };
+    finish(shared, unit, results, counts).await
+}
+
+async fn finish(
+    shared: &Arc<Shared>,
+    unit: Unit,
+    results: Vec<(i64, Finished)>,
+    counts: DeliveryCounts,
+) -> SendResult {
+    let source = source_of(&unit);
+    shared.state.add(&source, |s| {
+        s.created += counts.created;
+        s.updated += counts.updated;
+        s.stale += counts.stale;
+        s.dead_lettered += counts.dead_lettered;
+    });
+    for (outcome, n) in [
+        ("created", counts.created),
+        ("updated", counts.updated),
+        ("stale", counts.stale),
+        ("dead_lettered", counts.dead_lettered),
+    ] {
+        if n > 0 {
+            metrics::counter!("sync_daemon_upserts_total", "source" => source.clone(), "outcome" => outcome)
+                .increment(n);
+        }
+    }
+    if counts.created + counts.updated + counts.stale > 0 {
+        metrics::gauge!("sync_daemon_last_success_timestamp_seconds", "source" => source.clone())
+            .set(now_ms() as f64 / 1000.0);
+    }
+    shared
+        .store
+        .call(move |s| s.finish(&unit, &results, counts))
+        .await
+}
+
+fn dead_letter_for(error: &ApiError) -> DeadLetter {
+    DeadLetter {
+        code: error.code.clone(),
+        reason: error.message.clone(),
+        http_status: Some(error.status),
+        field_errors: error.fields.clone(),
+        hint: Some(refusal_hint(&error.code)),
+    }
+}
+
+/// What an operator can do about a refusal.
+fn refusal_hint(code: &str) -> String {
+    match code {
+        "validation_error" => "fix the named fields in the source record (it is resent when it changes), or `sync-daemon replay` it once RevKeen accepts it".to_string(),
+        _ => "see RevKeen's message; fix the source record (it is resent when it changes) or `sync-daemon replay` it".to_string(),
+    }
+}
