@@ -11,23 +11,34 @@
 //! Map of the crate:
 //! - [`config`]: the TOML file, `SYNC_DAEMON__…` overrides, secrets, validation (exit 78).
 //! - [`customer`]: the normalized customer, its canonical body and hash, field helpers.
-//! - [`sources`]: the adapter trait and the shared poll loop; [`sources::wodify`].
+//! - [`sources`]: the adapter trait and the shared poll loop; [`sources::wodify`],
+//!   [`sources::practicehub`] (with the PHI allowlist).
 //! - [`store`]: the state file: cursors, outbox, batches, synced hashes, failures, runs.
 //! - [`revkeen`]: the RevKeen client, idempotency keys, answer classification.
 //! - [`worker`]: claims, sends, acknowledges, retries, halts.
 //! - [`limiter`]: token buckets, `Retry-After` pauses, full-jitter backoff.
-//! - [`run`]: `--once` (poll everything, drain, report) and exit codes.
+//! - [`run`]: `--once` (poll everything, drain, report), `--dry-run`, exit codes.
+//! - [`daemon`]: daemon mode: cron polls and their watchdog, push processing, systemd, shutdown.
+//! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed.
+//! - [`health`]: loop heartbeats behind `/healthz` and the systemd watchdog.
+//! - [`ops`]: operator commands: `status`, `failures`, `replay`, `check-config --connect`.
+//! - [`progress`]: `--once` progress bars on a terminal.
 //! - [`demo`]: the whole pipeline against the bundled simulators.
 //! - [`schedule`]: cron schedules as the scheduler reads them.
 //! - [`sim`]: in-memory simulators of RevKeen, Wodify and PracticeHub.
 
 pub mod config;
 pub mod customer;
+pub mod daemon;
 pub mod demo;
+pub mod health;
 pub mod limiter;
+pub mod ops;
+pub mod progress;
 pub mod revkeen;
 pub mod run;
 pub mod schedule;
+pub mod server;
 pub mod sim;
 pub mod sources;
 pub mod store;

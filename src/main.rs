@@ -6,8 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sync_daemon::config::{Config, LogFormat};
+use sync_daemon::ops;
+use sync_daemon::progress::ProgressUi;
 use sync_daemon::run::{self, ExitStatus, OnceOptions};
 use sync_daemon::sim::{Faults, SimPorts, SimSet};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -21,6 +25,7 @@ const VERSION: &str = concat!(
 #[derive(Parser, Debug)]
 #[command(name = "sync-daemon", version = VERSION, after_help = "\
 Examples:
+  sync-daemon                            run as a daemon: poll on schedule, send continuously
   sync-daemon --once                     backfill: poll every source to the end, send, exit
   sync-daemon --once --source main-gym   the same for one source
   sync-daemon --dry-run                  show what a run would send, write nothing
@@ -56,10 +61,58 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate the config and print it with secrets redacted.
+    /// GET /healthz on the configured listen address; exit 0 if the daemon is alive, else 1
+    /// (for container HEALTHCHECKs on images without curl).
     ///
-    /// Example: sync-daemon check-config --config /etc/sync-daemon/config.toml
-    CheckConfig,
+    /// Example: sync-daemon healthcheck --config /etc/sync-daemon/config.toml
+    Healthcheck,
+    /// Per source: last poll, what it found, position, next poll; the outbox, dead letters and
+    /// any auth halt. Works while the daemon runs (read-only) and when it is stopped.
+    ///
+    /// Example: sync-daemon status --json
+    Status {
+        /// Print the documented JSON shape instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every record that could not be sent: why, RevKeen's error code and field errors,
+    /// attempts, first and last seen, and how to fix it.
+    ///
+    /// Example: sync-daemon failures --source main-gym
+    Failures {
+        /// Only this source.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// One JSON array (the documented shape).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the outbox with their stored body; the next run (or the
+    /// running daemon) sends them. Refused while RevKeen refuses the key.
+    ///
+    /// Example: sync-daemon replay --all            (then: sync-daemon --once)
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["all", "ids"])))]
+    Replay {
+        /// Only this source.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// These external ids.
+        #[arg(value_name = "EXTERNAL_ID")]
+        ids: Vec<String>,
+    },
+    /// Validate the config and the SYNC_DAEMON__ overrides and print the effective config,
+    /// secrets redacted. Exit 0 valid, 78 invalid; with --connect also 77 a key refused,
+    /// 69 an API unreachable.
+    ///
+    /// Example: sync-daemon check-config --connect --config /etc/sync-daemon/config.toml
+    CheckConfig {
+        /// Also make one authenticated read per API.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Run the whole pipeline against the bundled simulators and print a summary.
     ///
     /// Example: sync-daemon demo --clients 10000
@@ -137,15 +190,24 @@ async fn dispatch(cli: Cli) -> ExitStatus {
             init_logging(LogFormat::Text, "info");
             sim(args).await
         }
-        Some(Command::CheckConfig) => match load_config(&cli.config) {
-            Ok(config) => {
-                println!("{}", config.to_redacted_toml());
-                eprintln!(
-                    "sync-daemon: configuration is valid ({} sources).",
-                    config.sources.len()
-                );
-                ExitStatus::Ok
-            }
+        Some(Command::Healthcheck) => match load_config(&cli.config) {
+            Ok(config) => healthcheck(&config).await,
+            Err(status) => status,
+        },
+        Some(Command::CheckConfig { connect }) => match load_config(&cli.config) {
+            Ok(config) => check_config(&config, connect).await,
+            Err(status) => status,
+        },
+        Some(Command::Status { json }) => match load_config(&cli.config) {
+            Ok(config) => status(&config, json),
+            Err(status) => status,
+        },
+        Some(Command::Failures { source, json }) => match load_config(&cli.config) {
+            Ok(config) => failures(&config, source.as_deref(), json),
+            Err(status) => status,
+        },
+        Some(Command::Replay { source, all, ids }) => match load_config(&cli.config) {
+            Ok(config) => replay(&config, source.as_deref(), all, &ids),
             Err(status) => status,
         },
         None => {
@@ -153,20 +215,31 @@ async fn dispatch(cli: Cli) -> ExitStatus {
                 Ok(config) => config,
                 Err(status) => return status,
             };
-            init_logging(config.daemon.log_format, &config.daemon.log_level);
-            let options = OnceOptions {
+            let mut options = OnceOptions {
                 sources: cli.sources.clone(),
                 resync: cli.resync,
+                progress: None,
             };
             if cli.dry_run {
+                init_logging(config.daemon.log_format, &config.daemon.log_level);
                 dry_run(&config, &options, cli.json, cli.verbose).await
             } else if cli.once {
-                once(&config, &options).await
-            } else {
+                let ui = ProgressUi::new();
+                init_logging_with(
+                    config.daemon.log_format,
+                    &config.daemon.log_level,
+                    Some(ui.log_writer()),
+                );
+                options.progress = Some(ui.callback());
+                once(&config, &options, &ui).await
+            } else if cli.resync || !cli.sources.is_empty() {
                 eprintln!(
-                    "sync-daemon: daemon mode is not available in this build; run with --once (a backfill) from a timer instead"
+                    "sync-daemon: --resync and --source apply to a run: add --once or --dry-run"
                 );
                 ExitStatus::Usage
+            } else {
+                init_logging(config.daemon.log_format, &config.daemon.log_level);
+                daemon(config).await
             }
         }
     }
@@ -180,11 +253,25 @@ fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitStatus> {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    init_logging_with(format, level, None::<fn() -> std::io::Stderr>);
+}
+
+/// Logs go to stderr (through `writer` when progress bars are drawn there).
+fn init_logging_with<W>(format: LogFormat, level: &str, writer: Option<W>)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    // The scheduler logs every job it creates at INFO: noise for an operator.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},tokio_cron_scheduler=warn"))
+    });
+    let writer = match writer {
+        Some(writer) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(writer),
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let result = match format {
         LogFormat::Json => builder.json().try_init(),
         // journald adds its own timestamps.
@@ -199,12 +286,81 @@ fn init_logging(format: LogFormat, level: &str) {
     let _ = result;
 }
 
-async fn once(config: &Config, options: &OnceOptions) -> ExitStatus {
-    match run::once(config, options).await {
-        Ok(report) => {
-            for source in &report.sources {
-                println!("{}", source.summary_line());
+async fn daemon(config: Config) -> ExitStatus {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("Cannot install signal handlers; stop the daemon with SIGKILL.");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
+            tracing::info!("Signal received: shutting down (a second signal exits at once).");
+            shutdown.cancel();
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            // Safe: everything committed is consistent, and in-flight requests are re-sent.
+            tracing::warn!("Second signal: exiting now.");
+            std::process::exit(0);
+        });
+    }
+    match sync_daemon::daemon::run(config, shutdown).await {
+        Ok(status) => status,
+        Err(error) => {
+            eprintln!("sync-daemon: {error}");
+            error.exit_status()
+        }
+    }
+}
+
+async fn healthcheck(config: &Config) -> ExitStatus {
+    let mut addr = config.daemon.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("sync-daemon healthcheck: {error}");
+            return ExitStatus::Failure;
+        }
+    };
+    match client.get(format!("http://{addr}/healthz")).send().await {
+        Ok(response) if response.status().is_success() => {
+            println!("alive");
+            ExitStatus::Ok
+        }
+        Ok(response) => {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            eprintln!("sync-daemon healthcheck: http://{addr}/healthz answered {status}: {body}");
+            ExitStatus::Failure
+        }
+        Err(error) => {
+            eprintln!("sync-daemon healthcheck: http://{addr}/healthz unreachable: {error}");
+            ExitStatus::Failure
+        }
+    }
+}
+
+async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi) -> ExitStatus {
+    let result = run::once(config, options).await;
+    ui.finish();
+    match result {
+        Ok(report) => {
+            print!("{}", report.summary_table());
             if let Some(reason) = &report.stopped {
                 eprintln!("sync-daemon: run stopped early: {reason}");
             }
@@ -213,6 +369,126 @@ async fn once(config: &Config, options: &OnceOptions) -> ExitStatus {
         Err(error) => {
             eprintln!("sync-daemon: {error}");
             error.exit_status()
+        }
+    }
+}
+
+async fn check_config(config: &Config, connect: bool) -> ExitStatus {
+    println!("{}", config.to_redacted_toml());
+    eprintln!(
+        "sync-daemon: configuration is valid ({} sources).",
+        config.sources.len()
+    );
+    if !connect {
+        return ExitStatus::Ok;
+    }
+    let checks = ops::connect(config).await;
+    for check in &checks {
+        let detail = if check.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", check.detail)
+        };
+        eprintln!(
+            "{:<12} {:<12} {}{detail}",
+            check.target, check.outcome, check.url
+        );
+        if !check.hint.is_empty() {
+            eprintln!("{:<12} fix: {}", "", check.hint);
+        }
+    }
+    ops::connect_status(&checks)
+}
+
+fn status(config: &Config, json: bool) -> ExitStatus {
+    match ops::status(config) {
+        Ok(report) if json => print_json(&report),
+        Ok(report) => {
+            print!("{}", ops::render_status(&report));
+            ExitStatus::Ok
+        }
+        Err(error) => {
+            eprintln!("sync-daemon: {error}");
+            ExitStatus::Failure
+        }
+    }
+}
+
+fn failures(config: &Config, source: Option<&str>, json: bool) -> ExitStatus {
+    if let Some(name) = source
+        && !config.sources.iter().any(|s| s.name == name)
+    {
+        eprintln!("sync-daemon: no source named {name:?} in the config");
+        return ExitStatus::Usage;
+    }
+    match ops::failures(config, source) {
+        Ok(list) if json => print_json(&list),
+        Ok(list) => {
+            print!("{}", ops::render_failures(&list));
+            ExitStatus::Ok
+        }
+        Err(error) => {
+            eprintln!("sync-daemon: {error}");
+            ExitStatus::Failure
+        }
+    }
+}
+
+fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> ExitStatus {
+    if let Some(name) = source
+        && !config.sources.iter().any(|s| s.name == name)
+    {
+        eprintln!("sync-daemon: no source named {name:?} in the config");
+        return ExitStatus::Usage;
+    }
+    let ids = (!all).then_some(ids);
+    match ops::replay(config, source, ids) {
+        Ok(outcome) => {
+            println!(
+                "Replayed {} dead letters into the outbox; the running daemon or the next `sync-daemon --once` sends them.",
+                outcome.replayed
+            );
+            if outcome.superseded > 0 {
+                println!(
+                    "{} dropped: a newer version of those customers is already queued.",
+                    outcome.superseded
+                );
+            }
+            if !outcome.rejected.is_empty() {
+                eprintln!(
+                    "Not replayable (rejected before sending; fix them at the source): {}",
+                    outcome.rejected.join(", ")
+                );
+            }
+            if !outcome.not_found.is_empty() {
+                eprintln!("No failure recorded for: {}", outcome.not_found.join(", "));
+            }
+            if outcome.rejected.is_empty() && outcome.not_found.is_empty() {
+                ExitStatus::Ok
+            } else {
+                ExitStatus::Failure
+            }
+        }
+        Err(error @ ops::ReplayError::AuthHalted(_)) => {
+            eprintln!("sync-daemon: {error}");
+            ExitStatus::AuthRefused
+        }
+        Err(error) => {
+            eprintln!("sync-daemon: {error}");
+            ExitStatus::Failure
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> ExitStatus {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitStatus::Ok
+        }
+        Err(error) => {
+            eprintln!("sync-daemon: {error}");
+            ExitStatus::Failure
         }
     }
 }

@@ -296,10 +296,12 @@ impl RevKeenClient {
             .body(body.to_vec())
             .send()
             .await;
+        let mut status_label = "error".to_string();
         let answer = match sent {
             Err(error) => Answer::Transient(describe_transport_error(&error)),
             Ok(response) => {
                 let status = response.status();
+                status_label = status.as_u16().to_string();
                 let retry_after = parse_retry_after(response.headers());
                 match response.bytes().await {
                     Err(error) => Answer::Transient(format!(
@@ -313,7 +315,7 @@ impl RevKeenClient {
         metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "revkeen")
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("sync_daemon_http_requests_total", "target" => "revkeen",
-            "kind" => kind, "answer" => answer.label())
+            "endpoint" => kind, "status" => status_label)
         .increment(1);
         answer
     }
@@ -322,21 +324,32 @@ impl RevKeenClient {
     pub async fn probe(&self) -> Probe {
         let mut url = self.url(&["customers"]);
         url.set_query(Some("limit=1"));
-        match self.http.get(url).headers(self.headers(None)).send().await {
-            Err(error) => probe_transport_error(&error),
-            Ok(response) if response.status().is_success() => Probe::Ok,
-            Ok(response)
-                if matches!(
-                    response.status(),
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                ) =>
-            {
-                let status = response.status();
-                let text = response.text().await.unwrap_or_default();
-                let error = parse_error(status, text.as_bytes());
-                Probe::KeyRefused(error.to_string())
+        probe_request(
+            self.http.get(url).headers(self.headers(None)),
+            |status, body| match status.as_u16() {
+                200..=299 => Probe::Ok,
+                401 | 403 => Probe::KeyRefused(parse_error(status, body).to_string()),
+                _ => Probe::Unexpected(parse_error(status, body).to_string()),
+            },
+        )
+        .await
+    }
+}
+
+/// Sends one probe request; transport failures become unreachable / TLS, answers go to
+/// `classify`.
+pub async fn probe_request(
+    request: reqwest::RequestBuilder,
+    classify: impl FnOnce(StatusCode, &[u8]) -> Probe,
+) -> Probe {
+    match request.send().await {
+        Err(error) => probe_transport_error(&error),
+        Ok(response) => {
+            let status = response.status();
+            match response.bytes().await {
+                Ok(body) => classify(status, &body),
+                Err(error) => probe_transport_error(&error),
             }
-            Ok(response) => Probe::Unexpected(format!("HTTP {}", response.status())),
         }
     }
 }

@@ -45,12 +45,28 @@ impl ExitStatus {
 }
 
 /// What `--once` was asked to do.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct OnceOptions {
     /// Limit the run to these sources (all when empty).
     pub sources: Vec<String>,
     /// Send everything again, ignoring synced hashes.
     pub resync: bool,
+    /// Called a few times a second with the run's progress (progress bars).
+    pub progress: Option<ProgressFn>,
+}
+
+/// A progress callback for `--once`.
+pub type ProgressFn = Arc<dyn Fn(&[SourceProgress]) + Send + Sync>;
+
+/// A source's progress during `--once`.
+#[derive(Debug, Clone, Default)]
+pub struct SourceProgress {
+    pub name: String,
+    pub poll: PollStats,
+    pub poll_done: bool,
+    pub sent: SendStats,
+    /// Records the source had at its last complete pass (an estimate of this pass's size).
+    pub expected: Option<u64>,
 }
 
 /// Knobs tests turn; the defaults are DESIGN's policy.
@@ -86,7 +102,7 @@ pub struct SourceReport {
 }
 
 impl SourceReport {
-    /// The one-line summary printed at the end of every run.
+    /// The one-line summary of what a run did for this source.
     pub fn summary_line(&self) -> String {
         let mut line = format!(
             "{}: fetched {}, queued {}, unchanged {}, rejected {}; sent {} (created {}, updated {}, stale {}), dead-lettered {}",
@@ -101,28 +117,38 @@ impl SourceReport {
             self.sent.stale,
             self.sent.dead_lettered,
         );
+        for note in self.notes() {
+            line.push_str("; ");
+            line.push_str(&note);
+        }
+        line
+    }
+
+    /// What else an operator should know about this source's run.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
         if self.poll.skipped > 0 {
-            line.push_str(&format!(
-                "; {} skipped (deleted at the source, never in RevKeen)",
+            notes.push(format!(
+                "{} skipped (deleted at the source, never in RevKeen)",
                 self.poll.skipped
             ));
         }
         if self.poll.warnings > 0 {
-            line.push_str(&format!(
-                "; {} unusable phones or countries left out",
+            notes.push(format!(
+                "{} unusable phones or countries left out",
                 self.poll.warnings
             ));
         }
         if self.rejected_open + self.dead_letters_open > 0 {
-            line.push_str(&format!(
-                "; open failures: {} rejected, {} dead letters (see `sync-daemon failures`)",
+            notes.push(format!(
+                "open failures: {} rejected, {} dead letters (see `sync-daemon failures`)",
                 self.rejected_open, self.dead_letters_open
             ));
         }
         if let Some(error) = &self.poll_error {
-            line.push_str(&format!("; poll stopped: {error}"));
+            notes.push(format!("poll stopped: {error}"));
         }
-        line
+        notes
     }
 }
 
@@ -135,6 +161,75 @@ pub struct RunReport {
     /// Why the run ended early, if it did.
     pub stopped: Option<String>,
     pub elapsed: Duration,
+}
+
+impl RunReport {
+    /// The summary printed at the end of every run: one row per source, then any notes.
+    pub fn summary_table(&self) -> String {
+        let header = [
+            "SOURCE",
+            "FETCHED",
+            "QUEUED",
+            "UNCHANGED",
+            "REJECTED",
+            "SENT",
+            "CREATED",
+            "UPDATED",
+            "STALE",
+            "DEAD",
+        ];
+        let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+        for s in &self.sources {
+            rows.push(
+                [
+                    s.poll.fetched,
+                    s.poll.enqueued,
+                    s.poll.unchanged,
+                    s.poll.rejected,
+                    s.sent.delivered(),
+                    s.sent.created,
+                    s.sent.updated,
+                    s.sent.stale,
+                    s.sent.dead_lettered,
+                ]
+                .iter()
+                .map(u64::to_string)
+                .fold(vec![s.name.clone()], |mut row, cell| {
+                    row.push(cell);
+                    row
+                }),
+            );
+        }
+        let widths: Vec<usize> = (0..header.len())
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in &rows {
+            let cells: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    if i == 0 {
+                        format!("{cell:<w$}", w = widths[i])
+                    } else {
+                        format!("{cell:>w$}", w = widths[i])
+                    }
+                })
+                .collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        for s in &self.sources {
+            for note in s.notes() {
+                out.push_str(&format!("{}: {note}\n", s.name));
+            }
+        }
+        out.push_str(&format!(
+            "Finished in {:.1} s.\n",
+            self.elapsed.as_secs_f64()
+        ));
+        out
+    }
 }
 
 /// Why a run could not start.
@@ -208,6 +303,7 @@ pub async fn once_tuned(
         exhausted: Exhausted::StopRun,
         wake: wake.clone(),
         state: state.clone(),
+        health: None,
     };
     let worker_task = {
         let (inputs_done, never) = (inputs_done.clone(), CancellationToken::new());
@@ -215,7 +311,14 @@ pub async fn once_tuned(
     };
 
     let mut polls = tokio::task::JoinSet::new();
+    let mut trackers = Vec::new();
     for source in &selected {
+        let progress = Arc::new(std::sync::Mutex::new(PollStats::default()));
+        let expected = {
+            let name = source.name.clone();
+            store.call(move |s| s.known_records(&name)).await?
+        };
+        trackers.push((source.name.clone(), progress.clone(), expected));
         let ctx = PollContext {
             source: source.clone(),
             store: store.clone(),
@@ -226,6 +329,7 @@ pub async fn once_tuned(
             cancel: stop_polls.clone(),
             resync: options.resync,
             run_id: Some(run_id),
+            progress: Some(progress),
         };
         let adapter = AnySource::new(source)?;
         polls.spawn(async move {
@@ -234,6 +338,33 @@ pub async fn once_tuned(
         });
     }
 
+    let done_polls: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let reporter = options.progress.clone().map(|report| {
+        let (state, done_polls) = (state.clone(), done_polls.clone());
+        let stop = inputs_done.clone();
+        tokio::spawn(async move {
+            loop {
+                let sent = state.stats();
+                let done = done_polls.lock().expect("lock").clone();
+                let snapshot: Vec<SourceProgress> = trackers
+                    .iter()
+                    .map(|(name, poll, expected)| SourceProgress {
+                        name: name.clone(),
+                        poll: *poll.lock().expect("progress lock poisoned"),
+                        poll_done: done.contains(name),
+                        sent: sent.get(name).copied().unwrap_or_default(),
+                        expected: *expected,
+                    })
+                    .collect();
+                report(&snapshot);
+                if stop.is_cancelled() && state.in_flight() == 0 && done.len() == trackers.len() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+
     // Watch for a RevKeen auth halt while polls run: polling on would only queue more.
     let mut poll_results: Vec<(String, Result<PollStats, PollError>)> = Vec::new();
     let mut worker_task = Some(worker_task);
@@ -241,7 +372,9 @@ pub async fn once_tuned(
     while !polls.is_empty() {
         tokio::select! {
             Some(done) = polls.join_next() => {
-                poll_results.push(done.expect("poll tasks do not panic"));
+                let done = done.expect("poll tasks do not panic");
+                done_polls.lock().expect("lock").push(done.0.clone());
+                poll_results.push(done);
             }
             exit = async { worker_task.as_mut().expect("present until it ends").await }, if worker_task.is_some() => {
                 worker_task = None;
@@ -259,6 +392,9 @@ pub async fn once_tuned(
         (None, Some(task)) => task.await.expect("the worker does not panic")?,
         (None, None) => WorkerExit::Drained,
     };
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
 
     // Source auth refusals are recorded for `status`, like RevKeen's.
     let mut source_halt = false;
@@ -412,6 +548,7 @@ pub async fn dry_run(
             cancel: CancellationToken::new(),
             resync: options.resync,
             run_id: None,
+            progress: None,
         };
         let mut pages = Vec::new();
         let stats = sources::scan(&adapter, &ctx, |page| pages.push(page))

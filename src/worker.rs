@@ -15,6 +15,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
 use crate::limiter::{Backoff, Limiter};
 use crate::revkeen::{Answer, ApiError, BatchResult, RevKeenClient};
 use crate::store::{
@@ -111,7 +112,12 @@ pub struct Worker {
     /// Notified when new work is queued.
     pub wake: Arc<Notify>,
     pub state: Arc<WorkerState>,
+    /// Beaten on every loop iteration (daemon liveness).
+    pub health: Option<Arc<Health>>,
 }
+
+/// The longest the worker loop goes without beating its heartbeat.
+const BEAT: Duration = Duration::from_secs(1);
 
 struct Shared {
     store: Store,
@@ -160,7 +166,13 @@ impl Worker {
         let filter = Arc::new(self.filter);
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut tasks: JoinSet<SendResult> = JoinSet::new();
+        let beat = || {
+            if let Some(health) = &self.health {
+                health.beat_worker();
+            }
+        };
         let exit = loop {
+            beat();
             while let Some(done) = tasks.try_join_next() {
                 join_result(done)?;
             }
@@ -180,6 +192,8 @@ impl Worker {
                     join_result(done)?;
                     continue;
                 }
+                // Every request slot busy with slow answers: still alive.
+                () = tokio::time::sleep(BEAT) => continue,
             };
             let due = {
                 let filter = filter.clone();
@@ -197,10 +211,12 @@ impl Worker {
                             break WorkerExit::Drained;
                         }
                     }
+                    // Idle: a periodic look (at least every BEAT) also catches work another
+                    // process (`replay`) queued.
                     let sleep = other
                         .map(|at| Duration::from_millis(u64::try_from(at - now).unwrap_or(0)))
-                        // Idle: a periodic look catches work another process (replay) queued.
-                        .unwrap_or(Duration::from_secs(1));
+                        .unwrap_or(BEAT)
+                        .min(BEAT);
                     tokio::select! {
                         () = tokio::time::sleep(sleep) => {}
                         () = shared.wake.notified() => {}
@@ -211,9 +227,14 @@ impl Worker {
                     continue;
                 }
             }
-            tokio::select! {
-                () = shared.limiter.acquire() => {}
+            // A 429 pause can last minutes; keep beating while it does.
+            let acquired = tokio::select! {
+                () = shared.limiter.acquire() => true,
                 () = shutdown.cancelled() => continue,
+                () = tokio::time::sleep(BEAT) => false,
+            };
+            if !acquired {
+                continue;
             }
             let unit = {
                 let filter = filter.clone();

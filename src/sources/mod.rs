@@ -58,6 +58,9 @@ pub enum SourceError {
     /// A request the API will never accept as sent (a wrong base URL, a bad query).
     #[error("{0}")]
     Permanent(String),
+    /// 404 for a single record.
+    #[error("not found")]
+    NotFound,
 }
 
 impl SourceError {
@@ -82,6 +85,17 @@ pub trait Adapter: Send + Sync + 'static {
         &self,
         cursor: &str,
     ) -> impl Future<Output = Result<Fetched<Self::Record>, SourceError>> + Send;
+
+    /// Fetches one record by external id (a push event); `None` when the source has no such
+    /// record. One request; the caller does limiting and retries.
+    fn fetch_one(
+        &self,
+        external_id: &str,
+    ) -> impl Future<Output = Result<Option<Self::Record>, SourceError>> + Send;
+
+    /// Whether `external_id` can name a record of this source at all (push events are
+    /// checked before they are accepted).
+    fn valid_id(&self, external_id: &str) -> bool;
 
     /// Maps one record to what the outbox takes.
     fn map(&self, record: &Self::Record) -> Mapped;
@@ -109,6 +123,29 @@ impl AnySource {
             SourceKind::PracticeHub => Ok(AnySource::PracticeHub(practicehub::PracticeHub::new(
                 config,
             )?)),
+        }
+    }
+}
+
+impl AnySource {
+    /// One authenticated read, for `check-config --connect`.
+    pub async fn probe(&self) -> crate::revkeen::Probe {
+        match self {
+            AnySource::Wodify(adapter) => adapter.probe().await,
+            AnySource::PracticeHub(adapter) => adapter.probe().await,
+        }
+    }
+}
+
+/// A saved cursor in words ("Wodify scan at client id 10500"), for `status`.
+pub fn describe_cursor(kind: SourceKind, cursor: Option<(&str, i64)>) -> String {
+    match (kind, cursor) {
+        (_, None) => "not polled yet".to_string(),
+        (SourceKind::Wodify, Some((cursor, passes))) => {
+            wodify::Wodify::describe_cursor(cursor, passes)
+        }
+        (SourceKind::PracticeHub, Some((cursor, _))) => {
+            practicehub::PracticeHub::describe_cursor(cursor)
         }
     }
 }
@@ -143,6 +180,8 @@ pub struct PollContext {
     /// Send every record again (`--resync`).
     pub resync: bool,
     pub run_id: Option<i64>,
+    /// Running totals of the current poll, for progress displays.
+    pub progress: Option<Arc<std::sync::Mutex<PollStats>>>,
 }
 
 /// Polls a source once through its whole listing.
@@ -196,7 +235,63 @@ fn poll_error(error: SourceError) -> PollError {
     match error {
         SourceError::AuthRefused(e) => PollError::AuthRefused(e),
         SourceError::Permanent(e) => PollError::Failed(e),
+        SourceError::NotFound => PollError::Failed(
+            "the listing answered 404 Not Found: check the source's base_url".to_string(),
+        ),
         other => PollError::Unavailable(other.to_string()),
+    }
+}
+
+/// Fetches and maps one record for a push event; `None` when the source has no such record.
+pub async fn fetch_one(
+    source: &AnySource,
+    ctx: &PollContext,
+    external_id: &str,
+) -> Result<Option<Mapped>, PollError> {
+    match source {
+        AnySource::Wodify(adapter) => fetch_one_with(adapter, ctx, external_id).await,
+        AnySource::PracticeHub(adapter) => fetch_one_with(adapter, ctx, external_id).await,
+    }
+}
+
+/// Whether an external id can name a record of this source.
+pub fn valid_id(source: &AnySource, external_id: &str) -> bool {
+    match source {
+        AnySource::Wodify(adapter) => adapter.valid_id(external_id),
+        AnySource::PracticeHub(adapter) => adapter.valid_id(external_id),
+    }
+}
+
+async fn fetch_one_with<A: Adapter>(
+    adapter: &A,
+    ctx: &PollContext,
+    external_id: &str,
+) -> Result<Option<Mapped>, PollError> {
+    let limiter = &ctx.limiter;
+    let attempt = || async {
+        limiter.acquire().await;
+        let result = adapter.fetch_one(external_id).await;
+        if let Err(SourceError::RateLimited(Some(wait))) = &result {
+            limiter.pause(*wait);
+        }
+        result
+    };
+    let record = attempt
+        .retry(
+            ctx.backoff
+                .builder(ctx.max_attempts.saturating_sub(1) as usize),
+        )
+        .sleep(tokio::time::sleep)
+        .when(SourceError::is_retryable)
+        .adjust(|error, delay| match error {
+            SourceError::RateLimited(Some(_)) => delay.map(|_| Duration::ZERO),
+            _ => delay,
+        })
+        .await;
+    match record {
+        Ok(record) => Ok(record.map(|r| adapter.map(&r))),
+        Err(SourceError::NotFound) => Ok(None),
+        Err(error) => Err(poll_error(error)),
     }
 }
 
@@ -355,6 +450,9 @@ async fn finish_commit(
     };
     stats.add_page(done.fetched, &done.page);
     stats.warnings += done.warnings;
+    if let Some(progress) = &ctx.progress {
+        *progress.lock().expect("progress lock poisoned") = *stats;
+    }
     let name = ctx.source.name.clone();
     metrics::counter!("sync_daemon_fetched_total", "source" => name.clone())
         .increment(done.fetched as u64);

@@ -244,10 +244,12 @@ impl PracticeHub {
             .header("accept", "application/json")
             .send()
             .await;
+        let mut status_label = "error".to_string();
         let result = match response {
             Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
             Ok(response) => {
                 let status = response.status();
+                status_label = status.as_u16().to_string();
                 let retry_after = parse_retry_after(response.headers());
                 match response.bytes().await {
                     Err(error) => Err(SourceError::Transient(format!(
@@ -260,6 +262,9 @@ impl PracticeHub {
         };
         metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "practicehub")
             .record(started.elapsed().as_secs_f64());
+        metrics::counter!("sync_daemon_http_requests_total", "target" => "practicehub",
+            "endpoint" => "read", "status" => status_label)
+        .increment(1);
         result
     }
 
@@ -287,6 +292,49 @@ impl PracticeHub {
         url.scheme() == self.base.scheme()
             && url.host_str() == self.base.host_str()
             && url.port_or_known_default() == self.base.port_or_known_default()
+    }
+}
+
+impl PracticeHub {
+    /// `GET /patients?page_size=1`: one authenticated read for `check-config --connect`.
+    pub async fn probe(&self) -> crate::revkeen::Probe {
+        use crate::revkeen::Probe;
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("patients");
+        }
+        url.query_pairs_mut()
+            .append_pair("page", "1")
+            .append_pair("page_size", "1");
+        let request = self
+            .http
+            .get(url)
+            .header("x-practicehub-key", self.api_key.expose())
+            .header("x-app-details", &self.app_details);
+        crate::revkeen::probe_request(request, |status, body| {
+            match read_answer(status, body, None) {
+                Ok(_) => Probe::Ok,
+                Err(SourceError::AuthRefused(e)) => Probe::KeyRefused(e),
+                Err(e) => Probe::Unexpected(e.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// Describes a saved cursor in words, for `status`.
+    pub fn describe_cursor(cursor: &str) -> String {
+        let Ok(at) = serde_json::from_str::<Cursor>(cursor) else {
+            return "PracticeHub position unreadable: the next poll lists everything".to_string();
+        };
+        let mark = at
+            .mark
+            .map(|m| format!("updated ≥ {}", m.to_rfc3339_opts(SecondsFormat::Secs, true)));
+        match (mark, at.next) {
+            (None, None) => "PracticeHub: first full listing not yet complete".to_string(),
+            (Some(mark), None) => format!("PracticeHub {mark}"),
+            (None, Some(_)) => "PracticeHub first full listing in progress".to_string(),
+            (Some(mark), Some(_)) => format!("PracticeHub listing {mark} in progress"),
+        }
     }
 }
 
@@ -415,6 +463,38 @@ impl Adapter for PracticeHub {
             next: serde_json::to_string(&next).expect("cursor serializes"),
             pass_complete,
         })
+    }
+
+    async fn fetch_one(&self, external_id: &str) -> Result<Option<PatientRecord>, SourceError> {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("patients");
+        }
+        url.query_pairs_mut()
+            .append_pair(self.attribute("id"), &format!("eq:{external_id}"));
+        let value = self.get(url).await?;
+        let listing: Listing = serde_json::from_value(value).map_err(|e| {
+            SourceError::Transient(format!(
+                "PracticeHub listing is not in the documented shape: {e}"
+            ))
+        })?;
+        let rows = listing.data.len();
+        let record = listing
+            .data
+            .iter()
+            .map(|v| self.record(v))
+            .find(|r| r.id.as_deref() == Some(external_id));
+        if record.is_none() && rows > 0 {
+            tracing::warn!(
+                source = %self.source,
+                "PracticeHub ignored the id filter of a push event; the next poll picks the patient up."
+            );
+        }
+        Ok(record)
+    }
+
+    fn valid_id(&self, external_id: &str) -> bool {
+        external_id.parse::<i64>().is_ok_and(|id| id > 0)
     }
 
     fn map(&self, record: &PatientRecord) -> Mapped {

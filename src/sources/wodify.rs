@@ -172,10 +172,12 @@ impl Wodify {
             .header("accept", "application/json")
             .send()
             .await;
+        let mut status_label = "error".to_string();
         let result = match response {
             Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
             Ok(response) => {
                 let status = response.status();
+                status_label = status.as_u16().to_string();
                 let retry_after = parse_retry_after(response.headers());
                 match response.bytes().await {
                     Err(error) => Err(SourceError::Transient(format!(
@@ -188,7 +190,53 @@ impl Wodify {
         };
         metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "wodify")
             .record(started.elapsed().as_secs_f64());
+        metrics::counter!("sync_daemon_http_requests_total", "target" => "wodify",
+            "endpoint" => "read", "status" => status_label)
+        .increment(1);
         result
+    }
+}
+
+impl Wodify {
+    /// `GET /clients?page_size=1`: one authenticated read for `check-config --connect`.
+    pub async fn probe(&self) -> crate::revkeen::Probe {
+        use crate::revkeen::Probe;
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("clients");
+        }
+        url.query_pairs_mut()
+            .append_pair("page", "1")
+            .append_pair("page_size", "1");
+        let request = self
+            .http
+            .get(url)
+            .header("x-api-key", self.api_key.expose());
+        crate::revkeen::probe_request(request, |status, body| {
+            match read_answer(status, body, None) {
+                Ok(_) => Probe::Ok,
+                Err(SourceError::AuthRefused(e)) => Probe::KeyRefused(e),
+                Err(e) => Probe::Unexpected(e.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// Describes a saved cursor in words, for `status`.
+    pub fn describe_cursor(cursor: &str, passes: i64) -> String {
+        let done = match passes {
+            0 => "no complete scan yet".to_string(),
+            1 => "1 complete scan".to_string(),
+            n => format!("{n} complete scans"),
+        };
+        match Cursor::parse(cursor) {
+            Some(Cursor::After(0)) | Some(Cursor::Page(1)) => {
+                format!("Wodify scan at the start ({done})")
+            }
+            Some(Cursor::After(id)) => format!("Wodify scan at client id {id} ({done})"),
+            Some(Cursor::Page(page)) => format!("Wodify scan at page {page} ({done})"),
+            None => "Wodify scan position unreadable: the next poll starts over".to_string(),
+        }
     }
 }
 
@@ -261,6 +309,7 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
         )),
         429 => SourceError::RateLimited(retry_after),
         408 | 500..=599 => SourceError::Transient(detail),
+        404 => SourceError::NotFound,
         _ => SourceError::Permanent(detail),
     }
 }
@@ -306,6 +355,25 @@ impl Adapter for Wodify {
             next: if pass_complete { self.start() } else { next }.render(),
             pass_complete,
         })
+    }
+
+    async fn fetch_one(&self, external_id: &str) -> Result<Option<Value>, SourceError> {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["clients", external_id]);
+        }
+        let client = self.get(url).await?;
+        // The record must be the one asked for: a push can never inject another.
+        let id = client.get("id").and_then(|id| {
+            id.as_i64()
+                .map(|n| n.to_string())
+                .or_else(|| id.as_str().map(str::to_string))
+        });
+        Ok((id.as_deref() == Some(external_id)).then_some(client))
+    }
+
+    fn valid_id(&self, external_id: &str) -> bool {
+        external_id.parse::<i64>().is_ok_and(|id| id > 0)
     }
 
     fn map(&self, record: &Value) -> Mapped {

@@ -133,15 +133,36 @@ CREATE TABLE halts (
 );
 "#;
 
+const V2: &str = r#"
+-- Push-feed events (ids only), committed before the daemon answers 202 and consumed in the
+-- transaction that enqueues what the source returned for them.
+CREATE TABLE push_events (
+    id           INTEGER PRIMARY KEY,
+    source       TEXT NOT NULL,
+    external_id  TEXT NOT NULL,
+    received_at  INTEGER NOT NULL,
+    UNIQUE (source, external_id)
+);
+"#;
+
+/// The schema version this build writes: the number of migrations.
+pub const LATEST: usize = 2;
+
 /// All migrations, oldest first.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1)])
+    Migrations::new(vec![M::up(V1), M::up(V2)])
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn migrations_are_valid() {
+    fn migrations_are_valid_and_latest_is_their_count() {
         super::migrations().validate().expect("migrations apply");
+        let mut conn = rusqlite::Connection::open_in_memory().expect("memory");
+        super::migrations().to_latest(&mut conn).expect("apply");
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, super::LATEST);
     }
 }

@@ -32,7 +32,7 @@ mod records;
 pub use outbox::{Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, PageOutcome, Unit};
 pub use records::{
     DeadLetter, Delivered, DeliveryCounts, Failure, FailureKind, Halt, LaneState, PollRecord,
-    PollStats, ReplayOutcome,
+    PollStats, QueueSummary, ReplayOutcome,
 };
 
 use std::fs::{File, OpenOptions};
@@ -148,7 +148,7 @@ impl Store {
         let version: usize = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(|e| sqlite(path, e))?;
-        let known = migrations_len();
+        let known = migrations::LATEST;
         if version > known {
             return Err(StoreError::TooNew {
                 path: path.to_path_buf(),
@@ -171,6 +171,17 @@ impl Store {
                 _lock: None,
             }),
         }))
+    }
+
+    /// Whether a sending process (daemon or `--once`) holds the state file's writer lock.
+    pub fn writer_active(path: &Path) -> bool {
+        let Ok(file) = File::open(path) else {
+            return false;
+        };
+        matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        )
     }
 
     /// A throwaway store in memory (`--dry-run` with no state file yet).
@@ -221,19 +232,6 @@ impl Store {
     fn err(&self, error: rusqlite::Error) -> StoreError {
         sqlite(&self.inner.path, error)
     }
-}
-
-fn migrations_len() -> usize {
-    // `Migrations` does not expose its length; applying to an empty database tells it.
-    let mut conn = match Connection::open_in_memory() {
-        Ok(conn) => conn,
-        Err(_) => return 0,
-    };
-    if migrations::migrations().to_latest(&mut conn).is_err() {
-        return 0;
-    }
-    conn.pragma_query_value(None, "user_version", |row| row.get(0))
-        .unwrap_or(0)
 }
 
 fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
@@ -348,7 +346,7 @@ fn classify_open_failure(path: &Path, error: rusqlite::Error) -> StoreError {
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let known = migrations_len();
+    let known = migrations::LATEST;
     let found: usize = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| classify_open_failure(path, e))?;

@@ -153,45 +153,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_ms();
-        let passes: i64 = tx
-            .query_row(
-                "SELECT passes FROM cursors WHERE source = ?1",
-                [source],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?
-            .unwrap_or(0);
-        let pass = passes + 1;
-        let mut outcome = PageOutcome::default();
-        for item in items {
-            let result = match &item.outcome {
-                PageItemOutcome::Customer { body, update_only } => enqueue(
-                    &tx,
-                    source,
-                    revkeen_source,
-                    &item.external_id,
-                    body,
-                    *update_only,
-                    resync,
-                    pass,
-                    now,
-                ),
-                PageItemOutcome::Rejected(rejection) => {
-                    record_rejection(&tx, source, &item.external_id, rejection, pass, now)
-                        .map(|()| Enqueued::Rejected)
-                }
-                PageItemOutcome::Ignored => {
-                    touch(&tx, source, &item.external_id, pass).map(|()| Enqueued::Skipped)
-                }
-            };
-            match result.map_err(|e| self.err(e))? {
-                Enqueued::New => outcome.enqueued += 1,
-                Enqueued::Unchanged => outcome.unchanged += 1,
-                Enqueued::Rejected => outcome.rejected += 1,
-                Enqueued::Skipped => outcome.skipped += 1,
-            }
-        }
+        let passes = passes_of(&tx, source).map_err(|e| self.err(e))?;
+        let outcome = apply_items(&tx, source, revkeen_source, items, resync, passes + 1, now)
+            .map_err(|e| self.err(e))?;
         if let Some(cursor) = cursor {
             tx.execute(
                 "INSERT INTO cursors (source, cursor, passes, updated_at) VALUES (?1, ?2, ?3, ?4)
@@ -200,6 +164,72 @@ impl Store {
                 params![source, cursor, passes + i64::from(pass_complete), now],
             )
             .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(outcome)
+    }
+
+    /// Records push events (ids only) for later fetching; an id already pending is not
+    /// duplicated. Returns how many were new.
+    pub fn record_push(&self, source: &str, external_ids: &[String]) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let now = now_ms();
+        let mut added = 0;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO push_events (source, external_id, received_at)
+                     VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| self.err(e))?;
+            for id in external_ids {
+                added += insert
+                    .execute(params![source, id, now])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(added)
+    }
+
+    /// The oldest pending push events of a source: `(event id, external id)`.
+    pub fn pending_push(
+        &self,
+        source: &str,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, external_id FROM push_events WHERE source = ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map(params![source, limit as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
+    /// Enqueues what the source returned for push events and consumes the events, in one
+    /// transaction: a crash leaves either both or neither.
+    pub fn commit_push(
+        &self,
+        source: &str,
+        revkeen_source: &str,
+        items: &[PageItem],
+        event_ids: &[i64],
+    ) -> Result<PageOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let now = now_ms();
+        let passes = passes_of(&tx, source).map_err(|e| self.err(e))?;
+        let outcome = apply_items(&tx, source, revkeen_source, items, false, passes + 1, now)
+            .map_err(|e| self.err(e))?;
+        for id in event_ids {
+            tx.execute("DELETE FROM push_events WHERE id = ?1", [id])
+                .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(outcome)
@@ -385,6 +415,58 @@ impl Store {
 pub enum Finished {
     Delivered(Delivered),
     DeadLetter(DeadLetter),
+}
+
+fn passes_of(tx: &Transaction<'_>, source: &str) -> rusqlite::Result<i64> {
+    tx.query_row(
+        "SELECT passes FROM cursors WHERE source = ?1",
+        [source],
+        |row| row.get(0),
+    )
+    .optional()
+    .map(|passes| passes.unwrap_or(0))
+}
+
+fn apply_items(
+    tx: &Transaction<'_>,
+    source: &str,
+    revkeen_source: &str,
+    items: &[PageItem],
+    resync: bool,
+    pass: i64,
+    now: i64,
+) -> rusqlite::Result<PageOutcome> {
+    let mut outcome = PageOutcome::default();
+    for item in items {
+        let result = match &item.outcome {
+            PageItemOutcome::Customer { body, update_only } => enqueue(
+                tx,
+                source,
+                revkeen_source,
+                &item.external_id,
+                body,
+                *update_only,
+                resync,
+                pass,
+                now,
+            )?,
+            PageItemOutcome::Rejected(rejection) => {
+                record_rejection(tx, source, &item.external_id, rejection, pass, now)?;
+                Enqueued::Rejected
+            }
+            PageItemOutcome::Ignored => {
+                touch(tx, source, &item.external_id, pass)?;
+                Enqueued::Skipped
+            }
+        };
+        match result {
+            Enqueued::New => outcome.enqueued += 1,
+            Enqueued::Unchanged => outcome.unchanged += 1,
+            Enqueued::Rejected => outcome.rejected += 1,
+            Enqueued::Skipped => outcome.skipped += 1,
+        }
+    }
+    Ok(outcome)
 }
 
 enum Enqueued {

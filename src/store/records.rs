@@ -526,6 +526,30 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Records of a source seen by a complete pass (the size of the next full scan), if one
+    /// has completed.
+    pub fn known_records(&self, source: &str) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn();
+        let passes: Option<i64> = conn
+            .query_row(
+                "SELECT passes FROM cursors WHERE source = ?1",
+                [source],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if passes.unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        conn.query_row(
+            "SELECT COUNT(*) FROM customers WHERE source = ?1",
+            [source],
+            |row| row.get(0),
+        )
+        .map(Some)
+        .map_err(|e| self.err(e))
+    }
+
     /// What the state file knows about a customer.
     pub fn lane(&self, source: &str, external_id: &str) -> Result<Option<LaneState>, StoreError> {
         self.conn()
@@ -543,6 +567,70 @@ impl Store {
             )
             .optional()
             .map_err(|e| self.err(e))
+    }
+}
+
+/// Queue and failure figures of one source, for `/metrics` and `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueSummary {
+    pub source: String,
+    /// Jobs waiting for a final answer.
+    pub depth: u64,
+    /// Unix ms of the oldest queued job.
+    pub oldest_enqueued_at: Option<i64>,
+    pub rejected: u64,
+    pub dead_letters: u64,
+}
+
+impl Store {
+    /// Queue depth, oldest pending job and failure counts, per source that has any.
+    pub fn queue_summary(&self) -> Result<Vec<QueueSummary>, StoreError> {
+        let conn = self.conn();
+        let mut summaries: std::collections::BTreeMap<String, QueueSummary> =
+            std::collections::BTreeMap::new();
+        let mut stmt = conn
+            .prepare_cached("SELECT source, COUNT(*), MIN(enqueued_at) FROM outbox GROUP BY source")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, u64>(1)?,
+                    row.get::<_, Option<i64>>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        for (source, depth, oldest) in rows {
+            let entry = summaries.entry(source.clone()).or_default();
+            entry.source = source;
+            entry.depth = depth;
+            entry.oldest_enqueued_at = oldest;
+        }
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT source, COALESCE(SUM(kind = 'rejected'), 0),
+                        COALESCE(SUM(kind = 'dead_letter'), 0)
+                   FROM failures GROUP BY source",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, u64>(1)?,
+                    row.get::<_, u64>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        for (source, rejected, dead_letters) in rows {
+            let entry = summaries.entry(source.clone()).or_default();
+            entry.source = source;
+            entry.rejected = rejected;
+            entry.dead_letters = dead_letters;
+        }
+        Ok(summaries.into_values().collect())
     }
 }
 

@@ -1,0 +1,77 @@
+//! Heartbeats of the daemon's loops, behind `/healthz` and the systemd watchdog.
+//!
+//! Each long-running loop beats when it makes progress (the worker once per iteration, at least
+//! every second even when idle; the scheduler watchdog every few seconds). A loop that stops
+//! beating is wedged, and only then does `/healthz` fail and the systemd watchdog go unfed, so
+//! a restart happens for a real hang, never for a quiet hour. A worker stopped on purpose by
+//! an auth halt is not wedged: that shows in `/readyz`, not in liveness.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Loop heartbeats.
+pub struct Health {
+    started: Instant,
+    worker: AtomicU64,
+    scheduler: AtomicU64,
+    worker_stopped: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            started: Instant::now(),
+            worker: AtomicU64::new(0),
+            scheduler: AtomicU64::new(0),
+            worker_stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The worker loop made progress.
+    pub fn beat_worker(&self) {
+        self.worker.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The scheduler loop made progress.
+    pub fn beat_scheduler(&self) {
+        self.scheduler.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The worker ended on purpose (auth halt): it no longer needs to beat.
+    pub fn worker_stopped(&self) {
+        self.worker_stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether every loop beat within `window`.
+    pub fn alive(&self, window: Duration) -> bool {
+        let now = self.now();
+        let window = window.as_millis() as u64;
+        let fresh = |beat: &AtomicU64| now.saturating_sub(beat.load(Ordering::Relaxed)) <= window;
+        (self.worker_stopped.load(Ordering::Relaxed) || fresh(&self.worker))
+            && fresh(&self.scheduler)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_that_stops_beating_is_not_alive() {
+        let health = Health::default();
+        health.beat_worker();
+        health.beat_scheduler();
+        assert!(health.alive(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(30));
+        health.beat_scheduler();
+        assert!(!health.alive(Duration::from_millis(10)), "worker is stale");
+        health.worker_stopped();
+        assert!(health.alive(Duration::from_millis(10)));
+    }
+}

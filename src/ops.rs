@@ -1,0 +1,465 @@
+//! Operator commands: `status`, `failures`, `replay` and `check-config --connect`.
+//!
+//! Each answers one question a sysadmin has at 2 a.m. without SQL or logs. `status` and
+//! `failures` read through a read-only connection, so they work while the daemon runs without
+//! ever blocking it, and when it is stopped. Their `--json` shapes are the structs below
+//! (documented in the README); fields are only ever added, never renamed.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::config::{Config, SourceConfig};
+use crate::revkeen::{Probe, RevKeenClient};
+use crate::run::ExitStatus;
+use crate::sources::{self, AnySource};
+use crate::store::{
+    DeliveryCounts, Failure, FailureKind, Halt, PollStats, Store, StoreError, now_ms,
+};
+use crate::worker::REVKEEN;
+
+/// `status --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub state_path: String,
+    /// RFC 3339.
+    pub generated_at: String,
+    /// Whether a sync-daemon process (daemon or `--once`) holds the state file now.
+    pub running: bool,
+    pub sources: Vec<SourceStatus>,
+    pub outbox_depth: u64,
+    pub oldest_pending_age_secs: Option<u64>,
+    pub dead_letters: u64,
+    pub rejected: u64,
+    pub auth_halts: Vec<HaltStatus>,
+}
+
+/// One source in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub kind: String,
+    pub last_poll: Option<PollStatus>,
+    /// The listing position in words.
+    pub position: String,
+    /// RFC 3339; when the schedule fires next (if the daemon is running).
+    pub next_poll: Option<String>,
+    /// RevKeen's answers for this source, all time.
+    pub delivered: DeliveryCounts,
+    pub queued: u64,
+    pub oldest_pending_age_secs: Option<u64>,
+    pub rejected: u64,
+    pub dead_letters: u64,
+}
+
+/// The last poll of a source.
+#[derive(Debug, Clone, Serialize)]
+pub struct PollStatus {
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// `ok`, `failed`, `auth_refused`, `cancelled`, or `running`.
+    pub outcome: String,
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub stats: PollStats,
+}
+
+/// An unresolved auth halt.
+#[derive(Debug, Clone, Serialize)]
+pub struct HaltStatus {
+    pub target: String,
+    pub code: String,
+    pub reason: String,
+    pub since: String,
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn age_secs(since_ms: i64, now_ms: i64) -> u64 {
+    u64::try_from((now_ms - since_ms).max(0) / 1000).unwrap_or(0)
+}
+
+impl From<&Halt> for HaltStatus {
+    fn from(halt: &Halt) -> Self {
+        HaltStatus {
+            target: halt.target.clone(),
+            code: halt.code.clone(),
+            reason: halt.message.clone(),
+            since: rfc3339(halt.since),
+        }
+    }
+}
+
+/// Builds `status` from the state file (read-only) and the config.
+pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
+    let path = &config.daemon.state_path;
+    let running = Store::writer_active(path);
+    let store = Store::open_read_only(path)?;
+    let now = now_ms();
+    let (queue, halts) = match &store {
+        Some(store) => (store.queue_summary()?, store.halts()?),
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut sources = Vec::new();
+    for source in &config.sources {
+        let summary = queue.iter().find(|q| q.source == source.name);
+        let (last_poll, cursor, delivered) = match &store {
+            Some(store) => (
+                store.last_poll(&source.name)?,
+                store.cursor(&source.name)?,
+                store.delivery(&source.name)?,
+            ),
+            None => (None, None, DeliveryCounts::default()),
+        };
+        sources.push(SourceStatus {
+            name: source.name.clone(),
+            kind: source.kind.to_string(),
+            last_poll: last_poll.map(|p| PollStatus {
+                started_at: rfc3339(p.started_at),
+                finished_at: p.finished_at.map(rfc3339),
+                outcome: p
+                    .outcome
+                    .unwrap_or_else(|| if running { "running" } else { "interrupted" }.to_string()),
+                error: p.error,
+                stats: p.stats,
+            }),
+            position: sources::describe_cursor(
+                source.kind,
+                cursor.as_ref().map(|(c, passes)| (c.as_str(), *passes)),
+            ),
+            next_poll: running
+                .then(|| crate::schedule::next_after(&source.schedule, Utc::now()))
+                .flatten()
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            delivered,
+            queued: summary.map(|s| s.depth).unwrap_or(0),
+            oldest_pending_age_secs: summary
+                .and_then(|s| s.oldest_enqueued_at)
+                .map(|t| age_secs(t, now)),
+            rejected: summary.map(|s| s.rejected).unwrap_or(0),
+            dead_letters: summary.map(|s| s.dead_letters).unwrap_or(0),
+        });
+    }
+    Ok(StatusReport {
+        state_path: path.display().to_string(),
+        generated_at: rfc3339(now),
+        running,
+        outbox_depth: queue.iter().map(|q| q.depth).sum(),
+        oldest_pending_age_secs: queue
+            .iter()
+            .filter_map(|q| q.oldest_enqueued_at)
+            .min()
+            .map(|t| age_secs(t, now)),
+        dead_letters: queue.iter().map(|q| q.dead_letters).sum(),
+        rejected: queue.iter().map(|q| q.rejected).sum(),
+        auth_halts: halts.iter().map(HaltStatus::from).collect(),
+        sources,
+    })
+}
+
+/// `status` as a compact table.
+pub fn render_status(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "sync-daemon status — {} ({})",
+        report.state_path,
+        if report.running {
+            "a sync-daemon process is running"
+        } else {
+            "no sync-daemon process running"
+        }
+    );
+    let header = [
+        "SOURCE",
+        "KIND",
+        "LAST POLL",
+        "OUTCOME",
+        "FETCHED",
+        "QUEUED",
+        "UNCHANGED",
+        "REJECTED",
+        "SENT",
+        "POSITION",
+        "NEXT POLL",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for source in &report.sources {
+        let poll = source.last_poll.as_ref();
+        rows.push(vec![
+            source.name.clone(),
+            source.kind.clone(),
+            poll.map(|p| short_time(&p.started_at))
+                .unwrap_or_else(|| "never".to_string()),
+            poll.map(|p| p.outcome.clone()).unwrap_or_default(),
+            poll.map(|p| p.stats.fetched.to_string())
+                .unwrap_or_default(),
+            poll.map(|p| p.stats.enqueued.to_string())
+                .unwrap_or_default(),
+            poll.map(|p| p.stats.unchanged.to_string())
+                .unwrap_or_default(),
+            poll.map(|p| p.stats.rejected.to_string())
+                .unwrap_or_default(),
+            source.delivered.writes().to_string(),
+            source.position.clone(),
+            source
+                .next_poll
+                .as_deref()
+                .map(short_time)
+                .unwrap_or_else(|| "-".to_string()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    for source in &report.sources {
+        if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
+            let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
+        }
+    }
+    let oldest = report
+        .oldest_pending_age_secs
+        .map(|s| format!(", oldest waiting {}", human_duration(s)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "Outbox: {} waiting{oldest}. Dead letters: {}. Rejected records: {}.{}",
+        report.outbox_depth,
+        report.dead_letters,
+        report.rejected,
+        if report.dead_letters + report.rejected > 0 {
+            " See `sync-daemon failures`."
+        } else {
+            ""
+        }
+    );
+    if report.auth_halts.is_empty() {
+        let _ = writeln!(out, "Auth: every API accepted its key.");
+    } else {
+        for halt in &report.auth_halts {
+            let _ = writeln!(
+                out,
+                "AUTH HALT: {} refused the key since {} ({}): {}",
+                halt.target,
+                short_time(&halt.since),
+                halt.code,
+                halt.reason
+            );
+        }
+    }
+    out
+}
+
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.replace('T', " ")
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
+}
+
+/// `failures --json`: one entry per record that could not be sent.
+pub fn failures(config: &Config, source: Option<&str>) -> Result<Vec<Failure>, StoreError> {
+    let names: Vec<String> = match source {
+        Some(name) => vec![name.to_string()],
+        None => config.sources.iter().map(|s| s.name.clone()).collect(),
+    };
+    match Store::open_read_only(&config.daemon.state_path)? {
+        Some(store) => store.failures(Some(&names)),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// `failures` as text: one line per record and the fix on the next.
+pub fn render_failures(failures: &[Failure]) -> String {
+    if failures.is_empty() {
+        return "No failures: every record was sent or is on its way.\n".to_string();
+    }
+    let mut out = String::new();
+    for failure in failures {
+        let kind = match failure.kind {
+            FailureKind::Rejected => "rejected",
+            FailureKind::DeadLetter => "dead letter",
+        };
+        let status = failure
+            .http_status
+            .filter(|s| *s != 200)
+            .map(|s| format!(" (HTTP {s})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{} {}  {kind}  {}{status}: {}",
+            failure.source, failure.external_id, failure.code, failure.reason
+        );
+        if let Some(fields) = failure.field_errors.as_ref().and_then(|f| f.as_object()) {
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "    fields: {}", fields.join("; "));
+        }
+        let attempts = if failure.attempts > 0 {
+            format!("attempts {}, ", failure.attempts)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "    {attempts}first seen {}, last seen {}",
+            short_time(&rfc3339(failure.first_seen)),
+            short_time(&rfc3339(failure.last_seen))
+        );
+        if let Some(hint) = &failure.hint {
+            let _ = writeln!(out, "    fix: {hint}");
+        }
+    }
+    let rejected = failures
+        .iter()
+        .filter(|f| f.kind == FailureKind::Rejected)
+        .count();
+    let _ = writeln!(
+        out,
+        "{} failures: {} rejected before sending, {} dead letters.",
+        failures.len(),
+        rejected,
+        failures.len() - rejected
+    );
+    out
+}
+
+/// Why `replay` did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "RevKeen refused the API key ({0}); fix revkeen.api_key and restart sync-daemon before replaying, or the replayed records would only be refused again"
+    )]
+    AuthHalted(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// `replay`: puts dead letters back in the outbox with their stored bodies.
+pub fn replay(
+    config: &Config,
+    source: Option<&str>,
+    ids: Option<&[String]>,
+) -> Result<crate::store::ReplayOutcome, ReplayError> {
+    let store = Store::open_shared(&config.daemon.state_path)?;
+    if let Some(halt) = store.halts()?.into_iter().find(|h| h.target == REVKEEN) {
+        return Err(ReplayError::AuthHalted(halt.message));
+    }
+    let names: Vec<String> = match source {
+        Some(name) => vec![name.to_string()],
+        None => config.sources.iter().map(|s| s.name.clone()).collect(),
+    };
+    Ok(store.replay(&names, ids)?)
+}
+
+/// One API's answer to `check-config --connect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Connection {
+    /// `revkeen` or a source name.
+    pub target: String,
+    pub url: String,
+    /// `ok`, `key_refused`, `unreachable`, `tls_error`, `unexpected`.
+    pub outcome: &'static str,
+    pub detail: String,
+    pub hint: String,
+}
+
+/// Makes one authenticated read per API.
+pub async fn connect(config: &Config) -> Vec<Connection> {
+    let mut checks = Vec::new();
+    let revkeen = match RevKeenClient::new(&config.revkeen) {
+        Ok(client) => client.probe().await,
+        Err(error) => Probe::Unexpected(error.to_string()),
+    };
+    checks.push(connection(
+        "revkeen",
+        config.revkeen.base_url.as_str(),
+        revkeen,
+        "revkeen.api_key / api_key_file (a sandbox key works only against staging)",
+    ));
+    for source in &config.sources {
+        let probe = match AnySource::new(source) {
+            Ok(adapter) => adapter.probe().await,
+            Err(error) => Probe::Unexpected(error.to_string()),
+        };
+        checks.push(connection(
+            &source.name,
+            source.base_url.as_str(),
+            probe,
+            &source_key_hint(source),
+        ));
+    }
+    checks
+}
+
+fn source_key_hint(source: &SourceConfig) -> String {
+    format!("the api_key / api_key_file of source {:?}", source.name)
+}
+
+fn connection(target: &str, url: &str, probe: Probe, key_hint: &str) -> Connection {
+    let (outcome, detail, hint) = match probe {
+        Probe::Ok => ("ok", String::new(), String::new()),
+        Probe::KeyRefused(detail) => ("key_refused", detail, format!("check {key_hint}")),
+        Probe::Unreachable(detail) => (
+            "unreachable",
+            detail,
+            "check base_url, DNS, and that outbound HTTPS is allowed from this host".to_string(),
+        ),
+        Probe::Tls(detail) => (
+            "tls_error",
+            detail,
+            "the server's certificate was not accepted: check base_url and any TLS-intercepting proxy".to_string(),
+        ),
+        Probe::Unexpected(detail) => (
+            "unexpected",
+            detail,
+            "the API answered but not as expected: check base_url".to_string(),
+        ),
+    };
+    Connection {
+        target: target.to_string(),
+        url: url.to_string(),
+        outcome,
+        detail,
+        hint,
+    }
+}
+
+/// The exit status for a set of connection checks: 77 if any key was refused, else 69 if any
+/// API could not be reached, else 0.
+pub fn connect_status(checks: &[Connection]) -> ExitStatus {
+    if checks.iter().any(|c| c.outcome == "key_refused") {
+        ExitStatus::AuthRefused
+    } else if checks.iter().any(|c| c.outcome != "ok") {
+        ExitStatus::Unavailable
+    } else {
+        ExitStatus::Ok
+    }
+}
