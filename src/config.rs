@@ -1148,18 +1148,13 @@ api_key = "p"
     #[test]
     fn the_example_config_is_valid_and_documents_the_defaults() {
         let example = include_str!("../config/example.toml");
-        let with_inline_keys: String = example
-            .lines()
-            .map(|line| {
-                if line.starts_with("api_key_file") {
-                    "api_key = \"k\"".to_string()
-                } else {
-                    line.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        let config = Config::from_toml(&with_inline_keys, &Environment::default()).expect("valid");
+        // The example leaves keys to systemd credentials.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["revkeen_api_key", "wodify_api_key", "clinic_api_key"] {
+            std::fs::write(dir.path().join(name), "k").expect("write");
+        }
+        let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
+        let config = Config::from_toml(example, &env).expect("valid");
         let defaults = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
         assert_eq!(
             config.revkeen.requests_per_minute,
