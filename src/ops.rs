@@ -51,6 +51,9 @@ pub struct SourceStatus {
     pub oldest_pending_age_secs: Option<u64>,
     pub rejected: u64,
     pub dead_letters: u64,
+    /// Records the last complete scan no longer listed (deleted at the source, kept in
+    /// RevKeen). Full-scan sources (Wodify) only.
+    pub vanished: u64,
 }
 
 /// The last poll of a source.
@@ -108,13 +111,14 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let mut sources = Vec::new();
     for source in &config.sources {
         let summary = queue.iter().find(|q| q.source == source.name);
-        let (last_poll, cursor, delivered) = match &store {
+        let (last_poll, cursor, delivered, vanished) = match &store {
             Some(store) => (
                 store.last_poll(&source.name)?,
                 store.cursor(&source.name)?,
                 store.delivery(&source.name)?,
+                store.vanished_total(&source.name)?,
             ),
-            None => (None, None, DeliveryCounts::default()),
+            None => (None, None, DeliveryCounts::default(), 0),
         };
         sources.push(SourceStatus {
             name: source.name.clone(),
@@ -143,6 +147,11 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 .map(|t| age_secs(t, now)),
             rejected: summary.map(|s| s.rejected).unwrap_or(0),
             dead_letters: summary.map(|s| s.dead_letters).unwrap_or(0),
+            vanished: if source.kind == crate::config::SourceKind::Wodify {
+                vanished
+            } else {
+                0
+            },
         });
     }
     Ok(StatusReport {
@@ -228,6 +237,13 @@ pub fn render_status(report: &StatusReport) -> String {
     for source in &report.sources {
         if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
             let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
+        }
+        if source.vanished > 0 {
+            let _ = writeln!(
+                out,
+                "  {}: {} records vanished from the source since they were synced (kept in RevKeen; ids in the log)",
+                source.name, source.vanished
+            );
         }
     }
     let oldest = report

@@ -133,6 +133,12 @@ impl SourceReport {
                 self.poll.skipped
             ));
         }
+        if self.poll.vanished > 0 {
+            notes.push(format!(
+                "{} records vanished from the source (kept in RevKeen; ids in the log)",
+                self.poll.vanished
+            ));
+        }
         if self.poll.warnings > 0 {
             notes.push(format!(
                 "{} unusable phones or countries left out",

@@ -77,6 +77,10 @@ pub trait Adapter: Send + Sync + 'static {
     /// A record as the API returns it.
     type Record: Send + 'static;
 
+    /// Whether a complete listing lists every record (a full scan), so that a record missing
+    /// from one has vanished from the source.
+    const FULL_SCAN: bool = false;
+
     /// The cursor at the start of a fresh listing.
     fn start_cursor(&self) -> String;
 
@@ -422,11 +426,51 @@ async fn poll_pages<A: Adapter>(
             })
         }));
         cursor = next;
+        if pass_complete && A::FULL_SCAN {
+            finish_commit(commit.take(), ctx, stats).await?;
+            report_vanished(ctx, stats).await?;
+        }
         if stop {
             finish_commit(commit.take(), ctx, stats).await?;
             return Ok(());
         }
     }
+}
+
+/// After a complete full scan: counts and logs records that the previous scan listed and this
+/// one did not. They are not deleted in RevKeen (the source may have archived them).
+async fn report_vanished(ctx: &PollContext, stats: &mut PollStats) -> Result<(), PollError> {
+    let name = ctx.source.name.clone();
+    let (new, total) = {
+        let name = name.clone();
+        ctx.store
+            .call(move |s| {
+                let pass = s.cursor(&name)?.map(|(_, passes)| passes).unwrap_or(0);
+                if pass < 2 {
+                    return Ok((Vec::new(), 0));
+                }
+                s.vanished(&name, pass)
+            })
+            .await?
+    };
+    stats.vanished = total;
+    metrics::gauge!("sync_daemon_vanished_records", "source" => name.clone()).set(total as f64);
+    if !new.is_empty() {
+        let shown: Vec<&str> = new.iter().take(50).map(String::as_str).collect();
+        let more = if new.len() > shown.len() {
+            format!(" and {} more", new.len() - shown.len())
+        } else {
+            String::new()
+        };
+        tracing::warn!(
+            source = %name,
+            vanished = new.len(),
+            total_vanished = total,
+            "Records vanished from the source since the last complete scan; they stay in RevKeen: {}{more}.",
+            shown.join(", ")
+        );
+    }
+    Ok(())
 }
 
 struct CommitDone {

@@ -316,6 +316,7 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
 
 impl Adapter for Wodify {
     type Record = Value;
+    const FULL_SCAN: bool = true;
 
     fn start_cursor(&self) -> String {
         self.start().render()

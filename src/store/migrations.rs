@@ -145,12 +145,17 @@ CREATE TABLE push_events (
 );
 "#;
 
+const V3: &str = r#"
+-- Records a complete full scan no longer listed (Wodify clients deleted at the source).
+ALTER TABLE polls ADD COLUMN vanished INTEGER NOT NULL DEFAULT 0;
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub const LATEST: usize = 2;
+pub const LATEST: usize = 3;
 
 /// All migrations, oldest first.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
 }
 
 #[cfg(test)]

@@ -118,6 +118,9 @@ pub struct PollStats {
     pub skipped: u64,
     /// Fields left out of a customer (an unparseable phone, an unknown country).
     pub warnings: u64,
+    /// Records the previous complete scan listed and this one did not (deleted at the source;
+    /// RevKeen keeps them).
+    pub vanished: u64,
 }
 
 impl PollStats {
@@ -455,7 +458,7 @@ impl Store {
                 "UPDATE polls SET pages = ?2, fetched = ?3, enqueued = ?4, unchanged = ?5,
                         rejected = ?6, outcome = ?7, error = ?8,
                         finished_at = CASE WHEN ?7 IS NULL THEN NULL ELSE ?9 END,
-                        warnings = ?10, skipped = ?11
+                        warnings = ?10, skipped = ?11, vanished = ?12
                   WHERE id = ?1",
                 params![
                     poll_id,
@@ -468,7 +471,8 @@ impl Store {
                     error,
                     now_ms(),
                     stats.warnings,
-                    stats.skipped
+                    stats.skipped,
+                    stats.vanished
                 ],
             )
             .map(drop)
@@ -480,7 +484,7 @@ impl Store {
         self.conn()
             .query_row(
                 "SELECT source, started_at, finished_at, outcome, error, pages, fetched, enqueued,
-                        unchanged, rejected, warnings, skipped
+                        unchanged, rejected, warnings, skipped, vanished
                    FROM polls WHERE source = ?1 ORDER BY id DESC LIMIT 1",
                 [source],
                 |row| {
@@ -498,6 +502,7 @@ impl Store {
                             rejected: row.get(9)?,
                             warnings: row.get(10)?,
                             skipped: row.get(11)?,
+                            vanished: row.get(12)?,
                         },
                     })
                 },
@@ -524,6 +529,57 @@ impl Store {
             .optional()
             .map(Option::unwrap_or_default)
             .map_err(|e| self.err(e))
+    }
+
+    /// After complete pass number `pass` of a full-scan source: the ids the previous pass saw
+    /// and this one did not (newly vanished), and how many known records no complete pass has
+    /// seen since (all vanished, cumulative).
+    pub fn vanished(&self, source: &str, pass: i64) -> Result<(Vec<String>, u64), StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT external_id FROM customers
+                  WHERE source = ?1 AND seen_pass = ?2 ORDER BY external_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let new: Vec<String> = stmt
+            .query_map(params![source, pass - 1], |row| row.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        let total = self.vanished_count_in(&conn, source, pass)?;
+        Ok((new, total))
+    }
+
+    /// Known records of a full-scan source that its last complete pass did not list.
+    pub fn vanished_total(&self, source: &str) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let passes: i64 = conn
+            .query_row(
+                "SELECT passes FROM cursors WHERE source = ?1",
+                [source],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0);
+        if passes == 0 {
+            return Ok(0);
+        }
+        self.vanished_count_in(&conn, source, passes)
+    }
+
+    fn vanished_count_in(
+        &self,
+        conn: &rusqlite::Connection,
+        source: &str,
+        pass: i64,
+    ) -> Result<u64, StoreError> {
+        conn.query_row(
+            "SELECT COUNT(*) FROM customers WHERE source = ?1 AND seen_pass < ?2",
+            params![source, pass],
+            |row| row.get(0),
+        )
+        .map_err(|e| self.err(e))
     }
 
     /// Records of a source seen by a complete pass (the size of the next full scan), if one
