@@ -162,11 +162,17 @@ struct SimArgs {
     /// Fraction of Wodify answers that are an error envelope inside a 200.
     #[arg(long, default_value_t = 0.0)]
     envelope_rate: f64,
+    /// Switch off the simulated rate limits (load testing).
+    #[arg(long)]
+    no_rate_limits: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The state file has one writer, so a few blocking threads are all the store can use;
+    // tokio's default of 512 only costs memory.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(8)
         .enable_all()
         .build()
     {
@@ -579,6 +585,11 @@ async fn sim(args: SimArgs) -> ExitStatus {
     sims.revkeen.set_faults(faults.clone());
     sims.wodify.set_faults(faults.clone());
     sims.practicehub.set_faults(faults);
+    if args.no_rate_limits {
+        sims.revkeen.set_rate_limit(0, 0);
+        sims.wodify.set_rate_limit(0, 0);
+        sims.practicehub.set_rate_limit(0, 0);
+    }
     sims.wodify.seed(args.clients, 1);
     sims.practicehub.seed(args.patients, 1);
     println!(

@@ -552,19 +552,48 @@ impl WodifySim {
                     Some(sort) if known(&sort.0) => Some(sort),
                     Some((field, _)) => return bad_request(&format!("Cannot sort by {field:?}.")),
                 };
-                let mut matching: Vec<&Value> = shared
-                    .clients
-                    .values()
-                    .filter(|client| conditions.iter().all(|c| c.matches(client)))
-                    .collect();
-                if let Some((field, descending)) = &sort {
-                    // Stable, so ties stay in id order.
-                    matching.sort_by(|a, b| {
-                        let order = sort_order(resolve(a, field), resolve(b, field));
-                        if *descending { order.reverse() } else { order }
-                    });
-                }
-                let (items, has_more) = page_of(&matching, page, page_size);
+                let by_id = sort
+                    .as_ref()
+                    .is_none_or(|(field, descending)| field == "id" && !descending);
+                let (items, has_more): (Vec<&Value>, bool) = if by_id {
+                    // Clients are kept in id order: walk from the tightest `id` lower bound
+                    // and stop after the page, as the real API's keyset paging does, instead
+                    // of filtering and sorting the whole table on every request.
+                    let from = conditions
+                        .iter()
+                        .filter_map(Condition::id_lower_bound)
+                        .max()
+                        .unwrap_or(i64::MIN);
+                    let skip = usize::try_from((page - 1).saturating_mul(page_size))
+                        .unwrap_or(usize::MAX);
+                    let size = usize::try_from(page_size).unwrap_or(usize::MAX);
+                    let mut items: Vec<&Value> = shared
+                        .clients
+                        .range(from..)
+                        .map(|(_, client)| client)
+                        .filter(|client| conditions.iter().all(|c| c.matches(client)))
+                        .skip(skip)
+                        .take(size.saturating_add(1))
+                        .collect();
+                    let has_more = items.len() > size;
+                    items.truncate(size);
+                    (items, has_more)
+                } else {
+                    let mut matching: Vec<&Value> = shared
+                        .clients
+                        .values()
+                        .filter(|client| conditions.iter().all(|c| c.matches(client)))
+                        .collect();
+                    if let Some((field, descending)) = &sort {
+                        // Stable, so ties stay in id order.
+                        matching.sort_by(|a, b| {
+                            let order = sort_order(resolve(a, field), resolve(b, field));
+                            if *descending { order.reverse() } else { order }
+                        });
+                    }
+                    let (items, has_more) = page_of(&matching, page, page_size);
+                    (items.to_vec(), has_more)
+                };
                 let clients: Vec<Value> = items.iter().map(|client| (*client).clone()).collect();
                 drop(shared);
                 json_response(
@@ -801,6 +830,25 @@ struct Condition {
     field: String,
     op: Op,
     values: Vec<Literal>,
+}
+
+impl Condition {
+    /// The smallest id this condition admits, when it bounds `id` from below (`gt`, `gte`,
+    /// `eq`, `between`): lets an id-ordered listing start there.
+    fn id_lower_bound(&self) -> Option<i64> {
+        if self.field != "id" {
+            return None;
+        }
+        let Some(Literal::Num(n)) = self.values.first() else {
+            return None;
+        };
+        let n = *n;
+        match self.op {
+            Op::Gt => Some(n.floor() as i64 + 1),
+            Op::Gte | Op::Eq | Op::Between => Some(n.ceil() as i64),
+            _ => None,
+        }
+    }
 }
 
 /// Splits `text` on `separator` where it is not inside single quotes.

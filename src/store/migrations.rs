@@ -148,6 +148,9 @@ CREATE TABLE push_events (
 const V3: &str = r#"
 -- Records a complete full scan no longer listed (Wodify clients deleted at the source).
 ALTER TABLE polls ADD COLUMN vanished INTEGER NOT NULL DEFAULT 0;
+-- Claiming walks due jobs in order and stops at the first lane head: without this index
+-- every claim would scan the whole backlog.
+CREATE INDEX outbox_due ON outbox (next_attempt_at, id);
 "#;
 
 /// The schema version this build writes: the number of migrations.

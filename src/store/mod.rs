@@ -324,6 +324,7 @@ fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         .map_err(|e| sqlite(path, e))?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(|e| sqlite(path, e))?;
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
 

@@ -261,9 +261,12 @@ impl Store {
         let conn = self.conn();
         let n = filter.sources.len();
         let sql = format!(
+            // ORDER BY … LIMIT 1 walks the outbox_due index and stops at the first lane head;
+            // MIN() with these conditions would scan the whole backlog.
             "SELECT MIN(t) FROM (
-                 SELECT MIN(o.next_attempt_at) AS t FROM outbox o
+                 SELECT * FROM (SELECT o.next_attempt_at AS t FROM outbox o
                   WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.source IN ({list}) AND {LANE_HEAD}
+                  ORDER BY o.next_attempt_at, o.id LIMIT 1)
                  UNION ALL
                  SELECT MIN(b.next_attempt_at) FROM batches b
                   WHERE b.inflight = 0 AND EXISTS (SELECT 1 FROM outbox m
@@ -271,7 +274,8 @@ impl Store {
             list = placeholders(n)
         );
         let args = filter.sources.iter().chain(filter.sources.iter());
-        conn.query_row(&sql, params_from_iter(args), |row| row.get(0))
+        conn.prepare_cached(&sql)
+            .and_then(|mut stmt| stmt.query_row(params_from_iter(args), |row| row.get(0)))
             .map_err(|e| self.err(e))
     }
 
@@ -310,7 +314,8 @@ impl Store {
                 }
             }
             .map_err(|e| self.err(e))?;
-            tx.execute("DELETE FROM outbox WHERE id = ?1", [job.id])
+            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                .and_then(|mut stmt| stmt.execute([job.id]))
                 .map_err(|e| self.err(e))?;
         }
         if let Some(job) = unit.jobs().first() {
@@ -490,26 +495,28 @@ fn enqueue(
 ) -> rusqlite::Result<Enqueued> {
     let hash = body_hash(body);
     // Normalizing successfully means any earlier rejection of this record is resolved.
-    tx.execute(
+    tx.prepare_cached(
         "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'rejected'",
-        params![source, external_id],
-    )?;
+    )?
+    .execute(params![source, external_id])?;
     let lane: Option<(i64, Option<String>, Option<String>)> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT version, latest_hash, synced_hash FROM customers
               WHERE source = ?1 AND external_id = ?2",
-            params![source, external_id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
+        )?
+        .query_row(params![source, external_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()?;
     let (version, latest_hash, synced_hash) = lane.unwrap_or((0, None, None));
     let queued: Option<(i64, Option<i64>, bool)> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT id, batch_id, inflight FROM outbox WHERE source = ?1 AND external_id = ?2
               ORDER BY id DESC LIMIT 1",
-            params![source, external_id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
+        )?
+        .query_row(params![source, external_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()?;
     let unchanged = latest_hash.as_deref() == Some(hash.as_str());
     // `--resync` sends everything again, except what is already on its way.
@@ -534,12 +541,12 @@ fn enqueue(
         Some((id, None, false)) => {
             // Coalesce: the queued version was never acknowledged, so the newer one replaces
             // it. Its key changes with its body, so RevKeen never sees one key with two bodies.
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE outbox SET body = ?2, body_hash = ?3, idempotency_key = ?4, attempts = 0,
                         next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?5
                   WHERE id = ?1",
-                params![id, body, hash, key, update_only],
-            )?;
+            )?
+            .execute(params![id, body, hash, key, update_only])?;
         }
         _ => {
             tx.execute(
@@ -559,22 +566,22 @@ fn enqueue(
             )?;
         }
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO customers (source, external_id, version, latest_hash, seen_pass)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (source, external_id) DO UPDATE SET version = excluded.version,
              latest_hash = excluded.latest_hash, seen_pass = excluded.seen_pass",
-        params![source, external_id, version, hash, pass],
-    )?;
+    )?
+    .execute(params![source, external_id, version, hash, pass])?;
     Ok(Enqueued::New)
 }
 
 fn touch(tx: &Transaction<'_>, source: &str, external_id: &str, pass: i64) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
          ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass",
-        params![source, external_id, pass],
-    )
+    )?
+    .execute(params![source, external_id, pass])
     .map(drop)
 }
 
@@ -609,13 +616,13 @@ fn claim_in(
     let list = placeholders(filter.sources.len());
     // 1. A recorded batch that is due: re-sent exactly as recorded (invariant 3).
     let batch: Option<(i64, String, Vec<u8>, String, u32)> = tx
-        .query_row(
-            &format!(
+        .prepare_cached(&format!(
                 "SELECT b.id, b.revkeen_source, b.body, b.idempotency_key, b.attempts FROM batches b
                   WHERE b.inflight = 0 AND b.next_attempt_at <= ?
                     AND EXISTS (SELECT 1 FROM outbox m WHERE m.batch_id = b.id AND m.source IN ({list}))
                   ORDER BY b.next_attempt_at, b.id LIMIT 1"
-            ),
+        ))?
+        .query_row(
             params_from_iter(
                 std::iter::once(rusqlite::types::Value::from(now)).chain(
                     filter
@@ -665,7 +672,8 @@ fn claim_in(
     };
     let (head, single_only) = loop {
         let head = tx
-            .query_row(&head_sql, params_from_iter(due_args()), |row| {
+            .prepare_cached(&head_sql)?
+            .query_row(params_from_iter(due_args()), |row| {
                 Ok((
                     job_from_row(row)?,
                     row.get::<_, bool>(8)?,

@@ -160,15 +160,15 @@ pub(super) fn mark_synced(
     _delivered: Delivered,
     now: i64,
 ) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE customers SET synced_hash = ?3, synced_body = ?4, synced_at = ?5
           WHERE source = ?1 AND external_id = ?2",
-        params![job.source, job.external_id, job.body_hash, job.body, now],
-    )?;
-    tx.execute(
+    )?
+    .execute(params![job.source, job.external_id, job.body_hash, job.body, now])?;
+    tx.prepare_cached(
         "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'dead_letter'",
-        params![job.source, job.external_id],
-    )?;
+    )?
+    .execute(params![job.source, job.external_id])?;
     Ok(())
 }
 
