@@ -76,14 +76,19 @@ fn main() {
     let results = runtime.block_on(bench(scale));
     let out = std::env::var("SYNC_DAEMON_BENCH_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pipeline-bench.json"));
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pipeline-bench.json")
+        });
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"))
         .expect("write results");
     println!("\nFigures written to {}", out.display());
-    let failed = results["goals_failed"].as_array().map(Vec::len).unwrap_or(0);
+    let failed = results["goals_failed"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
     if failed > 0 && scale.name == "full" {
         println!("{failed} goal(s) not met: see the table above.");
     }
@@ -115,14 +120,20 @@ async fn bench(scale: &Scale) -> Value {
 
     // Rows 2–4.
     let (unthrottled, steady, rss_large) = unthrottled(scale.large).await;
-    println!("\n2. Unthrottled: {} clients, no limits, batch 100", scale.large);
+    println!(
+        "\n2. Unthrottled: {} clients, no limits, batch 100",
+        scale.large
+    );
     for (k, v) in unthrottled.as_object().expect("object") {
         println!("   {k:<34} {v}");
     }
     if unthrottled["daemon_vs_bare"].as_f64().unwrap_or(0.0) < 0.70 {
         goals_failed.push("row 2: daemon/bare < 0.70".into());
     }
-    println!("\n3. Steady state: second --once over {} unchanged clients", scale.large);
+    println!(
+        "\n3. Steady state: second --once over {} unchanged clients",
+        scale.large
+    );
     for (k, v) in steady.as_object().expect("object") {
         println!("   {k:<34} {v}");
     }
@@ -139,7 +150,10 @@ async fn bench(scale: &Scale) -> Value {
         "growth": round(growth, 3),
         "small_records_per_sec": small_run["records_per_sec"],
     });
-    println!("\n4. Memory scaling: {} vs {} clients", scale.small, scale.large);
+    println!(
+        "\n4. Memory scaling: {} vs {} clients",
+        scale.small, scale.large
+    );
     for (k, v) in memory.as_object().expect("object") {
         println!("   {k:<34} {v}");
     }
@@ -192,7 +206,9 @@ fn print_rate(row: &Value) {
 
 /// Row 1 (and row 5): the daemon under the scaled documented limits.
 async fn rate_limited(clients: usize, batch_size: usize) -> Value {
-    let sims = SimSet::start(SimPorts::default()).await.expect("simulators");
+    let sims = SimSet::start(SimPorts::default())
+        .await
+        .expect("simulators");
     sims.wodify.seed(clients, 42);
     sims.wodify.set_rate_limit(WODIFY_RPS, WODIFY_BURST);
     sims.revkeen.set_rate_limit(REVKEEN_RPM, REVKEEN_BURST);
@@ -274,7 +290,9 @@ type Kept = (SimSet, tempfile::TempDir, PathBuf);
 /// One unthrottled `--once`; returns its row, the simulators and state (for reuse), and peak
 /// RSS in KiB.
 async fn unthrottled_daemon_only(clients: usize) -> (Value, Option<Kept>, u64) {
-    let sims = SimSet::start(SimPorts::default()).await.expect("simulators");
+    let sims = SimSet::start(SimPorts::default())
+        .await
+        .expect("simulators");
     sims.wodify.seed(clients, 42);
     sims.wodify.set_rate_limit(0, 0);
     sims.revkeen.set_rate_limit(0, 0);
@@ -365,7 +383,10 @@ async fn bare_loop(sims: &SimSet, clients: usize) -> f64 {
             tx.send(body.clone()).await.expect("sender alive");
         }
         page += 1;
-        if !response["pagination"]["has_more"].as_bool().unwrap_or(false) {
+        if !response["pagination"]["has_more"]
+            .as_bool()
+            .unwrap_or(false)
+        {
             break;
         }
     }
@@ -421,6 +442,8 @@ async fn run_once(config: &Path) -> ChildRun {
     let config = config.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
+        // Reaped by wait4 below, which also returns the child's own CPU time and peak RSS.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new(env!("CARGO_BIN_EXE_sync-daemon"))
             .arg("--config")
             .arg(&config)

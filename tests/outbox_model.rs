@@ -47,10 +47,8 @@
 //! `failures` see it. Not modelled: `update_only` and ignored records, `--resync`, several
 //! sources, and `finish` with members left without a result (the worker never does that).
 //!
-//! Two store bugs break invariant 6; they are pinned below as ignored tests that run the minimal
-//! sequence strictly (`cargo test --test outbox_model -- --ignored`). The property test
-//! tolerates exactly those two situations (see [`Mode`]) so that it keeps guarding everything
-//! else. `PROPTEST_CASES` sets the number of cases (64 by default).
+//! The model found two ways a failure could vanish (invariant 6); their minimal sequences are
+//! kept below as regression tests. `PROPTEST_CASES` sets the number of cases (64 by default).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -115,16 +113,6 @@ enum Op {
     Replay,
 }
 
-/// How strictly to judge the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Every property, with no exception: the ignored regression tests.
-    Strict,
-    /// Every property except in the situations of the known store bugs below, so the property
-    /// test keeps running (and guarding everything else) until they are fixed.
-    TolerateKnownBugs,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JobState {
     Queued,
@@ -163,12 +151,6 @@ struct Lane {
     jobs: VecDeque<ModelJob>,
     failure: Option<ModelFailure>,
     last_poll: Option<Item>,
-    /// A rejection replaced this lane's dead letter (the setting of store bug 1).
-    rejection_hides_dead_letter: bool,
-    /// Store bug 1 happened and has not been repaired by a later change.
-    dropped_by_bug_1: bool,
-    /// A dead letter of an older version replaced this lane's rejection (store bug 2).
-    dead_letter_hides_rejection: bool,
 }
 
 #[derive(Debug)]
@@ -214,7 +196,6 @@ fn sources() -> Vec<String> {
 
 /// The real store next to the model of what it should hold.
 struct Harness {
-    mode: Mode,
     path: PathBuf,
     store: Option<Store>,
     /// The worker's handles: lost at a crash.
@@ -232,12 +213,11 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(mode: Mode) -> Result<Harness, TestCaseError> {
+    fn new() -> Result<Harness, TestCaseError> {
         let dir = tempfile::tempdir().or_fail()?;
         let path = dir.path().join("state.db");
         let store = Store::open(&path).or_fail()?;
         Ok(Harness {
-            mode,
             path,
             store: Some(store),
             inflight: Vec::new(),
@@ -327,34 +307,31 @@ impl Harness {
             let lane = &mut self.lanes[customer];
             lane.seen = true;
             lane.last_poll = Some(item);
-            lane.dead_letter_hides_rejection = false;
             let Item::Body(version) = item else {
+                // The rejection is the customer's latest state: a version still waiting in the
+                // queue is dropped, and whatever the record becomes next is queued again.
                 want.rejected += 1;
-                if matches!(lane.failure, Some(ModelFailure::Dead { .. })) {
-                    lane.rejection_hides_dead_letter = true;
-                }
                 lane.failure = Some(ModelFailure::Rejected);
+                lane.latest = None;
+                if lane
+                    .jobs
+                    .back()
+                    .is_some_and(|job| job.state == JobState::Queued)
+                {
+                    lane.jobs.pop_back();
+                }
                 continue;
             };
             // A record that normalizes again resolves its rejection.
             if lane.failure == Some(ModelFailure::Rejected) {
                 lane.failure = None;
-                if lane.rejection_hides_dead_letter
-                    && lane.latest == Some(version)
-                    && lane.jobs.is_empty()
-                    && lane.synced != lane.latest
-                {
-                    lane.dropped_by_bug_1 = true;
-                }
             }
-            lane.rejection_hides_dead_letter = false;
             if lane.latest == Some(version) {
                 want.unchanged += 1;
                 continue;
             }
             want.enqueued += 1;
             lane.latest = Some(version);
-            lane.dropped_by_bug_1 = false;
             let fresh = ModelJob {
                 serial,
                 body: version,
@@ -712,14 +689,14 @@ impl Harness {
             );
             let version = head.map_or(0, |h| h.body);
             if dead {
-                if lane.failure == Some(ModelFailure::Rejected) {
-                    lane.dead_letter_hides_rejection = true;
+                // A rejection recorded since is the customer's current problem; the refused
+                // body is out of date.
+                if lane.failure != Some(ModelFailure::Rejected) {
+                    lane.failure = Some(ModelFailure::Dead {
+                        body: version,
+                        attempts: unit.attempts() + 1,
+                    });
                 }
-                lane.failure = Some(ModelFailure::Dead {
-                    body: version,
-                    attempts: unit.attempts() + 1,
-                });
-                lane.rejection_hides_dead_letter = false;
             } else {
                 lane.synced = Some(version);
                 if matches!(lane.failure, Some(ModelFailure::Dead { .. })) {
@@ -929,19 +906,13 @@ impl Harness {
             "invariant 1"
         );
         for (customer, lane) in self.lanes.iter().enumerate() {
-            let tolerate = self.mode == Mode::TolerateKnownBugs;
-            if lane.last_poll == Some(Item::Reject)
-                && !(tolerate && lane.dead_letter_hides_rejection)
-            {
+            if lane.last_poll == Some(Item::Reject) {
                 prop_assert_eq!(
                     lane.failure,
                     Some(ModelFailure::Rejected),
                     "invariant 6: c{} was last polled as a rejection, failures must say so",
                     customer
                 );
-            }
-            if lane.dropped_by_bug_1 && tolerate {
-                continue;
             }
             prop_assert!(
                 lane.latest.is_none()
@@ -1032,9 +1003,7 @@ impl Harness {
             let Some(Item::Body(version)) = lane.last_poll else {
                 continue;
             };
-            if matches!(lane.failure, Some(ModelFailure::Dead { .. }))
-                || (lane.dropped_by_bug_1 && self.mode == Mode::TolerateKnownBugs)
-            {
+            if matches!(lane.failure, Some(ModelFailure::Dead { .. })) {
                 continue;
             }
             let synced = self
@@ -1055,8 +1024,8 @@ impl Harness {
 }
 
 /// Replays `ops` against the store and the model, then drains the outbox.
-fn run(ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
-    let mut harness = Harness::new(mode)?;
+fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut harness = Harness::new()?;
     harness.check()?;
     for (step, op) in ops.iter().enumerate() {
         harness
@@ -1108,7 +1077,7 @@ proptest! {
 
     #[test]
     fn outbox_behaves_like_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        run(&ops, Mode::TolerateKnownBugs)?;
+        run(&ops)?;
     }
 }
 
@@ -1119,8 +1088,9 @@ fn poll(items: &[(usize, Item)]) -> Op {
     }
 }
 
-/// Store bug 1: a dead letter vanishes when a rejection of the record is resolved by the very
-/// body that was dead-lettered.
+/// Found by this model (then a store bug): a dead letter vanished when a rejection of the
+/// record was resolved by the very body that had been dead-lettered. A rejection now clears the
+/// latest hash, so the body is queued again.
 fn dead_letter_vanishes() -> Vec<Op> {
     vec![
         poll(&[(0, Item::Body(0))]),
@@ -1129,15 +1099,15 @@ fn dead_letter_vanishes() -> Vec<Op> {
         Op::DeadLetter { unit: 0, mask: 0 },
         // The record loses its email: the rejection replaces the dead-letter row (body and all).
         poll(&[(0, Item::Reject)]),
-        // The email comes back, same body as the dead letter: the rejection is deleted and the
-        // body is "unchanged" (latest_hash), so nothing is queued and nothing is left in
-        // failures; `replay --all` cannot find it, and every later poll is a no-op.
+        // The email comes back, same body as the dead letter: it must be queued again (it was
+        // once reported "unchanged" and silently dropped).
         poll(&[(0, Item::Body(0))]),
     ]
 }
 
-/// Store bug 2: a rejection vanishes when a dead letter of an older version overwrites it and
-/// a newer version is then delivered.
+/// Found by this model (then a store bug): a rejection vanished when a dead letter of an older
+/// version overwrote it and a newer version was then delivered. The rejection now drops the
+/// waiting version and is never overwritten by an older version's dead letter.
 fn rejection_vanishes() -> Vec<Op> {
     vec![
         poll(&[(0, Item::Body(0))]),
@@ -1146,31 +1116,22 @@ fn rejection_vanishes() -> Vec<Op> {
         poll(&[(0, Item::Body(1))]),
         // The record loses its email: failures shows c0 as rejected.
         poll(&[(0, Item::Reject)]),
-        // RevKeen refuses v0: its dead letter replaces the rejection row.
+        // RevKeen refuses v0: the rejection, the record's current problem, stays.
         Op::DeadLetter { unit: 0, mask: 0 },
         Op::Claim { batch_size: 1 },
-        // v1 is accepted: the dead letter is cleared, and with it the only trace that the
-        // record, as the source holds it now, cannot be sent. An incremental source
-        // (PracticeHub's `updated=gte:`) does not list the record again until it changes.
+        // v1 was dropped with the rejection: nothing is left to send, and failures still
+        // shows the rejection (an incremental source does not list the record again until
+        // it changes).
         Op::Ack(0),
     ]
 }
 
 #[test]
-#[ignore = "store bug: a dead letter vanishes from failures (and from replay) when its record is rejected and then polled again with the dead-lettered body"]
-fn store_bug_1_dead_letter_vanishes_after_a_rejection() {
-    run(&dead_letter_vanishes(), Mode::Strict).unwrap();
+fn a_dead_letter_survives_a_rejection_and_its_body_is_sent_again() {
+    run(&dead_letter_vanishes()).unwrap();
 }
 
 #[test]
-#[ignore = "store bug: a rejection vanishes from failures when a dead letter of an older version overwrites it and a newer version is then delivered"]
-fn store_bug_2_rejection_vanishes_behind_a_dead_letter() {
-    run(&rejection_vanishes(), Mode::Strict).unwrap();
-}
-
-/// The property test tolerates exactly the known bugs: their sequences pass in that mode.
-#[test]
-fn known_store_bugs_are_what_the_property_test_tolerates() {
-    run(&dead_letter_vanishes(), Mode::TolerateKnownBugs).unwrap();
-    run(&rejection_vanishes(), Mode::TolerateKnownBugs).unwrap();
+fn a_rejection_is_not_hidden_by_an_older_versions_dead_letter() {
+    run(&rejection_vanishes()).unwrap();
 }

@@ -564,8 +564,8 @@ impl WodifySim {
                         .filter_map(Condition::id_lower_bound)
                         .max()
                         .unwrap_or(i64::MIN);
-                    let skip = usize::try_from((page - 1).saturating_mul(page_size))
-                        .unwrap_or(usize::MAX);
+                    let skip =
+                        usize::try_from((page - 1).saturating_mul(page_size)).unwrap_or(usize::MAX);
                     let size = usize::try_from(page_size).unwrap_or(usize::MAX);
                     let mut items: Vec<&Value> = shared
                         .clients

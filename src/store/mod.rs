@@ -11,7 +11,9 @@
 //!    lane may be claimed, and a newer version replaces a queued one instead of queueing behind.
 //! 5. `customers.latest_hash` makes an unchanged record a no-op.
 //! 6. A record that cannot be sent lives in `failures` with its reason until it changes or is
-//!    replayed.
+//!    replayed. A rejection is the customer's current problem: it drops a version still waiting
+//!    in the queue, clears `latest_hash` (so whatever the record becomes next is queued again),
+//!    and is never overwritten by the dead letter of an older version.
 //!
 //! Durability: `synchronous = NORMAL`. In WAL mode that survives a crash of the process at any
 //! point; only a power loss or kernel crash can lose the last commits. That is enough here

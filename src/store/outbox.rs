@@ -585,6 +585,10 @@ fn touch(tx: &Transaction<'_>, source: &str, external_id: &str, pass: i64) -> ru
     .map(drop)
 }
 
+/// Records that a record cannot become a customer. The rejection is now the customer's latest
+/// state: a version still waiting in the queue no longer matches the source and is dropped (one
+/// already sent or in a recorded batch finishes as it is), and the latest hash is cleared so
+/// that whatever the record becomes next is queued again, even a body sent before.
 fn record_rejection(
     tx: &Transaction<'_>,
     source: &str,
@@ -593,8 +597,21 @@ fn record_rejection(
     pass: i64,
     now: i64,
 ) -> rusqlite::Result<()> {
-    touch(tx, source, external_id, pass)?;
-    tx.execute(
+    tx.prepare_cached(
+        "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
+         ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass,
+             latest_hash = NULL",
+    )?
+    .execute(params![source, external_id, pass])?;
+    // Only the last row of a lane can be waiting in the queue (a newer version replaces a
+    // waiting one instead of queueing behind it).
+    tx.prepare_cached(
+        "DELETE FROM outbox
+          WHERE id = (SELECT MAX(id) FROM outbox WHERE source = ?1 AND external_id = ?2)
+            AND batch_id IS NULL AND inflight = 0",
+    )?
+    .execute(params![source, external_id])?;
+    tx.prepare_cached(
         "INSERT INTO failures (source, external_id, kind, code, reason, hint, first_seen, last_seen)
          VALUES (?1, ?2, 'rejected', ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT (source, external_id) DO UPDATE SET kind = 'rejected', code = excluded.code,
@@ -603,8 +620,8 @@ fn record_rejection(
              first_seen = CASE WHEN failures.kind = 'rejected' THEN failures.first_seen
                                ELSE excluded.first_seen END,
              last_seen = excluded.last_seen",
-        params![source, external_id, rejection.code, rejection.reason, rejection.hint, now],
-    )
+    )?
+    .execute(params![source, external_id, rejection.code, rejection.reason, rejection.hint, now])
     .map(drop)
 }
 

@@ -164,7 +164,13 @@ pub(super) fn mark_synced(
         "UPDATE customers SET synced_hash = ?3, synced_body = ?4, synced_at = ?5
           WHERE source = ?1 AND external_id = ?2",
     )?
-    .execute(params![job.source, job.external_id, job.body_hash, job.body, now])?;
+    .execute(params![
+        job.source,
+        job.external_id,
+        job.body_hash,
+        job.body,
+        now
+    ])?;
     tx.prepare_cached(
         "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'dead_letter'",
     )?
@@ -172,6 +178,8 @@ pub(super) fn mark_synced(
     Ok(())
 }
 
+/// Keeps a refused job as the customer's dead letter, unless the customer's record has since
+/// been rejected: that rejection is its current problem, and the refused body is out of date.
 pub(super) fn dead_letter(
     tx: &Transaction<'_>,
     job: &Job,
@@ -192,7 +200,8 @@ pub(super) fn dead_letter(
              body_hash = excluded.body_hash, attempts = excluded.attempts,
              first_seen = CASE WHEN failures.kind = 'dead_letter' THEN failures.first_seen
                                ELSE excluded.first_seen END,
-             last_seen = excluded.last_seen",
+             last_seen = excluded.last_seen
+           WHERE failures.kind <> 'rejected'",
         params![
             job.source,
             job.external_id,
