@@ -94,6 +94,14 @@ fn main() {
     }
 }
 
+/// Whether a row runs: all by default, else those listed in `SYNC_DAEMON_BENCH_ROWS` ("1,2").
+fn wanted(row: u8) -> bool {
+    match std::env::var("SYNC_DAEMON_BENCH_ROWS") {
+        Ok(rows) => rows.split(',').any(|r| r.trim() == row.to_string()),
+        Err(_) => true,
+    }
+}
+
 async fn bench(scale: &Scale) -> Value {
     let machine = machine();
     println!(
@@ -104,90 +112,96 @@ async fn bench(scale: &Scale) -> Value {
     let mut goals_failed: Vec<String> = Vec::new();
 
     // Row 1.
-    let rate = rate_limited(scale.rate_clients, 100).await;
-    println!(
-        "\n1. Rate-limit bound: {} clients, Wodify {WODIFY_RPS}/s burst {WODIFY_BURST}, RevKeen {REVKEEN_RPM}/min burst {REVKEEN_BURST}, batch 100",
-        scale.rate_clients
-    );
-    print_rate(&rate);
-    if rate["bound_ratio"].as_f64().unwrap_or(0.0) < 0.90 {
-        goals_failed.push("row 1: bound ratio < 0.90".into());
+    if wanted(1) {
+        let rate = rate_limited(scale.rate_clients, 100).await;
+        println!(
+            "\n1. Rate-limit bound: {} clients, Wodify {WODIFY_RPS}/s burst {WODIFY_BURST}, RevKeen {REVKEEN_RPM}/min burst {REVKEEN_BURST}, batch 100",
+            scale.rate_clients
+        );
+        print_rate(&rate);
+        if rate["bound_ratio"].as_f64().unwrap_or(0.0) < 0.90 {
+            goals_failed.push("row 1: bound ratio < 0.90".into());
+        }
+        if rate["rate_limited_share"].as_f64().unwrap_or(1.0) > 0.01 {
+            goals_failed.push("row 1: 429s > 1% of requests".into());
+        }
+        rows.insert("1_rate_limit_bound", rate);
     }
-    if rate["rate_limited_share"].as_f64().unwrap_or(1.0) > 0.01 {
-        goals_failed.push("row 1: 429s > 1% of requests".into());
-    }
-    rows.insert("1_rate_limit_bound", rate);
 
     // Rows 2–4.
-    let (unthrottled, steady, rss_large) = unthrottled(scale.large).await;
-    println!(
-        "\n2. Unthrottled: {} clients, no limits, batch 100",
-        scale.large
-    );
-    for (k, v) in unthrottled.as_object().expect("object") {
-        println!("   {k:<34} {v}");
+    if wanted(2) || wanted(3) || wanted(4) {
+        let (unthrottled, steady, rss_large) = unthrottled(scale.large).await;
+        println!(
+            "\n2. Unthrottled: {} clients, no limits, batch 100",
+            scale.large
+        );
+        for (k, v) in unthrottled.as_object().expect("object") {
+            println!("   {k:<34} {v}");
+        }
+        if unthrottled["daemon_vs_bare"].as_f64().unwrap_or(0.0) < 0.70 {
+            goals_failed.push("row 2: daemon/bare < 0.70".into());
+        }
+        println!(
+            "\n3. Steady state: second --once over {} unchanged clients",
+            scale.large
+        );
+        for (k, v) in steady.as_object().expect("object") {
+            println!("   {k:<34} {v}");
+        }
+        if steady["revkeen_writes"].as_u64() != Some(0) {
+            goals_failed.push("row 3: RevKeen writes on an unchanged source".into());
+        }
+        let (small_run, _, rss_small) = unthrottled_daemon_only(scale.small).await;
+        let growth = rss_large as f64 / rss_small.max(1) as f64 - 1.0;
+        let memory = json!({
+            "clients_small": scale.small,
+            "clients_large": scale.large,
+            "peak_rss_small_mib": mib(rss_small),
+            "peak_rss_large_mib": mib(rss_large),
+            "growth": round(growth, 3),
+            "small_records_per_sec": small_run["records_per_sec"],
+        });
+        println!(
+            "\n4. Memory scaling: {} vs {} clients",
+            scale.small, scale.large
+        );
+        for (k, v) in memory.as_object().expect("object") {
+            println!("   {k:<34} {v}");
+        }
+        if growth > 0.20 {
+            goals_failed.push("row 4: RSS grows more than 20%".into());
+        }
+        if mib(rss_large) > 64.0 {
+            goals_failed.push("row 4: peak RSS above 64 MiB".into());
+        }
+        rows.insert("2_unthrottled", unthrottled);
+        rows.insert("3_steady_state", steady);
+        rows.insert("4_memory_scaling", memory);
     }
-    if unthrottled["daemon_vs_bare"].as_f64().unwrap_or(0.0) < 0.70 {
-        goals_failed.push("row 2: daemon/bare < 0.70".into());
-    }
-    println!(
-        "\n3. Steady state: second --once over {} unchanged clients",
-        scale.large
-    );
-    for (k, v) in steady.as_object().expect("object") {
-        println!("   {k:<34} {v}");
-    }
-    if steady["revkeen_writes"].as_u64() != Some(0) {
-        goals_failed.push("row 3: RevKeen writes on an unchanged source".into());
-    }
-    let (small_run, _, rss_small) = unthrottled_daemon_only(scale.small).await;
-    let growth = rss_large as f64 / rss_small.max(1) as f64 - 1.0;
-    let memory = json!({
-        "clients_small": scale.small,
-        "clients_large": scale.large,
-        "peak_rss_small_mib": mib(rss_small),
-        "peak_rss_large_mib": mib(rss_large),
-        "growth": round(growth, 3),
-        "small_records_per_sec": small_run["records_per_sec"],
-    });
-    println!(
-        "\n4. Memory scaling: {} vs {} clients",
-        scale.small, scale.large
-    );
-    for (k, v) in memory.as_object().expect("object") {
-        println!("   {k:<34} {v}");
-    }
-    if growth > 0.20 {
-        goals_failed.push("row 4: RSS grows more than 20%".into());
-    }
-    if mib(rss_large) > 64.0 {
-        goals_failed.push("row 4: peak RSS above 64 MiB".into());
-    }
-    rows.insert("2_unthrottled", unthrottled);
-    rows.insert("3_steady_state", steady);
-    rows.insert("4_memory_scaling", memory);
 
     // Row 5.
-    let single = rate_limited(scale.single_vs_batch, 1).await;
-    let batch = rate_limited(scale.single_vs_batch, 100).await;
-    let speedup = single["elapsed_secs"].as_f64().unwrap_or(0.0)
-        / batch["elapsed_secs"].as_f64().unwrap_or(1.0).max(0.001);
-    let versus = json!({
-        "clients": scale.single_vs_batch,
-        "single_elapsed_secs": single["elapsed_secs"],
-        "single_requests": single["revkeen_requests"],
-        "batch_elapsed_secs": batch["elapsed_secs"],
-        "batch_requests": batch["revkeen_requests"],
-        "speedup": round(speedup, 1),
-    });
-    println!(
-        "\n5. Single vs batch: {} clients under row 1's limits",
-        scale.single_vs_batch
-    );
-    for (k, v) in versus.as_object().expect("object") {
-        println!("   {k:<34} {v}");
+    if wanted(5) {
+        let single = rate_limited(scale.single_vs_batch, 1).await;
+        let batch = rate_limited(scale.single_vs_batch, 100).await;
+        let speedup = single["elapsed_secs"].as_f64().unwrap_or(0.0)
+            / batch["elapsed_secs"].as_f64().unwrap_or(1.0).max(0.001);
+        let versus = json!({
+            "clients": scale.single_vs_batch,
+            "single_elapsed_secs": single["elapsed_secs"],
+            "single_requests": single["revkeen_requests"],
+            "batch_elapsed_secs": batch["elapsed_secs"],
+            "batch_requests": batch["revkeen_requests"],
+            "speedup": round(speedup, 1),
+        });
+        println!(
+            "\n5. Single vs batch: {} clients under row 1's limits",
+            scale.single_vs_batch
+        );
+        for (k, v) in versus.as_object().expect("object") {
+            println!("   {k:<34} {v}");
+        }
+        rows.insert("5_single_vs_batch", versus);
     }
-    rows.insert("5_single_vs_batch", versus);
 
     json!({
         "scale": scale.name,

@@ -502,9 +502,23 @@ impl Config {
     }
 }
 
-/// The `config` crate renders paths as `sources[1]requests_per_second`; add the missing dot.
+/// A `config` crate error made safe and readable: the TOML parser quotes the offending line,
+/// which may hold an API key (`api_key = "rk_live_…` with a missing quote), so quoted source
+/// lines are dropped and only the position and the problem are kept; and paths rendered as
+/// `sources[1]requests_per_second` get their missing dot.
 fn tidy_config_error(error: &config::ConfigError) -> String {
-    error.to_string().replace("]", "].").replace("].`", "]`")
+    let text = error.to_string();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            let trimmed = line.trim_start();
+            let gutter = trimmed.trim_start_matches(|c: char| c.is_ascii_digit());
+            !gutter.trim_start().starts_with('|')
+        })
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    kept.join(": ").replace("]", "].").replace("].`", "]`")
 }
 
 fn daemon_config(raw: RawDaemon, env: &Environment) -> Result<DaemonConfig, ConfigError> {
@@ -1035,6 +1049,22 @@ api_key = "wodify-secret"
                 &Environment::default(),
             )
             .expect(ok);
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_never_quotes_the_line_that_holds_a_key() {
+        for broken in [
+            "[revkeen]\napi_key = \"rk_live_secret\n",
+            "[revkeen]\napi_key = \"rk_live_secret\"\napi_key = \"rk_live_secret\"\n",
+            "[revkeen]\napi_key = \"rk_live_secret\" trailing\n",
+        ] {
+            let error = error_for(broken);
+            assert!(!error.to_string().contains("rk_live_secret"), "{error}");
+            assert!(
+                error.to_string().contains("TOML parse error at line"),
+                "{error}"
+            );
         }
     }
 

@@ -172,7 +172,7 @@ fn main() -> ExitCode {
     // The state file has one writer, so a few blocking threads are all the store can use;
     // tokio's default of 512 only costs memory.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(8)
+        .max_blocking_threads(2)
         .enable_all()
         .build()
     {

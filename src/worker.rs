@@ -524,7 +524,6 @@ async fn finish_all(
 
 async fn finish_batch(shared: &Arc<Shared>, unit: Unit, result: BatchResult) -> SendResult {
     let mut results = Vec::with_capacity(unit.jobs().len());
-    let mut dead_lettered = 0;
     for job in unit.jobs() {
         let failure = result
             .failed
@@ -532,31 +531,16 @@ async fn finish_batch(shared: &Arc<Shared>, unit: Unit, result: BatchResult) -> 
             .find(|(external_id, _)| *external_id == job.external_id);
         match failure {
             Some((_, error)) => {
-                dead_lettered += 1;
-                tracing::error!(
+                // The batch answer says only `error: <free text>`: the customer is sent again
+                // alone, whose answer carries RevKeen's code, message and field errors for the
+                // dead letter (or is accepted, if the refusal was about the batch).
+                tracing::warn!(
                     source = %job.source,
                     external_id = %job.external_id,
-                    "RevKeen refused a customer in a batch; it is kept as a dead letter (see `sync-daemon failures`)."
+                    %error,
+                    "RevKeen refused a customer in a batch; resending it alone for RevKeen's full error."
                 );
-                let (code, reason) = match error.split_once(": ") {
-                    Some((code, reason))
-                        if !code.is_empty()
-                            && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
-                    {
-                        (code.to_string(), reason.to_string())
-                    }
-                    _ => ("batch_item_failed".to_string(), error.clone()),
-                };
-                results.push((
-                    job.id,
-                    Finished::DeadLetter(DeadLetter {
-                        hint: Some(refusal_hint(&code)),
-                        code,
-                        reason,
-                        http_status: Some(200),
-                        field_errors: None,
-                    }),
-                ));
+                results.push((job.id, Finished::RetrySingle));
             }
             None => results.push((job.id, Finished::Delivered(Delivered::InBatch))),
         }
@@ -565,7 +549,7 @@ async fn finish_batch(shared: &Arc<Shared>, unit: Unit, result: BatchResult) -> 
         created: result.created,
         updated: result.updated,
         stale: result.skipped,
-        dead_lettered,
+        dead_lettered: 0,
     };
     finish(shared, unit, results, counts).await
 }

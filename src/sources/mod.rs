@@ -115,18 +115,18 @@ pub trait Adapter: Send + Sync + 'static {
 
 /// Every kind of source, for dispatch without trait objects.
 pub enum AnySource {
-    Wodify(wodify::Wodify),
-    PracticeHub(practicehub::PracticeHub),
+    Wodify(Arc<wodify::Wodify>),
+    PracticeHub(Arc<practicehub::PracticeHub>),
 }
 
 impl AnySource {
     /// Builds the adapter a source's config asks for.
     pub fn new(config: &SourceConfig) -> Result<AnySource, reqwest::Error> {
         match config.kind {
-            SourceKind::Wodify => Ok(AnySource::Wodify(wodify::Wodify::new(config)?)),
-            SourceKind::PracticeHub => Ok(AnySource::PracticeHub(practicehub::PracticeHub::new(
-                config,
-            )?)),
+            SourceKind::Wodify => Ok(AnySource::Wodify(Arc::new(wodify::Wodify::new(config)?))),
+            SourceKind::PracticeHub => Ok(AnySource::PracticeHub(Arc::new(
+                practicehub::PracticeHub::new(config)?,
+            ))),
         }
     }
 }
@@ -204,8 +204,8 @@ pub async fn scan(
     on_page: impl FnMut(Vec<Mapped>),
 ) -> Result<PollStats, PollError> {
     match source {
-        AnySource::Wodify(adapter) => scan_with(adapter, ctx, on_page).await,
-        AnySource::PracticeHub(adapter) => scan_with(adapter, ctx, on_page).await,
+        AnySource::Wodify(adapter) => scan_with(adapter.as_ref(), ctx, on_page).await,
+        AnySource::PracticeHub(adapter) => scan_with(adapter.as_ref(), ctx, on_page).await,
     }
 }
 
@@ -253,8 +253,8 @@ pub async fn fetch_one(
     external_id: &str,
 ) -> Result<Option<Mapped>, PollError> {
     match source {
-        AnySource::Wodify(adapter) => fetch_one_with(adapter, ctx, external_id).await,
-        AnySource::PracticeHub(adapter) => fetch_one_with(adapter, ctx, external_id).await,
+        AnySource::Wodify(adapter) => fetch_one_with(adapter.as_ref(), ctx, external_id).await,
+        AnySource::PracticeHub(adapter) => fetch_one_with(adapter.as_ref(), ctx, external_id).await,
     }
 }
 
@@ -299,7 +299,10 @@ async fn fetch_one_with<A: Adapter>(
     }
 }
 
-async fn poll_with<A: Adapter>(adapter: &A, ctx: &PollContext) -> Result<PollStats, PollError> {
+async fn poll_with<A: Adapter>(
+    adapter: &Arc<A>,
+    ctx: &PollContext,
+) -> Result<PollStats, PollError> {
     let name = ctx.source.name.clone();
     let store = ctx.store.clone();
     let poll_id = {
@@ -340,7 +343,7 @@ async fn poll_with<A: Adapter>(adapter: &A, ctx: &PollContext) -> Result<PollSta
 }
 
 async fn poll_pages<A: Adapter>(
-    adapter: &A,
+    adapter: &Arc<A>,
     ctx: &PollContext,
     stats: &mut PollStats,
 ) -> Result<(), PollError> {
@@ -363,7 +366,7 @@ async fn poll_pages<A: Adapter>(
             return Err(PollError::Cancelled);
         }
         // Fetch the next page while the previous one commits.
-        let fetch = fetch_with_retry(adapter, ctx, &cursor);
+        let fetch = fetch_with_retry(adapter.as_ref(), ctx, &cursor);
         let previous = finish_commit(commit.take(), ctx, stats);
         let (fetched, committed) = tokio::select! {
             both = async { tokio::join!(fetch, previous) } => both,
@@ -373,19 +376,6 @@ async fn poll_pages<A: Adapter>(
         };
         committed?;
         let fetched = fetched.map_err(poll_error)?;
-
-        let mut items = Vec::with_capacity(fetched.records.len());
-        let mut warnings = 0u64;
-        for record in &fetched.records {
-            let mapped = adapter.map(record);
-            for warning in &mapped.warnings {
-                metrics::counter!("sync_daemon_normalization_warnings_total",
-                    "source" => name.to_string(), "warning" => *warning)
-                .increment(1);
-            }
-            warnings += mapped.warnings.len() as u64;
-            items.push(mapped.item);
-        }
         let stop = if fetched.pass_complete {
             match &resumed_at {
                 Some(at) if !wrapped && !adapter.covers(at, &fetched.next) => {
@@ -403,14 +393,31 @@ async fn poll_pages<A: Adapter>(
         let fetched_count = fetched.records.len();
         let next = fetched.next;
         let pass_complete = fetched.pass_complete;
+        let records = fetched.records;
         let store = ctx.store.clone();
+        let adapter = adapter.clone();
         let (source, revkeen_source, resync) = (
             name.to_string(),
             ctx.source.revkeen_source.clone(),
             ctx.resync,
         );
         let cursor_value = next.clone();
+        // Mapping (normalization, phone parsing, hashing) and the transaction run on a blocking
+        // thread while this task fetches the next page.
         commit = Some(tokio::task::spawn_blocking(move || {
+            let mut items = Vec::with_capacity(records.len());
+            let mut warnings = 0u64;
+            for record in &records {
+                let mapped = adapter.map(record);
+                for warning in &mapped.warnings {
+                    metrics::counter!("sync_daemon_normalization_warnings_total",
+                        "source" => source.clone(), "warning" => *warning)
+                    .increment(1);
+                }
+                warnings += mapped.warnings.len() as u64;
+                items.push(mapped.item);
+            }
+            drop(records);
             let page = store.commit_page(
                 &source,
                 &revkeen_source,
@@ -449,6 +456,7 @@ async fn report_vanished(ctx: &PollContext, stats: &mut PollStats) -> Result<(),
                 if pass < 2 {
                     return Ok((Vec::new(), 0));
                 }
+                s.clear_vanished_rejections(&name, pass)?;
                 s.vanished(&name, pass)
             })
             .await?

@@ -497,6 +497,13 @@ impl Adapter for PracticeHub {
         external_id.parse::<i64>().is_ok_and(|id| id > 0)
     }
 
+    /// A resumed listing covers only what changed since the crashed one began, from where it
+    /// stopped: patients on the pages it had already read may have changed since. One more,
+    /// incremental listing from the resumed one's mark picks them up (a few requests).
+    fn covers(&self, _resumed_at: &str, _cursor: &str) -> bool {
+        false
+    }
+
     fn map(&self, record: &PatientRecord) -> Mapped {
         let external_id = record.id.clone().unwrap_or_else(|| "(no id)".to_string());
         let (outcome, warnings) = match map_patient(record, &self.default_country) {

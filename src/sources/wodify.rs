@@ -77,14 +77,6 @@ pub struct Updated {
 }
 
 #[derive(Debug, Deserialize)]
-struct Listing {
-    #[serde(default)]
-    clients: Vec<Value>,
-    #[serde(default)]
-    pagination: Option<Pagination>,
-}
-
-#[derive(Debug, Deserialize)]
 struct Pagination {
     #[serde(default)]
     has_more: bool,
@@ -164,6 +156,15 @@ impl Wodify {
 
     /// One GET, with the answer checked for errors (including an envelope inside a 200).
     pub async fn get(&self, url: Url) -> Result<Value, SourceError> {
+        self.get_with(url, read_answer).await
+    }
+
+    /// One GET whose answer `read` turns into a value or an error.
+    async fn get_with<T>(
+        &self,
+        url: Url,
+        read: impl FnOnce(StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
         let started = std::time::Instant::now();
         let response = self
             .http
@@ -184,7 +185,7 @@ impl Wodify {
                         "answer cut off: {}",
                         describe_transport_error(&error)
                     ))),
-                    Ok(body) => read_answer(status, &body, retry_after),
+                    Ok(body) => read(status, &body, retry_after),
                 }
             }
         };
@@ -195,6 +196,42 @@ impl Wodify {
         .increment(1);
         result
     }
+}
+
+/// A listing answer read straight into typed clients, with the envelope's keys alongside so an
+/// error inside a 200 is still seen.
+#[derive(Debug, Deserialize)]
+struct ListingAnswer {
+    #[serde(rename = "HTTPCode", default)]
+    http_code: Option<Value>,
+    #[serde(rename = "ErrorCode", default)]
+    error_code: Option<Value>,
+    #[serde(default)]
+    clients: Option<Vec<Client>>,
+    #[serde(default)]
+    pagination: Option<Pagination>,
+}
+
+/// Reads a listing page; anything but a clean listing goes through [`read_answer`] for its
+/// error.
+fn read_listing(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<(Vec<Client>, bool), SourceError> {
+    if status.is_success()
+        && let Ok(answer) = serde_json::from_slice::<ListingAnswer>(body)
+        && answer.http_code.is_none()
+        && answer.error_code.is_none()
+        && let Some(clients) = answer.clients
+    {
+        return Ok((clients, answer.pagination.is_some_and(|p| p.has_more)));
+    }
+    read_answer(status, body, retry_after)?;
+    Err(SourceError::Transient(
+        "Wodify listing is not in the documented shape ({\"clients\": [...], \"pagination\": {...}})"
+            .to_string(),
+    ))
 }
 
 impl Wodify {
@@ -315,14 +352,14 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
 }
 
 impl Adapter for Wodify {
-    type Record = Value;
+    type Record = Client;
     const FULL_SCAN: bool = true;
 
     fn start_cursor(&self) -> String {
         self.start().render()
     }
 
-    async fn fetch(&self, cursor: &str) -> Result<Fetched<Value>, SourceError> {
+    async fn fetch(&self, cursor: &str) -> Result<Fetched<Client>, SourceError> {
         let at = match Cursor::parse(cursor) {
             // A cursor of the other scan mode (the config changed): start over in this one.
             Some(Cursor::After(_)) if self.scan == WodifyScan::Pages => self.start(),
@@ -330,60 +367,46 @@ impl Adapter for Wodify {
             Some(at) => at,
             None => self.start(),
         };
-        let value = self.get(self.url(at)).await?;
-        let listing: Listing = serde_json::from_value(value).map_err(|e| {
-            SourceError::Transient(format!(
-                "Wodify listing is not in the documented shape: {e}"
-            ))
-        })?;
-        let has_more = listing.pagination.map(|p| p.has_more).unwrap_or(false);
+        let (clients, has_more) = self.get_with(self.url(at), read_listing).await?;
         let next = match at {
             _ if !has_more => self.start(),
-            Cursor::After(after) => Cursor::After(
-                listing
-                    .clients
-                    .iter()
-                    .filter_map(|c| c.get("id").and_then(Value::as_i64))
-                    .max()
-                    .unwrap_or(after),
-            ),
+            Cursor::After(after) => {
+                Cursor::After(clients.iter().filter_map(|c| c.id).max().unwrap_or(after))
+            }
             Cursor::Page(page) => Cursor::Page(page + 1),
         };
         // `has_more` with an empty page would loop forever on the same cursor.
-        let pass_complete = !has_more || (listing.clients.is_empty() && next == at);
+        let pass_complete = !has_more || (clients.is_empty() && next == at);
         Ok(Fetched {
-            records: listing.clients,
+            records: clients,
             next: if pass_complete { self.start() } else { next }.render(),
             pass_complete,
         })
     }
 
-    async fn fetch_one(&self, external_id: &str) -> Result<Option<Value>, SourceError> {
+    async fn fetch_one(&self, external_id: &str) -> Result<Option<Client>, SourceError> {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().extend(["clients", external_id]);
         }
-        let client = self.get(url).await?;
+        let value = self.get(url).await?;
+        let client: Client = serde_json::from_value(value).map_err(|e| {
+            SourceError::Transient(format!("Wodify client is not in the documented shape: {e}"))
+        })?;
         // The record must be the one asked for: a push can never inject another.
-        let id = client.get("id").and_then(|id| {
-            id.as_i64()
-                .map(|n| n.to_string())
-                .or_else(|| id.as_str().map(str::to_string))
-        });
-        Ok((id.as_deref() == Some(external_id)).then_some(client))
+        Ok((client.id.map(|id| id.to_string()).as_deref() == Some(external_id)).then_some(client))
     }
 
     fn valid_id(&self, external_id: &str) -> bool {
         external_id.parse::<i64>().is_ok_and(|id| id > 0)
     }
 
-    fn map(&self, record: &Value) -> Mapped {
-        let client: Client = serde_json::from_value(record.clone()).unwrap_or_default();
+    fn map(&self, client: &Client) -> Mapped {
         let external_id = client
             .id
             .map(|id| id.to_string())
             .unwrap_or_else(|| "(no id)".to_string());
-        match map_client(&client, &self.default_country) {
+        match map_client(client, &self.default_country) {
             Ok((customer, warnings)) => Mapped {
                 item: PageItem {
                     external_id,

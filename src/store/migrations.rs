@@ -16,7 +16,8 @@ CREATE TABLE cursors (
 -- One row per customer ever seen. `version` grows with every job created for the customer and
 -- is part of the job's idempotency key, so no two versions ever share a key. `latest_hash` is
 -- the newest body decided on (queued, in flight, synced or dead-lettered): a polled record
--- hashing the same is unchanged. `synced_*` is the last body RevKeen accepted.
+-- hashing the same is unchanged. `synced_*` is the last body RevKeen accepted. A rowid table,
+-- not WITHOUT ROWID: rows carry a body, and large rows in a clustered key cost more per write.
 CREATE TABLE customers (
     source       TEXT NOT NULL,
     external_id  TEXT NOT NULL,
@@ -27,7 +28,7 @@ CREATE TABLE customers (
     synced_at    INTEGER,
     seen_pass    INTEGER,
     PRIMARY KEY (source, external_id)
-) WITHOUT ROWID;
+);
 
 -- Jobs waiting for a final answer from RevKeen. Within a lane (source, external_id) the
 -- lowest id goes first and is the only one that may be in flight; a later row exists only

@@ -121,6 +121,10 @@ fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
+// Queries that pick due work filter on `+o.source`: the unary plus keeps SQLite from using the
+// lane index for the source filter, which made it read and sort every queued row of the source
+// on every claim (O(backlog)); on `outbox_due` it walks due rows in order and stops at LIMIT.
+
 /// The condition that a row is the head of its lane (the only one that may be sent).
 const LANE_HEAD: &str = "NOT EXISTS (SELECT 1 FROM outbox p \
      WHERE p.source = o.source AND p.external_id = o.external_id AND p.id < o.id)";
@@ -265,7 +269,7 @@ impl Store {
             // MIN() with these conditions would scan the whole backlog.
             "SELECT MIN(t) FROM (
                  SELECT * FROM (SELECT o.next_attempt_at AS t FROM outbox o
-                  WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.source IN ({list}) AND {LANE_HEAD}
+                  WHERE o.batch_id IS NULL AND o.inflight = 0 AND +o.source IN ({list}) AND {LANE_HEAD}
                   ORDER BY o.next_attempt_at, o.id LIMIT 1)
                  UNION ALL
                  SELECT MIN(b.next_attempt_at) FROM batches b
@@ -301,22 +305,49 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_ms();
-        for job in unit.jobs() {
-            let Some((_, result)) = results.iter().find(|(id, _)| *id == job.id) else {
-                continue;
-            };
-            match result {
-                Finished::Delivered(delivered) => {
-                    super::records::mark_synced(&tx, job, *delivered, now)
-                }
-                Finished::DeadLetter(dead) => {
-                    super::records::dead_letter(&tx, job, unit.attempts() + 1, dead, now)
+        let result_of = |job: &Job| results.iter().find(|(id, _)| *id == job.id).map(|(_, r)| r);
+        let all_delivered = unit
+            .jobs()
+            .iter()
+            .all(|job| matches!(result_of(job), Some(Finished::Delivered(_))));
+        match unit {
+            // The common case, a whole batch accepted: three statements instead of three per
+            // member.
+            Unit::Batch(batch) if all_delivered => {
+                super::records::mark_batch_synced(&tx, batch.id, now).map_err(|e| self.err(e))?;
+                tx.prepare_cached("DELETE FROM outbox WHERE batch_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([batch.id]))
+                    .map_err(|e| self.err(e))?;
+            }
+            _ => {
+                for job in unit.jobs() {
+                    let Some(result) = result_of(job) else {
+                        continue;
+                    };
+                    match result {
+                        Finished::Delivered(delivered) => {
+                            super::records::mark_synced(&tx, job, *delivered, now)
+                        }
+                        Finished::DeadLetter(dead) => {
+                            super::records::dead_letter(&tx, job, unit.attempts() + 1, dead, now)
+                        }
+                        Finished::RetrySingle => {
+                            // Stays queued (the batch row goes below).
+                            tx.prepare_cached(
+                                "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1
+                                  WHERE id = ?1",
+                            )
+                            .and_then(|mut stmt| stmt.execute([job.id]))
+                            .map_err(|e| self.err(e))?;
+                            continue;
+                        }
+                    }
+                    .map_err(|e| self.err(e))?;
+                    tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                        .and_then(|mut stmt| stmt.execute([job.id]))
+                        .map_err(|e| self.err(e))?;
                 }
             }
-            .map_err(|e| self.err(e))?;
-            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")
-                .and_then(|mut stmt| stmt.execute([job.id]))
-                .map_err(|e| self.err(e))?;
         }
         if let Some(job) = unit.jobs().first() {
             super::records::add_delivery(&tx, &job.source, counts, now).map_err(|e| self.err(e))?;
@@ -415,11 +446,16 @@ impl Store {
     }
 }
 
-/// RevKeen's final answer for one job.
+/// What to record for one job of an answered unit.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finished {
+    /// RevKeen accepted it.
     Delivered(Delivered),
+    /// RevKeen's final refusal.
     DeadLetter(DeadLetter),
+    /// Refused inside a batch, whose answer carries only a free-text error: send it again on
+    /// its own to get RevKeen's code, message and field errors.
+    RetrySingle,
 }
 
 fn passes_of(tx: &Transaction<'_>, source: &str) -> rusqlite::Result<i64> {
@@ -460,6 +496,13 @@ fn apply_items(
                 Enqueued::Rejected
             }
             PageItemOutcome::Ignored => {
+                // Nothing to send and nothing to fix (a deleted record): an earlier rejection
+                // of it is moot.
+                tx.prepare_cached(
+                    "DELETE FROM failures WHERE source = ?1 AND external_id = ?2
+                        AND kind = 'rejected'",
+                )?
+                .execute(params![source, &item.external_id])?;
                 touch(tx, source, &item.external_id, pass)?;
                 Enqueued::Skipped
             }
@@ -494,39 +537,60 @@ fn enqueue(
     now: i64,
 ) -> rusqlite::Result<Enqueued> {
     let hash = body_hash(body);
-    // Normalizing successfully means any earlier rejection of this record is resolved.
-    tx.prepare_cached(
-        "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'rejected'",
-    )?
-    .execute(params![source, external_id])?;
-    let lane: Option<(i64, Option<String>, Option<String>)> = tx
+    // Everything the decision needs in one lookup: the customer, its newest outbox row, and
+    // whether an earlier rejection is now resolved.
+    let (known, version, latest_hash, synced_hash, queued, rejected) = tx
         .prepare_cached(
-            "SELECT version, latest_hash, synced_hash FROM customers
-              WHERE source = ?1 AND external_id = ?2",
+            "SELECT c.source IS NOT NULL, COALESCE(c.version, 0), c.latest_hash, c.synced_hash,
+                    o.id, o.batch_id, o.inflight,
+                    EXISTS (SELECT 1 FROM failures f WHERE f.source = ?1
+                              AND f.external_id = ?2 AND f.kind = 'rejected')
+               FROM (SELECT 1)
+               LEFT JOIN customers c ON c.source = ?1 AND c.external_id = ?2
+               LEFT JOIN outbox o ON o.id =
+                    (SELECT MAX(id) FROM outbox WHERE source = ?1 AND external_id = ?2)",
         )?
         .query_row(params![source, external_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?;
-    let (version, latest_hash, synced_hash) = lane.unwrap_or((0, None, None));
-    let queued: Option<(i64, Option<i64>, bool)> = tx
-        .prepare_cached(
-            "SELECT id, batch_id, inflight FROM outbox WHERE source = ?1 AND external_id = ?2
-              ORDER BY id DESC LIMIT 1",
+            let queued = match row.get::<_, Option<i64>>(4)? {
+                Some(id) => Some((id, row.get::<_, Option<i64>>(5)?, row.get::<_, bool>(6)?)),
+                None => None,
+            };
+            Ok((
+                row.get::<_, bool>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, Option<String>>(3)?,
+                queued,
+                row.get::<_, bool>(7)?,
+            ))
+        })?;
+    if rejected {
+        // Normalizing successfully means the earlier rejection of this record is resolved.
+        tx.prepare_cached(
+            "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'rejected'",
         )?
-        .query_row(params![source, external_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?;
+        .execute(params![source, external_id])?;
+    }
+    let touch = |tx: &Transaction<'_>| -> rusqlite::Result<()> {
+        if known {
+            tx.prepare_cached(
+                "UPDATE customers SET seen_pass = ?3 WHERE source = ?1 AND external_id = ?2",
+            )?
+            .execute(params![source, external_id, pass])
+            .map(drop)
+        } else {
+            touch(tx, source, external_id, pass)
+        }
+    };
     let unchanged = latest_hash.as_deref() == Some(hash.as_str());
     // `--resync` sends everything again, except what is already on its way.
     if unchanged && (!resync || queued.is_some()) {
-        touch(tx, source, external_id, pass)?;
+        touch(tx)?;
         return Ok(Enqueued::Unchanged);
     }
     if update_only && synced_hash.is_none() && queued.is_none() {
         // RevKeen never had this customer: a deleted record must not create one.
-        touch(tx, source, external_id, pass)?;
+        touch(tx)?;
         return Ok(Enqueued::Skipped);
     }
     let version = version + 1;
@@ -549,30 +613,36 @@ fn enqueue(
             .execute(params![id, body, hash, key, update_only])?;
         }
         _ => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
                                      idempotency_key, enqueued_at, update_only)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    source,
-                    external_id,
-                    revkeen_source,
-                    body,
-                    hash,
-                    key,
-                    now,
-                    update_only
-                ],
-            )?;
+            )?
+            .execute(params![
+                source,
+                external_id,
+                revkeen_source,
+                body,
+                hash,
+                key,
+                now,
+                update_only
+            ])?;
         }
     }
-    tx.prepare_cached(
-        "INSERT INTO customers (source, external_id, version, latest_hash, seen_pass)
-         VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (source, external_id) DO UPDATE SET version = excluded.version,
-             latest_hash = excluded.latest_hash, seen_pass = excluded.seen_pass",
-    )?
-    .execute(params![source, external_id, version, hash, pass])?;
+    if known {
+        tx.prepare_cached(
+            "UPDATE customers SET version = ?3, latest_hash = ?4, seen_pass = ?5
+              WHERE source = ?1 AND external_id = ?2",
+        )?
+        .execute(params![source, external_id, version, hash, pass])?;
+    } else {
+        tx.prepare_cached(
+            "INSERT INTO customers (source, external_id, version, latest_hash, seen_pass)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![source, external_id, version, hash, pass])?;
+    }
     Ok(Enqueued::New)
 }
 
@@ -676,7 +746,7 @@ fn claim_in(
     let head_sql = format!(
         "SELECT {JOB_COLUMNS}, o.single_only, o.update_only FROM outbox o
           WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
-            AND o.source IN ({list}) AND {LANE_HEAD}
+            AND +o.source IN ({list}) AND {LANE_HEAD}
           ORDER BY o.next_attempt_at, o.id LIMIT 1"
     );
     let due_args = || {
@@ -718,7 +788,7 @@ fn claim_in(
     let fill_sql = format!(
         "SELECT {JOB_COLUMNS} FROM outbox o
           WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
-            AND o.source IN ({list}) AND {LANE_HEAD}
+            AND +o.source IN ({list}) AND {LANE_HEAD}
             AND o.revkeen_source = ? AND o.single_only = 0 AND o.update_only = 0 AND o.id <> ?
           ORDER BY o.next_attempt_at, o.id LIMIT ?"
     );
@@ -750,12 +820,12 @@ fn claim_in(
         params![members[0].revkeen_source, body, key, now],
     )?;
     let batch_id = tx.last_insert_rowid();
-    {
-        let mut assign = tx.prepare_cached("UPDATE outbox SET batch_id = ?1 WHERE id = ?2")?;
-        for member in &members {
-            assign.execute(params![batch_id, member.id])?;
-        }
-    }
+    let ids = serde_json::to_string(&members.iter().map(|m| m.id).collect::<Vec<i64>>())
+        .expect("a list of integers serializes");
+    tx.prepare_cached(
+        "UPDATE outbox SET batch_id = ?1 WHERE id IN (SELECT value FROM json_each(?2))",
+    )?
+    .execute(params![batch_id, ids])?;
     Ok(Some(Unit::Batch(Batch {
         id: batch_id,
         revkeen_source: members[0].revkeen_source.clone(),

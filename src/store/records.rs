@@ -180,6 +180,33 @@ pub(super) fn mark_synced(
 
 /// Keeps a refused job as the customer's dead letter, unless the customer's record has since
 /// been rejected: that rejection is its current problem, and the refused body is out of date.
+/// [`mark_synced`] for every member of a batch at once.
+pub(super) fn mark_batch_synced(
+    tx: &Transaction<'_>,
+    batch_id: i64,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE customers SET synced_hash = o.body_hash, synced_body = o.body, synced_at = ?2
+           FROM outbox o
+          WHERE o.batch_id = ?1
+            AND customers.source = o.source AND customers.external_id = o.external_id",
+    )?
+    .execute(params![batch_id, now])?;
+    // Dead letters are rare: look for one before paying for the join.
+    let any_dead: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM failures WHERE kind = 'dead_letter')")?
+        .query_row([], |row| row.get(0))?;
+    if any_dead {
+        tx.prepare_cached(
+            "DELETE FROM failures WHERE kind = 'dead_letter' AND (source, external_id) IN
+               (SELECT source, external_id FROM outbox WHERE batch_id = ?1)",
+        )?
+        .execute([batch_id])?;
+    }
+    Ok(())
+}
+
 pub(super) fn dead_letter(
     tx: &Transaction<'_>,
     job: &Job,
@@ -557,6 +584,19 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let total = self.vanished_count_in(&conn, source, pass)?;
         Ok((new, total))
+    }
+
+    /// Drops rejections of records a complete pass no longer listed: a record deleted at the
+    /// source has nothing left to fix. (Dead letters stay: their body can still be replayed.)
+    pub fn clear_vanished_rejections(&self, source: &str, pass: i64) -> Result<u64, StoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM failures WHERE source = ?1 AND kind = 'rejected' AND external_id IN
+                   (SELECT external_id FROM customers WHERE source = ?1 AND seen_pass < ?2)",
+                params![source, pass],
+            )
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
     }
 
     /// Known records of a full-scan source that its last complete pass did not list.
