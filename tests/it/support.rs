@@ -279,11 +279,24 @@ pub fn only_source(toml: &str, name: &str) -> String {
     out
 }
 
+/// `toml` with `line` added to the `[revkeen]` table.
+pub fn with_revkeen(toml: &str, line: &str) -> String {
+    assert!(toml.contains("[revkeen]\n"), "no [revkeen] table");
+    toml.replacen("[revkeen]\n", &format!("[revkeen]\n{line}\n"), 1)
+}
+
 /// `toml` with `line` added to the source named `name`.
 pub fn with_source(toml: &str, name: &str, line: &str) -> String {
     let anchor = format!("name = \"{name}\"\n");
     assert!(toml.contains(&anchor), "no source named {name}");
     toml.replacen(&anchor, &format!("{anchor}{line}\n"), 1)
+}
+
+/// `toml` with `from` replaced by `to`, which must be present.
+#[track_caller]
+pub fn replaced(toml: &str, from: &str, to: &str) -> String {
+    assert!(toml.contains(from), "{from:?} is not in the config");
+    toml.replacen(from, to, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
