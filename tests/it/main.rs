@@ -6,6 +6,7 @@
 //! observe: exit codes, output, what RevKeen holds and was sent, and what the state file lists.
 //! [`support`] holds the harness.
 
+mod auth;
 mod config_errors;
 mod demo;
 mod once;

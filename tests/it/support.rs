@@ -31,6 +31,7 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 pub mod exit {
     pub const OK: i32 = 0;
     pub const REJECTED: i32 = 65;
+    pub const AUTH_REFUSED: i32 = 77;
     pub const CONFIG: i32 = 78;
 }
 
@@ -175,6 +176,18 @@ impl Harness {
     pub async fn run(&self, args: &[&str]) -> Output {
         let out = run_command(self.command(args)).await;
         assert_no_secrets(&out, &self.secrets());
+        out
+    }
+
+    /// Like [`Harness::run`] with extra environment variables, whose values must not print
+    /// either (they carry secrets in the tests that use this).
+    pub async fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let out = run_command(command).await;
+        let mut secrets = self.secrets();
+        secrets.extend(env.iter().map(|(_, value)| value.to_string()));
+        assert_no_secrets(&out, &secrets);
         out
     }
 
