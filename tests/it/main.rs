@@ -9,5 +9,6 @@
 mod auth;
 mod config_errors;
 mod demo;
+mod faults;
 mod once;
 mod support;

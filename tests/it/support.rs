@@ -31,6 +31,7 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 pub mod exit {
     pub const OK: i32 = 0;
     pub const REJECTED: i32 = 65;
+    pub const UNAVAILABLE: i32 = 69;
     pub const AUTH_REFUSED: i32 = 77;
     pub const CONFIG: i32 = 78;
 }
