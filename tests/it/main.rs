@@ -8,6 +8,7 @@
 
 mod auth;
 mod config_errors;
+mod crash;
 mod demo;
 mod faults;
 mod once;

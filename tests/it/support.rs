@@ -87,6 +87,41 @@ pub struct Running {
 }
 
 impl Running {
+    /// SIGKILLs the process (tokio's `Child::kill`, like std's, sends SIGKILL on Unix) and
+    /// returns what it printed; `code` is `None` if the kill landed before it exited.
+    pub async fn kill(mut self) -> Output {
+        // An error here means it already exited, which the returned code shows.
+        let _ = self.child.start_kill();
+        let out = tokio::time::timeout(RUN_TIMEOUT, self.child.wait_with_output())
+            .await
+            .expect("a killed sync-daemon is reaped promptly")
+            .expect("waiting for sync-daemon");
+        let out = Output::new(out.status, &out.stdout, &out.stderr, self.started.elapsed());
+        assert_no_secrets(&out, &self.secrets);
+        out
+    }
+
+    /// Kills the process as soon as `condition` holds, unless it exits first (then its output
+    /// says how it ended). The condition is checked every 5 ms.
+    pub async fn kill_when(mut self, mut condition: impl FnMut() -> bool) -> Output {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        loop {
+            let exited = self
+                .child
+                .try_wait()
+                .expect("polling sync-daemon")
+                .is_some();
+            if exited || condition() {
+                return self.kill().await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sync-daemon neither finished nor met the kill condition within {RUN_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits for the process to finish by itself.
     pub async fn finish(self) -> Output {
         let out = tokio::time::timeout(RUN_TIMEOUT, self.child.wait_with_output())
@@ -218,6 +253,14 @@ impl Harness {
             .expect("state file exists after a run")
             .failures(None)
             .expect("failures read")
+    }
+
+    /// Lifts every simulator's rate limit, for tests not about rate limiting that run the
+    /// binary several times in a row.
+    pub fn unlimited(&self) {
+        self.sims.wodify.set_rate_limit(0, 0);
+        self.sims.practicehub.set_rate_limit(0, 0);
+        self.sims.revkeen.set_rate_limit(0, 0);
     }
 }
 
