@@ -10,6 +10,7 @@ mod auth;
 mod config_errors;
 mod crash;
 mod demo;
+mod failures;
 mod faults;
 mod once;
 mod support;
