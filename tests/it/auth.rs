@@ -1,6 +1,8 @@
 //! A refused API key ends `--once` with exit 77, quickly and without hammering the API; the
 //! error names the problem without printing the key; fixing the key is all it takes for the next
-//! run to deliver everything. Holds for RevKeen's key and for each source's key.
+//! run to deliver everything. Holds for RevKeen's key and for each source's key; a source whose
+//! key is refused does not hold back the other source. Keys read from the environment, a key
+//! file or systemd credentials work, and no key reaches the output even in trace logs.
 
 use std::time::Duration;
 
@@ -237,4 +239,24 @@ async fn keys_from_the_environment_files_and_credentials_work_and_stay_hidden() 
     h.run_with_env(&["check-config"], &env)
         .await
         .assert_exit(exit::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_source_key_does_not_hold_back_the_other_source() {
+    let h = Harness::start().await;
+    h.write_config(&replaced(
+        &h.base_config(),
+        &format!("api_key = \"{WODIFY_KEY}\""),
+        "api_key = \"wodify_wrong_key_2718\"",
+    ));
+    h.sims.wodify.seed(100, 13);
+    h.sims.practicehub.seed(120, 13);
+    let out = h.once().await;
+    out.assert_exit(exit::AUTH_REFUSED);
+    assert!(h.sims.revkeen.customers("wodify").is_empty());
+    assert_revkeen_holds(
+        &h.sims.revkeen,
+        "practicehub",
+        &expected_practicehub(&h.sims.practicehub),
+    );
 }

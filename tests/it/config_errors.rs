@@ -1,6 +1,7 @@
 //! An invalid configuration stops the binary with exit 78 before it contacts anything, and the
-//! error names the offending key and value. `check-config` prints the effective configuration
-//! without any API key (the harness checks every run's output for the configured keys).
+//! error names the offending key and value (a missing config file names its path); a bad
+//! command line exits 2. `check-config` prints the effective configuration without any API key
+//! (the harness checks every run's output for the configured keys).
 
 use crate::support::{Harness, exit, replaced, with_revkeen, with_source};
 use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
@@ -112,4 +113,24 @@ async fn a_typo_on_the_key_line_does_not_print_the_key() {
     h.write_config(&toml);
     // `run` fails the test if the key appears in the output.
     h.run(&["check-config"]).await.assert_exit(exit::CONFIG);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2_and_a_missing_config_file_exits_78() {
+    let h = Harness::start().await;
+    for args in [&["--bogus"][..], &["--once", "--dry-run"][..]] {
+        let out = h.run(args).await;
+        out.assert_exit(2);
+        assert!(out.stderr.contains("Usage"), "{}", out.transcript());
+    }
+    let missing = h.dir().join("nowhere.toml");
+    let mut command = crate::support::command(h.dir());
+    command.arg("--config").arg(&missing).arg("--once");
+    let out = crate::support::run_command(command).await;
+    out.assert_exit(exit::CONFIG);
+    assert!(
+        out.stderr.contains(missing.to_str().expect("utf-8 path")),
+        "{}",
+        out.transcript()
+    );
 }

@@ -2,7 +2,10 @@
 //! 429s, RevKeen 5xx, RevKeen 429s and dropped RevKeen connections all end with every client at
 //! RevKeen and exit 0 (every seeded client has a valid email). A dropped connection after
 //! RevKeen applied the write is retried as a replay: no customer is written twice and RevKeen
-//! never sees one idempotency key with two bodies.
+//! never sees one idempotency key with two bodies, in batches and in single upserts. RevKeen
+//! staying down ends `--once` with 69 and keeps the customers queued for the next run; a write
+//! that outlives the daemon's timeout is retried through 409 `idempotency_in_progress` to a
+//! replay.
 //!
 //! Each test first injects its fault at rate 1.0 until the simulator has served it at least
 //! once, then lowers it to the stated rate, so every run really meets the fault.
@@ -20,13 +23,18 @@ const CLIENTS: usize = 500;
 
 /// A gym-only harness with every client valid; `revkeen_lines` go into `[revkeen]`.
 async fn gym(revkeen_lines: &[&str]) -> Harness {
+    gym_of(CLIENTS, revkeen_lines).await
+}
+
+/// [`gym`] with `clients` clients.
+async fn gym_of(clients: usize, revkeen_lines: &[&str]) -> Harness {
     let h = Harness::start().await;
     let mut config = h.config_for("gym");
     for line in revkeen_lines {
         config = with_revkeen(&config, line);
     }
     h.write_config(&config);
-    seed_valid_clients(&h.sims.wodify, CLIENTS, 3);
+    seed_valid_clients(&h.sims.wodify, clients, 3);
     h
 }
 
@@ -188,6 +196,29 @@ async fn revkeen_dropped_connections_are_replayed_not_rewritten() {
     );
     assert_eq!(stats.created, CLIENTS as u64);
     assert_eq!(stats.updated, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revkeen_dropped_single_upserts_are_replayed_not_rewritten() {
+    let h = gym_of(150, &["batch_size = 1"]).await;
+    let revkeen = h.sims.revkeen.clone();
+    let out = once_with_fault(
+        &h,
+        0.2,
+        |rate| {
+            revkeen.set_faults(Faults {
+                drop_rate: rate,
+                ..Faults::default()
+            })
+        },
+        || revkeen.stats().dropped,
+    )
+    .await;
+    assert_all_delivered(&h, &out);
+    let stats = h.sims.revkeen.stats();
+    assert!(stats.single_requests > 150, "{stats:?}");
+    assert!(stats.replayed >= 1, "{stats:?}");
+    assert_eq!((stats.created, stats.updated), (150, 0), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
