@@ -1,0 +1,16 @@
+//! Integration tests for `sync-daemon`: the real binary against the bundled simulators.
+//!
+//! Every test starts its own RevKeen, Wodify and PracticeHub simulators on loopback port 0 in
+//! the test's runtime, writes a config into a fresh temp directory and runs the compiled
+//! `sync-daemon` as a child process, as an operator would. Assertions are about what a user can
+//! observe: exit codes, output, what RevKeen holds and was sent, and what the state file lists.
+//! [`support`] holds the harness.
+
+mod auth;
+mod config_errors;
+mod crash;
+mod demo;
+mod failures;
+mod faults;
+mod once;
+mod support;

@@ -1,0 +1,528 @@
+//! The harness: simulators in the test's runtime, a temp state directory, a config file, and
+//! the real `sync-daemon` binary run as a child process.
+//!
+//! Tests must run on a multi-threaded runtime (`#[tokio::test(flavor = "multi_thread",
+//! worker_threads = 2)]`) so the simulators keep serving while a child runs. Every run checks
+//! that no configured API key appears in the child's stdout or stderr.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sync_daemon::customer::normalize_email;
+use sync_daemon::sim::practicehub::PracticeHubSim;
+use sync_daemon::sim::revkeen::{RevKeenSim, RevKeenStats};
+use sync_daemon::sim::wodify::WodifySim;
+use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, SimPorts, SimSet, WODIFY_KEY};
+use sync_daemon::store::{Failure, Store};
+use tokio::process::{Child, Command};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_sync-daemon");
+
+/// No single run of the binary may take longer; a hang fails the test instead of the suite.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Exit codes from DESIGN's external interface.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const REJECTED: i32 = 65;
+    pub const UNAVAILABLE: i32 = 69;
+    pub const AUTH_REFUSED: i32 = 77;
+    pub const CONFIG: i32 = 78;
+}
+
+/// One finished run of the binary.
+#[derive(Debug)]
+pub struct Output {
+    /// The exit code; `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    fn new(status: ExitStatus, stdout: &[u8], stderr: &[u8], elapsed: Duration) -> Output {
+        Output {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(stdout).into_owned(),
+            stderr: String::from_utf8_lossy(stderr).into_owned(),
+            elapsed,
+        }
+    }
+
+    /// Panics with the run's output unless it exited with `code`.
+    #[track_caller]
+    pub fn assert_exit(&self, code: i32) -> &Output {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit {code}, got {:?} after {:.1} s\n{}",
+            self.code,
+            self.elapsed.as_secs_f64(),
+            self.transcript()
+        );
+        self
+    }
+
+    /// stdout and stderr, for failure messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}
+
+/// A running `--once` started with [`Harness::spawn`].
+pub struct Running {
+    child: Child,
+    started: Instant,
+    secrets: Vec<String>,
+}
+
+impl Running {
+    /// SIGKILLs the process (tokio's `Child::kill`, like std's, sends SIGKILL on Unix) and
+    /// returns what it printed; `code` is `None` if the kill landed before it exited.
+    pub async fn kill(mut self) -> Output {
+        // An error here means it already exited, which the returned code shows.
+        let _ = self.child.start_kill();
+        let out = tokio::time::timeout(RUN_TIMEOUT, self.child.wait_with_output())
+            .await
+            .expect("a killed sync-daemon is reaped promptly")
+            .expect("waiting for sync-daemon");
+        let out = Output::new(out.status, &out.stdout, &out.stderr, self.started.elapsed());
+        assert_no_secrets(&out, &self.secrets);
+        out
+    }
+
+    /// Kills the process as soon as `condition` holds, unless it exits first (then its output
+    /// says how it ended). The condition is checked every 5 ms.
+    pub async fn kill_when(mut self, mut condition: impl FnMut() -> bool) -> Output {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        loop {
+            let exited = self
+                .child
+                .try_wait()
+                .expect("polling sync-daemon")
+                .is_some();
+            if exited || condition() {
+                return self.kill().await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sync-daemon neither finished nor met the kill condition within {RUN_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits for the process to finish by itself.
+    pub async fn finish(self) -> Output {
+        let out = tokio::time::timeout(RUN_TIMEOUT, self.child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("sync-daemon did not finish within {RUN_TIMEOUT:?}"))
+            .expect("waiting for sync-daemon");
+        let out = Output::new(out.status, &out.stdout, &out.stderr, self.started.elapsed());
+        assert_no_secrets(&out, &self.secrets);
+        out
+    }
+}
+
+/// Simulators, a temp directory with `config.toml` and `state.db`, and the binary.
+pub struct Harness {
+    pub sims: SimSet,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    dir: tempfile::TempDir,
+    /// Every API key any config of this test carried: none may ever be printed.
+    secrets: Mutex<Vec<String>>,
+}
+
+impl Harness {
+    /// Starts the simulators on free loopback ports and writes the default config (sources
+    /// `gym` and `clinic`), with no records seeded.
+    pub async fn start() -> Harness {
+        let sims = SimSet::start(SimPorts::default())
+            .await
+            .expect("simulators start on 127.0.0.1");
+        let dir = tempfile::Builder::new()
+            .prefix("sync-daemon-it")
+            .tempdir()
+            .expect("temp dir");
+        let harness = Harness {
+            state: dir.path().join("state.db"),
+            config: dir.path().join("config.toml"),
+            sims,
+            dir,
+            secrets: Mutex::new(
+                [REVKEEN_KEY, WODIFY_KEY, PRACTICEHUB_KEY]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+        };
+        harness.write_config(&harness.base_config());
+        harness
+    }
+
+    /// The temp directory (the child's working directory).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The simulators' own config (`SimSet::config_toml`) for this state file.
+    pub fn base_config(&self) -> String {
+        self.sims.config_toml(&self.state)
+    }
+
+    /// The default config with only the named source.
+    pub fn config_for(&self, source: &str) -> String {
+        only_source(&self.base_config(), source)
+    }
+
+    /// Writes `toml` as the config file; its API keys join the secrets that must never print.
+    pub fn write_config(&self, toml: &str) {
+        std::fs::write(&self.config, toml).expect("write config");
+        let mut secrets = self.secrets.lock().expect("secrets lock");
+        for secret in secret_values(toml) {
+            if !secrets.contains(&secret) {
+                secrets.push(secret);
+            }
+        }
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        self.secrets.lock().expect("secrets lock").clone()
+    }
+
+    /// `sync-daemon --config <config> <args>`, with the test environment scrubbed of anything
+    /// that could change the config or the log level.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = command(self.dir());
+        command.arg("--config").arg(&self.config).args(args);
+        command
+    }
+
+    /// Runs the binary with `args` after `--config` and waits for it.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let out = run_command(self.command(args)).await;
+        assert_no_secrets(&out, &self.secrets());
+        out
+    }
+
+    /// Like [`Harness::run`] with extra environment variables, whose values must not print
+    /// either (they carry secrets in the tests that use this).
+    pub async fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let out = run_command(command).await;
+        let mut secrets = self.secrets();
+        secrets.extend(env.iter().map(|(_, value)| value.to_string()));
+        assert_no_secrets(&out, &secrets);
+        out
+    }
+
+    /// `sync-daemon --config <config> --once`.
+    pub async fn once(&self) -> Output {
+        self.run(&["--once"]).await
+    }
+
+    /// Starts `--once` without waiting for it.
+    pub fn spawn_once(&self) -> Running {
+        let mut command = self.command(&["--once"]);
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        Running {
+            started: Instant::now(),
+            child: command.spawn().expect("spawn sync-daemon"),
+            secrets: self.secrets(),
+        }
+    }
+
+    /// Every open failure in the state file, read through a read-only handle.
+    pub fn failures(&self) -> Vec<Failure> {
+        Store::open_read_only(&self.state)
+            .expect("state file opens read-only")
+            .expect("state file exists after a run")
+            .failures(None)
+            .expect("failures read")
+    }
+
+    /// Lifts every simulator's rate limit, for tests not about rate limiting that run the
+    /// binary several times in a row.
+    pub fn unlimited(&self) {
+        self.sims.wodify.set_rate_limit(0, 0);
+        self.sims.practicehub.set_rate_limit(0, 0);
+        self.sims.revkeen.set_rate_limit(0, 0);
+    }
+}
+
+/// A command for the binary with a scrubbed environment, run in `dir`.
+pub fn command(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir).kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("SYNC_DAEMON")
+            || matches!(
+                name_text.as_ref(),
+                "RUST_LOG" | "CREDENTIALS_DIRECTORY" | "STATE_DIRECTORY" | "JOURNAL_STREAM"
+            )
+        {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
+/// Runs `command` to completion (or fails the test after [`RUN_TIMEOUT`]).
+pub async fn run_command(mut command: Command) -> Output {
+    let started = Instant::now();
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = command.spawn().expect("spawn sync-daemon");
+    let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("sync-daemon did not finish within {RUN_TIMEOUT:?}"))
+        .expect("waiting for sync-daemon");
+    Output::new(out.status, &out.stdout, &out.stderr, started.elapsed())
+}
+
+/// Fails the test if any secret appears in the run's output.
+#[track_caller]
+pub fn assert_no_secrets(out: &Output, secrets: &[String]) {
+    for secret in secrets {
+        assert!(
+            !out.stdout.contains(secret.as_str()) && !out.stderr.contains(secret.as_str()),
+            "the API key {secret:?} appeared in sync-daemon's output\n{}",
+            out.transcript()
+        );
+    }
+}
+
+/// The quoted values of `api_key = "…"` and `push_secret = "…"` lines.
+fn secret_values(toml: &str) -> Vec<String> {
+    toml.lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            let key = key.trim();
+            (key == "api_key" || key == "push_secret").then_some(())?;
+            let value = value.trim().trim_matches('"');
+            (!value.is_empty()).then(|| value.to_string())
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config editing: tests start from `SimSet::config_toml` and change a few lines.
+
+/// `toml` with every `[[sources]]` block except the one named `name` removed.
+pub fn only_source(toml: &str, name: &str) -> String {
+    let mut parts = toml.split("[[sources]]");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for block in parts {
+        if block.contains(&format!("name = \"{name}\"")) {
+            out.push_str("[[sources]]");
+            out.push_str(block);
+        }
+    }
+    assert!(out.contains("[[sources]]"), "no source named {name}");
+    out
+}
+
+/// `toml` with `line` added to the `[revkeen]` table.
+pub fn with_revkeen(toml: &str, line: &str) -> String {
+    assert!(toml.contains("[revkeen]\n"), "no [revkeen] table");
+    toml.replacen("[revkeen]\n", &format!("[revkeen]\n{line}\n"), 1)
+}
+
+/// `toml` with `line` added to the source named `name`.
+pub fn with_source(toml: &str, name: &str, line: &str) -> String {
+    let anchor = format!("name = \"{name}\"\n");
+    assert!(toml.contains(&anchor), "no source named {name}");
+    toml.replacen(&anchor, &format!("{anchor}{line}\n"), 1)
+}
+
+/// `toml` with `from` replaced by `to`, which must be present.
+#[track_caller]
+pub fn replaced(toml: &str, from: &str, to: &str) -> String {
+    assert!(toml.contains(from), "{from:?} is not in the config");
+    toml.replacen(from, to, 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expectations, computed from the simulators' data.
+
+/// What RevKeen should hold for one customer: the fields a user would check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub email: String,
+    pub name: Option<String>,
+}
+
+fn joined_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+    let parts: Vec<&str> = [first, last]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// Every Wodify client with a valid email, by external id.
+pub fn expected_wodify(sim: &WodifySim) -> BTreeMap<String, Expected> {
+    sim.clients()
+        .iter()
+        .filter_map(|client| {
+            let id = client.get("id")?.as_i64()?;
+            let email = normalize_email(client.get("email").and_then(Value::as_str)).ok()?;
+            let name = joined_name(
+                client.get("first_name").and_then(Value::as_str),
+                client.get("last_name").and_then(Value::as_str),
+            );
+            Some((id.to_string(), Expected { email, name }))
+        })
+        .collect()
+}
+
+/// Ids of Wodify clients without a valid email.
+pub fn invalid_wodify(sim: &WodifySim) -> Vec<i64> {
+    sim.clients()
+        .iter()
+        .filter(|client| normalize_email(client.get("email").and_then(Value::as_str)).is_err())
+        .filter_map(|client| client.get("id").and_then(Value::as_i64))
+        .collect()
+}
+
+fn truthy(value: Option<&Value>) -> bool {
+    match value {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().is_some_and(|f| f != 0.0),
+        _ => false,
+    }
+}
+
+/// Every PracticeHub patient that is not deleted and has a valid email, by external id.
+pub fn expected_practicehub(sim: &PracticeHubSim) -> BTreeMap<String, Expected> {
+    sim.patients()
+        .iter()
+        .filter(|patient| !truthy(patient.get("deleted")))
+        .filter_map(|patient| {
+            let id = patient.get("id")?.as_i64()?;
+            let email = normalize_email(patient.get("email").and_then(Value::as_str)).ok()?;
+            let name = joined_name(
+                patient.get("first_name").and_then(Value::as_str),
+                patient.get("last_name").and_then(Value::as_str),
+            );
+            Some((id.to_string(), Expected { email, name }))
+        })
+        .collect()
+}
+
+/// What RevKeen holds for `source`, by external id.
+pub fn at_revkeen(sim: &RevKeenSim, source: &str) -> BTreeMap<String, Expected> {
+    sim.customers(source)
+        .into_iter()
+        .map(|customer| {
+            let field = |name: &str| {
+                customer
+                    .fields
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            (
+                customer.external_id.clone(),
+                Expected {
+                    email: field("email").unwrap_or_default(),
+                    name: field("name"),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Asserts RevKeen holds exactly `expected` for `source`, listing a few differences if not.
+#[track_caller]
+pub fn assert_revkeen_holds(sim: &RevKeenSim, source: &str, expected: &BTreeMap<String, Expected>) {
+    let actual = at_revkeen(sim, source);
+    if &actual == expected {
+        return;
+    }
+    let mut report = String::new();
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|id| !actual.contains_key(*id))
+        .collect();
+    let extra: Vec<&String> = actual
+        .keys()
+        .filter(|id| !expected.contains_key(*id))
+        .collect();
+    let different: Vec<String> = expected
+        .iter()
+        .filter_map(|(id, want)| {
+            let got = actual.get(id)?;
+            (got != want).then(|| format!("{id}: expected {want:?}, RevKeen has {got:?}"))
+        })
+        .collect();
+    let _ = writeln!(
+        report,
+        "RevKeen's {source} customers differ from the source: {} missing, {} unexpected, {} with other data",
+        missing.len(),
+        extra.len(),
+        different.len()
+    );
+    let _ = writeln!(
+        report,
+        "missing (first 10): {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    let _ = writeln!(
+        report,
+        "unexpected (first 10): {:?}",
+        &extra[..extra.len().min(10)]
+    );
+    for line in different.iter().take(10) {
+        let _ = writeln!(report, "  {line}");
+    }
+    panic!("{report}");
+}
+
+/// Customers RevKeen wrote (created or updated).
+pub fn writes(stats: &RevKeenStats) -> u64 {
+    stats.created + stats.updated
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeding.
+
+/// Seeds `count` Wodify clients and gives every one without a valid email a valid one, so a
+/// clean run exits 0.
+pub fn seed_valid_clients(sim: &WodifySim, count: usize, seed: u64) {
+    sim.seed(count, seed);
+    for id in invalid_wodify(sim) {
+        let mut client = sim.client(id).expect("seeded client");
+        client["email"] = json!(format!("member{id}@example.com"));
+        sim.put_client(client);
+    }
+    assert!(invalid_wodify(sim).is_empty());
+}
+
+/// Waits until `condition` holds, polling every 10 ms; fails the test after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
