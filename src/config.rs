@@ -182,6 +182,9 @@ pub struct SourceConfig {
     pub default_country: String,
     /// Per-request timeout in seconds. Default 30.
     pub timeout_secs: u64,
+    /// Fetch attempts per page (5xx, timeouts, 429s) before a poll gives up; it resumes at
+    /// that page next time. Default 8 (about a minute of backoff).
+    pub max_attempts: u32,
     /// Wodify: keyset (default) or page-number scans.
     pub scan: WodifyScan,
     /// PracticeHub: the mandatory `x-app-details` header, `<appname>=<contact email>`.
@@ -246,6 +249,7 @@ struct RawSource {
     burst: Option<u32>,
     default_country: Option<String>,
     timeout_secs: Option<u64>,
+    max_attempts: Option<u32>,
     scan: Option<String>,
     app_details: Option<String>,
     #[serde(default)]
@@ -418,7 +422,8 @@ impl Config {
         for source in &self.sources {
             out.push_str(&format!(
                 "\n[[sources]]\nname = {}\nkind = {}\nrevkeen_source = {}\nbase_url = {}\napi_key = \"[redacted]\"\n\
-                 schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n",
+                 schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n\
+                 max_attempts = {}\n",
                 q(&source.name),
                 q(source.kind.as_str()),
                 q(&source.revkeen_source),
@@ -428,6 +433,7 @@ impl Config {
                 source.burst,
                 q(&source.default_country),
                 source.timeout_secs,
+                source.max_attempts,
             ));
             match source.kind {
                 SourceKind::Wodify => out.push_str(&format!(
@@ -774,6 +780,7 @@ fn source_config(
         burst,
         default_country,
         timeout_secs: raw.timeout_secs.unwrap_or(30).max(1),
+        max_attempts: positive(&key("max_attempts"), raw.max_attempts, 8)?,
         scan,
         app_details,
         fields: raw.fields,

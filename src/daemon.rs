@@ -115,7 +115,7 @@ pub async fn run_tuned(
             store: store.clone(),
             limiter: Arc::new(source_limiter(source)),
             backoff: tuning.backoff,
-            max_attempts: tuning.fetch_attempts,
+            max_attempts: source.max_attempts,
             wake_worker: wake_worker.clone(),
             cancel: stop_polls.clone(),
             resync: false,

@@ -70,20 +70,9 @@ pub struct SourceProgress {
 }
 
 /// Knobs tests turn; the defaults are DESIGN's policy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Tuning {
     pub backoff: Backoff,
-    /// Fetch attempts per source page before a poll gives up.
-    pub fetch_attempts: u32,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Tuning {
-            backoff: Backoff::default(),
-            fetch_attempts: 8,
-        }
-    }
 }
 
 /// One source's part of a run.
@@ -330,7 +319,7 @@ pub async fn once_tuned(
             store: store.clone(),
             limiter: Arc::new(source_limiter(source)),
             backoff: tuning.backoff,
-            max_attempts: tuning.fetch_attempts,
+            max_attempts: source.max_attempts,
             wake_worker: wake.clone(),
             cancel: stop_polls.clone(),
             resync: options.resync,
@@ -549,7 +538,7 @@ pub async fn dry_run(
             },
             limiter: Arc::new(source_limiter(source)),
             backoff: Backoff::default(),
-            max_attempts: Tuning::default().fetch_attempts,
+            max_attempts: source.max_attempts,
             wake_worker: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
             resync: options.resync,

@@ -104,6 +104,12 @@ pub trait Adapter: Send + Sync + 'static {
     /// Maps one record to what the outbox takes.
     fn map(&self, record: &Self::Record) -> Mapped;
 
+    /// Whether a saved cursor stands in the middle of a listing (a poll stopped there), so the
+    /// next poll resumes rather than starts. The default: any cursor but the start.
+    fn mid_listing(&self, cursor: &str) -> bool {
+        cursor != self.start_cursor()
+    }
+
     /// For a poll that resumed at `resumed_at`: whether reaching `cursor` on the next pass
     /// covers what the crashed poll had read before it. The default (`true`) ends a resumed
     /// poll at the end of its listing.
@@ -354,7 +360,7 @@ async fn poll_pages<A: Adapter>(
     };
     let start = adapter.start_cursor();
     let mut cursor = saved.map(|(c, _)| c).unwrap_or_else(|| start.clone());
-    let resumed_at = (cursor != start).then(|| cursor.clone());
+    let resumed_at = adapter.mid_listing(&cursor).then(|| cursor.clone());
     if let Some(at) = &resumed_at {
         tracing::info!(source = %name, cursor = %at, "Resuming the listing where the last poll stopped.");
     }

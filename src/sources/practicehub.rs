@@ -497,6 +497,12 @@ impl Adapter for PracticeHub {
         external_id.parse::<i64>().is_ok_and(|id| id > 0)
     }
 
+    /// A listing is interrupted when a `links.next` was saved; a cursor holding only a mark is
+    /// a completed listing, and the next poll starts an incremental one.
+    fn mid_listing(&self, cursor: &str) -> bool {
+        serde_json::from_str::<Cursor>(cursor).is_ok_and(|c| c.next.is_some())
+    }
+
     /// A resumed listing covers only what changed since the crashed one began, from where it
     /// stopped: patients on the pages it had already read may have changed since. One more,
     /// incremental listing from the resumed one's mark picks them up (a few requests).

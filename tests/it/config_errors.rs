@@ -101,7 +101,6 @@ async fn check_config_prints_the_config_without_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a TOML syntax error on the api_key line prints the key to stderr"]
 async fn a_typo_on_the_key_line_does_not_print_the_key() {
     let h = Harness::start().await;
     // A missing closing quote: the parser's error quotes the offending line.

@@ -159,7 +159,6 @@ async fn a_dead_letter_is_not_resent_until_its_record_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon gap: `sync-daemon failures` (and status/replay) do not exist, though every summary line points to it"]
 async fn failures_command_lists_what_the_summary_points_to() {
     let h = Harness::start().await;
     h.write_config(&h.config_for("gym"));
@@ -180,7 +179,6 @@ async fn failures_command_lists_what_the_summary_points_to() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a no-email patient later soft-deleted stays an open failure, so every run exits 65"]
 async fn a_rejected_patient_deleted_at_the_clinic_is_no_longer_a_failure() {
     let h = Harness::start().await;
     h.write_config(&h.config_for("clinic"));
@@ -207,7 +205,6 @@ async fn a_rejected_patient_deleted_at_the_clinic_is_no_longer_a_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon gap: a rejected Wodify client deleted at the source stays an open failure forever (every run exits 65, nothing can clear it)"]
 async fn a_rejected_client_deleted_at_the_gym_is_no_longer_a_failure() {
     let h = Harness::start().await;
     h.write_config(&h.config_for("gym"));
@@ -227,7 +224,6 @@ async fn a_rejected_client_deleted_at_the_gym_is_no_longer_a_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon gap: a refusal inside a batch is kept with http_status 200 and no field errors, unlike the same refusal sent singly (422 + field errors)"]
 async fn a_refusal_reads_the_same_whether_batched_or_not() {
     let single = the_dead_letter(&run_with_refusal(1).await);
     let batched = the_dead_letter(&run_with_refusal(100).await);

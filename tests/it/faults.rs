@@ -279,9 +279,13 @@ async fn a_timed_out_write_still_in_progress_is_retried_until_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (~75 s): the source fetch retry budget (8 attempts, base 1 s) is not configurable"]
 async fn wodify_down_exits_69_and_the_next_run_delivers_everything() {
     let h = gym(&[]).await;
+    // Two attempts per page keep the test short (the default, 8, takes about a minute).
+    let config = h
+        .config_for("gym")
+        .replace("kind = \"wodify\"", "kind = \"wodify\"\nmax_attempts = 2");
+    h.write_config(&config);
     h.sims.wodify.set_faults(Faults {
         error_rate: 1.0,
         ..Faults::default()
