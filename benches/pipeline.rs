@@ -12,8 +12,8 @@
 //! 4. Memory scaling: peak RSS at the small vs the large size. Goal within 20 %, ≤ 64 MiB.
 //! 5. Single vs batch upserts under row 1's limits.
 //!
-//! The daemon runs as a child process (the real binary, `--once`), so its CPU time and peak RSS
-//! come from `wait4`. `SYNC_DAEMON_BENCH=smoke` runs every row at a tiny size (CI); the default
+//! The daemon runs as a child process (the real binary, `--once`): its CPU time comes from
+//! `wait4`, its peak RSS from its own `VmHWM`, sampled while it runs. `SYNC_DAEMON_BENCH=smoke` runs every row at a tiny size (CI); the default
 //! is the full size. The table is printed and the same figures written as JSON to
 //! `SYNC_DAEMON_BENCH_OUT` (default `target/pipeline-bench.json`).
 
@@ -466,6 +466,24 @@ async fn run_once(config: &Path) -> ChildRun {
             .spawn()
             .expect("spawn sync-daemon");
         let pid = child.id() as libc::pid_t;
+        // wait4's ru_maxrss counts the pages a forked child shares with this (large) process
+        // before exec, so the peak is read from the child's own VmHWM while it runs.
+        let sampler = std::thread::spawn(move || {
+            let path = format!("/proc/{pid}/status");
+            let mut peak = 0u64;
+            while let Ok(status) = std::fs::read_to_string(&path) {
+                let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                else {
+                    break;
+                };
+                peak = peak.max(kib);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
         let mut status = 0;
         // SAFETY: rusage is plain old data; wait4 fills it for our own child.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -476,7 +494,7 @@ async fn run_once(config: &Path) -> ChildRun {
         ChildRun {
             elapsed,
             cpu,
-            max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+            max_rss_kib: sampler.join().unwrap_or(0),
             exit: if libc::WIFEXITED(status) {
                 libc::WEXITSTATUS(status)
             } else {

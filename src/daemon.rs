@@ -23,12 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceConfig};
 use crate::health::Health;
-use crate::limiter::{Backoff, Limiter};
-use crate::revkeen::RevKeenClient;
+use crate::limiter::Backoff;
+
 use crate::run::{ExitStatus, Tuning, source_limiter};
 use crate::server::{self, AppState, PushFeed};
 use crate::sources::{self, AnySource, PollContext, PollError};
-use crate::store::{ClaimFilter, PageItem, Store, StoreError};
+use crate::store::{PageItem, Store, StoreError};
 use crate::worker::{Exhausted, Worker, WorkerExit, WorkerState};
 
 /// How often the scheduler watchdog looks at the sources.
@@ -151,26 +151,16 @@ pub async fn run_tuned(
 
     // Worker.
     let worker_state = Arc::new(WorkerState::default());
-    let worker = Worker {
-        store: store.clone(),
-        client: RevKeenClient::new(&config.revkeen)?,
-        limiter: Arc::new(Limiter::per_minute(
-            "revkeen",
-            config.revkeen.requests_per_minute,
-            config.revkeen.burst,
-        )),
-        filter: ClaimFilter {
-            sources: names.clone(),
-            batch_size: config.revkeen.batch_size,
-        },
-        concurrency: config.revkeen.concurrency,
-        max_attempts: config.revkeen.max_attempts,
-        backoff: tuning.backoff,
-        exhausted: Exhausted::DeadLetter,
-        wake: wake_worker.clone(),
-        state: worker_state.clone(),
-        health: Some(health.clone()),
-    };
+    let worker = Worker::for_config(
+        &config,
+        store.clone(),
+        names.clone(),
+        tuning.backoff,
+        Exhausted::DeadLetter,
+        wake_worker.clone(),
+        worker_state.clone(),
+        Some(health.clone()),
+    )?;
     let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
     let worker_task = {
         let (never, shutdown, health) =

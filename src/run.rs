@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::limiter::{Backoff, Limiter};
-use crate::revkeen::RevKeenClient;
+
 use crate::sources::{self, AnySource, PollContext, PollError};
-use crate::store::{ClaimFilter, PollStats, Store, StoreError};
+use crate::store::{PollStats, Store, StoreError};
 use crate::worker::{Exhausted, SendStats, Worker, WorkerExit, WorkerState};
 
 /// Process exit codes (DESIGN's external interface; sysexits where one fits).
@@ -280,26 +280,16 @@ pub async fn once_tuned(
     let state = Arc::new(WorkerState::default());
     let inputs_done = CancellationToken::new();
     let stop_polls = CancellationToken::new();
-    let worker = Worker {
-        store: store.clone(),
-        client: RevKeenClient::new(&config.revkeen)?,
-        limiter: Arc::new(Limiter::per_minute(
-            "revkeen",
-            config.revkeen.requests_per_minute,
-            config.revkeen.burst,
-        )),
-        filter: ClaimFilter {
-            sources: names.clone(),
-            batch_size: config.revkeen.batch_size,
-        },
-        concurrency: config.revkeen.concurrency,
-        max_attempts: config.revkeen.max_attempts,
-        backoff: tuning.backoff,
-        exhausted: Exhausted::StopRun,
-        wake: wake.clone(),
-        state: state.clone(),
-        health: None,
-    };
+    let worker = Worker::for_config(
+        config,
+        store.clone(),
+        names.clone(),
+        tuning.backoff,
+        Exhausted::StopRun,
+        wake.clone(),
+        state.clone(),
+        None,
+    )?;
     let worker_task = {
         let (inputs_done, never) = (inputs_done.clone(), CancellationToken::new());
         tokio::spawn(async move { worker.run(inputs_done, never, Duration::ZERO).await })

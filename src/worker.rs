@@ -119,6 +119,44 @@ pub struct Worker {
 /// The longest the worker loop goes without beating its heartbeat.
 const BEAT: Duration = Duration::from_secs(1);
 
+impl Worker {
+    /// A worker for `sources` as the config describes RevKeen: its client, its rate limit,
+    /// batch size, concurrency and attempts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_config(
+        config: &crate::config::Config,
+        store: Store,
+        sources: Vec<String>,
+        backoff: Backoff,
+        exhausted: Exhausted,
+        wake: Arc<Notify>,
+        state: Arc<WorkerState>,
+        health: Option<Arc<Health>>,
+    ) -> reqwest::Result<Worker> {
+        let revkeen = &config.revkeen;
+        Ok(Worker {
+            store,
+            client: RevKeenClient::new(revkeen)?,
+            limiter: Arc::new(Limiter::per_minute(
+                REVKEEN,
+                revkeen.requests_per_minute,
+                revkeen.burst,
+            )),
+            filter: ClaimFilter {
+                sources,
+                batch_size: revkeen.batch_size,
+            },
+            concurrency: revkeen.concurrency,
+            max_attempts: revkeen.max_attempts,
+            backoff,
+            exhausted,
+            wake,
+            state,
+            health,
+        })
+    }
+}
+
 struct Shared {
     store: Store,
     client: RevKeenClient,
