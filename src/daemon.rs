@@ -296,6 +296,8 @@ async fn source_loop(
             let (store, name) = (ctx.store.clone(), name.clone());
             let _ = store.call(move |s| s.clear_halt(&name)).await;
         }
+        // Between polls the daemon mostly sleeps: hand the page cache back.
+        let _ = ctx.store.call(|s| s.release_memory()).await;
         let mut states = states.lock().expect("poll state lock poisoned");
         let state = states.entry(name.clone()).or_default();
         state.running = false;

@@ -236,8 +236,12 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("cannot build an HTTP client: {0}")]
     Http(#[from] reqwest::Error),
-    #[error("{0}: {1}")]
-    Poll(String, String),
+    #[error("{name}: {message}")]
+    Poll {
+        name: String,
+        message: String,
+        exit: ExitStatus,
+    },
 }
 
 impl RunError {
@@ -246,7 +250,7 @@ impl RunError {
         match self {
             RunError::Config(_) => ExitStatus::Config,
             RunError::Store(_) | RunError::Http(_) => ExitStatus::Failure,
-            RunError::Poll(..) => ExitStatus::Unavailable,
+            RunError::Poll { exit, .. } => *exit,
         }
     }
 }
@@ -538,7 +542,15 @@ pub async fn dry_run(
         let mut pages = Vec::new();
         let stats = sources::scan(&adapter, &ctx, |page| pages.push(page))
             .await
-            .map_err(|e| RunError::Poll(source.name.clone(), e.to_string()))?;
+            .map_err(|e| RunError::Poll {
+                name: source.name.clone(),
+                message: e.to_string(),
+                exit: match e {
+                    PollError::AuthRefused(_) => ExitStatus::AuthRefused,
+                    PollError::Unavailable(_) => ExitStatus::Unavailable,
+                    _ => ExitStatus::Failure,
+                },
+            })?;
         let mut report = SourceReport {
             name: source.name.clone(),
             kind: source.kind.to_string(),

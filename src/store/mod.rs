@@ -186,6 +186,13 @@ impl Store {
         )
     }
 
+    /// Returns SQLite's page cache to the allocator (an idle daemon keeps little memory).
+    pub fn release_memory(&self) -> Result<(), StoreError> {
+        self.conn()
+            .execute_batch("PRAGMA shrink_memory")
+            .map_err(|e| self.err(e))
+    }
+
     /// A throwaway store in memory (`--dry-run` with no state file yet).
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let path = PathBuf::from(":memory:");
