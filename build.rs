@@ -20,6 +20,20 @@ fn main() {
         .is_some_and(|o| !o.stdout.is_empty());
     let suffix = if dirty { "-modified" } else { "" };
     println!("cargo:rustc-env=SYNC_DAEMON_GIT_COMMIT={commit}{suffix}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/index");
+    // In a worktree `.git` is a file; ask git where HEAD and the index live. Outside a checkout
+    // (a source tarball) there is nothing to watch and the commit stays "unknown".
+    let git_dir = Command::new("git")
+        .args(["rev-parse", "--git-dir"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string());
+    match git_dir {
+        Some(dir) => {
+            println!("cargo:rerun-if-changed={dir}/HEAD");
+            println!("cargo:rerun-if-changed={dir}/index");
+        }
+        None => println!("cargo:rerun-if-changed=build.rs"),
+    }
 }

@@ -190,6 +190,11 @@ pub fn normalize_timestamp(raw: Option<&str>) -> Option<String> {
                 .and_then(|date| date.and_hms_opt(0, 0, 0))
                 .map(|naive| naive.and_utc())
         })?;
+    // RFC 3339 has four-digit years; chrono would write year 10000 as `+10000-…`, which
+    // RevKeen refuses (400). Such a time is as unusable as an unparseable one.
+    if !(1..=9999).contains(&chrono::Datelike::year(&parsed)) {
+        return None;
+    }
     Some(parsed.to_rfc3339_opts(SecondsFormat::AutoSi, true))
 }
 
@@ -309,6 +314,11 @@ mod tests {
         assert_eq!(normalize_timestamp(Some("1900-01-01T00:00:00")), None);
         assert_eq!(normalize_timestamp(Some("1900-01-01")), None);
         assert_eq!(normalize_timestamp(Some("yesterday")), None);
+        assert_eq!(normalize_timestamp(Some("+10000-01-01T00:00:00Z")), None);
+        assert_eq!(
+            normalize_timestamp(Some("9999-12-31T23:59:59Z")).as_deref(),
+            Some("9999-12-31T23:59:59Z")
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::run::{ExitStatus, Tuning, source_limiter};
 use crate::server::{self, AppState, PushFeed};
 use crate::sources::{self, AnySource, PollContext, PollError};
 use crate::store::{PageItem, Store, StoreError};
-use crate::worker::{Exhausted, Worker, WorkerExit, WorkerState};
+use crate::worker::{Exhausted, Held, Worker, WorkerExit, WorkerState};
 
 /// How often the scheduler watchdog looks at the sources.
 const WATCHDOG_TICK: Duration = Duration::from_secs(2);
@@ -97,7 +97,11 @@ pub async fn run_tuned(
             error,
         })?;
     let run_id = store.call(|s| s.begin_run("daemon")).await?;
-    let health = Arc::new(Health::default());
+    // Loops beat at least four times per systemd watchdog interval.
+    let beat = sd_notify::watchdog_enabled()
+        .map(|w| (w / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)))
+        .unwrap_or(Duration::from_secs(1));
+    let health = Arc::new(Health::with_beat(beat));
     health.beat_scheduler();
     health.beat_worker();
     let wake_worker = Arc::new(Notify::new());
@@ -151,7 +155,7 @@ pub async fn run_tuned(
 
     // Worker.
     let worker_state = Arc::new(WorkerState::default());
-    let worker = Worker::for_config(
+    let mut worker = Worker::for_config(
         &config,
         store.clone(),
         names.clone(),
@@ -161,15 +165,24 @@ pub async fn run_tuned(
         worker_state.clone(),
         Some(health.clone()),
     )?;
+    // What an earlier process left queued waits until the start-up poll has seen the record
+    // again (a patient deleted meanwhile must not be created by its old queued create).
+    let held = Held::new(names.clone());
+    worker.held = Some(held.clone());
     let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
     let worker_task = {
         let (never, shutdown, health) =
             (CancellationToken::new(), shutdown.clone(), health.clone());
         tokio::spawn(async move {
             let exit = worker.run(never, shutdown, drain).await;
-            if matches!(exit, Ok(WorkerExit::AuthHalted(_))) {
+            match &exit {
                 // Sending stops until a restart with a fixed key; polling goes on.
-                health.worker_stopped();
+                Ok(WorkerExit::AuthHalted(_)) => health.worker_stopped(),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(%error, "Sending stopped: the state file failed. The daemon reports itself unhealthy so that it is restarted.");
+                    health.failed();
+                }
             }
             exit
         })
@@ -199,7 +212,13 @@ pub async fn run_tuned(
             .await
             .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         ticks.insert(ctx.source.name.clone(), tx);
-        tasks.spawn(source_loop(adapter, ctx, rx, poll_states.clone()));
+        tasks.spawn(source_loop(
+            adapter,
+            ctx,
+            rx,
+            poll_states.clone(),
+            held.clone(),
+        ));
     }
     scheduler
         .start()
@@ -266,6 +285,7 @@ async fn source_loop(
     ctx: PollContext,
     mut ticks: mpsc::Receiver<()>,
     states: Arc<Mutex<HashMap<String, PollState>>>,
+    held: Arc<Held>,
 ) {
     let name = ctx.source.name.clone();
     loop {
@@ -280,6 +300,8 @@ async fn source_loop(
             state.last_started = Some(Utc::now());
         }
         let result = sources::poll(&adapter, &ctx).await;
+        held.release(&name);
+        ctx.wake_worker.notify_one();
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(PollError::Cancelled) => return,
@@ -317,7 +339,7 @@ async fn watchdog(
     loop {
         health.beat_scheduler();
         tokio::select! {
-            () = tokio::time::sleep(WATCHDOG_TICK) => {}
+            () = tokio::time::sleep(WATCHDOG_TICK.min(health.beat())) => {}
             () = cancel.cancelled() => return,
         }
         let now = Utc::now();
@@ -450,19 +472,19 @@ async fn push_loop(adapter: Arc<AnySource>, ctx: PollContext, wake: Arc<Notify>)
             }
         }
         let mut items: Vec<PageItem> = Vec::new();
-        let mut done: Vec<i64> = Vec::new();
-        for (event_id, external_id) in events {
+        let mut done: Vec<(i64, i64)> = Vec::new();
+        for (event_id, external_id, seq) in events {
             if ctx.cancel.is_cancelled() {
                 return;
             }
             match sources::fetch_one(&adapter, &ctx, &external_id).await {
                 Ok(Some(mapped)) => {
                     items.push(mapped.item);
-                    done.push(event_id);
+                    done.push((event_id, seq));
                 }
                 Ok(None) => {
                     tracing::info!(source = %name, external_id = %external_id, "Pushed record does not exist at the source; nothing to send.");
-                    done.push(event_id);
+                    done.push((event_id, seq));
                 }
                 Err(PollError::Cancelled) => return,
                 Err(error) => {

@@ -12,23 +12,38 @@ use std::time::{Duration, Instant};
 /// Loop heartbeats.
 pub struct Health {
     started: Instant,
+    beat: Duration,
     worker: AtomicU64,
     scheduler: AtomicU64,
     worker_stopped: AtomicBool,
+    failed: AtomicBool,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Health {
-            started: Instant::now(),
-            worker: AtomicU64::new(0),
-            scheduler: AtomicU64::new(0),
-            worker_stopped: AtomicBool::new(false),
-        }
+        Health::with_beat(Duration::from_secs(1))
     }
 }
 
 impl Health {
+    /// Heartbeats that loops send at least every `beat` (a quarter of the systemd watchdog
+    /// interval at most, so a healthy daemon is never judged stalled).
+    pub fn with_beat(beat: Duration) -> Self {
+        Health {
+            started: Instant::now(),
+            beat,
+            worker: AtomicU64::new(0),
+            scheduler: AtomicU64::new(0),
+            worker_stopped: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// How often loops must beat.
+    pub fn beat(&self) -> Duration {
+        self.beat
+    }
+
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -48,8 +63,17 @@ impl Health {
         self.worker_stopped.store(true, Ordering::Relaxed);
     }
 
+    /// A loop ended on an error it cannot recover from (the state file failed): the daemon is
+    /// not alive, so `/healthz` fails and systemd or Kubernetes restarts it.
+    pub fn failed(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
     /// Whether every loop beat within `window`.
     pub fn alive(&self, window: Duration) -> bool {
+        if self.failed.load(Ordering::Relaxed) {
+            return false;
+        }
         let now = self.now();
         let window = window.as_millis() as u64;
         let fresh = |beat: &AtomicU64| now.saturating_sub(beat.load(Ordering::Relaxed)) <= window;

@@ -26,10 +26,13 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// `rate` requests per `period`, `burst` at once.
+    /// `rate` requests per `period`, `burst` at once. One request of the burst is kept in
+    /// reserve: requests leave here exactly one interval apart but reach the server a few
+    /// milliseconds closer or further, and a server bucket configured to the same numbers
+    /// would refuse the early one. The reserve absorbs up to one interval of such jitter.
     pub fn new(name: impl Into<String>, rate: u32, period: Duration, burst: u32) -> Limiter {
         let rate = NonZeroU32::new(rate.max(1)).expect("max(1) is non-zero");
-        let burst = NonZeroU32::new(burst.max(1)).expect("max(1) is non-zero");
+        let burst = NonZeroU32::new(burst.saturating_sub(1).max(1)).expect("max(1) is non-zero");
         let quota = Quota::with_period(period / rate.get())
             .unwrap_or_else(|| Quota::per_second(rate))
             .allow_burst(burst);
@@ -177,7 +180,8 @@ mod tests {
 
     #[tokio::test]
     async fn burst_is_immediate_then_the_rate_applies() {
-        let limiter = Limiter::per_second("test", 20, 5);
+        // Burst 6: five at once (one kept in reserve), then 20 a second.
+        let limiter = Limiter::per_second("test", 20, 6);
         let started = std::time::Instant::now();
         for _ in 0..5 {
             limiter.acquire().await;

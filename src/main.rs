@@ -479,6 +479,10 @@ fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> E
             eprintln!("sync-daemon: {error}");
             ExitStatus::AuthRefused
         }
+        Err(error @ ops::ReplayError::NoState(_)) => {
+            eprintln!("sync-daemon: {error}");
+            ExitStatus::Failure
+        }
         Err(error) => {
             eprintln!("sync-daemon: {error}");
             ExitStatus::Failure

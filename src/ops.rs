@@ -27,6 +27,8 @@ pub struct StatusReport {
     pub generated_at: String,
     /// Whether a sync-daemon process (daemon or `--once`) holds the state file now.
     pub running: bool,
+    /// What that process is: `daemon` or `once` (absent when none runs).
+    pub mode: Option<String>,
     pub sources: Vec<SourceStatus>,
     pub outbox_depth: u64,
     pub oldest_pending_age_secs: Option<u64>,
@@ -43,7 +45,7 @@ pub struct SourceStatus {
     pub last_poll: Option<PollStatus>,
     /// The listing position in words.
     pub position: String,
-    /// RFC 3339; when the schedule fires next (if the daemon is running).
+    /// RFC 3339; when the schedule fires next (only while a daemon runs).
     pub next_poll: Option<String>,
     /// RevKeen's answers for this source, all time.
     pub delivered: DeliveryCounts,
@@ -104,10 +106,19 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let running = Store::writer_active(path);
     let store = Store::open_read_only(path)?;
     let now = now_ms();
-    let (queue, halts) = match &store {
-        Some(store) => (store.queue_summary()?, store.halts()?),
-        None => (Vec::new(), Vec::new()),
+    let (queue, halts, mode) = match &store {
+        Some(store) => (
+            store.queue_summary()?,
+            store.halts()?,
+            if running {
+                store.open_run_mode()?
+            } else {
+                None
+            },
+        ),
+        None => (Vec::new(), Vec::new(), None),
     };
+    let daemon = mode.as_deref() == Some("daemon");
     let mut sources = Vec::new();
     for source in &config.sources {
         let summary = queue.iter().find(|q| q.source == source.name);
@@ -136,7 +147,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 source.kind,
                 cursor.as_ref().map(|(c, passes)| (c.as_str(), *passes)),
             ),
-            next_poll: running
+            next_poll: daemon
                 .then(|| crate::schedule::next_after(&source.schedule, Utc::now()))
                 .flatten()
                 .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
@@ -158,6 +169,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
         state_path: path.display().to_string(),
         generated_at: rfc3339(now),
         running,
+        mode,
         outbox_depth: queue.iter().map(|q| q.depth).sum(),
         oldest_pending_age_secs: queue
             .iter()
@@ -178,10 +190,11 @@ pub fn render_status(report: &StatusReport) -> String {
         out,
         "sync-daemon status — {} ({})",
         report.state_path,
-        if report.running {
-            "a sync-daemon process is running"
-        } else {
-            "no sync-daemon process running"
+        match (report.running, report.mode.as_deref()) {
+            (true, Some("daemon")) => "the daemon is running",
+            (true, Some("once")) => "a --once run is in progress",
+            (true, _) => "a sync-daemon process is running",
+            (false, _) => "no sync-daemon process running",
         }
     );
     let header = [
@@ -205,6 +218,7 @@ pub fn render_status(report: &StatusReport) -> String {
             source.kind.clone(),
             poll.map(|p| short_time(&p.started_at))
                 .unwrap_or_else(|| "never".to_string()),
+            poll.map(took).unwrap_or_default(),
             poll.map(|p| p.outcome.clone()).unwrap_or_default(),
             poll.map(|p| p.stats.fetched.to_string())
                 .unwrap_or_default(),
@@ -277,6 +291,18 @@ pub fn render_status(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// How long a poll took, or that it is still running.
+fn took(poll: &PollStatus) -> String {
+    let parse = |t: &str| DateTime::parse_from_rfc3339(t).ok();
+    match (
+        parse(&poll.started_at),
+        poll.finished_at.as_deref().and_then(parse),
+    ) {
+        (Some(start), Some(end)) => human_duration((end - start).num_seconds().max(0) as u64),
+        _ => "-".to_string(),
+    }
 }
 
 fn short_time(rfc3339: &str) -> String {
@@ -371,9 +397,13 @@ pub fn render_failures(failures: &[Failure]) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(
-        "RevKeen refused the API key ({0}); fix revkeen.api_key and restart sync-daemon before replaying, or the replayed records would only be refused again"
+        "RevKeen refused the API key ({0}); fix revkeen.api_key first (`sync-daemon check-config --connect` tells when it works), then run sync-daemon once so the halt clears, and replay: replayed records would only be refused again"
     )]
     AuthHalted(String),
+    #[error(
+        "there is no state file at {0}, so nothing was ever dead-lettered there: check daemon.state_path (or --config)"
+    )]
+    NoState(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -384,7 +414,11 @@ pub fn replay(
     source: Option<&str>,
     ids: Option<&[String]>,
 ) -> Result<crate::store::ReplayOutcome, ReplayError> {
-    let store = Store::open_shared(&config.daemon.state_path)?;
+    let path = &config.daemon.state_path;
+    if !path.exists() {
+        return Err(ReplayError::NoState(path.display().to_string()));
+    }
+    let store = Store::open_shared(path)?;
     if let Some(halt) = store.halts()?.into_iter().find(|h| h.target == REVKEEN) {
         return Err(ReplayError::AuthHalted(halt.message));
     }

@@ -468,12 +468,32 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// Sorts a transport error into unreachable / TLS for `check-config --connect`.
+/// Sorts a transport error into unreachable / TLS for `check-config --connect`. reqwest does
+/// not type TLS failures, so the whole cause chain is read for rustls's wording (a plain-HTTP
+/// server answering a TLS hello shows up as "received corrupt message of type
+/// InvalidContentType").
 pub fn probe_transport_error(error: &reqwest::Error) -> Probe {
-    let text = root_cause(error);
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-        Probe::Tls(text)
+    let mut chain = Vec::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        chain.push(current.to_string().to_ascii_lowercase());
+        cause = current.source();
+    }
+    let tls = chain.iter().any(|text| {
+        [
+            "certificate",
+            "tls",
+            "handshake",
+            "corrupt message",
+            "invalidcontenttype",
+            "alert",
+            "peer is incompatible",
+        ]
+        .iter()
+        .any(|marker| text.contains(marker))
+    });
+    if tls {
+        Probe::Tls(root_cause(error))
     } else {
         Probe::Unreachable(describe_transport_error(error))
     }

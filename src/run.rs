@@ -16,7 +16,7 @@ use crate::limiter::{Backoff, Limiter};
 
 use crate::sources::{self, AnySource, PollContext, PollError};
 use crate::store::{PollStats, Store, StoreError};
-use crate::worker::{Exhausted, SendStats, Worker, WorkerExit, WorkerState};
+use crate::worker::{Exhausted, Held, SendStats, Worker, WorkerExit, WorkerState};
 
 /// Process exit codes (DESIGN's external interface; sysexits where one fits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -284,7 +284,7 @@ pub async fn once_tuned(
     let state = Arc::new(WorkerState::default());
     let inputs_done = CancellationToken::new();
     let stop_polls = CancellationToken::new();
-    let worker = Worker::for_config(
+    let mut worker = Worker::for_config(
         config,
         store.clone(),
         names.clone(),
@@ -294,6 +294,9 @@ pub async fn once_tuned(
         state.clone(),
         None,
     )?;
+    // What an earlier run left queued waits until this run's poll has seen the record again.
+    let held = Held::new(names.clone());
+    worker.held = Some(held.clone());
     let worker_task = {
         let (inputs_done, never) = (inputs_done.clone(), CancellationToken::new());
         tokio::spawn(async move { worker.run(inputs_done, never, Duration::ZERO).await })
@@ -362,6 +365,8 @@ pub async fn once_tuned(
         tokio::select! {
             Some(done) = polls.join_next() => {
                 let done = done.expect("poll tasks do not panic");
+                held.release(&done.0);
+                wake.notify_one();
                 done_polls.lock().expect("lock").push(done.0.clone());
                 poll_results.push(done);
             }

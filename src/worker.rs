@@ -99,6 +99,38 @@ impl WorkerState {
     }
 }
 
+/// Sources whose jobs from an earlier process wait for this process's first poll of them.
+pub struct Held {
+    since: i64,
+    sources: Mutex<Vec<String>>,
+}
+
+impl Held {
+    /// Holds the earlier jobs of `sources`, from now.
+    pub fn new(sources: Vec<String>) -> Arc<Held> {
+        Arc::new(Held {
+            since: now_ms(),
+            sources: Mutex::new(sources),
+        })
+    }
+
+    /// The source's first poll has run (whatever its outcome): its earlier jobs may go.
+    pub fn release(&self, source: &str) {
+        self.sources
+            .lock()
+            .expect("held lock poisoned")
+            .retain(|s| s != source);
+    }
+
+    fn apply(&self, filter: &ClaimFilter) -> ClaimFilter {
+        ClaimFilter {
+            held: self.sources.lock().expect("held lock poisoned").clone(),
+            held_since: self.since,
+            ..filter.clone()
+        }
+    }
+}
+
 /// Everything a worker needs.
 pub struct Worker {
     pub store: Store,
@@ -114,9 +146,12 @@ pub struct Worker {
     pub state: Arc<WorkerState>,
     /// Beaten on every loop iteration (daemon liveness).
     pub health: Option<Arc<Health>>,
+    /// Earlier jobs held until their source's first poll.
+    pub held: Option<Arc<Held>>,
 }
 
-/// The longest the worker loop goes without beating its heartbeat.
+/// The longest the worker loop goes without beating its heartbeat (unless its `Health` asks
+/// for more often).
 const BEAT: Duration = Duration::from_secs(1);
 
 impl Worker {
@@ -145,6 +180,7 @@ impl Worker {
             filter: ClaimFilter {
                 sources,
                 batch_size: revkeen.batch_size,
+                ..ClaimFilter::default()
             },
             concurrency: revkeen.concurrency,
             max_attempts: revkeen.max_attempts,
@@ -153,6 +189,7 @@ impl Worker {
             wake,
             state,
             health,
+            held: None,
         })
     }
 }
@@ -190,6 +227,44 @@ impl Worker {
                 .iter()
                 .any(|h| h.target == REVKEEN)
         };
+        // A halt left by an earlier run: one authenticated read tells at once whether the key
+        // was fixed (and clears it) or is still refused (no send is wasted on it).
+        if stale_halt {
+            match self.client.probe().await {
+                crate::revkeen::Probe::Ok => {
+                    tracing::info!(
+                        "RevKeen accepts the API key again; the earlier auth halt is cleared."
+                    );
+                    self.store.call(|s| s.clear_halt(REVKEEN)).await?;
+                }
+                crate::revkeen::Probe::KeyRefused(reason) => {
+                    let message = format!(
+                        "RevKeen refused the API key ({reason}); fix revkeen.api_key / api_key_file and restart"
+                    );
+                    tracing::error!(
+                        "RevKeen still refuses the API key: nothing is sent until the key is fixed and sync-daemon restarted."
+                    );
+                    *self.state.halt.lock().expect("halt lock poisoned") = Some(message.clone());
+                    metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
+                    self.store
+                        .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &message))
+                        .await?;
+                    return Ok(WorkerExit::AuthHalted(
+                        self.state.halt().unwrap_or_default(),
+                    ));
+                }
+                // Unreachable or odd: the first send will tell.
+                _ => {}
+            }
+        }
+        let stale_halt = stale_halt && self.state.halt().is_none() && {
+            let store = self.store.clone();
+            store
+                .call(|s| s.halts())
+                .await?
+                .iter()
+                .any(|h| h.target == REVKEEN)
+        };
         let shared = Arc::new(Shared {
             store: self.store,
             client: self.client,
@@ -201,9 +276,11 @@ impl Worker {
             wake: self.wake,
             stale_halt: Mutex::new(stale_halt),
         });
-        let filter = Arc::new(self.filter);
+        let base_filter = self.filter;
+        let held = self.held;
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut tasks: JoinSet<SendResult> = JoinSet::new();
+        let beat_every = self.health.as_ref().map_or(BEAT, |h| h.beat());
         let beat = || {
             if let Some(health) = &self.health {
                 health.beat_worker();
@@ -223,6 +300,10 @@ impl Worker {
             if let Some(reason) = shared.state.unavailable.lock().expect("lock").clone() {
                 break WorkerExit::Unavailable(reason);
             }
+            let filter = Arc::new(match &held {
+                Some(held) => held.apply(&base_filter),
+                None => base_filter.clone(),
+            });
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
                 () = shutdown.cancelled() => continue,
@@ -231,7 +312,7 @@ impl Worker {
                     continue;
                 }
                 // Every request slot busy with slow answers: still alive.
-                () = tokio::time::sleep(BEAT) => continue,
+                () = tokio::time::sleep(beat_every) => continue,
             };
             let due = {
                 let filter = filter.clone();
@@ -253,8 +334,8 @@ impl Worker {
                     // process (`replay`) queued.
                     let sleep = other
                         .map(|at| Duration::from_millis(u64::try_from(at - now).unwrap_or(0)))
-                        .unwrap_or(BEAT)
-                        .min(BEAT);
+                        .unwrap_or(beat_every)
+                        .min(beat_every);
                     tokio::select! {
                         () = tokio::time::sleep(sleep) => {}
                         () = shared.wake.notified() => {}
@@ -269,7 +350,7 @@ impl Worker {
             let acquired = tokio::select! {
                 () = shared.limiter.acquire() => true,
                 () = shutdown.cancelled() => continue,
-                () = tokio::time::sleep(BEAT) => false,
+                () = tokio::time::sleep(beat_every) => false,
             };
             if !acquired {
                 continue;

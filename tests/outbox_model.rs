@@ -465,6 +465,7 @@ impl Harness {
         let filter = ClaimFilter {
             sources: sources(),
             batch_size,
+            ..ClaimFilter::default()
         };
         let got = self.store().claim(&filter, FAR_FUTURE).or_fail()?;
         let recorded = self
@@ -863,6 +864,7 @@ impl Harness {
         let filter = ClaimFilter {
             sources: sources(),
             batch_size: 1,
+            ..ClaimFilter::default()
         };
         prop_assert_eq!(
             store.next_due(&filter).or_fail()?,

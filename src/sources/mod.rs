@@ -316,7 +316,7 @@ async fn poll_with<A: Adapter>(
         store.call(move |s| s.begin_poll(run_id, &name)).await?
     };
     let mut stats = PollStats::default();
-    let result = poll_pages(adapter, ctx, &mut stats).await;
+    let result = poll_pages(adapter, ctx, &mut stats, poll_id).await;
     let (outcome, error) = match &result {
         Ok(()) => ("ok", None),
         Err(PollError::Cancelled) => ("cancelled", None),
@@ -352,6 +352,7 @@ async fn poll_pages<A: Adapter>(
     adapter: &Arc<A>,
     ctx: &PollContext,
     stats: &mut PollStats,
+    poll_id: i64,
 ) -> Result<(), PollError> {
     let name = ctx.source.name.as_str();
     let saved = {
@@ -368,12 +369,12 @@ async fn poll_pages<A: Adapter>(
     let mut commit: Option<tokio::task::JoinHandle<Result<CommitDone, StoreError>>> = None;
     loop {
         if ctx.cancel.is_cancelled() {
-            finish_commit(commit.take(), ctx, stats).await?;
+            finish_commit(commit.take(), ctx, stats, poll_id).await?;
             return Err(PollError::Cancelled);
         }
         // Fetch the next page while the previous one commits.
         let fetch = fetch_with_retry(adapter.as_ref(), ctx, &cursor);
-        let previous = finish_commit(commit.take(), ctx, stats);
+        let previous = finish_commit(commit.take(), ctx, stats, poll_id);
         let (fetched, committed) = tokio::select! {
             both = async { tokio::join!(fetch, previous) } => both,
             () = ctx.cancel.cancelled() => {
@@ -440,11 +441,11 @@ async fn poll_pages<A: Adapter>(
         }));
         cursor = next;
         if pass_complete && A::FULL_SCAN {
-            finish_commit(commit.take(), ctx, stats).await?;
+            finish_commit(commit.take(), ctx, stats, poll_id).await?;
             report_vanished(ctx, stats).await?;
         }
         if stop {
-            finish_commit(commit.take(), ctx, stats).await?;
+            finish_commit(commit.take(), ctx, stats, poll_id).await?;
             return Ok(());
         }
     }
@@ -497,6 +498,7 @@ async fn finish_commit(
     commit: Option<tokio::task::JoinHandle<Result<CommitDone, StoreError>>>,
     ctx: &PollContext,
     stats: &mut PollStats,
+    poll_id: i64,
 ) -> Result<(), PollError> {
     let Some(commit) = commit else {
         return Ok(());
@@ -511,6 +513,11 @@ async fn finish_commit(
     if let Some(progress) = &ctx.progress {
         *progress.lock().expect("progress lock poisoned") = *stats;
     }
+    // `status` shows a running poll's progress.
+    let running = *stats;
+    ctx.store
+        .call(move |s| s.update_poll(poll_id, &running, None, None))
+        .await?;
     let name = ctx.source.name.clone();
     metrics::counter!("sync_daemon_fetched_total", "source" => name.clone())
         .increment(done.fetched as u64);

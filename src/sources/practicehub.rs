@@ -53,41 +53,71 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("active", "active"),
 ];
 
-/// Fragments of attribute names that config may never point a field at.
+/// What an override may point each field at: the attribute's name must contain one of these.
+/// An allowlist, so no configuration can re-point a field at a note, a date of birth, an
+/// address part or any other attribute that is not plainly the billing-safe field it feeds.
+const OVERRIDABLE: &[(&str, &[&str])] = &[
+    ("id", &["id"]),
+    ("email", &["email", "mail"]),
+    ("first_name", &["first", "given", "fore"]),
+    ("last_name", &["last", "sur", "family"]),
+    ("phone", &["phone", "mobile", "tel", "cell"]),
+    ("phone_fallback", &["phone", "mobile", "tel", "cell"]),
+    ("patient_number", &["number", "ref", "code", "id"]),
+    ("updated", &["updated", "modified", "changed"]),
+    ("deleted", &["deleted", "archived", "removed"]),
+    ("active", &["active", "enabled", "status"]),
+];
+
+/// Fragments that disqualify an attribute even when its name also matches [`OVERRIDABLE`]
+/// (`emergency_contact_phone`, `gp_mobile`, `next_of_kin_email`).
 const PHI_NAMES: &[&str] = &[
     "note",
+    "comment",
+    "remark",
+    "desc",
     "birth",
+    "born",
     "dob",
-    "address",
+    "addr",
     "street",
-    "postcode",
-    "medical",
-    "clinical",
+    "post",
+    "zip",
+    "city",
+    "town",
+    "county",
+    "medic",
+    "clinic",
     "diagnos",
     "condition",
-    "treatment",
+    "treat",
     "allerg",
-    "medication",
     "gender",
     "sex",
     "nhs",
-    "insurance",
+    "insur",
     "referr",
     "history",
     "symptom",
     "custom",
+    "kin",
+    "emergency",
+    "gp_",
+    "doctor",
+    "occupation",
 ];
 
-/// Checks `[sources.fields]` overrides: known logical fields only, never a PHI attribute.
+/// Checks `[sources.fields]` overrides: known logical fields only, each re-pointed only at an
+/// attribute plainly named for it, never at one whose name says clinical or personal data.
 pub fn validate_field_overrides(overrides: &BTreeMap<String, String>) -> Result<(), String> {
     for (field, attribute) in overrides {
-        if !FIELDS.iter().any(|(name, _)| name == field) {
+        let Some((_, allowed)) = OVERRIDABLE.iter().find(|(name, _)| name == field) else {
             let known: Vec<&str> = FIELDS.iter().map(|(name, _)| *name).collect();
             return Err(format!(
                 "{field:?} is not a field sync-daemon reads from a patient; known fields: {}",
                 known.join(", ")
             ));
-        }
+        };
         let lower = attribute.to_ascii_lowercase();
         if attribute.trim().is_empty() {
             return Err(format!(
@@ -97,6 +127,12 @@ pub fn validate_field_overrides(overrides: &BTreeMap<String, String>) -> Result<
         if let Some(fragment) = PHI_NAMES.iter().find(|f| lower.contains(*f)) {
             return Err(format!(
                 "{field} = {attribute:?} points at an attribute that looks like clinical or personal data ({fragment:?}); patient sync sends billing-safe fields only"
+            ));
+        }
+        if !allowed.iter().any(|fragment| lower.contains(fragment)) {
+            return Err(format!(
+                "{field} = {attribute:?}: {field} can only be read from an attribute whose name contains one of {}; patient sync sends billing-safe fields only",
+                allowed.join(", ")
             ));
         }
     }

@@ -154,12 +154,18 @@ ALTER TABLE polls ADD COLUMN vanished INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX outbox_due ON outbox (next_attempt_at, id);
 "#;
 
+const V4: &str = r#"
+-- Bumped when a push arrives for an id whose event is still pending: the processor consumes an
+-- event only if no newer push came in while it was fetching the record.
+ALTER TABLE push_events ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub const LATEST: usize = 3;
+pub const LATEST: usize = 4;
 
 /// All migrations, oldest first.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ use rusqlite::{Connection, OpenFlags};
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Store::call`] keeps retrying work that found the file locked.
+pub const LOCKED_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,15 @@ pub enum StoreError {
     },
     #[error("state file {path}: {problem}")]
     Corrupt { path: PathBuf, problem: String },
+}
+
+impl StoreError {
+    /// Whether another connection held the file locked past the busy timeout (transient).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, StoreError::Sqlite { source, .. }
+            if matches!(source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)))
+    }
 }
 
 /// The state file, shared by the poll loops and the worker. Cheap to clone.
@@ -212,20 +223,33 @@ impl Store {
         &self.inner.path
     }
 
-    /// Runs blocking store work off the async runtime.
+    /// Runs blocking store work off the async runtime. Work that finds the file locked by
+    /// another process for longer than the busy timeout (a `replay`, a backup tool) is retried
+    /// for up to [`LOCKED_PATIENCE`] before the error is returned.
     pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+        F: Fn(&Store) -> Result<R, StoreError> + Send + Sync + 'static,
     {
-        let store = self.clone();
-        match tokio::task::spawn_blocking(move || f(&store)).await {
-            Ok(result) => result,
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Err(_) => Err(StoreError::Open {
-                path: self.inner.path.clone(),
-                problem: "the runtime is shutting down".to_string(),
-            }),
+        let f = Arc::new(f);
+        let started = std::time::Instant::now();
+        loop {
+            let (store, f) = (self.clone(), f.clone());
+            let result = match tokio::task::spawn_blocking(move || f(&store)).await {
+                Ok(result) => result,
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                Err(_) => Err(StoreError::Open {
+                    path: self.inner.path.clone(),
+                    problem: "the runtime is shutting down".to_string(),
+                }),
+            };
+            match result {
+                Err(error) if error.is_locked() && started.elapsed() < LOCKED_PATIENCE => {
+                    tracing::warn!(%error, "The state file is locked by another process; retrying.");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -480,6 +504,7 @@ mod outbox_tests {
         ClaimFilter {
             sources: vec!["gym".to_string()],
             batch_size: 1,
+            ..ClaimFilter::default()
         }
     }
 

@@ -41,12 +41,39 @@ pub struct PageOutcome {
 }
 
 /// Which work the worker may claim.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClaimFilter {
     /// Source names whose jobs may be claimed.
     pub sources: Vec<String>,
     /// Most customers per batch; 1 sends singles only.
     pub batch_size: usize,
+    /// Sources whose jobs queued before `held_since` wait: left by an earlier process, they
+    /// are held until this process's first poll of the source has seen the records again (a
+    /// patient deleted meanwhile must not be created by its old queued create).
+    pub held: Vec<String>,
+    /// Unix ms; see `held`.
+    pub held_since: i64,
+}
+
+impl ClaimFilter {
+    /// The SQL condition (on alias `o`) that keeps held jobs out, and its parameters.
+    fn release_condition(&self) -> (String, Vec<rusqlite::types::Value>) {
+        if self.held.is_empty() {
+            return ("1".to_string(), Vec::new());
+        }
+        let condition = format!(
+            "(o.enqueued_at >= ? OR +o.source NOT IN ({}))",
+            placeholders(self.held.len())
+        );
+        let params = std::iter::once(rusqlite::types::Value::from(self.held_since))
+            .chain(
+                self.held
+                    .iter()
+                    .map(|s| rusqlite::types::Value::from(s.clone())),
+            )
+            .collect();
+        (condition, params)
+    }
 }
 
 /// One customer's job.
@@ -173,8 +200,9 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Records push events (ids only) for later fetching; an id already pending is not
-    /// duplicated. Returns how many were new.
+    /// Records push events (ids only) for later fetching. An id already pending is not
+    /// duplicated, but its event is marked newer, so a fetch already under way for it does not
+    /// consume it. Returns how many ids were new.
     pub fn record_push(&self, source: &str, external_ids: &[String]) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
@@ -183,47 +211,52 @@ impl Store {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO push_events (source, external_id, received_at)
-                     VALUES (?1, ?2, ?3)",
+                    "INSERT INTO push_events (source, external_id, received_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (source, external_id) DO UPDATE SET seq = seq + 1,
+                         received_at = excluded.received_at
+                     RETURNING seq = 0",
                 )
                 .map_err(|e| self.err(e))?;
             for id in external_ids {
-                added += insert
-                    .execute(params![source, id, now])
+                let new: bool = insert
+                    .query_row(params![source, id, now], |row| row.get(0))
                     .map_err(|e| self.err(e))?;
+                added += usize::from(new);
             }
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(added)
     }
 
-    /// The oldest pending push events of a source: `(event id, external id)`.
+    /// The oldest pending push events of a source: `(event id, external id, seq)`.
     pub fn pending_push(
         &self,
         source: &str,
         limit: usize,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, external_id FROM push_events WHERE source = ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, external_id, seq FROM push_events WHERE source = ?1
+                  ORDER BY received_at, id LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
         stmt.query_map(params![source, limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?))
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
         .and_then(|rows| rows.collect())
         .map_err(|e| self.err(e))
     }
 
     /// Enqueues what the source returned for push events and consumes the events, in one
-    /// transaction: a crash leaves either both or neither.
+    /// transaction: a crash leaves either both or neither. An event pushed again since it was
+    /// read (its `seq` moved on) stays, so the newer change is fetched too.
     pub fn commit_push(
         &self,
         source: &str,
         revkeen_source: &str,
         items: &[PageItem],
-        event_ids: &[i64],
+        events: &[(i64, i64)],
     ) -> Result<PageOutcome, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
@@ -231,9 +264,12 @@ impl Store {
         let passes = passes_of(&tx, source).map_err(|e| self.err(e))?;
         let outcome = apply_items(&tx, source, revkeen_source, items, false, passes + 1, now)
             .map_err(|e| self.err(e))?;
-        for id in event_ids {
-            tx.execute("DELETE FROM push_events WHERE id = ?1", [id])
-                .map_err(|e| self.err(e))?;
+        for (id, seq) in events {
+            tx.execute(
+                "DELETE FROM push_events WHERE id = ?1 AND seq = ?2",
+                params![id, seq],
+            )
+            .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(outcome)
@@ -264,12 +300,14 @@ impl Store {
     pub fn next_due(&self, filter: &ClaimFilter) -> Result<Option<i64>, StoreError> {
         let conn = self.conn();
         let n = filter.sources.len();
+        let (released, held_params) = filter.release_condition();
         let sql = format!(
             // ORDER BY … LIMIT 1 walks the outbox_due index and stops at the first lane head;
             // MIN() with these conditions would scan the whole backlog.
             "SELECT MIN(t) FROM (
                  SELECT * FROM (SELECT o.next_attempt_at AS t FROM outbox o
                   WHERE o.batch_id IS NULL AND o.inflight = 0 AND +o.source IN ({list}) AND {LANE_HEAD}
+                    AND {released}
                   ORDER BY o.next_attempt_at, o.id LIMIT 1)
                  UNION ALL
                  SELECT MIN(b.next_attempt_at) FROM batches b
@@ -277,7 +315,18 @@ impl Store {
                         WHERE m.batch_id = b.id AND m.source IN ({list})))",
             list = placeholders(n)
         );
-        let args = filter.sources.iter().chain(filter.sources.iter());
+        let args: Vec<rusqlite::types::Value> = filter
+            .sources
+            .iter()
+            .map(|s| rusqlite::types::Value::from(s.clone()))
+            .chain(held_params)
+            .chain(
+                filter
+                    .sources
+                    .iter()
+                    .map(|s| rusqlite::types::Value::from(s.clone())),
+            )
+            .collect();
         conn.prepare_cached(&sql)
             .and_then(|mut stmt| stmt.query_row(params_from_iter(args), |row| row.get(0)))
             .map_err(|e| self.err(e))
@@ -743,19 +792,22 @@ fn claim_in(
     }
 
     // 2. The oldest due lane head.
+    let (released, held_params) = filter.release_condition();
     let head_sql = format!(
         "SELECT {JOB_COLUMNS}, o.single_only, o.update_only FROM outbox o
           WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
-            AND +o.source IN ({list}) AND {LANE_HEAD}
+            AND +o.source IN ({list}) AND {LANE_HEAD} AND {released}
           ORDER BY o.next_attempt_at, o.id LIMIT 1"
     );
     let due_args = || {
-        std::iter::once(rusqlite::types::Value::from(now)).chain(
-            filter
-                .sources
-                .iter()
-                .map(|s| rusqlite::types::Value::from(s.clone())),
-        )
+        std::iter::once(rusqlite::types::Value::from(now))
+            .chain(
+                filter
+                    .sources
+                    .iter()
+                    .map(|s| rusqlite::types::Value::from(s.clone())),
+            )
+            .chain(held_params.iter().cloned())
     };
     let (head, single_only) = loop {
         let head = tx
@@ -788,7 +840,7 @@ fn claim_in(
     let fill_sql = format!(
         "SELECT {JOB_COLUMNS} FROM outbox o
           WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
-            AND +o.source IN ({list}) AND {LANE_HEAD}
+            AND +o.source IN ({list}) AND {LANE_HEAD} AND {released}
             AND o.revkeen_source = ? AND o.single_only = 0 AND o.update_only = 0 AND o.id <> ?
           ORDER BY o.next_attempt_at, o.id LIMIT ?"
     );

@@ -459,6 +459,19 @@ impl Store {
         Ok(conn.last_insert_rowid())
     }
 
+    /// The mode (`daemon`, `once`) of the newest run not yet finished, if any. Only meaningful
+    /// while a process holds the writer lock (a crashed run is never finished).
+    pub fn open_run_mode(&self) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT mode FROM runs WHERE finished_at IS NULL ORDER BY id DESC LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Closes a run record.
     pub fn finish_run(&self, run_id: i64, outcome: &str) -> Result<(), StoreError> {
         self.conn()
