@@ -12,5 +12,7 @@ mod crash;
 mod demo;
 mod failures;
 mod faults;
+mod lifecycle;
 mod once;
+mod phi;
 mod support;
