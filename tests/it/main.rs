@@ -15,4 +15,5 @@ mod faults;
 mod lifecycle;
 mod once;
 mod phi;
+mod push;
 mod support;
