@@ -15,5 +15,6 @@ mod faults;
 mod lifecycle;
 mod once;
 mod phi;
+mod practicehub;
 mod push;
 mod support;

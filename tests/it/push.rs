@@ -52,6 +52,17 @@ async fn start(
     gym_secret: Option<&str>,
     clinic_secret: Option<&str>,
 ) -> (Harness, Daemon) {
+    start_with_env(clients, patients, gym_secret, clinic_secret, &[]).await
+}
+
+/// [`start`] with extra environment for the daemon (e.g. `RUST_LOG`).
+async fn start_with_env(
+    clients: usize,
+    patients: usize,
+    gym_secret: Option<&str>,
+    clinic_secret: Option<&str>,
+    env: &[(&str, &str)],
+) -> (Harness, Daemon) {
     let h = Harness::start().await;
     h.unlimited();
     seed_valid_clients(&h.sims.wodify, clients, 5);
@@ -63,7 +74,7 @@ async fn start(
     if let Some(secret) = clinic_secret {
         config = with_source(&config, "clinic", &format!("push_secret = \"{secret}\""));
     }
-    let mut daemon = h.spawn_daemon(&config, &[]);
+    let mut daemon = h.spawn_daemon(&config, env);
     daemon.wait_ready().await;
     daemon.wait_polls("gym", 1).await;
     daemon.wait_polls("clinic", 1).await;
@@ -247,7 +258,8 @@ async fn a_signed_wodify_event_reaches_revkeen_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
-    let (h, daemon) = start(40, 5, Some(SECRET), None).await;
+    // At TRACE, so "nothing is logged from a rejected body" covers every log line.
+    let (h, daemon) = start_with_env(40, 5, Some(SECRET), None, &[("RUST_LOG", "trace")]).await;
     // Every client a refused push names has changed at the source: were it fetched, RevKeen
     // would get a write.
     let refused_ids = 10_002..=10_009;
@@ -432,9 +444,29 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
         "a body of exactly 1 MiB, a non-hex v1 first: {answer}"
     );
 
+    // Within the 5-minute tolerance: a sender whose clock is 4.5 minutes behind.
+    let body = events(&[10_012]);
+    assert!(
+        h.sims
+            .wodify
+            .update_client(10_012, json!({"last_name": "Skewed"}))
+    );
+    let (status, answer) = push(
+        &daemon,
+        "gym",
+        &body,
+        Some(&sign(SECRET, &body, unix_now() - 270)),
+    )
+    .await;
+    assert_eq!(
+        status, 202,
+        "t = now - 270 is within the tolerance: {answer}"
+    );
+
     // Once the accepted ones have arrived, the refused ones were neither fetched nor sent.
     wait_for_name(&h, "wodify", 10_010, " Rotated", Duration::from_secs(5)).await;
     wait_for_name(&h, "wodify", 10_011, " Exact", Duration::from_secs(5)).await;
+    wait_for_name(&h, "wodify", 10_012, " Skewed", Duration::from_secs(5)).await;
     for id in refused_ids {
         assert!(
             wodify_fetches(&h, id).is_empty(),
@@ -448,10 +480,15 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
             "client {id} was sent after a refused push"
         );
     }
-    assert_eq!(h.sims.revkeen.stats().updated, 2);
+    assert_eq!(h.sims.revkeen.stats().updated, 3);
 
     let out = daemon.terminate().await;
     out.assert_exit(exit::OK);
+    assert!(
+        out.stderr.contains("TRACE"),
+        "expected a TRACE log:\n{}",
+        out.stderr
+    );
     assert!(
         !out.stderr.contains("REFUSEDBODYMARKER"),
         "a refused body was logged:\n{}",
