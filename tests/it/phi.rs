@@ -168,15 +168,23 @@ async fn operator_commands_show_no_phi(h: &Harness, env: &[(&str, &str)]) -> Str
     failures
 }
 
-/// Every `--dry-run` form; checks none prints PHI and returns the verbose JSON lines.
-async fn dry_runs_show_no_phi(h: &Harness, env: &[(&str, &str)]) -> String {
+/// Every `--dry-run` form.
+const ALL_DRY_RUNS: &[&[&str]] = &[
+    &["--dry-run"],
+    &["--dry-run", "--verbose"],
+    &["--dry-run", "--json"],
+    &["--dry-run", "--verbose", "--json"],
+];
+/// The forms that print the bodies.
+const VERBOSE_DRY_RUNS: &[&[&str]] = &[
+    &["--dry-run", "--verbose"],
+    &["--dry-run", "--verbose", "--json"],
+];
+
+/// Runs the `--dry-run` forms; checks none prints PHI and returns the verbose JSON lines.
+async fn dry_runs_show_no_phi(h: &Harness, forms: &[&[&str]], env: &[(&str, &str)]) -> String {
     let mut verbose_json = String::new();
-    for args in [
-        &["--dry-run"][..],
-        &["--dry-run", "--verbose"],
-        &["--dry-run", "--json"],
-        &["--dry-run", "--verbose", "--json"],
-    ] {
+    for &args in forms {
         let out = h.run_with_env(args, env).await;
         out.assert_exit(exit::OK);
         assert_output_has_no_phi(&format!("{args:?}"), &out);
@@ -205,7 +213,7 @@ async fn phi_markers_reach_no_request_state_file_trace_log_or_command_output() {
 
         // Before anything was synced: every record is a create, and the verbose forms show
         // the bodies that would be sent.
-        let shown = dry_runs_show_no_phi(&h, &env).await;
+        let shown = dry_runs_show_no_phi(&h, ALL_DRY_RUNS, &env).await;
         assert!(
             shown.contains(&format!("ada.byron{SYNCED}@example.co.uk")),
             "{format}: the verbose dry run should show the body it would send:\n{shown}"
@@ -249,7 +257,11 @@ async fn phi_markers_reach_no_request_state_file_trace_log_or_command_output() {
             assert!(h.sims.practicehub.update_patient(id, patch));
         }
         assert!(h.sims.practicehub.soft_delete(BAD_PHONE));
-        dry_runs_show_no_phi(&h, &env).await;
+        let shown = dry_runs_show_no_phi(&h, VERBOSE_DRY_RUNS, &env).await;
+        assert!(
+            shown.contains(&format!("Byron{SYNCED}B")),
+            "{format}: the dry run should show the changed name:\n{shown}"
+        );
         let second = h.run_with_env(&["--once"], &env).await;
         second.assert_exit(exit::REJECTED);
         assert_output_has_no_phi(&format!("{format} second --once at TRACE"), &second);
