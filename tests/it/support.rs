@@ -526,3 +526,273 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Daemon mode: `sync-daemon --config …` without `--once`, on a free loopback port.
+
+/// A running daemon-mode `sync-daemon`. Its stdout and stderr go to a file in the test's temp
+/// directory (a pipe nobody reads would fill up and stall a chatty daemon), readable at any
+/// time with [`Daemon::log`]. Dropping it SIGKILLs the process.
+pub struct Daemon {
+    child: Child,
+    /// The `daemon.listen` address it was given.
+    pub addr: std::net::SocketAddr,
+    /// Where its stdout and stderr go.
+    pub log_path: PathBuf,
+    started: Instant,
+    secrets: Vec<String>,
+}
+
+/// A loopback port nothing listens on right now (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+impl Harness {
+    /// Writes `toml` with `daemon.listen` set to a free loopback port and starts the daemon
+    /// on it with the extra environment `env` (e.g. `RUST_LOG`). Returns at once; use
+    /// [`Daemon::wait_ready`].
+    pub fn spawn_daemon(&self, toml: &str, env: &[(&str, &str)]) -> Daemon {
+        assert!(
+            !toml.contains("\nlisten ="),
+            "spawn_daemon sets daemon.listen itself"
+        );
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        self.write_config(&replaced(
+            toml,
+            "[daemon]\n",
+            &format!("[daemon]\nlisten = \"{addr}\"\n"),
+        ));
+        let log_path = (0..)
+            .map(|n| self.dir().join(format!("daemon-{n}.log")))
+            .find(|path| !path.exists())
+            .expect("a free log file name");
+        let log = std::fs::File::create(&log_path).expect("create the daemon log");
+        let mut command = self.command(&[]);
+        command
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log);
+        Daemon {
+            child: command.spawn().expect("spawn sync-daemon"),
+            addr,
+            log_path,
+            started: Instant::now(),
+            secrets: self.secrets(),
+        }
+    }
+}
+
+impl Daemon {
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Everything the daemon printed so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log_path).expect("read the daemon log"))
+            .into_owned()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the daemon has not been reaped")
+    }
+
+    /// Waits until `condition(log)` holds; fails with the log if the daemon exits first or
+    /// after `timeout`.
+    pub async fn wait_for_log(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&str) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if condition(&log) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("polling sync-daemon") {
+                panic!("sync-daemon exited ({status}) while waiting for {what}\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `GET /readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let url = self.url("/readyz");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = client.get(&url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("polling sync-daemon") {
+                panic!(
+                    "sync-daemon exited ({status}) before /readyz answered\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz did not answer 200 within 30 s\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the log shows `count` finished polls of `source`.
+    pub async fn wait_polls(&mut self, source: &str, count: usize) {
+        self.wait_for_log(
+            &format!("{count} finished polls of {source}"),
+            Duration::from_secs(60),
+            |log| polls_finished(log, source) >= count,
+        )
+        .await;
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; the log is the output's stderr.
+    pub async fn terminate(self) -> Output {
+        self.signal(libc::SIGTERM).await
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub async fn kill(self) -> Output {
+        self.signal(libc::SIGKILL).await
+    }
+
+    async fn signal(mut self, signal: libc::c_int) -> Output {
+        let pid = libc::pid_t::try_from(self.pid()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on our own child, which has not been reaped (we hold its handle).
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "kill({pid}, {signal}) failed");
+        let status = tokio::time::timeout(RUN_TIMEOUT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("sync-daemon did not exit within {RUN_TIMEOUT:?}"))
+            .expect("waiting for sync-daemon");
+        let out = Output::new(status, b"", self.log().as_bytes(), self.started.elapsed());
+        assert_no_secrets(&out, &self.secrets);
+        out
+    }
+}
+
+/// Lines of a daemon log (text or JSON) that say a poll of `source` finished.
+pub fn polls_finished(log: &str, source: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("Poll finished.") && names_source(line, source))
+        .count()
+}
+
+/// Whether a log line (text or JSON) carries `source = <source>`.
+pub fn names_source(line: &str, source: &str) -> bool {
+    line.contains(&format!("source={source}")) || line.contains(&format!("\"source\":\"{source}\""))
+}
+
+/// Posts `body` to the daemon's push feed for `source`, with `X-Sync-Signature: signature`
+/// if given; returns the status and the body of the answer.
+pub async fn push(
+    daemon: &Daemon,
+    source: &str,
+    body: &[u8],
+    signature: Option<&str>,
+) -> (u16, String) {
+    let mut request = reqwest::Client::new()
+        .post(daemon.url(&format!("/v1/changes/{source}")))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("x-sync-signature", signature);
+    }
+    let response = request.send().await.expect("POST to the push feed");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Seconds since the Unix epoch, for push signatures.
+pub fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Every text and blob value in every table of the state file, read through a read-only
+/// connection (works while a daemon holds the file), as `(table, column, value)`.
+pub fn state_values(path: &Path) -> Vec<(String, String, String)> {
+    use rusqlite::types::ValueRef;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .expect("state file opens read-only");
+    conn.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |row| row.get::<_, String>(0))?
+                .collect::<Result<_, _>>()
+        })
+        .expect("list tables");
+    assert!(!tables.is_empty(), "the state file has no tables");
+    let mut values = Vec::new();
+    for table in tables {
+        let mut stmt = conn
+            .prepare(&format!("SELECT * FROM \"{table}\""))
+            .expect("select a table");
+        let columns: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
+        let mut rows = stmt.query([]).expect("query a table");
+        while let Some(row) = rows.next().expect("read a row") {
+            for (index, column) in columns.iter().enumerate() {
+                let text = match row.get_ref(index).expect("a column") {
+                    ValueRef::Text(bytes) | ValueRef::Blob(bytes) => {
+                        String::from_utf8_lossy(bytes).into_owned()
+                    }
+                    _ => continue,
+                };
+                values.push((table.clone(), column.clone(), text));
+            }
+        }
+    }
+    values
+}
+
+/// The raw bytes of the state file and its `-wal`, `-shm` and `-journal` companions (free
+/// pages and not-yet-checkpointed frames included), lossily as text.
+pub fn state_bytes(path: &Path) -> String {
+    let mut bytes = Vec::new();
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        if let Ok(content) = std::fs::read(PathBuf::from(name)) {
+            bytes.extend(content);
+            bytes.push(b'\n');
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// `toml` with every source's schedule moved to once a year (midnight, 1 January), so a
+/// daemon polls only at start-up during a test.
+pub fn yearly_schedules(toml: &str) -> String {
+    let mut out = String::new();
+    for line in toml.split_inclusive('\n') {
+        if line.starts_with("schedule = ") {
+            out.push_str("schedule = \"0 0 0 1 1 *\"\n");
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
