@@ -13,4 +13,6 @@ mod demo;
 mod failures;
 mod faults;
 mod once;
+mod operate;
+mod operate_cli;
 mod support;
