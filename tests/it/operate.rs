@@ -786,3 +786,51 @@ async fn status_and_failures_answer_before_the_first_run_without_creating_state(
         "a read-only command created the state file"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_a_source_whose_key_is_refused_until_a_run_succeeds() {
+    let h = Harness::start().await;
+    h.unlimited();
+    let good = h.config_for("gym");
+    h.write_config(&replaced(
+        &good,
+        &format!("api_key = \"{}\"", sync_daemon::sim::WODIFY_KEY),
+        "api_key = \"wodify_revoked_key_5150\"",
+    ));
+    seed_valid_clients(&h.sims.wodify, 20, 2);
+    h.once().await.assert_exit(exit::AUTH_REFUSED);
+
+    let status = json_of(&h.run(&["status", "--json"]).await);
+    let halts = status["auth_halts"].as_array().expect("auth_halts");
+    assert_eq!(halts.len(), 1, "{status:#}");
+    assert_eq!(halts[0]["target"], "gym");
+    assert!(
+        halts[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("api_key")),
+        "the reason names the setting to fix: {status:#}"
+    );
+    assert_eq!(
+        source(&status, "gym")["last_poll"]["outcome"],
+        "auth_refused"
+    );
+    let human = h.run(&["status"]).await;
+    assert!(
+        human
+            .stdout
+            .contains("AUTH HALT: gym refused the key since "),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human.stdout.contains("gym: last poll error: "),
+        "{}",
+        human.stdout
+    );
+
+    h.write_config(&good);
+    h.once().await.assert_exit(exit::OK);
+    let status = json_of(&h.run(&["status", "--json"]).await);
+    assert_eq!(status["auth_halts"], json!([]), "{status:#}");
+    assert_eq!(source(&status, "gym")["last_poll"]["outcome"], "ok");
+}
