@@ -14,6 +14,8 @@ mod failures;
 mod faults;
 mod lifecycle;
 mod once;
+mod operate;
+mod operate_cli;
 mod phi;
 mod practicehub;
 mod push;
