@@ -7,6 +7,7 @@
 //! [`support`] holds the harness.
 
 mod auth;
+mod batch;
 mod config_errors;
 mod crash;
 mod demo;
