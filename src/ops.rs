@@ -201,6 +201,7 @@ pub fn render_status(report: &StatusReport) -> String {
         "SOURCE",
         "KIND",
         "LAST POLL",
+        "ENDED",
         "OUTCOME",
         "FETCHED",
         "QUEUED",
@@ -218,7 +219,13 @@ pub fn render_status(report: &StatusReport) -> String {
             source.kind.clone(),
             poll.map(|p| short_time(&p.started_at))
                 .unwrap_or_else(|| "never".to_string()),
-            poll.map(took).unwrap_or_default(),
+            poll.map(|p| {
+                p.finished_at
+                    .as_deref()
+                    .map(short_time)
+                    .unwrap_or_else(|| "-".to_string())
+            })
+            .unwrap_or_default(),
             poll.map(|p| p.outcome.clone()).unwrap_or_default(),
             poll.map(|p| p.stats.fetched.to_string())
                 .unwrap_or_default(),
@@ -291,18 +298,6 @@ pub fn render_status(report: &StatusReport) -> String {
         }
     }
     out
-}
-
-/// How long a poll took, or that it is still running.
-fn took(poll: &PollStatus) -> String {
-    let parse = |t: &str| DateTime::parse_from_rfc3339(t).ok();
-    match (
-        parse(&poll.started_at),
-        poll.finished_at.as_deref().and_then(parse),
-    ) {
-        (Some(start), Some(end)) => human_duration((end - start).num_seconds().max(0) as u64),
-        _ => "-".to_string(),
-    }
 }
 
 fn short_time(rfc3339: &str) -> String {

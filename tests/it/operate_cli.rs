@@ -167,7 +167,6 @@ async fn check_config_connect_closed_port_is_unreachable_69() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: an https:// base URL on a plain-HTTP port fails the TLS handshake (rustls: \"received corrupt message of type InvalidContentType\") but is reported as `unreachable`, not `tls_error`"]
 async fn check_config_connect_tls_handshake_failure_is_a_tls_error() {
     let h = Harness::start().await;
     // The RevKeen simulator speaks plain HTTP: a TLS client hello gets no TLS answer.

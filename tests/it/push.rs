@@ -666,7 +666,6 @@ async fn a_push_while_the_state_file_is_locked_gets_503_and_is_not_lost_once_ret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a push for a record whose earlier event is being processed is dropped (INSERT OR IGNORE on push_events, then the earlier event's commit deletes the row), so a change made after the source was read waits for the next scheduled poll"]
 async fn a_second_push_for_a_record_already_read_is_not_lost() {
     let (h, daemon) = start(30, 0, Some(SECRET), None).await;
     let (first, slow) = (10_003, 10_004);
@@ -719,7 +718,6 @@ async fn a_second_push_for_a_record_already_read_is_not_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a 'database is locked' error in the worker (a claim or ack blocked past the 5 s busy timeout) ends the worker task for good; nothing is sent again, the error is logged only at shutdown, and /healthz stays 200 until the 30 s liveness window runs out"]
 async fn delivery_resumes_after_the_state_file_was_locked_longer_than_the_busy_timeout() {
     let (h, daemon) = start(30, 0, Some(SECRET), None).await;
     let id = 10_019;
