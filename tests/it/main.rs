@@ -9,7 +9,9 @@
 mod auth;
 mod config_errors;
 mod crash;
+mod daemon;
 mod demo;
+mod deploy;
 mod failures;
 mod faults;
 mod once;
