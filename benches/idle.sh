@@ -11,6 +11,7 @@
 #   IDLE_SECS         sampling period in seconds (default 60)
 #   IDLE_CLIENTS      Wodify clients seeded (default 1000)
 #   IDLE_PATIENTS     PracticeHub patients seeded (default 300)
+#   IDLE_TRACE        set to print RSS and CPU every 10 s while sampling
 #   SYNC_DAEMON_BIN   the binary (default: target/release/sync-daemon under CARGO_TARGET_DIR or
 #                     ./target, built with `cargo build --release` when missing)
 #
@@ -99,6 +100,7 @@ cpu_ticks() { # utime + stime, fields 14 and 15 of /proc/PID/stat (after the ")"
   sed 's/^.*) //' "/proc/$DAEMON_PID/stat" | awk '{ print $12 + $13 }'
 }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$DAEMON_PID/status"; }
+rss_parts() { awk '/^Rss(Anon|File):/ { printf "%s %.1f MiB  ", $1, $2 / 1024 }' "/proc/$DAEMON_PID/status"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON_PID/status"; }
 
 start_ticks=$(cpu_ticks)
@@ -111,17 +113,22 @@ while ((SECONDS < end)); do
   kill -0 "$DAEMON_PID" 2>/dev/null || { echo "the daemon exited" >&2; cat "$WORK/daemon.err" >&2; exit 1; }
   rss=$(rss_kib)
   ((rss > peak_rss)) && peak_rss=$rss
+  if [[ -n ${IDLE_TRACE:-} ]] && ((SECONDS % 10 == 0)); then
+    echo "  t=$((IDLE_SECS - end + SECONDS)) s  RSS $((rss / 1024)) MiB  $(rss_parts) CPU ticks $(($(cpu_ticks) - start_ticks))" >&2
+  fi
 done
+parts=$(rss_parts)
 end_ticks=$(cpu_ticks)
 end_rss=$(rss_kib)
 hwm=$(hwm_kib)
 
 awk -v secs="$IDLE_SECS" -v t0="$start_ticks" -v t1="$end_ticks" -v tick="$TICK" \
   -v r0="$start_rss" -v r1="$end_rss" -v rp="$peak_rss" -v hwm="$hwm" \
-  -v clients="$IDLE_CLIENTS" -v patients="$IDLE_PATIENTS" 'BEGIN {
+  -v parts="$parts" -v clients="$IDLE_CLIENTS" -v patients="$IDLE_PATIENTS" 'BEGIN {
   cpu = (t1 - t0) / tick
   printf "idle daemon after syncing %d clients + %d patients, sampled %d s\n", clients, patients, secs
   printf "  RSS idle:             %.1f MiB at start, %.1f MiB at end, %.1f MiB peak (target <= 20 MiB)\n", r0/1024, r1/1024, rp/1024
   printf "  RSS high-water mark:  %.1f MiB (includes the start-up backfill)\n", hwm/1024
+  printf "  RSS at end by kind:   %s\n", parts
   printf "  CPU while idle:       %.2f s in %d s = %.1f CPU-seconds per hour (resolution %.1f s/h)\n", cpu, secs, cpu * 3600 / secs, 3600 / secs / tick
 }'
