@@ -1,15 +1,19 @@
 //! Daemon mode (`sync-daemon --config PATH` without `--once`), run as a process against the
 //! simulators, as systemd or a container runtime would run it:
 //! - a per-second schedule delivers a changed source record to RevKeen within the schedule
-//!   plus two seconds;
+//!   plus two seconds, and a poll that outlasts the schedule never overlaps itself;
 //! - `/healthz`, `/readyz` and `/metrics` answer what an operator needs: readiness fails with a
 //!   JSON reason while RevKeen refuses the key (polling and queueing go on) and recovers after
 //!   the key is fixed and the daemon restarted, with nothing lost; the metrics agree with what
 //!   the simulators saw;
 //! - SIGTERM in the middle of a burst of sends exits 0 within `drain_timeout_secs`, nothing is
-//!   lost and RevKeen never sees an idempotency conflict; a second signal exits at once;
+//!   lost and RevKeen never sees an idempotency conflict; slow answers or a slow source page
+//!   cannot stretch the stop past the drain timeout; a second signal exits at once;
 //! - systemd's notify protocol: `READY=1` once the listener is bound, `WATCHDOG=1` only when
-//!   `WATCHDOG_USEC` asks for it (often enough for it), `STATUS=`, and `STOPPING=1`;
+//!   `WATCHDOG_USEC` asks for it (often enough for it, even while upstreams answer slowly),
+//!   `STATUS=`, and `STOPPING=1`;
+//! - a second process on the same state file is refused while the daemon carries on; a listen
+//!   address in use is a configuration error (78);
 //! - a config made of `SYNC_DAEMON__…` variables alone runs `--once` and the daemon, and such a
 //!   variable overrides a file value;
 //! - `sync-daemon healthcheck` exits 0 against a running daemon and 1 when none listens;
