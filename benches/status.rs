@@ -199,6 +199,7 @@ fn build_state(store: &Store, synced: u64, dead: u64) {
     let filter = ClaimFilter {
         sources: vec![SOURCE.to_string()],
         batch_size: 1_000,
+        ..ClaimFilter::default()
     };
     while let Some(unit) = store.claim(&filter, now_ms()).expect("claim") {
         let mut counts = DeliveryCounts::default();
@@ -236,6 +237,7 @@ fn write_continuously(store: &Store, synced: u64, stop: &AtomicBool, commits: &A
     let filter = ClaimFilter {
         sources: vec![SOURCE.to_string()],
         batch_size: 100,
+        ..ClaimFilter::default()
     };
     let mut generation = 1;
     let mut from = 0;

@@ -866,3 +866,345 @@ impl Harness {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Daemon mode: `sync-daemon --config PATH` without `--once`, on a free loopback port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// How long a daemon may take from spawn to answering `/healthz`.
+pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A loopback address nothing listens on right now, for `daemon.listen`. (Bound to port 0 and
+/// released: another process could take it before the daemon binds, which then fails loudly.)
+pub fn free_listen_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+}
+
+impl Harness {
+    /// Writes `toml` with `daemon.listen` set to a free loopback port, starts the daemon on it
+    /// and waits until `/healthz` answers 200.
+    pub async fn start_daemon(&self, toml: &str) -> ServiceProcess {
+        self.start_daemon_with(toml, |_| {}).await
+    }
+
+    /// [`Harness::start_daemon`] after `configure` adjusted the command (environment, …).
+    pub async fn start_daemon_with(
+        &self,
+        toml: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> ServiceProcess {
+        let mut daemon = self.spawn_daemon_with(toml, configure);
+        daemon.wait_healthy().await;
+        daemon
+    }
+
+    /// Writes `toml` with a free `daemon.listen` and spawns the daemon without waiting for it.
+    pub fn spawn_daemon_with(
+        &self,
+        toml: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> ServiceProcess {
+        let addr = free_listen_addr();
+        self.write_config(&with_daemon(toml, &format!("listen = \"{addr}\"")));
+        let mut command = self.command(&[]);
+        configure(&mut command);
+        ServiceProcess::spawn(command, addr, self.secrets())
+    }
+}
+
+/// A daemon running as a child process. Its stdout and stderr are read as they arrive (so a
+/// chatty daemon never blocks on a full pipe) and can be inspected while it runs. Dropping it
+/// SIGKILLs the process.
+pub struct ServiceProcess {
+    child: Child,
+    /// Where its HTTP server listens.
+    pub addr: SocketAddr,
+    started: Instant,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    secrets: Vec<String>,
+    http: reqwest::Client,
+}
+
+fn collect(
+    mut pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .expect("output lock")
+                .extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+impl ServiceProcess {
+    /// Spawns `command` (a `sync-daemon` invocation without `--once`) whose config listens on
+    /// `addr`; `secrets` must never appear in its output.
+    pub fn spawn(mut command: Command, addr: SocketAddr, secrets: Vec<String>) -> ServiceProcess {
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn sync-daemon");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
+        ];
+        ServiceProcess {
+            child,
+            addr,
+            started: Instant::now(),
+            stdout,
+            stderr,
+            readers,
+            secrets,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .expect("the daemon has not been reaped")
+    }
+
+    /// `http://ADDR/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the daemon printed to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().expect("output lock")).into_owned()
+    }
+
+    /// Waits until `/healthz` answers 200; fails with the daemon's output if it exits first or
+    /// takes longer than [`DAEMON_START_TIMEOUT`].
+    pub async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the daemon exited with {status} before /healthz answered\n--- stderr ---\n{}",
+                    self.stderr_so_far()
+                );
+            }
+            if let Some((200, _)) = self.try_get("/healthz").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz did not answer 200 within {DAEMON_START_TIMEOUT:?}\n--- stderr ---\n{}",
+                self.stderr_so_far()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// GET `path`: the status and body, or `None` when nothing answers.
+    pub async fn try_get(&self, path: &str) -> Option<(u16, String)> {
+        let response = self.http.get(self.url(path)).send().await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// GET `path`: the status and body; fails the test when nothing answers.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        match self.try_get(path).await {
+            Some(answer) => answer,
+            None => panic!(
+                "GET {path} got no answer\n--- stderr ---\n{}",
+                self.stderr_so_far()
+            ),
+        }
+    }
+
+    /// `/metrics`, parsed; fails unless it answers 200 with Prometheus text.
+    pub async fn metrics(&self) -> Metrics {
+        let response = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status().as_u16(), 200, "GET /metrics");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            content_type.starts_with("text/plain"),
+            "/metrics content type is {content_type:?}, expected Prometheus text (text/plain)"
+        );
+        Metrics::parse(&response.text().await.expect("/metrics body"))
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a child pid we have not reaped yet.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself and returns what it printed
+    /// (`elapsed` counts from the spawn). Fails, after SIGKILLing it, if it does not exit.
+    pub async fn wait_exit(mut self, timeout: Duration) -> Output {
+        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for sync-daemon"),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+                panic!(
+                    "the daemon did not exit within {timeout:?}\n--- stderr ---\n{}",
+                    self.stderr_so_far()
+                );
+            }
+        };
+        let elapsed = self.started.elapsed();
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        let out = Output::new(
+            status,
+            &self.stdout.lock().expect("output lock"),
+            &self.stderr.lock().expect("output lock"),
+            elapsed,
+        );
+        assert_no_secrets(&out, &self.secrets);
+        out
+    }
+
+    /// SIGTERM, then waits for the exit (at most [`RUN_TIMEOUT`]).
+    pub async fn stop(self) -> Output {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(RUN_TIMEOUT).await
+    }
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed `/metrics` answer.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub text: String,
+    pub samples: Vec<Sample>,
+}
+
+impl Metrics {
+    /// Parses the text format (`name{label="value",…} value` lines; `#` lines are kept in
+    /// `text` only). Fails the test on a line that is not a sample.
+    pub fn parse(text: &str) -> Metrics {
+        let samples = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(|line| {
+                Self::parse_line(line)
+                    .unwrap_or_else(|| panic!("not a Prometheus sample line: {line:?}"))
+            })
+            .collect();
+        Metrics {
+            text: text.to_string(),
+            samples,
+        }
+    }
+
+    fn parse_line(line: &str) -> Option<Sample> {
+        let (series, value) = line.rsplit_once(' ')?;
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            other => other.parse().ok()?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}')?;
+                let mut labels = BTreeMap::new();
+                let mut chars = body.chars().peekable();
+                loop {
+                    while chars.peek() == Some(&',') || chars.peek() == Some(&' ') {
+                        chars.next();
+                    }
+                    if chars.peek().is_none() {
+                        break;
+                    }
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if chars.next() != Some('"') {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next()? {
+                            '\\' => value.push(chars.next()?),
+                            '"' => break,
+                            c => value.push(c),
+                        }
+                    }
+                    labels.insert(key.trim().to_string(), value);
+                }
+                (name, labels)
+            }
+        };
+        let valid_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+        valid_name.then(|| Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        })
+    }
+
+    /// The samples of `name` carrying every label in `labels`.
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |sample| {
+            sample.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| sample.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The sum of the samples of `name` carrying `labels` (0 when there are none).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|sample| sample.value).sum()
+    }
+
+    /// Whether any sample of `name` carries `labels`.
+    pub fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.matching(name, labels).next().is_some()
+    }
+}

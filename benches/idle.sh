@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# What an idle daemon costs: starts the bundled simulators (`sync-daemon sim`) and a daemon
+# polling every 15 minutes, lets the start-up backfill finish, then samples the daemon's RSS and
+# CPU time from /proc over a period and prints RSS and CPU seconds per hour, extrapolated.
+# Targets (issue 4): RSS <= 20 MiB, CPU ~ 0.
+#
+#   benches/idle.sh                      # 60 s sample, 1000 clients + 300 patients synced first
+#   IDLE_SECS=600 benches/idle.sh        # a longer sample
+#
+# Environment:
+#   IDLE_SECS         sampling period in seconds (default 60)
+#   IDLE_CLIENTS      Wodify clients seeded (default 1000)
+#   IDLE_PATIENTS     PracticeHub patients seeded (default 300)
+#   IDLE_TRACE        set to print RSS and CPU every 10 s while sampling
+#   SYNC_DAEMON_BIN   the binary (default: target/release/sync-daemon under CARGO_TARGET_DIR or
+#                     ./target, built with `cargo build --release` when missing)
+#
+# Linux only (reads /proc). Needs curl.
+set -euo pipefail
+
+IDLE_SECS=${IDLE_SECS:-60}
+IDLE_CLIENTS=${IDLE_CLIENTS:-1000}
+IDLE_PATIENTS=${IDLE_PATIENTS:-300}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=${SYNC_DAEMON_BIN:-$TARGET/release/sync-daemon}
+
+if [[ ! -x $BIN ]]; then
+  echo "building $BIN ..." >&2
+  (cd "$ROOT" && cargo build --release --quiet)
+fi
+
+WORK=$(mktemp -d -t sync-daemon-idle.XXXXXX)
+SIM_PID=
+DAEMON_PID=
+cleanup() {
+  [[ -n $DAEMON_PID ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
+  [[ -n $SIM_PID ]] && kill -TERM "$SIM_PID" 2>/dev/null && wait "$SIM_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A loopback port nothing listens on.
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+}
+
+wait_for() { # description, timeout secs, command...
+  local what=$1 timeout=$2
+  shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      echo "timed out waiting for $what" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+# Simulators.
+RK=$(free_port) WO=$(free_port) PH=$(free_port) LISTEN=$(free_port)
+"$BIN" sim --revkeen-port "$RK" --wodify-port "$WO" --practicehub-port "$PH" \
+  --clients "$IDLE_CLIENTS" --patients "$IDLE_PATIENTS" >"$WORK/sim.out" 2>"$WORK/sim.err" &
+SIM_PID=$!
+wait_for "the simulators" 20 grep -q '^\[\[sources\]\]' "$WORK/sim.out"
+
+# Their config, with our state file, listen address and a 15-minute schedule for every source.
+sed -n '/^\[daemon\]/,$p' "$WORK/sim.out" |
+  sed -e "s#^state_path = .*#state_path = \"$WORK/state.db\"\nlisten = \"127.0.0.1:$LISTEN\"#" \
+    -e 's#^schedule = .*#schedule = "0 */15 * * * *"#' >"$WORK/config.toml"
+
+# The daemon.
+"$BIN" --config "$WORK/config.toml" 2>"$WORK/daemon.err" &
+DAEMON_PID=$!
+wait_for "/healthz" 20 curl -fsS "http://127.0.0.1:$LISTEN/healthz"
+
+# The start-up backfill: both sources polled, outbox empty.
+backfilled() {
+  local metrics
+  metrics=$(curl -fsS "http://127.0.0.1:$LISTEN/metrics") || return 1
+  awk '
+    /^sync_daemon_fetched_total\{/ { fetched[$0 ~ /source="gym"/ ? "gym" : "clinic"] += $NF }
+    /^sync_daemon_queue_depth\{/   { depth += $NF; seen = 1 }
+    END { exit !(seen && depth == 0 && fetched["gym"] > 0 && fetched["clinic"] > 0) }
+  ' <<<"$metrics"
+}
+wait_for "the start-up backfill" 300 backfilled
+sleep 2 # let the last acknowledgements and log lines settle
+
+TICK=$(getconf CLK_TCK)
+cpu_ticks() { # utime + stime, fields 14 and 15 of /proc/PID/stat (after the ")" of comm)
+  sed 's/^.*) //' "/proc/$DAEMON_PID/stat" | awk '{ print $12 + $13 }'
+}
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$DAEMON_PID/status"; }
+rss_parts() { awk '/^Rss(Anon|File):/ { printf "%s %.1f MiB  ", $1, $2 / 1024 }' "/proc/$DAEMON_PID/status"; }
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON_PID/status"; }
+
+start_ticks=$(cpu_ticks)
+start_rss=$(rss_kib)
+peak_rss=$start_rss
+echo "sampling the idle daemon (pid $DAEMON_PID) for ${IDLE_SECS} s ..." >&2
+end=$((SECONDS + IDLE_SECS))
+while ((SECONDS < end)); do
+  sleep 1
+  kill -0 "$DAEMON_PID" 2>/dev/null || { echo "the daemon exited" >&2; cat "$WORK/daemon.err" >&2; exit 1; }
+  rss=$(rss_kib)
+  ((rss > peak_rss)) && peak_rss=$rss
+  if [[ -n ${IDLE_TRACE:-} ]] && ((SECONDS % 10 == 0)); then
+    echo "  t=$((IDLE_SECS - end + SECONDS)) s  RSS $((rss / 1024)) MiB  $(rss_parts) CPU ticks $(($(cpu_ticks) - start_ticks))" >&2
+  fi
+done
+parts=$(rss_parts)
+end_ticks=$(cpu_ticks)
+end_rss=$(rss_kib)
+hwm=$(hwm_kib)
+
+awk -v secs="$IDLE_SECS" -v t0="$start_ticks" -v t1="$end_ticks" -v tick="$TICK" \
+  -v r0="$start_rss" -v r1="$end_rss" -v rp="$peak_rss" -v hwm="$hwm" \
+  -v parts="$parts" -v clients="$IDLE_CLIENTS" -v patients="$IDLE_PATIENTS" 'BEGIN {
+  cpu = (t1 - t0) / tick
+  printf "idle daemon after syncing %d clients + %d patients, sampled %d s\n", clients, patients, secs
+  printf "  RSS idle:             %.1f MiB at start, %.1f MiB at end, %.1f MiB peak (target <= 20 MiB)\n", r0/1024, r1/1024, rp/1024
+  printf "  RSS high-water mark:  %.1f MiB (includes the start-up backfill)\n", hwm/1024
+  printf "  RSS at end by kind:   %s\n", parts
+  printf "  CPU while idle:       %.2f s in %d s = %.1f CPU-seconds per hour (resolution %.1f s/h)\n", cpu, secs, cpu * 3600 / secs, 3600 / secs / tick
+}'
