@@ -523,8 +523,6 @@ async fn metrics_are_prometheus_text_and_match_what_the_simulators_saw() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "docs gap: the daemon exports sync_daemon_vanished_records, which the README's \
-            metric table does not explain"]
 async fn every_exported_metric_is_explained_in_the_readme() {
     let h = Harness::start().await;
     h.sims.wodify.seed(60, 40);
@@ -981,9 +979,6 @@ async fn slow_upstreams_do_not_starve_the_watchdog_or_liveness() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: the scheduler watchdog beats every 2 s (daemon::WATCHDOG_TICK) but \
-            liveness is judged over WATCHDOG_USEC, so with WatchdogSec below ~2 s a healthy \
-            daemon withholds pings, logs 'A daemon loop made no progress' and systemd restarts it"]
 async fn a_short_watchdog_is_fed_in_time_while_the_daemon_is_healthy() {
     let h = Harness::start().await;
     seed_valid_clients(&h.sims.wodify, 20, 34);
