@@ -168,6 +168,12 @@ struct SimArgs {
 }
 
 fn main() -> ExitCode {
+    // glibc gives each thread that contends for the heap an arena of its own and keeps their
+    // free memory; two are plenty for this process and keep an idle daemon small.
+    // SAFETY: mallopt is called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     // The state file has one writer, so a few blocking threads are all the store can use;
     // tokio's default of 512 only costs memory.

@@ -197,11 +197,18 @@ impl Store {
         )
     }
 
-    /// Returns SQLite's page cache to the allocator (an idle daemon keeps little memory).
+    /// Returns SQLite's page cache to the allocator, and the allocator's free memory to the
+    /// system, so an idle daemon keeps little resident memory.
     pub fn release_memory(&self) -> Result<(), StoreError> {
         self.conn()
             .execute_batch("PRAGMA shrink_memory")
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live
+        // allocation.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        Ok(())
     }
 
     /// A throwaway store in memory (`--dry-run` with no state file yet).
