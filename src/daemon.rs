@@ -25,7 +25,7 @@ use crate::config::{Config, SourceConfig};
 use crate::health::Health;
 use crate::limiter::Backoff;
 
-use crate::run::{ExitStatus, Tuning, source_limiter};
+use crate::run::{ExitStatus, Tuning};
 use crate::server::{self, AppState, PushFeed};
 use crate::sources::{self, AnySource, PollContext, PollError};
 use crate::store::{PageItem, Store, StoreError};
@@ -115,16 +115,14 @@ pub async fn run_tuned(
     for source in &config.sources {
         let adapter = Arc::new(AnySource::new(source)?);
         let ctx = PollContext {
-            source: source.clone(),
-            store: store.clone(),
-            limiter: Arc::new(source_limiter(source)),
-            backoff: tuning.backoff,
-            max_attempts: source.max_attempts,
-            wake_worker: wake_worker.clone(),
-            cancel: stop_polls.clone(),
-            resync: false,
             run_id: Some(run_id),
-            progress: None,
+            ..PollContext::new(
+                source,
+                store.clone(),
+                tuning.backoff,
+                wake_worker.clone(),
+                stop_polls.clone(),
+            )
         };
         if let Some(secret) = &source.push_secret {
             let wake = Arc::new(Notify::new());

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, SourceConfig};
-use crate::limiter::{Backoff, Limiter};
+use crate::config::{Config, ConfigError};
+use crate::limiter::Backoff;
 
 use crate::sources::{self, AnySource, PollContext, PollError};
 use crate::store::{PollStats, Store, StoreError};
@@ -312,16 +312,16 @@ pub async fn once_tuned(
         };
         trackers.push((source.name.clone(), progress.clone(), expected));
         let ctx = PollContext {
-            source: source.clone(),
-            store: store.clone(),
-            limiter: Arc::new(source_limiter(source)),
-            backoff: tuning.backoff,
-            max_attempts: source.max_attempts,
-            wake_worker: wake.clone(),
-            cancel: stop_polls.clone(),
             resync: options.resync,
             run_id: Some(run_id),
             progress: Some(progress),
+            ..PollContext::new(
+                source,
+                store.clone(),
+                tuning.backoff,
+                wake.clone(),
+                stop_polls.clone(),
+            )
         };
         let adapter = AnySource::new(source)?;
         polls.spawn(async move {
@@ -478,15 +478,6 @@ pub async fn once_tuned(
     })
 }
 
-/// The client-side limiter for a source's API.
-pub fn source_limiter(source: &SourceConfig) -> Limiter {
-    Limiter::per_second(
-        source.name.clone(),
-        source.requests_per_second,
-        source.burst,
-    )
-}
-
 async fn last_poll_stats(store: &Store, name: &str) -> Result<PollStats, StoreError> {
     let name = name.to_string();
     Ok(store
@@ -528,21 +519,20 @@ pub async fn dry_run(
     let mut reports = Vec::new();
     for source in &selected {
         let adapter = AnySource::new(source)?;
+        // `scan` never touches the store: a read-only handle, or a throwaway in-memory one.
+        let scratch = match &store {
+            Some(store) => store.clone(),
+            None => Store::open_in_memory()?,
+        };
         let ctx = PollContext {
-            source: source.clone(),
-            // `scan` never touches the store; a read-only handle or a throwaway in-memory one.
-            store: match &store {
-                Some(store) => store.clone(),
-                None => Store::open_in_memory()?,
-            },
-            limiter: Arc::new(source_limiter(source)),
-            backoff: Backoff::default(),
-            max_attempts: source.max_attempts,
-            wake_worker: Arc::new(Notify::new()),
-            cancel: CancellationToken::new(),
             resync: options.resync,
-            run_id: None,
-            progress: None,
+            ..PollContext::new(
+                source,
+                scratch,
+                Backoff::default(),
+                Arc::new(Notify::new()),
+                CancellationToken::new(),
+            )
         };
         let mut pages = Vec::new();
         let stats = sources::scan(&adapter, &ctx, |page| pages.push(page))

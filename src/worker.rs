@@ -219,7 +219,7 @@ impl Worker {
         shutdown: CancellationToken,
         drain: Duration,
     ) -> Result<WorkerExit, StoreError> {
-        let stale_halt = {
+        let mut stale_halt = {
             let store = self.store.clone();
             store
                 .call(|s| s.halts())
@@ -236,6 +236,7 @@ impl Worker {
                         "RevKeen accepts the API key again; the earlier auth halt is cleared."
                     );
                     self.store.call(|s| s.clear_halt(REVKEEN)).await?;
+                    stale_halt = false;
                 }
                 crate::revkeen::Probe::KeyRefused(reason) => {
                     let message = format!(
@@ -246,25 +247,16 @@ impl Worker {
                     );
                     *self.state.halt.lock().expect("halt lock poisoned") = Some(message.clone());
                     metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
+                    let stored = message.clone();
                     self.store
-                        .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &message))
+                        .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &stored))
                         .await?;
-                    return Ok(WorkerExit::AuthHalted(
-                        self.state.halt().unwrap_or_default(),
-                    ));
+                    return Ok(WorkerExit::AuthHalted(message));
                 }
                 // Unreachable or odd: the first send will tell.
                 _ => {}
             }
         }
-        let stale_halt = stale_halt && self.state.halt().is_none() && {
-            let store = self.store.clone();
-            store
-                .call(|s| s.halts())
-                .await?
-                .iter()
-                .any(|h| h.target == REVKEEN)
-        };
         let shared = Arc::new(Shared {
             store: self.store,
             client: self.client,

@@ -64,6 +64,15 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// What `check-config --connect` reports for a probe's answer.
+    pub fn probe<T>(answer: Result<T, SourceError>) -> crate::revkeen::Probe {
+        match answer {
+            Ok(_) => crate::revkeen::Probe::Ok,
+            Err(SourceError::AuthRefused(e)) => crate::revkeen::Probe::KeyRefused(e),
+            Err(e) => crate::revkeen::Probe::Unexpected(e.to_string()),
+        }
+    }
+
     fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -192,6 +201,35 @@ pub struct PollContext {
     pub run_id: Option<i64>,
     /// Running totals of the current poll, for progress displays.
     pub progress: Option<Arc<std::sync::Mutex<PollStats>>>,
+}
+
+impl PollContext {
+    /// A context for `source` with its own limiter and attempts, no resync, no run record and
+    /// no progress display (callers set those when they need them).
+    pub fn new(
+        source: &SourceConfig,
+        store: Store,
+        backoff: Backoff,
+        wake_worker: Arc<Notify>,
+        cancel: CancellationToken,
+    ) -> PollContext {
+        PollContext {
+            source: source.clone(),
+            store,
+            limiter: Arc::new(Limiter::per_second(
+                source.name.clone(),
+                source.requests_per_second,
+                source.burst,
+            )),
+            backoff,
+            max_attempts: source.max_attempts,
+            wake_worker,
+            cancel,
+            resync: false,
+            run_id: None,
+            progress: None,
+        }
+    }
 }
 
 /// Polls a source once through its whole listing.

@@ -334,7 +334,6 @@ impl PracticeHub {
 impl PracticeHub {
     /// `GET /patients?page_size=1`: one authenticated read for `check-config --connect`.
     pub async fn probe(&self) -> crate::revkeen::Probe {
-        use crate::revkeen::Probe;
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().push("patients");
@@ -348,11 +347,7 @@ impl PracticeHub {
             .header("x-practicehub-key", self.api_key.expose())
             .header("x-app-details", &self.app_details);
         crate::revkeen::probe_request(request, |status, body| {
-            match read_answer(status, body, None) {
-                Ok(_) => Probe::Ok,
-                Err(SourceError::AuthRefused(e)) => Probe::KeyRefused(e),
-                Err(e) => Probe::Unexpected(e.to_string()),
-            }
+            SourceError::probe(read_answer(status, body, None))
         })
         .await
     }

@@ -237,7 +237,6 @@ fn read_listing(
 impl Wodify {
     /// `GET /clients?page_size=1`: one authenticated read for `check-config --connect`.
     pub async fn probe(&self) -> crate::revkeen::Probe {
-        use crate::revkeen::Probe;
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().push("clients");
@@ -250,11 +249,7 @@ impl Wodify {
             .get(url)
             .header("x-api-key", self.api_key.expose());
         crate::revkeen::probe_request(request, |status, body| {
-            match read_answer(status, body, None) {
-                Ok(_) => Probe::Ok,
-                Err(SourceError::AuthRefused(e)) => Probe::KeyRefused(e),
-                Err(e) => Probe::Unexpected(e.to_string()),
-            }
+            SourceError::probe(read_answer(status, body, None))
         })
         .await
     }
