@@ -316,7 +316,9 @@ async fn source_loop(
             let (store, name) = (ctx.store.clone(), name.clone());
             let _ = store.call(move |s| s.clear_halt(&name)).await;
         }
-        // Between polls the daemon mostly sleeps: hand the page cache back.
+        // Between polls the daemon mostly sleeps: hand the compiled phone patterns and the
+        // page cache back.
+        crate::customer::release_phone_patterns();
         let _ = ctx.store.call(|s| s.release_memory()).await;
         let mut states = states.lock().expect("poll state lock poisoned");
         let state = states.entry(name.clone()).or_default();
