@@ -18,11 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
+use reqwest::{StatusCode, Url};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{SourceConfig, SourceKind};
 use crate::limiter::{Backoff, Limiter};
+use crate::revkeen::{describe_transport_error, parse_retry_after};
 use crate::store::{PageItem, PollStats, Store, StoreError};
 
 /// One fetched page.
@@ -277,6 +279,52 @@ async fn scan_with<A: Adapter>(
         }
         cursor = fetched.next;
     }
+}
+
+/// Sends one GET an adapter built (its URL and auth headers), reads the whole answer and records
+/// the request's duration and status under `target`; `read` turns the status, body and
+/// `Retry-After` into a value or an error.
+async fn send_get<T>(
+    request: reqwest::RequestBuilder,
+    target: &'static str,
+    read: impl FnOnce(StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
+) -> Result<T, SourceError> {
+    let started = std::time::Instant::now();
+    let mut status_label = "error".to_string();
+    let result = match request.send().await {
+        Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
+        Ok(response) => {
+            let status = response.status();
+            status_label = status.as_u16().to_string();
+            let retry_after = parse_retry_after(response.headers());
+            match response.bytes().await {
+                Err(error) => Err(SourceError::Transient(format!(
+                    "answer cut off: {}",
+                    describe_transport_error(&error)
+                ))),
+                Ok(body) => read(status, &body, retry_after),
+            }
+        }
+    };
+    metrics::histogram!("sync_daemon_request_duration_seconds", "target" => target)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("sync_daemon_http_requests_total", "target" => target,
+        "endpoint" => "read", "status" => status_label)
+    .increment(1);
+    result
+}
+
+/// `{base}/{collection}?page=1&page_size=1`: the one authenticated read of
+/// `check-config --connect`.
+fn probe_url(base: &Url, collection: &str) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().push(collection);
+    }
+    url.query_pairs_mut()
+        .append_pair("page", "1")
+        .append_pair("page_size", "1");
+    url
 }
 
 fn poll_error(error: SourceError) -> PollError {

@@ -29,7 +29,7 @@ use serde_json::Value;
 use super::{Adapter, Fetched, Mapped, SourceError};
 use crate::config::{Secret, SourceConfig};
 use crate::customer::{self, Phone, Rejection};
-use crate::revkeen::{describe_transport_error, http_client, parse_retry_after};
+use crate::revkeen::http_client;
 use crate::store::{PageItem, PageItemOutcome};
 
 /// Patients per request: PracticeHub's documented maximum.
@@ -271,37 +271,16 @@ impl PracticeHub {
 
     /// GET with both mandatory headers; only ever GET (a PracticeHub key can delete data).
     pub async fn get(&self, url: Url) -> Result<Value, SourceError> {
-        let started = std::time::Instant::now();
-        let response = self
-            .http
+        super::send_get(self.request(url), "practicehub", read_answer).await
+    }
+
+    /// A GET of `url` with the key and the app details.
+    fn request(&self, url: Url) -> reqwest::RequestBuilder {
+        self.http
             .get(url)
             .header("x-practicehub-key", self.api_key.expose())
             .header("x-app-details", &self.app_details)
             .header("accept", "application/json")
-            .send()
-            .await;
-        let mut status_label = "error".to_string();
-        let result = match response {
-            Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
-            Ok(response) => {
-                let status = response.status();
-                status_label = status.as_u16().to_string();
-                let retry_after = parse_retry_after(response.headers());
-                match response.bytes().await {
-                    Err(error) => Err(SourceError::Transient(format!(
-                        "answer cut off: {}",
-                        describe_transport_error(&error)
-                    ))),
-                    Ok(body) => read_answer(status, &body, retry_after),
-                }
-            }
-        };
-        metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "practicehub")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("sync_daemon_http_requests_total", "target" => "practicehub",
-            "endpoint" => "read", "status" => status_label)
-        .increment(1);
-        result
     }
 
     /// Cuts a listed patient down to the allowlist. The raw value is dropped by the caller.
@@ -334,18 +313,7 @@ impl PracticeHub {
 impl PracticeHub {
     /// `GET /patients?page_size=1`: one authenticated read for `check-config --connect`.
     pub async fn probe(&self) -> crate::revkeen::Probe {
-        let mut url = self.base.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().push("patients");
-        }
-        url.query_pairs_mut()
-            .append_pair("page", "1")
-            .append_pair("page_size", "1");
-        let request = self
-            .http
-            .get(url)
-            .header("x-practicehub-key", self.api_key.expose())
-            .header("x-app-details", &self.app_details);
+        let request = self.request(super::probe_url(&self.base, "patients"));
         crate::revkeen::probe_request(request, |status, body| {
             SourceError::probe(read_answer(status, body, None))
         })

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::{Adapter, Fetched, Mapped, SourceError};
 use crate::config::{Secret, SourceConfig, WodifyScan};
 use crate::customer::{self, Customer, Phone, Rejection};
-use crate::revkeen::{describe_transport_error, http_client, parse_retry_after};
+use crate::revkeen::http_client;
 use crate::store::{PageItem, PageItemOutcome};
 
 /// Clients per request: Wodify's documented maximum.
@@ -165,36 +165,15 @@ impl Wodify {
         url: Url,
         read: impl FnOnce(StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
     ) -> Result<T, SourceError> {
-        let started = std::time::Instant::now();
-        let response = self
-            .http
+        super::send_get(self.request(url), "wodify", read).await
+    }
+
+    /// A GET of `url` with the key.
+    fn request(&self, url: Url) -> reqwest::RequestBuilder {
+        self.http
             .get(url)
             .header("x-api-key", self.api_key.expose())
             .header("accept", "application/json")
-            .send()
-            .await;
-        let mut status_label = "error".to_string();
-        let result = match response {
-            Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
-            Ok(response) => {
-                let status = response.status();
-                status_label = status.as_u16().to_string();
-                let retry_after = parse_retry_after(response.headers());
-                match response.bytes().await {
-                    Err(error) => Err(SourceError::Transient(format!(
-                        "answer cut off: {}",
-                        describe_transport_error(&error)
-                    ))),
-                    Ok(body) => read(status, &body, retry_after),
-                }
-            }
-        };
-        metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "wodify")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("sync_daemon_http_requests_total", "target" => "wodify",
-            "endpoint" => "read", "status" => status_label)
-        .increment(1);
-        result
     }
 }
 
@@ -237,17 +216,7 @@ fn read_listing(
 impl Wodify {
     /// `GET /clients?page_size=1`: one authenticated read for `check-config --connect`.
     pub async fn probe(&self) -> crate::revkeen::Probe {
-        let mut url = self.base.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().push("clients");
-        }
-        url.query_pairs_mut()
-            .append_pair("page", "1")
-            .append_pair("page_size", "1");
-        let request = self
-            .http
-            .get(url)
-            .header("x-api-key", self.api_key.expose());
+        let request = self.request(super::probe_url(&self.base, "clients"));
         crate::revkeen::probe_request(request, |status, body| {
             SourceError::probe(read_answer(status, body, None))
         })
