@@ -127,6 +127,16 @@ impl Unit {
 
 const JOB_COLUMNS: &str = "o.id, o.source, o.external_id, o.revkeen_source, o.body, o.body_hash, o.idempotency_key, o.attempts";
 
+/// Deletes a batch and puts its remaining members back in the queue as singles.
+fn dissolve_batch(tx: &rusqlite::Transaction<'_>, batch_id: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1 WHERE batch_id = ?1",
+        [batch_id],
+    )?;
+    tx.execute("DELETE FROM batches WHERE id = ?1", [batch_id])?;
+    Ok(())
+}
+
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     Ok(Job {
         id: row.get(0)?,
@@ -403,13 +413,7 @@ impl Store {
         }
         if let Unit::Batch(batch) = unit {
             // Members without a result (none today) go back to the queue as singles.
-            tx.execute(
-                "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1 WHERE batch_id = ?1",
-                [batch.id],
-            )
-            .map_err(|e| self.err(e))?;
-            tx.execute("DELETE FROM batches WHERE id = ?1", [batch.id])
-                .map_err(|e| self.err(e))?;
+            dissolve_batch(&tx, batch.id).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -461,13 +465,7 @@ impl Store {
     pub fn split_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute(
-            "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1 WHERE batch_id = ?1",
-            [batch.id],
-        )
-        .map_err(|e| self.err(e))?;
-        tx.execute("DELETE FROM batches WHERE id = ?1", [batch.id])
-            .map_err(|e| self.err(e))?;
+        dissolve_batch(&tx, batch.id).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 
