@@ -6,9 +6,14 @@
 //! and a `/_sim/...` surface to inspect and change their state. They keep state in memory only.
 //! The same state is reachable from Rust (the `*Sim` handles), so in-process tests need no HTTP
 //! round trip to check what a simulator received.
+//!
+//! The two source simulators ([`wodify`], [`practicehub`]) keep their records, key, faults,
+//! rate limit and request log, and serve their control surface, through [`source`]; each file
+//! keeps only what its API does differently.
 
 pub mod practicehub;
 pub mod revkeen;
+pub mod source;
 pub mod wodify;
 
 use std::net::SocketAddr;
