@@ -803,6 +803,9 @@ pub fn generate_patient(id: i64, seed: u64) -> Value {
 mod tests {
     use super::*;
     use crate::sim::source::merge_top_level;
+    use crate::sim::source::testing::{
+        assert_dropped, send_json, send_status, shared_control_routes,
+    };
     use std::net::Ipv4Addr;
 
     const KEY: &str = "practicehub_sim_key";
@@ -1186,12 +1189,7 @@ mod tests {
             .header("x-app-details", APP)
             .send()
             .await;
-        // hyper polls the body before flushing the headers, so the break usually surfaces as
-        // a failed send rather than a failed body read; either way no data arrives.
-        match dropped {
-            Ok(response) => assert!(response.bytes().await.is_err()),
-            Err(error) => assert!(error.status().is_none(), "{error}"),
-        }
+        assert_dropped(dropped).await;
         let stats = sim.stats();
         assert_eq!((stats.errors, stats.dropped), (1, 1));
     }
@@ -1312,126 +1310,32 @@ mod tests {
         let (sim, server) = start(unlimited()).await;
         let http = reqwest::Client::new();
         let url = |path: &str| format!("{}/_sim{path}", server.url());
-        let seeded = http
-            .post(url("/patients/seed"))
-            .json(&json!({"count": 4, "seed": 2}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(seeded.status(), 204);
-        let listed: Vec<Value> = http
-            .get(url("/patients"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+        let seed = json!({"count": 4, "seed": 2});
+        assert_eq!(
+            send_status(http.post(url("/patients/seed")).json(&seed)).await,
+            204
+        );
+        let listed: Vec<Value> = send_json(http.get(url("/patients"))).await;
         assert_eq!(listed, sim.patients());
         assert_eq!(listed.len(), 4);
 
-        let put = http
-            .put(url("/patients/9"))
-            .json(&patient_with(0, json!({"first_name": "Put"})))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(put.status(), 200);
+        let patient = patient_with(0, json!({"first_name": "Put"}));
+        assert_eq!(
+            send_status(http.put(url("/patients/9")).json(&patient)).await,
+            200
+        );
         assert_eq!(sim.patient(9).expect("stored")["first_name"], "Put");
         let before = updated(&sim, 9);
-        let patched: Value = http
-            .patch(url("/patients/9"))
-            .json(&json!({"first_name": "Patched"}))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+        let patch = json!({"first_name": "Patched"});
+        let patched: Value = send_json(http.patch(url("/patients/9")).json(&patch)).await;
         assert_eq!(patched["first_name"], "Patched");
         assert!(updated(&sim, 9) > before);
-        assert_eq!(
-            http.patch(url("/patients/99"))
-                .json(&json!({}))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            404
-        );
-
-        let key = http
-            .put(url("/key"))
-            .json(&json!({"api_key": "k2"}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(key.status(), 204);
-        let patients_url = format!("{}/api/patients", server.url());
-        assert_eq!(fetch(&patients_url).await.status(), 401);
-        sim.set_api_key(KEY);
-
-        let limit = http
-            .put(url("/rate-limit"))
-            .json(&json!({"requests_per_second": 1, "burst": 1}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(limit.status(), 204);
-        assert_eq!(fetch(&patients_url).await.status(), 200);
-        assert_eq!(fetch(&patients_url).await.status(), 429);
-        sim.set_rate_limit(0, 0);
-
-        let faults = http
-            .put(url("/faults"))
-            .json(&json!({"error_rate": 1.0}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(faults.status(), 204);
-        assert_eq!(fetch(&patients_url).await.status(), 500);
-
-        let stats: SourceStats = http
-            .get(url("/stats"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(stats, sim.stats());
-        assert_eq!(
-            (
-                stats.requests,
-                stats.errors,
-                stats.rate_limited,
-                stats.auth_failures
-            ),
-            (4, 1, 1, 1)
-        );
-        let requests: Vec<SourceRequest> = http
-            .get(url("/requests"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(requests.len(), 4);
-        assert!(requests.iter().all(|r| r.path_and_query == "/api/patients"));
-        assert_eq!(
-            http.get(url("/nope")).send().await.expect("send").status(),
-            404
-        );
-        assert_eq!(
-            http.post(url("/reset-log"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            204
-        );
-        assert_eq!(sim.stats(), SourceStats::default());
+        let missing = http.patch(url("/patients/99")).json(&json!({}));
+        assert_eq!(send_status(missing).await, 404);
         assert!(sim.requests().is_empty());
+
+        let patients_url = format!("{}/api/patients", server.url());
+        let api = async || fetch(&patients_url).await.status().as_u16();
+        shared_control_routes(&sim, &server, KEY, api).await;
     }
 }

@@ -509,3 +509,97 @@ pub(super) fn capitalized(word: &str) -> String {
         first.to_uppercase().chain(chars).collect()
     })
 }
+
+/// Test helpers for both source simulators, above all a check of the control routes they share.
+#[cfg(test)]
+pub(super) mod testing {
+    use serde::de::DeserializeOwned;
+
+    use super::{Source, SourceRequest, SourceStats};
+    use crate::sim::SimServer;
+
+    /// Sends `request` and returns the status of its answer.
+    pub(in crate::sim) async fn send_status(request: reqwest::RequestBuilder) -> u16 {
+        request.send().await.expect("send").status().as_u16()
+    }
+
+    /// Sends `request` and reads the JSON body of its answer.
+    pub(in crate::sim) async fn send_json<T: DeserializeOwned>(
+        request: reqwest::RequestBuilder,
+    ) -> T {
+        let response = request.send().await.expect("send");
+        response.json().await.expect("JSON body")
+    }
+
+    /// Asserts that `sent` brought no data: the simulator dropped the connection.
+    pub(in crate::sim) async fn assert_dropped(sent: reqwest::Result<reqwest::Response>) {
+        // hyper polls the body before flushing the headers, so the break usually surfaces as a
+        // failed send rather than a failed body read; either way no data arrives.
+        match sent {
+            Ok(response) => assert!(response.bytes().await.is_err()),
+            Err(error) => assert!(error.status().is_none(), "{error}"),
+        }
+    }
+
+    /// Checks the `/_sim` routes every source simulator has beyond its records: a new key, rate
+    /// limit and faults take effect on `api` (an authorised API request, answering its status),
+    /// and stats, requests and reset-log report exactly the four API requests made here. Wants
+    /// an unlimited simulator without faults that accepts `key`; clears the log first and
+    /// leaves the simulator as it found it, log emptied.
+    pub(in crate::sim) async fn shared_control_routes<S: Source>(
+        sim: &S,
+        server: &SimServer,
+        key: &str,
+        api: impl AsyncFn() -> u16,
+    ) {
+        let http = reqwest::Client::new();
+        let url = |path: &str| format!("{}/_sim{path}", server.url());
+        sim.core().clear_log();
+
+        let rotated = http
+            .put(url("/key"))
+            .json(&serde_json::json!({"api_key": "k2"}));
+        assert_eq!(send_status(rotated).await, 204);
+        assert_eq!(api().await, 401);
+        sim.core().set_api_key(key);
+
+        let limit = serde_json::json!({"requests_per_second": 1, "burst": 1});
+        assert_eq!(
+            send_status(http.put(url("/rate-limit")).json(&limit)).await,
+            204
+        );
+        assert_eq!(api().await, 200);
+        assert_eq!(api().await, 429);
+        sim.core().set_rate_limit(0, 0);
+
+        let faults = serde_json::json!({"error_rate": 1.0});
+        assert_eq!(
+            send_status(http.put(url("/faults")).json(&faults)).await,
+            204
+        );
+        assert_eq!(api().await, 500);
+        sim.core().set_faults(crate::sim::Faults::default());
+
+        let stats: SourceStats = send_json(http.get(url("/stats"))).await;
+        assert_eq!(stats, sim.core().stats());
+        let counted = (
+            stats.requests,
+            stats.errors,
+            stats.rate_limited,
+            stats.auth_failures,
+        );
+        assert_eq!(counted, (4, 1, 1, 1));
+        let requests: Vec<SourceRequest> = send_json(http.get(url("/requests"))).await;
+        assert_eq!(requests.len(), 4);
+        assert!(
+            requests
+                .iter()
+                .all(|r| !r.path_and_query.starts_with("/_sim"))
+        );
+        assert_eq!(send_status(http.get(url("/nope"))).await, 404);
+
+        assert_eq!(send_status(http.post(url("/reset-log"))).await, 204);
+        assert_eq!(sim.core().stats(), SourceStats::default());
+        assert!(sim.core().requests().is_empty());
+    }
+}

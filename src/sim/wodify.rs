@@ -1105,6 +1105,9 @@ pub fn generate_client(id: i64, seed: u64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::source::testing::{
+        assert_dropped, send_json, send_status, shared_control_routes,
+    };
     use crate::sim::source::{merge_top_level, now_ms};
     use std::collections::BTreeSet;
     use std::net::Ipv4Addr;
@@ -1514,12 +1517,7 @@ mod tests {
             .header("x-api-key", KEY)
             .send()
             .await;
-        // hyper polls the body before flushing the headers, so the break usually surfaces as a
-        // failed send rather than a failed body read; either way no data arrives.
-        match response {
-            Ok(response) => assert!(response.bytes().await.is_err()),
-            Err(error) => assert!(error.status().is_none(), "{error}"),
-        }
+        assert_dropped(response).await;
         assert_eq!(sim.stats().dropped, 1);
     }
 
@@ -1575,15 +1573,10 @@ mod tests {
 
         // The same through the control surface, and visible to a search on the update time.
         let cursor = first.clone();
-        let patched: Value = reqwest::Client::new()
+        let patch = reqwest::Client::new()
             .patch(format!("{}/_sim/clients/7", server.url()))
-            .json(&json!({"first_name": "Patched"}))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+            .json(&json!({"first_name": "Patched"}));
+        let patched: Value = send_json(patch).await;
         assert_eq!(patched["first_name"], "Patched");
         let q = format!("updated|gte|'{cursor}'");
         let (_, body) = get_json(&server, "/clients/search", &[("q", &q)]).await;
@@ -1737,120 +1730,27 @@ mod tests {
         let (sim, server) = start(unlimited()).await;
         let http = reqwest::Client::new();
         let url = |path: &str| format!("{}/_sim{path}", server.url());
-        let seeded = http
-            .post(url("/clients/seed"))
-            .json(&json!({"count": 5, "seed": 3}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(seeded.status(), 204);
-        let listed: Vec<Value> = http
-            .get(url("/clients"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+        let seed = json!({"count": 5, "seed": 3});
+        assert_eq!(
+            send_status(http.post(url("/clients/seed")).json(&seed)).await,
+            204
+        );
+        let listed: Vec<Value> = send_json(http.get(url("/clients"))).await;
         assert_eq!(listed, sim.clients());
         assert_eq!(listed.len(), 5);
 
-        let put = http
-            .put(url("/clients/42"))
-            .json(&client_with(0, json!({"first_name": "Put"})))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(put.status(), 200);
+        let client = client_with(0, json!({"first_name": "Put"}));
+        assert_eq!(
+            send_status(http.put(url("/clients/42")).json(&client)).await,
+            200
+        );
         assert_eq!(sim.client(42).expect("stored")["first_name"], "Put");
-        assert_eq!(
-            http.delete(url("/clients/42"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            204
-        );
-        assert_eq!(
-            http.delete(url("/clients/42"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            404
-        );
+        assert_eq!(send_status(http.delete(url("/clients/42"))).await, 204);
+        assert_eq!(send_status(http.delete(url("/clients/42"))).await, 404);
         assert_eq!(get(&server, "/clients/42", &[]).await.status(), 404);
+        assert_eq!(sim.stats().requests, 1, "only the API request is logged");
 
-        let key = http
-            .put(url("/key"))
-            .json(&json!({"api_key": "k2"}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(key.status(), 204);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 401);
-        sim.set_api_key(KEY);
-
-        let limit = http
-            .put(url("/rate-limit"))
-            .json(&json!({"requests_per_second": 1, "burst": 1}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(limit.status(), 204);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 200);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 429);
-        sim.set_rate_limit(0, 0);
-
-        let faults = http
-            .put(url("/faults"))
-            .json(&json!({"error_rate": 1.0}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(faults.status(), 204);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 500);
-
-        let stats: SourceStats = http
-            .get(url("/stats"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(stats, sim.stats());
-        assert_eq!(
-            (
-                stats.requests,
-                stats.errors,
-                stats.rate_limited,
-                stats.auth_failures
-            ),
-            (5, 1, 1, 1)
-        );
-        let requests: Vec<SourceRequest> = http
-            .get(url("/requests"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(requests.len(), 5);
-        assert_eq!(
-            http.get(url("/nope")).send().await.expect("send").status(),
-            404
-        );
-        assert_eq!(
-            http.post(url("/reset-log"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            204
-        );
-        assert_eq!(sim.stats(), SourceStats::default());
-        assert!(sim.requests().is_empty());
+        let api = async || get(&server, "/clients", &[]).await.status().as_u16();
+        shared_control_routes(&sim, &server, KEY, api).await;
     }
 }
