@@ -50,56 +50,33 @@ const MAX_BATCH_ITEMS: usize = 100;
 const DEFAULT_LIST_LIMIT: usize = 20;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
 
-/// Body fields of a single upsert; anything else is a 400.
-const SINGLE_FIELDS: [&str; 15] = [
-    "email",
-    "name",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state",
-    "postal_code",
-    "country",
-    "tax_id",
-    "tax_id_country",
-    "notes",
-    "metadata",
-    "custom_fields",
-    "external_updated_at",
-];
-/// A batch item is the single body plus `external_id`, without `custom_fields`.
-const BATCH_ITEM_FIELDS: [&str; 15] = [
-    "external_id",
-    "email",
-    "name",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state",
-    "postal_code",
-    "country",
-    "tax_id",
-    "tax_id_country",
-    "notes",
-    "metadata",
-    "external_updated_at",
-];
+/// The string fields a customer body may carry.
+#[rustfmt::skip]
 const STRING_FIELDS: [&str; 12] = [
-    "email",
-    "name",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state",
-    "postal_code",
-    "country",
-    "tax_id",
-    "tax_id_country",
-    "notes",
+    "email", "name", "phone", "address_line1", "address_line2", "city", "state", "postal_code",
+    "country", "tax_id", "tax_id_country", "notes",
 ];
+
+/// What a customer's fields arrive in, which decides the fields they may include.
+#[derive(Clone, Copy)]
+enum BodyKind {
+    /// A single upsert: the string fields, `metadata`, `custom_fields`, `external_updated_at`.
+    Single,
+    /// A batch item: the single body plus `external_id`, without `custom_fields`.
+    BatchItem,
+}
+
+impl BodyKind {
+    /// Whether `field` may appear in this body; any other field is a 400.
+    fn allows(self, field: &str) -> bool {
+        match field {
+            "metadata" | "external_updated_at" => true,
+            "custom_fields" => matches!(self, BodyKind::Single),
+            "external_id" => matches!(self, BodyKind::BatchItem),
+            _ => STRING_FIELDS.contains(&field),
+        }
+    }
+}
 
 /// How a [`RevKeenSim`] starts; everything but the TTL and body recording can be changed later.
 #[derive(Clone, Debug)]
@@ -1202,7 +1179,7 @@ fn parse_single(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
         ));
     };
     let mut errors = Map::new();
-    check_customer(&fields, &SINGLE_FIELDS, "", &mut errors);
+    check_customer(&fields, BodyKind::Single, "", &mut errors);
     if errors.is_empty() {
         Ok(fields)
     } else {
@@ -1263,7 +1240,7 @@ fn parse_batch(body: &[u8]) -> Result<(String, BatchItems), ApiError> {
             errors.insert(format!("customers[{index}]"), "must be an object".into());
             continue;
         };
-        check_customer(&item, &BATCH_ITEM_FIELDS, &prefix, &mut errors);
+        check_customer(&item, BodyKind::BatchItem, &prefix, &mut errors);
         match item.remove("external_id") {
             Some(Value::String(id)) if !id.is_empty() => {
                 if !seen.insert(id.clone()) {
@@ -1294,7 +1271,7 @@ fn parse_batch(body: &[u8]) -> Result<(String, BatchItems), ApiError> {
 /// Adds an error per offending field of one customer body to `errors`, keyed `{prefix}{field}`.
 fn check_customer(
     item: &Map<String, Value>,
-    allowed: &[&str],
+    kind: BodyKind,
     prefix: &str,
     errors: &mut Map<String, Value>,
 ) {
@@ -1304,7 +1281,7 @@ fn check_customer(
             .or_insert_with(|| message.into());
     };
     for key in item.keys() {
-        if !allowed.contains(&key.as_str()) {
+        if !kind.allows(key) {
             note(key, "unknown field");
         }
     }
@@ -1329,7 +1306,7 @@ fn check_customer(
         );
     }
     for field in ["metadata", "custom_fields"] {
-        if allowed.contains(&field) && item.get(field).is_some_and(|value| !value.is_object()) {
+        if kind.allows(field) && item.get(field).is_some_and(|value| !value.is_object()) {
             note(field, "must be an object");
         }
     }
