@@ -276,3 +276,30 @@ schedule = "0 */5 * * * *"
         )
     }
 }
+
+/// HTTP helpers the simulators' unit tests share.
+#[cfg(test)]
+mod testing {
+    use serde::de::DeserializeOwned;
+
+    /// Sends `request` and returns the status of its answer.
+    pub(super) async fn send_status(request: reqwest::RequestBuilder) -> u16 {
+        request.send().await.expect("send").status().as_u16()
+    }
+
+    /// Sends `request` and reads the JSON body of its answer.
+    pub(super) async fn send_json<T: DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+        let response = request.send().await.expect("send");
+        response.json().await.expect("JSON body")
+    }
+
+    /// Asserts that `sent` brought no data: the simulator dropped the connection.
+    pub(super) async fn assert_dropped(sent: reqwest::Result<reqwest::Response>) {
+        // hyper polls the body before flushing the headers, so the break usually surfaces as a
+        // failed send rather than a failed body read; either way no data arrives.
+        match sent {
+            Ok(response) => assert!(response.bytes().await.is_err()),
+            Err(error) => assert!(error.status().is_none(), "{error}"),
+        }
+    }
+}

@@ -1531,6 +1531,7 @@ async fn sim_set_rejections(State(sim): State<RevKeenSim>, body: Bytes) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::testing::{assert_dropped, send_json, send_status};
 
     const KEY: &str = "rk_sandbox_sim";
 
@@ -1929,10 +1930,7 @@ mod tests {
         });
         let path = upsert_path("wodify", "C1");
         let body = json!({ "email": "a@b.co" });
-        match h.put_request(&path, &body, Some("k")).send().await {
-            Err(_) => {}
-            Ok(response) => assert!(response.text().await.is_err(), "the body must not arrive"),
-        }
+        assert_dropped(h.put_request(&path, &body, Some("k")).send().await).await;
         assert_eq!(h.sim.customer("wodify", "C1").unwrap().writes, 1);
         assert_eq!(h.sim.stats().dropped, 1);
         h.sim.set_faults(Faults::default());
@@ -2182,7 +2180,8 @@ mod tests {
     #[tokio::test]
     async fn sim_routes_round_trip() {
         let h = Harness::start().await;
-        let put_json = |path: &str, body: Value| h.client.put(h.url(path)).json(&body).send();
+        let put_json = |path: &str, body: Value| h.client.put(h.url(path)).json(&body);
+        let get = |path: &str| h.client.get(h.url(path));
 
         let faults = json!({
             "error_rate": 0.0,
@@ -2192,61 +2191,34 @@ mod tests {
             "envelope_rate": 0.0,
         });
         assert_eq!(
-            put_json("/_sim/faults", faults.clone())
-                .await
-                .unwrap()
-                .status(),
+            send_status(put_json("/_sim/faults", faults.clone())).await,
             200
         );
         assert_eq!(h.sim.faults().latency_ms, 5);
-        let got: Value = h
-            .client
-            .get(h.url("/_sim/faults"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let got: Value = send_json(get("/_sim/faults")).await;
         assert_eq!(got, faults);
         let bad = put_json("/_sim/faults", json!({ "nope": 1 }))
+            .send()
             .await
             .unwrap();
         assert_eq!(bad.status(), 400);
         assert!(bad.json::<Value>().await.unwrap()["error"]["message"].is_string());
 
         assert_eq!(
-            put_json("/_sim/keys", json!(["rk_new"]))
-                .await
-                .unwrap()
-                .status(),
+            send_status(put_json("/_sim/keys", json!(["rk_new"]))).await,
             200
         );
-        assert_eq!(
-            h.put(
-                &upsert_path("s", "old"),
-                &json!({ "email": "a@b.co" }),
-                None
-            )
-            .await
-            .0,
-            401
-        );
+        let body = json!({ "email": "a@b.co" });
+        assert_eq!(h.put(&upsert_path("s", "old"), &body, None).await.0, 401);
         let created = h
             .client
             .put(h.url(&upsert_path("s", "1")))
             .header("x-api-key", "rk_new")
-            .json(&json!({ "email": "a@b.co" }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
+            .json(&body);
+        assert_eq!(send_status(created).await, 201);
 
         let limit = json!({ "requests_per_minute": 0, "burst": 1 });
-        assert_eq!(
-            put_json("/_sim/rate-limit", limit).await.unwrap().status(),
-            200
-        );
+        assert_eq!(send_status(put_json("/_sim/rate-limit", limit)).await, 200);
 
         let rule = |external_id: Option<&str>| {
             json!({
@@ -2259,62 +2231,22 @@ mod tests {
             })
         };
         let rules = json!([rule(Some("X"))]);
-        assert_eq!(
-            put_json("/_sim/rejections", rules.clone())
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-        let got: Value = h
-            .client
-            .get(h.url("/_sim/rejections"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let set_rules = put_json("/_sim/rejections", rules.clone());
+        assert_eq!(send_status(set_rules).await, 200);
+        let got: Value = send_json(get("/_sim/rejections")).await;
         assert_eq!(got, rules);
         let inert = json!([rule(None)]);
-        assert_eq!(
-            put_json("/_sim/rejections", inert).await.unwrap().status(),
-            400
-        );
+        assert_eq!(send_status(put_json("/_sim/rejections", inert)).await, 400);
 
-        let customers: Vec<SimCustomer> = h
-            .client
-            .get(h.url("/_sim/customers?source=s"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let customers: Vec<SimCustomer> = send_json(get("/_sim/customers?source=s")).await;
         assert_eq!(customers, h.sim.customers("s"));
         assert_eq!(customers.len(), 1);
-        let stats: RevKeenStats = h
-            .client
-            .get(h.url("/_sim/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats: RevKeenStats = send_json(get("/_sim/stats")).await;
         assert_eq!(
             (stats.requests, stats.created, stats.auth_failures),
             (2, 1, 1)
         );
-        let requests: Vec<LoggedRequest> = h
-            .client
-            .get(h.url("/_sim/requests"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let requests: Vec<LoggedRequest> = send_json(get("/_sim/requests")).await;
         assert_eq!(requests, h.sim.requests());
         assert_eq!(
             requests.iter().map(|r| r.status).collect::<Vec<_>>(),
@@ -2322,13 +2254,8 @@ mod tests {
         );
         assert_eq!(requests[1].body.as_deref(), Some(r#"{"email":"a@b.co"}"#));
 
-        let reset = h
-            .client
-            .post(h.url("/_sim/reset-log"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reset.status(), 200);
+        let reset = h.client.post(h.url("/_sim/reset-log"));
+        assert_eq!(send_status(reset).await, 200);
         assert_eq!(h.sim.stats(), RevKeenStats::default());
         assert!(h.sim.requests().is_empty());
         assert_eq!(

@@ -510,36 +510,12 @@ pub(super) fn capitalized(word: &str) -> String {
     })
 }
 
-/// Test helpers for both source simulators, above all a check of the control routes they share.
+/// A check of the control routes both source simulators share, for their tests.
 #[cfg(test)]
 pub(super) mod testing {
-    use serde::de::DeserializeOwned;
-
     use super::{Source, SourceRequest, SourceStats};
     use crate::sim::SimServer;
-
-    /// Sends `request` and returns the status of its answer.
-    pub(in crate::sim) async fn send_status(request: reqwest::RequestBuilder) -> u16 {
-        request.send().await.expect("send").status().as_u16()
-    }
-
-    /// Sends `request` and reads the JSON body of its answer.
-    pub(in crate::sim) async fn send_json<T: DeserializeOwned>(
-        request: reqwest::RequestBuilder,
-    ) -> T {
-        let response = request.send().await.expect("send");
-        response.json().await.expect("JSON body")
-    }
-
-    /// Asserts that `sent` brought no data: the simulator dropped the connection.
-    pub(in crate::sim) async fn assert_dropped(sent: reqwest::Result<reqwest::Response>) {
-        // hyper polls the body before flushing the headers, so the break usually surfaces as a
-        // failed send rather than a failed body read; either way no data arrives.
-        match sent {
-            Ok(response) => assert!(response.bytes().await.is_err()),
-            Err(error) => assert!(error.status().is_none(), "{error}"),
-        }
-    }
+    use crate::sim::testing::{send_json, send_status};
 
     /// Checks the `/_sim` routes every source simulator has beyond its records: a new key, rate
     /// limit and faults take effect on `api` (an authorised API request, answering its status),
