@@ -25,7 +25,8 @@
 //! - [`progress`]: `--once` progress bars on a terminal.
 //! - [`demo`]: the whole pipeline against the bundled simulators.
 //! - [`schedule`]: cron schedules as the scheduler reads them.
-//! - [`sim`]: in-memory simulators of RevKeen, Wodify and PracticeHub.
+//! - [`sim`]: in-memory simulators of RevKeen, Wodify and PracticeHub; [`sim::source`] holds
+//!   the record table and `/_sim` control surface the two source simulators share.
 
 pub mod config;
 pub mod customer;

@@ -6,9 +6,14 @@
 //! and a `/_sim/...` surface to inspect and change their state. They keep state in memory only.
 //! The same state is reachable from Rust (the `*Sim` handles), so in-process tests need no HTTP
 //! round trip to check what a simulator received.
+//!
+//! The two source simulators ([`wodify`], [`practicehub`]) keep their records, key, faults,
+//! rate limit and request log, and serve their control surface, through [`source`]; each file
+//! keeps only what its API does differently.
 
 pub mod practicehub;
 pub mod revkeen;
+pub mod source;
 pub mod wodify;
 
 use std::net::SocketAddr;
@@ -269,5 +274,32 @@ schedule = "0 */5 * * * *"
             wodify = self.wodify_server.url(),
             practicehub = self.practicehub_server.url(),
         )
+    }
+}
+
+/// HTTP helpers the simulators' unit tests share.
+#[cfg(test)]
+mod testing {
+    use serde::de::DeserializeOwned;
+
+    /// Sends `request` and returns the status of its answer.
+    pub(super) async fn send_status(request: reqwest::RequestBuilder) -> u16 {
+        request.send().await.expect("send").status().as_u16()
+    }
+
+    /// Sends `request` and reads the JSON body of its answer.
+    pub(super) async fn send_json<T: DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+        let response = request.send().await.expect("send");
+        response.json().await.expect("JSON body")
+    }
+
+    /// Asserts that `sent` brought no data: the simulator dropped the connection.
+    pub(super) async fn assert_dropped(sent: reqwest::Result<reqwest::Response>) {
+        // hyper polls the body before flushing the headers, so the break usually surfaces as a
+        // failed send rather than a failed body read; either way no data arrives.
+        match sent {
+            Ok(response) => assert!(response.bytes().await.is_err()),
+            Err(error) => assert!(error.status().is_none(), "{error}"),
+        }
     }
 }

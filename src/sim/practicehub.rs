@@ -21,26 +21,25 @@
 //! (2026-01-01) so a seed gives the same data on any day.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::response::Response;
+use axum::routing::put;
 use axum::{Json, Router};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::wodify::{
-    GENERATED_UNTIL_SECS, KeyBody, Outcome, RateLimitBody, RequestLog, SeedBody, SourceRequest,
-    SourceStats, capitalized, email_part, json_response, merge_top_level, now_ms, path_and_query,
-    pick, query_pairs, record_rng,
+use super::source::{
+    self, GENERATED_UNTIL_SECS, Outcome, Source, SourceCore, SourceRequest, SourceStats,
+    capitalized, email_part, json_response, message, page_of, pick, query_pairs, record_rng,
 };
-use super::{Bucket, Faults, SimServer, dropped_connection, retry_after_secs};
+use super::{Faults, SimServer, dropped_connection, retry_after_secs};
 
 /// Settings a [`PracticeHubSim`] starts with; all can be changed later.
 #[derive(Clone, Debug)]
@@ -76,16 +75,8 @@ pub struct PracticeHubSim {
 }
 
 struct Inner {
-    shared: Mutex<Shared>,
-    bucket: Bucket,
-}
-
-struct Shared {
-    api_key: String,
-    ignore_filters: bool,
-    faults: Faults,
-    patients: BTreeMap<i64, Value>,
-    log: RequestLog,
+    core: SourceCore<PracticeHubSim>,
+    ignore_filters: AtomicBool,
 }
 
 impl PracticeHubSim {
@@ -93,47 +84,16 @@ impl PracticeHubSim {
     pub fn new(options: PracticeHubOptions) -> Self {
         PracticeHubSim {
             inner: Arc::new(Inner {
-                shared: Mutex::new(Shared {
-                    api_key: options.api_key,
-                    ignore_filters: false,
-                    faults: Faults::default(),
-                    patients: BTreeMap::new(),
-                    log: RequestLog::default(),
-                }),
-                bucket: Bucket::new(
-                    options.requests_per_second,
-                    Duration::from_secs(1),
-                    options.burst,
-                ),
+                core: SourceCore::new(options.api_key, options.requests_per_second, options.burst),
+                ignore_filters: AtomicBool::new(false),
             }),
         }
     }
 
     /// `/api/patients` plus the `/_sim` control surface (outside `/api`).
     pub fn router(&self) -> Router {
-        let control = Router::new()
-            .route("/stats", get(sim_stats))
-            .route("/requests", get(sim_requests))
-            .route("/reset-log", post(sim_reset_log))
-            .route("/faults", put(sim_faults))
-            .route("/key", put(sim_key))
-            .route("/rate-limit", put(sim_rate_limit))
-            .route("/ignore-filters", put(sim_ignore_filters))
-            .route("/patients", get(sim_patients))
-            .route("/patients/seed", post(sim_seed))
-            .route(
-                "/patients/{id}",
-                put(sim_put_patient)
-                    .patch(sim_patch_patient)
-                    .delete(sim_delete_patient),
-            )
-            // Without its own fallback a typo under /_sim would be served (and logged) as an
-            // API request.
-            .fallback(sim_not_found);
-        Router::new()
-            .nest("/_sim", control)
-            .fallback(serve_api)
-            .with_state(self.clone())
+        let extra = Router::new().route("/ignore-filters", put(sim_ignore_filters));
+        source::router(self, extra)
     }
 
     /// Serves [`PracticeHubSim::router`] on `addr` (port 0 picks a free one); the base URL to
@@ -144,73 +104,53 @@ impl PracticeHubSim {
 
     /// Replaces the injected faults (`envelope_rate` does not apply here).
     pub fn set_faults(&self, faults: Faults) {
-        self.lock().faults = faults;
+        self.core().set_faults(faults);
     }
 
     /// Changes the key requests must send.
     pub fn set_api_key(&self, key: &str) {
-        key.clone_into(&mut self.lock().api_key);
+        self.core().set_api_key(key);
     }
 
     /// Changes the rate limit (0 = unlimited); the bucket starts full.
     pub fn set_rate_limit(&self, requests_per_second: u32, burst: u32) {
-        self.inner
-            .bucket
-            .set(requests_per_second, Duration::from_secs(1), burst);
+        self.core().set_rate_limit(requests_per_second, burst);
     }
 
     /// When on, every filter is treated as invalid and every query returns the whole table:
     /// what a server that does not support a filter the daemon relies on looks like.
     pub fn set_ignore_filters(&self, ignore: bool) {
-        self.lock().ignore_filters = ignore;
+        self.inner
+            .ignore_filters
+            .store(ignore, AtomicOrdering::Relaxed);
     }
 
     /// Replaces all patients by `count` generated ones with ids `1..=count`.
     pub fn seed(&self, count: usize, seed: u64) {
-        let patients = (1..=i64::try_from(count).unwrap_or(i64::MAX))
-            .map(|id| (id, generate_patient(id, seed)))
-            .collect();
-        self.lock().patients = patients;
+        self.core().seed(count, seed);
     }
 
     /// All patients, sorted by id.
     pub fn patients(&self) -> Vec<Value> {
-        self.lock().patients.values().cloned().collect()
+        self.core().records()
     }
 
     /// One patient.
     pub fn patient(&self, id: i64) -> Option<Value> {
-        self.lock().patients.get(&id).cloned()
+        self.core().record(id)
     }
 
     /// Inserts or replaces the patient with the same integer `"id"`, stored as given. A value
     /// without one cannot be stored and is dropped with a warning.
     pub fn put_patient(&self, patient: Value) {
-        match patient.get("id").and_then(Value::as_i64) {
-            Some(id) => {
-                self.lock().patients.insert(id, patient);
-            }
-            None => tracing::warn!("Simulated PracticeHub patient without an integer id ignored."),
-        }
+        self.core().put(patient);
     }
 
     /// Merges the top-level keys of `patch` into patient `id` and sets `updated` to now, or
     /// one second after its previous value if that is not earlier than now, so a cursor on
     /// `updated` always sees the change. False if absent or `patch` is not an object.
     pub fn update_patient(&self, id: i64, patch: Value) -> bool {
-        let mut shared = self.lock();
-        let Some(patient) = shared.patients.get_mut(&id) else {
-            return false;
-        };
-        let previous = patient
-            .get("updated")
-            .and_then(Value::as_str)
-            .and_then(parse_instant);
-        if !merge_top_level(patient, patch) {
-            return false;
-        }
-        patient["updated"] = Value::String(format_instant(bumped(previous)));
-        true
+        self.core().update(id, patch).is_some()
     }
 
     /// Marks patient `id` deleted (`deleted: true`) and bumps `updated` as
@@ -221,24 +161,115 @@ impl PracticeHubSim {
 
     /// The API requests served, oldest first.
     pub fn requests(&self) -> Vec<SourceRequest> {
-        self.lock().log.requests()
+        self.core().requests()
     }
 
     /// Counters over the API requests served.
     pub fn stats(&self) -> SourceStats {
-        self.lock().log.stats()
+        self.core().stats()
     }
 
     /// Forgets the request log and zeroes the stats.
     pub fn clear_log(&self) {
-        self.lock().log.clear();
+        self.core().clear_log();
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        self.inner
-            .shared
-            .lock()
-            .expect("PracticeHub simulator lock poisoned")
+    /// One page of patients matching the valid filters, with links to its neighbours.
+    fn list(&self, uri: &Uri, host: &str) -> Response {
+        // Like the real server, be lenient: a malformed query string or paging value falls
+        // back to the defaults instead of failing.
+        let pairs = query_pairs(uri).unwrap_or_default();
+        let number = |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+                .filter(|value| *value >= 1)
+        };
+        let page = number("page").unwrap_or(1);
+        let page_size = number("page_size")
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE);
+
+        let filters: Vec<Filter> = if self.inner.ignore_filters.load(AtomicOrdering::Relaxed) {
+            Vec::new()
+        } else {
+            pairs
+                .iter()
+                .filter_map(|(key, value)| Filter::parse(key, value))
+                .collect()
+        };
+        let shared = self.core().lock();
+        let matching: Vec<&Value> = shared
+            .records
+            .values()
+            .filter(|patient| filters.iter().all(|filter| filter.matches(patient)))
+            .collect();
+        let total = matching.len();
+        let (data, has_next) = page_of(&matching, page, page_size);
+        let data: Vec<Value> = data.iter().map(|p| (*p).clone()).collect();
+        drop(shared);
+
+        let kept: Vec<&str> = uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|segment| !segment.is_empty())
+            .filter(|segment| segment.split('=').next() != Some("page"))
+            .collect();
+        let link = |page: u64| {
+            let mut url = format!("http://{host}{PATIENTS_PATH}?page={page}");
+            for segment in &kept {
+                url.push('&');
+                url.push_str(segment);
+            }
+            Value::String(url)
+        };
+        let mut links = Map::new();
+        links.insert("self".to_owned(), link(page));
+        if page > 1 {
+            links.insert("previous".to_owned(), link(page - 1));
+        }
+        if has_next {
+            links.insert("next".to_owned(), link(page + 1));
+        }
+        json_response(
+            StatusCode::OK,
+            &json!({"total_entries": total, "data": data, "links": links}),
+        )
+    }
+}
+
+impl Source for PracticeHubSim {
+    const SERVICE: &'static str = "PracticeHub";
+    const RECORD: &'static str = "patient";
+    const RECORDS: &'static str = "patients";
+    const FIRST_ID: i64 = 1;
+    type Stamp = DateTime<Utc>;
+
+    fn generate(id: i64, seed: u64) -> Value {
+        generate_patient(id, seed)
+    }
+
+    fn updated(patient: &Value) -> Option<DateTime<Utc>> {
+        patient
+            .get("updated")
+            .and_then(Value::as_str)
+            .and_then(parse_instant)
+    }
+
+    /// Sets `updated` to now, or one second after `previous` if that is not earlier than now.
+    fn bump_updated(patient: &mut Map<String, Value>, previous: Option<DateTime<Utc>>) {
+        let stamp = format_instant(bumped(previous));
+        patient.insert("updated".to_owned(), Value::String(stamp));
+    }
+
+    fn core(&self) -> &SourceCore<Self> {
+        &self.inner.core
+    }
+
+    fn delete(&self, id: i64) -> bool {
+        self.soft_delete(id)
     }
 
     /// Runs one API request through routing, faults, headers, method, rate limit and latency.
@@ -249,16 +280,10 @@ impl PracticeHubSim {
                 Outcome::Answered,
             );
         }
-        let (faults, key_ok) = {
-            let shared = self.lock();
-            let presented = headers
-                .get("x-practicehub-key")
-                .and_then(|v| v.to_str().ok());
-            (
-                shared.faults.clone(),
-                presented == Some(shared.api_key.as_str()),
-            )
-        };
+        let presented = headers
+            .get("x-practicehub-key")
+            .and_then(|v| v.to_str().ok());
+        let (faults, key_ok) = self.core().faults_and_key(presented);
         if Faults::roll(faults.error_rate) {
             let response = message(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
             return (response, Outcome::Error);
@@ -296,7 +321,7 @@ impl PracticeHubSim {
                 .insert(header::ALLOW, HeaderValue::from_static("GET"));
             return (response, Outcome::Answered);
         }
-        if let Err(wait) = self.inner.bucket.check() {
+        if let Err(wait) = self.core().check_rate() {
             return (too_many_requests(wait), Outcome::RateLimited);
         }
         faults.delay().await;
@@ -310,78 +335,6 @@ impl PracticeHubSim {
         }
         (response, Outcome::Answered)
     }
-
-    /// One page of patients matching the valid filters, with links to its neighbours.
-    fn list(&self, uri: &Uri, host: &str) -> Response {
-        // Like the real server, be lenient: a malformed query string or paging value falls
-        // back to the defaults instead of failing.
-        let pairs = query_pairs(uri).unwrap_or_default();
-        let number = |name: &str| {
-            pairs
-                .iter()
-                .find(|(key, _)| key == name)
-                .and_then(|(_, value)| value.trim().parse::<u64>().ok())
-                .filter(|value| *value >= 1)
-        };
-        let page = number("page").unwrap_or(1);
-        let page_size = number("page_size")
-            .unwrap_or(MAX_PAGE_SIZE)
-            .min(MAX_PAGE_SIZE);
-
-        let shared = self.lock();
-        let filters: Vec<Filter> = if shared.ignore_filters {
-            Vec::new()
-        } else {
-            pairs
-                .iter()
-                .filter_map(|(key, value)| Filter::parse(key, value))
-                .collect()
-        };
-        let matching: Vec<&Value> = shared
-            .patients
-            .values()
-            .filter(|patient| filters.iter().all(|filter| filter.matches(patient)))
-            .collect();
-        let total = matching.len();
-        let start = (page - 1)
-            .checked_mul(page_size)
-            .and_then(|start| usize::try_from(start).ok())
-            .unwrap_or(usize::MAX)
-            .min(total);
-        let end = start
-            .saturating_add(usize::try_from(page_size).unwrap_or(usize::MAX))
-            .min(total);
-        let data: Vec<Value> = matching[start..end].iter().map(|p| (*p).clone()).collect();
-        drop(shared);
-
-        let kept: Vec<&str> = uri
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter(|segment| !segment.is_empty())
-            .filter(|segment| segment.split('=').next() != Some("page"))
-            .collect();
-        let link = |page: u64| {
-            let mut url = format!("http://{host}{PATIENTS_PATH}?page={page}");
-            for segment in &kept {
-                url.push('&');
-                url.push_str(segment);
-            }
-            Value::String(url)
-        };
-        let mut links = Map::new();
-        links.insert("self".to_owned(), link(page));
-        if page > 1 {
-            links.insert("previous".to_owned(), link(page - 1));
-        }
-        if end < total {
-            links.insert("next".to_owned(), link(page + 1));
-        }
-        json_response(
-            StatusCode::OK,
-            &json!({"total_entries": total, "data": data, "links": links}),
-        )
-    }
 }
 
 /// `name=email` with both parts present and something email-like on the right.
@@ -394,11 +347,6 @@ fn valid_app_details(value: &str) -> bool {
         return false;
     };
     !name.trim().is_empty() && !local.is_empty() && !domain.is_empty() && !domain.contains('@')
-}
-
-/// `{"message": …}`, the only error shape PracticeHub has been seen to use.
-fn message(status: StatusCode, text: &str) -> Response {
-    json_response(status, &json!({"message": text}))
 }
 
 fn too_many_requests(wait: Duration) -> Response {
@@ -681,55 +629,6 @@ fn like(text: &str, pattern: &str) -> bool {
     pattern[p..].iter().all(|&c| c == '%')
 }
 
-async fn serve_api(State(sim): State<PracticeHubSim>, request: Request) -> Response {
-    let at_ms = now_ms();
-    let (parts, _body) = request.into_parts();
-    let (response, outcome) = sim.answer(&parts.method, &parts.uri, &parts.headers).await;
-    let entry = SourceRequest {
-        method: parts.method.to_string(),
-        path_and_query: path_and_query(&parts.uri),
-        status: response.status().as_u16(),
-        at_ms,
-    };
-    sim.lock().log.record(entry, outcome);
-    response
-}
-
-async fn sim_not_found() -> Response {
-    message(StatusCode::NOT_FOUND, "No such simulator route.")
-}
-
-async fn sim_stats(State(sim): State<PracticeHubSim>) -> Json<SourceStats> {
-    Json(sim.stats())
-}
-
-async fn sim_requests(State(sim): State<PracticeHubSim>) -> Json<Vec<SourceRequest>> {
-    Json(sim.requests())
-}
-
-async fn sim_reset_log(State(sim): State<PracticeHubSim>) -> StatusCode {
-    sim.clear_log();
-    StatusCode::NO_CONTENT
-}
-
-async fn sim_faults(State(sim): State<PracticeHubSim>, Json(faults): Json<Faults>) -> StatusCode {
-    sim.set_faults(faults);
-    StatusCode::NO_CONTENT
-}
-
-async fn sim_key(State(sim): State<PracticeHubSim>, Json(body): Json<KeyBody>) -> StatusCode {
-    sim.set_api_key(&body.api_key);
-    StatusCode::NO_CONTENT
-}
-
-async fn sim_rate_limit(
-    State(sim): State<PracticeHubSim>,
-    Json(body): Json<RateLimitBody>,
-) -> StatusCode {
-    sim.set_rate_limit(body.requests_per_second, body.burst);
-    StatusCode::NO_CONTENT
-}
-
 /// Body of `PUT /_sim/ignore-filters`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -743,56 +642,6 @@ async fn sim_ignore_filters(
 ) -> StatusCode {
     sim.set_ignore_filters(body.ignore);
     StatusCode::NO_CONTENT
-}
-
-async fn sim_patients(State(sim): State<PracticeHubSim>) -> Json<Vec<Value>> {
-    Json(sim.patients())
-}
-
-async fn sim_seed(State(sim): State<PracticeHubSim>, Json(body): Json<SeedBody>) -> StatusCode {
-    sim.seed(body.count, body.seed);
-    StatusCode::NO_CONTENT
-}
-
-async fn sim_put_patient(
-    State(sim): State<PracticeHubSim>,
-    Path(id): Path<i64>,
-    Json(mut patient): Json<Value>,
-) -> Response {
-    let Some(object) = patient.as_object_mut() else {
-        return message(StatusCode::BAD_REQUEST, "A patient must be a JSON object.");
-    };
-    // The path names the patient; a differing or missing id in the body would store it
-    // somewhere the caller did not ask for.
-    object.insert("id".to_owned(), Value::from(id));
-    sim.put_patient(patient.clone());
-    json_response(StatusCode::OK, &patient)
-}
-
-async fn sim_patch_patient(
-    State(sim): State<PracticeHubSim>,
-    Path(id): Path<i64>,
-    Json(patch): Json<Value>,
-) -> Response {
-    if !patch.is_object() {
-        return message(StatusCode::BAD_REQUEST, "A patch must be a JSON object.");
-    }
-    if !sim.update_patient(id, patch) {
-        return message(StatusCode::NOT_FOUND, "No such patient.");
-    }
-    match sim.patient(id) {
-        Some(patient) => json_response(StatusCode::OK, &patient),
-        // Replaced by a concurrent caller between the two calls.
-        None => message(StatusCode::NOT_FOUND, "No such patient."),
-    }
-}
-
-async fn sim_delete_patient(State(sim): State<PracticeHubSim>, Path(id): Path<i64>) -> Response {
-    if sim.soft_delete(id) {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        message(StatusCode::NOT_FOUND, "No such patient.")
-    }
 }
 
 #[rustfmt::skip]
@@ -953,6 +802,9 @@ pub fn generate_patient(id: i64, seed: u64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::source::merge_top_level;
+    use crate::sim::source::testing::shared_control_routes;
+    use crate::sim::testing::{assert_dropped, send_json, send_status};
     use std::net::Ipv4Addr;
 
     const KEY: &str = "practicehub_sim_key";
@@ -1336,12 +1188,7 @@ mod tests {
             .header("x-app-details", APP)
             .send()
             .await;
-        // hyper polls the body before flushing the headers, so the break usually surfaces as
-        // a failed send rather than a failed body read; either way no data arrives.
-        match dropped {
-            Ok(response) => assert!(response.bytes().await.is_err()),
-            Err(error) => assert!(error.status().is_none(), "{error}"),
-        }
+        assert_dropped(dropped).await;
         let stats = sim.stats();
         assert_eq!((stats.errors, stats.dropped), (1, 1));
     }
@@ -1462,126 +1309,32 @@ mod tests {
         let (sim, server) = start(unlimited()).await;
         let http = reqwest::Client::new();
         let url = |path: &str| format!("{}/_sim{path}", server.url());
-        let seeded = http
-            .post(url("/patients/seed"))
-            .json(&json!({"count": 4, "seed": 2}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(seeded.status(), 204);
-        let listed: Vec<Value> = http
-            .get(url("/patients"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+        let seed = json!({"count": 4, "seed": 2});
+        assert_eq!(
+            send_status(http.post(url("/patients/seed")).json(&seed)).await,
+            204
+        );
+        let listed: Vec<Value> = send_json(http.get(url("/patients"))).await;
         assert_eq!(listed, sim.patients());
         assert_eq!(listed.len(), 4);
 
-        let put = http
-            .put(url("/patients/9"))
-            .json(&patient_with(0, json!({"first_name": "Put"})))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(put.status(), 200);
+        let patient = patient_with(0, json!({"first_name": "Put"}));
+        assert_eq!(
+            send_status(http.put(url("/patients/9")).json(&patient)).await,
+            200
+        );
         assert_eq!(sim.patient(9).expect("stored")["first_name"], "Put");
         let before = updated(&sim, 9);
-        let patched: Value = http
-            .patch(url("/patients/9"))
-            .json(&json!({"first_name": "Patched"}))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+        let patch = json!({"first_name": "Patched"});
+        let patched: Value = send_json(http.patch(url("/patients/9")).json(&patch)).await;
         assert_eq!(patched["first_name"], "Patched");
         assert!(updated(&sim, 9) > before);
-        assert_eq!(
-            http.patch(url("/patients/99"))
-                .json(&json!({}))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            404
-        );
-
-        let key = http
-            .put(url("/key"))
-            .json(&json!({"api_key": "k2"}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(key.status(), 204);
-        let patients_url = format!("{}/api/patients", server.url());
-        assert_eq!(fetch(&patients_url).await.status(), 401);
-        sim.set_api_key(KEY);
-
-        let limit = http
-            .put(url("/rate-limit"))
-            .json(&json!({"requests_per_second": 1, "burst": 1}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(limit.status(), 204);
-        assert_eq!(fetch(&patients_url).await.status(), 200);
-        assert_eq!(fetch(&patients_url).await.status(), 429);
-        sim.set_rate_limit(0, 0);
-
-        let faults = http
-            .put(url("/faults"))
-            .json(&json!({"error_rate": 1.0}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(faults.status(), 204);
-        assert_eq!(fetch(&patients_url).await.status(), 500);
-
-        let stats: SourceStats = http
-            .get(url("/stats"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(stats, sim.stats());
-        assert_eq!(
-            (
-                stats.requests,
-                stats.errors,
-                stats.rate_limited,
-                stats.auth_failures
-            ),
-            (4, 1, 1, 1)
-        );
-        let requests: Vec<SourceRequest> = http
-            .get(url("/requests"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(requests.len(), 4);
-        assert!(requests.iter().all(|r| r.path_and_query == "/api/patients"));
-        assert_eq!(
-            http.get(url("/nope")).send().await.expect("send").status(),
-            404
-        );
-        assert_eq!(
-            http.post(url("/reset-log"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            204
-        );
-        assert_eq!(sim.stats(), SourceStats::default());
+        let missing = http.patch(url("/patients/99")).json(&json!({}));
+        assert_eq!(send_status(missing).await, 404);
         assert!(sim.requests().is_empty());
+
+        let patients_url = format!("{}/api/patients", server.url());
+        let api = async || fetch(&patients_url).await.status().as_u16();
+        shared_control_routes(&sim, &server, KEY, api).await;
     }
 }

@@ -50,56 +50,33 @@ const MAX_BATCH_ITEMS: usize = 100;
 const DEFAULT_LIST_LIMIT: usize = 20;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
 
-/// Body fields of a single upsert; anything else is a 400.
-const SINGLE_FIELDS: [&str; 15] = [
-    "email",
-    "name",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state",
-    "postal_code",
-    "country",
-    "tax_id",
-    "tax_id_country",
-    "notes",
-    "metadata",
-    "custom_fields",
-    "external_updated_at",
-];
-/// A batch item is the single body plus `external_id`, without `custom_fields`.
-const BATCH_ITEM_FIELDS: [&str; 15] = [
-    "external_id",
-    "email",
-    "name",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state",
-    "postal_code",
-    "country",
-    "tax_id",
-    "tax_id_country",
-    "notes",
-    "metadata",
-    "external_updated_at",
-];
+/// The string fields a customer body may carry.
+#[rustfmt::skip]
 const STRING_FIELDS: [&str; 12] = [
-    "email",
-    "name",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state",
-    "postal_code",
-    "country",
-    "tax_id",
-    "tax_id_country",
-    "notes",
+    "email", "name", "phone", "address_line1", "address_line2", "city", "state", "postal_code",
+    "country", "tax_id", "tax_id_country", "notes",
 ];
+
+/// What a customer's fields arrive in, which decides the fields they may include.
+#[derive(Clone, Copy)]
+enum BodyKind {
+    /// A single upsert: the string fields, `metadata`, `custom_fields`, `external_updated_at`.
+    Single,
+    /// A batch item: the single body plus `external_id`, without `custom_fields`.
+    BatchItem,
+}
+
+impl BodyKind {
+    /// Whether `field` may appear in this body; any other field is a 400.
+    fn allows(self, field: &str) -> bool {
+        match field {
+            "metadata" | "external_updated_at" => true,
+            "custom_fields" => matches!(self, BodyKind::Single),
+            "external_id" => matches!(self, BodyKind::BatchItem),
+            _ => STRING_FIELDS.contains(&field),
+        }
+    }
+}
 
 /// How a [`RevKeenSim`] starts; everything but the TTL and body recording can be changed later.
 #[derive(Clone, Debug)]
@@ -1202,7 +1179,7 @@ fn parse_single(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
         ));
     };
     let mut errors = Map::new();
-    check_customer(&fields, &SINGLE_FIELDS, "", &mut errors);
+    check_customer(&fields, BodyKind::Single, "", &mut errors);
     if errors.is_empty() {
         Ok(fields)
     } else {
@@ -1263,7 +1240,7 @@ fn parse_batch(body: &[u8]) -> Result<(String, BatchItems), ApiError> {
             errors.insert(format!("customers[{index}]"), "must be an object".into());
             continue;
         };
-        check_customer(&item, &BATCH_ITEM_FIELDS, &prefix, &mut errors);
+        check_customer(&item, BodyKind::BatchItem, &prefix, &mut errors);
         match item.remove("external_id") {
             Some(Value::String(id)) if !id.is_empty() => {
                 if !seen.insert(id.clone()) {
@@ -1294,7 +1271,7 @@ fn parse_batch(body: &[u8]) -> Result<(String, BatchItems), ApiError> {
 /// Adds an error per offending field of one customer body to `errors`, keyed `{prefix}{field}`.
 fn check_customer(
     item: &Map<String, Value>,
-    allowed: &[&str],
+    kind: BodyKind,
     prefix: &str,
     errors: &mut Map<String, Value>,
 ) {
@@ -1304,7 +1281,7 @@ fn check_customer(
             .or_insert_with(|| message.into());
     };
     for key in item.keys() {
-        if !allowed.contains(&key.as_str()) {
+        if !kind.allows(key) {
             note(key, "unknown field");
         }
     }
@@ -1329,7 +1306,7 @@ fn check_customer(
         );
     }
     for field in ["metadata", "custom_fields"] {
-        if allowed.contains(&field) && item.get(field).is_some_and(|value| !value.is_object()) {
+        if kind.allows(field) && item.get(field).is_some_and(|value| !value.is_object()) {
             note(field, "must be an object");
         }
     }
@@ -1554,6 +1531,7 @@ async fn sim_set_rejections(State(sim): State<RevKeenSim>, body: Bytes) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::testing::{assert_dropped, send_json, send_status};
 
     const KEY: &str = "rk_sandbox_sim";
 
@@ -1952,10 +1930,7 @@ mod tests {
         });
         let path = upsert_path("wodify", "C1");
         let body = json!({ "email": "a@b.co" });
-        match h.put_request(&path, &body, Some("k")).send().await {
-            Err(_) => {}
-            Ok(response) => assert!(response.text().await.is_err(), "the body must not arrive"),
-        }
+        assert_dropped(h.put_request(&path, &body, Some("k")).send().await).await;
         assert_eq!(h.sim.customer("wodify", "C1").unwrap().writes, 1);
         assert_eq!(h.sim.stats().dropped, 1);
         h.sim.set_faults(Faults::default());
@@ -2205,7 +2180,8 @@ mod tests {
     #[tokio::test]
     async fn sim_routes_round_trip() {
         let h = Harness::start().await;
-        let put_json = |path: &str, body: Value| h.client.put(h.url(path)).json(&body).send();
+        let put_json = |path: &str, body: Value| h.client.put(h.url(path)).json(&body);
+        let get = |path: &str| h.client.get(h.url(path));
 
         let faults = json!({
             "error_rate": 0.0,
@@ -2215,61 +2191,34 @@ mod tests {
             "envelope_rate": 0.0,
         });
         assert_eq!(
-            put_json("/_sim/faults", faults.clone())
-                .await
-                .unwrap()
-                .status(),
+            send_status(put_json("/_sim/faults", faults.clone())).await,
             200
         );
         assert_eq!(h.sim.faults().latency_ms, 5);
-        let got: Value = h
-            .client
-            .get(h.url("/_sim/faults"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let got: Value = send_json(get("/_sim/faults")).await;
         assert_eq!(got, faults);
         let bad = put_json("/_sim/faults", json!({ "nope": 1 }))
+            .send()
             .await
             .unwrap();
         assert_eq!(bad.status(), 400);
         assert!(bad.json::<Value>().await.unwrap()["error"]["message"].is_string());
 
         assert_eq!(
-            put_json("/_sim/keys", json!(["rk_new"]))
-                .await
-                .unwrap()
-                .status(),
+            send_status(put_json("/_sim/keys", json!(["rk_new"]))).await,
             200
         );
-        assert_eq!(
-            h.put(
-                &upsert_path("s", "old"),
-                &json!({ "email": "a@b.co" }),
-                None
-            )
-            .await
-            .0,
-            401
-        );
+        let body = json!({ "email": "a@b.co" });
+        assert_eq!(h.put(&upsert_path("s", "old"), &body, None).await.0, 401);
         let created = h
             .client
             .put(h.url(&upsert_path("s", "1")))
             .header("x-api-key", "rk_new")
-            .json(&json!({ "email": "a@b.co" }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
+            .json(&body);
+        assert_eq!(send_status(created).await, 201);
 
         let limit = json!({ "requests_per_minute": 0, "burst": 1 });
-        assert_eq!(
-            put_json("/_sim/rate-limit", limit).await.unwrap().status(),
-            200
-        );
+        assert_eq!(send_status(put_json("/_sim/rate-limit", limit)).await, 200);
 
         let rule = |external_id: Option<&str>| {
             json!({
@@ -2282,62 +2231,22 @@ mod tests {
             })
         };
         let rules = json!([rule(Some("X"))]);
-        assert_eq!(
-            put_json("/_sim/rejections", rules.clone())
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-        let got: Value = h
-            .client
-            .get(h.url("/_sim/rejections"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let set_rules = put_json("/_sim/rejections", rules.clone());
+        assert_eq!(send_status(set_rules).await, 200);
+        let got: Value = send_json(get("/_sim/rejections")).await;
         assert_eq!(got, rules);
         let inert = json!([rule(None)]);
-        assert_eq!(
-            put_json("/_sim/rejections", inert).await.unwrap().status(),
-            400
-        );
+        assert_eq!(send_status(put_json("/_sim/rejections", inert)).await, 400);
 
-        let customers: Vec<SimCustomer> = h
-            .client
-            .get(h.url("/_sim/customers?source=s"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let customers: Vec<SimCustomer> = send_json(get("/_sim/customers?source=s")).await;
         assert_eq!(customers, h.sim.customers("s"));
         assert_eq!(customers.len(), 1);
-        let stats: RevKeenStats = h
-            .client
-            .get(h.url("/_sim/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats: RevKeenStats = send_json(get("/_sim/stats")).await;
         assert_eq!(
             (stats.requests, stats.created, stats.auth_failures),
             (2, 1, 1)
         );
-        let requests: Vec<LoggedRequest> = h
-            .client
-            .get(h.url("/_sim/requests"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let requests: Vec<LoggedRequest> = send_json(get("/_sim/requests")).await;
         assert_eq!(requests, h.sim.requests());
         assert_eq!(
             requests.iter().map(|r| r.status).collect::<Vec<_>>(),
@@ -2345,13 +2254,8 @@ mod tests {
         );
         assert_eq!(requests[1].body.as_deref(), Some(r#"{"email":"a@b.co"}"#));
 
-        let reset = h
-            .client
-            .post(h.url("/_sim/reset-log"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reset.status(), 200);
+        let reset = h.client.post(h.url("/_sim/reset-log"));
+        assert_eq!(send_status(reset).await, 200);
         assert_eq!(h.sim.stats(), RevKeenStats::default());
         assert!(h.sim.requests().is_empty());
         assert_eq!(

@@ -19,25 +19,26 @@
 //! anywhere is caught. Generated timestamps lie before a fixed instant (2026-01-01) so a seed
 //! gives the same data on any day.
 //!
-//! [`SourceRequest`], [`SourceStats`], the request log and a few generator helpers live here
-//! and are reused by the PracticeHub simulator, so both report in the same shape.
+//! The client table, request log and `/_sim` control surface are the ones in [`super::source`],
+//! shared with the PracticeHub simulator; this file says what is Wodify's own.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::response::Response;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{Bucket, Faults, SimServer, dropped_connection, retry_after_secs};
+use super::source::{
+    self, GENERATED_UNTIL_SECS, Outcome, Source, SourceCore, SourceRequest, SourceStats,
+    capitalized, email_part, json_response, page_of, pick, query_pairs, record_rng,
+};
+use super::{Faults, SimServer, dropped_connection, retry_after_secs};
 
 /// Settings a [`WodifySim`] starts with; all can be changed later.
 #[derive(Clone, Debug)]
@@ -64,165 +65,6 @@ impl Default for WodifyOptions {
     }
 }
 
-/// One API request a simulator served (calls to `/_sim` are not recorded).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SourceRequest {
-    /// HTTP method as sent.
-    pub method: String,
-    /// Path and query string as sent, still percent-encoded.
-    pub path_and_query: String,
-    /// Status line of the answer (200 for a dropped connection, which breaks after it).
-    pub status: u16,
-    /// Arrival time in milliseconds since the Unix epoch.
-    pub at_ms: u64,
-}
-
-/// Counters over the API requests a simulator served since it started or the log was cleared.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct SourceStats {
-    /// Every request outside `/_sim`, whatever its outcome.
-    pub requests: u64,
-    /// Answered 429, by the rate limiter or by the `rate_429` fault.
-    pub rate_limited: u64,
-    /// Answered with an injected 5xx (`error_rate`).
-    pub errors: u64,
-    /// Answered HTTP 200 carrying an error envelope (`envelope_rate`, Wodify only).
-    pub envelopes: u64,
-    /// Connections broken after the status line (`drop_rate`).
-    pub dropped: u64,
-    /// Requests with a method other than GET: the daemon must never send one.
-    pub non_get: u64,
-    /// Answered 401 for a missing or wrong key.
-    pub auth_failures: u64,
-}
-
-/// Entries a request log keeps; older ones are forgotten (the stats keep counting) so a long
-/// demo run cannot grow without bound.
-const LOG_CAPACITY: usize = 100_000;
-
-/// How a request ended, for [`SourceStats`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Outcome {
-    Answered,
-    Error,
-    RateLimited,
-    Envelope,
-    Dropped,
-    AuthFailure,
-}
-
-/// The requests a simulator served and their counters.
-#[derive(Default)]
-pub(super) struct RequestLog {
-    entries: VecDeque<SourceRequest>,
-    stats: SourceStats,
-}
-
-impl RequestLog {
-    pub(super) fn record(&mut self, entry: SourceRequest, outcome: Outcome) {
-        self.stats.requests += 1;
-        if entry.method != Method::GET.as_str() {
-            self.stats.non_get += 1;
-        }
-        match outcome {
-            Outcome::Answered => {}
-            Outcome::Error => self.stats.errors += 1,
-            Outcome::RateLimited => self.stats.rate_limited += 1,
-            Outcome::Envelope => self.stats.envelopes += 1,
-            Outcome::Dropped => self.stats.dropped += 1,
-            Outcome::AuthFailure => self.stats.auth_failures += 1,
-        }
-        if self.entries.len() == LOG_CAPACITY {
-            self.entries.pop_front();
-        }
-        self.entries.push_back(entry);
-    }
-
-    pub(super) fn requests(&self) -> Vec<SourceRequest> {
-        self.entries.iter().cloned().collect()
-    }
-
-    pub(super) fn stats(&self) -> SourceStats {
-        self.stats.clone()
-    }
-
-    pub(super) fn clear(&mut self) {
-        *self = RequestLog::default();
-    }
-}
-
-/// Milliseconds since the Unix epoch, for [`SourceRequest::at_ms`].
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
-/// The path and query of `uri` as sent.
-pub(super) fn path_and_query(uri: &Uri) -> String {
-    uri.path_and_query()
-        .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned())
-}
-
-/// The decoded query parameters of `uri` in order, or `None` if the query is not form-encoded.
-pub(super) fn query_pairs(uri: &Uri) -> Option<Vec<(String, String)>> {
-    Query::<Vec<(String, String)>>::try_from_uri(uri)
-        .ok()
-        .map(|Query(pairs)| pairs)
-}
-
-/// Copies the top-level keys of `patch` into `record`; false if either is not an object.
-pub(super) fn merge_top_level(record: &mut Value, patch: Value) -> bool {
-    match (record.as_object_mut(), patch) {
-        (Some(record), Value::Object(patch)) => {
-            record.extend(patch);
-            true
-        }
-        _ => false,
-    }
-}
-
-/// The instant generated data leads up to: 2026-01-01T00:00:00Z. Fixed rather than "now" so a
-/// seed produces the same records on any day.
-pub(super) const GENERATED_UNTIL_SECS: i64 = 1_767_225_600;
-
-/// A random stream for record `id` under `seed`: a splitmix64 finaliser over both, so
-/// neighbouring ids and seeds give unrelated records.
-pub(super) fn record_rng(id: i64, seed: u64) -> fastrand::Rng {
-    let mut z = seed ^ id.cast_unsigned().wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    fastrand::Rng::with_seed(z ^ (z >> 31))
-}
-
-/// One of `items`, uniformly.
-pub(super) fn pick<'a, T>(rng: &mut fastrand::Rng, items: &'a [T]) -> &'a T {
-    &items[rng.usize(..items.len())]
-}
-
-/// `name` reduced to lowercase ASCII letters, for the local part of a generated email.
-pub(super) fn email_part(name: &str) -> String {
-    name.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
-}
-
-/// `word` with its first letter upper-cased.
-pub(super) fn capitalized(word: &str) -> String {
-    let mut chars = word.chars();
-    chars.next().map_or_else(String::new, |first| {
-        first.to_uppercase().chain(chars).collect()
-    })
-}
-
-/// A JSON answer.
-pub(super) fn json_response(status: StatusCode, body: &Value) -> Response {
-    (status, Json(body)).into_response()
-}
-
 /// The most items a page holds; larger `page_size` values are clamped to it.
 const MAX_PAGE_SIZE: u64 = 100;
 
@@ -239,16 +81,8 @@ pub struct WodifySim {
 }
 
 struct Inner {
-    shared: Mutex<Shared>,
-    bucket: Bucket,
-}
-
-struct Shared {
-    api_key: String,
+    core: SourceCore<WodifySim>,
     send_retry_after: bool,
-    faults: Faults,
-    clients: BTreeMap<i64, Value>,
-    log: RequestLog,
 }
 
 impl WodifySim {
@@ -256,46 +90,15 @@ impl WodifySim {
     pub fn new(options: WodifyOptions) -> Self {
         WodifySim {
             inner: Arc::new(Inner {
-                shared: Mutex::new(Shared {
-                    api_key: options.api_key,
-                    send_retry_after: options.send_retry_after,
-                    faults: Faults::default(),
-                    clients: BTreeMap::new(),
-                    log: RequestLog::default(),
-                }),
-                bucket: Bucket::new(
-                    options.requests_per_second,
-                    Duration::from_secs(1),
-                    options.burst,
-                ),
+                core: SourceCore::new(options.api_key, options.requests_per_second, options.burst),
+                send_retry_after: options.send_retry_after,
             }),
         }
     }
 
     /// The API routes at the root plus the `/_sim` control surface.
     pub fn router(&self) -> Router {
-        let control = Router::new()
-            .route("/stats", get(sim_stats))
-            .route("/requests", get(sim_requests))
-            .route("/reset-log", post(sim_reset_log))
-            .route("/faults", put(sim_faults))
-            .route("/key", put(sim_key))
-            .route("/rate-limit", put(sim_rate_limit))
-            .route("/clients", get(sim_clients))
-            .route("/clients/seed", post(sim_seed))
-            .route(
-                "/clients/{id}",
-                put(sim_put_client)
-                    .patch(sim_patch_client)
-                    .delete(sim_delete_client),
-            )
-            // Without its own fallback a typo under /_sim would be served (and logged) as an
-            // API request.
-            .fallback(sim_not_found);
-        Router::new()
-            .nest("/_sim", control)
-            .fallback(serve_api)
-            .with_state(self.clone())
+        source::router(self, Router::new())
     }
 
     /// Serves [`WodifySim::router`] on `addr` (port 0 picks a free one).
@@ -305,182 +108,65 @@ impl WodifySim {
 
     /// Replaces the injected faults.
     pub fn set_faults(&self, faults: Faults) {
-        self.lock().faults = faults;
+        self.core().set_faults(faults);
     }
 
     /// Changes the key requests must send.
     pub fn set_api_key(&self, key: &str) {
-        key.clone_into(&mut self.lock().api_key);
+        self.core().set_api_key(key);
     }
 
     /// Changes the rate limit (0 = unlimited); the bucket starts full.
     pub fn set_rate_limit(&self, requests_per_second: u32, burst: u32) {
-        self.inner
-            .bucket
-            .set(requests_per_second, Duration::from_secs(1), burst);
+        self.core().set_rate_limit(requests_per_second, burst);
     }
 
     /// Replaces all clients by `count` generated ones with ids `10001..=10000+count`.
     pub fn seed(&self, count: usize, seed: u64) {
-        let clients = (1..=i64::try_from(count).unwrap_or(i64::MAX))
-            .map(|n| {
-                let id = 10_000 + n;
-                (id, generate_client(id, seed))
-            })
-            .collect();
-        self.lock().clients = clients;
+        self.core().seed(count, seed);
     }
 
     /// All clients in list shape, sorted by id.
     pub fn clients(&self) -> Vec<Value> {
-        self.lock().clients.values().cloned().collect()
+        self.core().records()
     }
 
     /// One client in list shape.
     pub fn client(&self, id: i64) -> Option<Value> {
-        self.lock().clients.get(&id).cloned()
+        self.core().record(id)
     }
 
     /// Inserts or replaces the client with the same integer `"id"`, stored as given. A value
     /// without one cannot be stored and is dropped with a warning.
     pub fn put_client(&self, client: Value) {
-        match client.get("id").and_then(Value::as_i64) {
-            Some(id) => {
-                self.lock().clients.insert(id, client);
-            }
-            None => tracing::warn!("Simulated Wodify client without an integer id ignored."),
-        }
+        self.core().put(client);
     }
 
     /// Merges the top-level keys of `patch` into client `id` and sets
     /// `updated.updated_on_datetime` to now (UTC, whole seconds), never earlier than it was.
     /// False if the client is absent or `patch` is not an object.
     pub fn update_client(&self, id: i64, patch: Value) -> bool {
-        let mut shared = self.lock();
-        let Some(client) = shared.clients.get_mut(&id) else {
-            return false;
-        };
-        let previous = client
-            .pointer("/updated/updated_on_datetime")
-            .and_then(Value::as_str)
-            .and_then(parse_wodify_datetime);
-        if !merge_top_level(client, patch) {
-            return false;
-        }
-        let now = Utc::now().naive_utc();
-        // Updates within one second keep the same stamp; one earlier than the stored value
-        // (a test may have put a future one) would look like time going backwards.
-        let stamp = previous.map_or(now, |previous| previous.max(now));
-        let updated = client
-            .as_object_mut()
-            .expect("merge_top_level succeeded, so the client is an object")
-            .entry("updated")
-            .or_insert_with(|| json!({"updated_by_id": 1, "updated_by": "API"}));
-        if !updated.is_object() {
-            *updated = json!({"updated_by_id": 1, "updated_by": "API"});
-        }
-        updated["updated_on_datetime"] =
-            Value::String(stamp.format("%Y-%m-%dT%H:%M:%S").to_string());
-        true
+        self.core().update(id, patch).is_some()
     }
 
     /// Deletes client `id` outright: like a hard delete upstream, visible only as absence.
     pub fn remove_client(&self, id: i64) -> bool {
-        self.lock().clients.remove(&id).is_some()
+        self.core().remove(id)
     }
 
     /// The API requests served, oldest first.
     pub fn requests(&self) -> Vec<SourceRequest> {
-        self.lock().log.requests()
+        self.core().requests()
     }
 
     /// Counters over the API requests served.
     pub fn stats(&self) -> SourceStats {
-        self.lock().log.stats()
+        self.core().stats()
     }
 
     /// Forgets the request log and zeroes the stats.
     pub fn clear_log(&self) {
-        self.lock().log.clear();
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        self.inner
-            .shared
-            .lock()
-            .expect("Wodify simulator lock poisoned")
-    }
-
-    /// Runs one API request through faults, auth, method, rate limit and latency, in the order
-    /// a gateway in front of the real service would.
-    async fn answer(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> (Response, Outcome) {
-        let Some(route) = Route::parse(uri.path()) else {
-            let body = json!({"message": "Missing Authentication Token"});
-            return (
-                json_response(StatusCode::FORBIDDEN, &body),
-                Outcome::Answered,
-            );
-        };
-        let (faults, key_ok, send_retry_after) = {
-            let shared = self.lock();
-            let presented = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-            (
-                shared.faults.clone(),
-                presented == Some(shared.api_key.as_str()),
-                shared.send_retry_after,
-            )
-        };
-        if Faults::roll(faults.error_rate) {
-            let response = error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                "Simulated internal error.",
-            );
-            return (response, Outcome::Error);
-        }
-        if Faults::roll(faults.rate_429) {
-            let wait = send_retry_after.then_some(Duration::from_secs(1));
-            return (too_many_requests(wait), Outcome::RateLimited);
-        }
-        if Faults::roll(faults.envelope_rate) {
-            let body = envelope(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                "Simulated error envelope inside an HTTP 200.",
-            );
-            return (json_response(StatusCode::OK, &body), Outcome::Envelope);
-        }
-        if !key_ok {
-            let response = error_response(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "Missing or invalid x-api-key header.",
-            );
-            return (response, Outcome::AuthFailure);
-        }
-        if method != Method::GET {
-            let mut response = error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                &format!("{method} is not allowed here; the simulator serves GET only."),
-            );
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            return (response, Outcome::Answered);
-        }
-        if let Err(wait) = self.inner.bucket.check() {
-            return (
-                too_many_requests(send_retry_after.then_some(wait)),
-                Outcome::RateLimited,
-            );
-        }
-        faults.delay().await;
-        let response = self.respond(&route, uri);
-        if Faults::roll(faults.drop_rate) {
-            return (dropped_connection(), Outcome::Dropped);
-        }
-        (response, Outcome::Answered)
+        self.core().clear_log();
     }
 
     /// The answer to an authorised, rate-limited GET.
@@ -541,8 +227,8 @@ impl WodifySim {
                 } else {
                     Vec::new()
                 };
-                let shared = self.lock();
-                let known = |field: &str| is_known_field(&shared.clients, field);
+                let shared = self.core().lock();
+                let known = |field: &str| is_known_field(&shared.records, field);
                 if let Some(unknown) = conditions.iter().find(|c| !known(&c.field)) {
                     let message = format!("Unknown field {:?} in q.", unknown.field);
                     return bad_request(&message);
@@ -568,7 +254,7 @@ impl WodifySim {
                         usize::try_from((page - 1).saturating_mul(page_size)).unwrap_or(usize::MAX);
                     let size = usize::try_from(page_size).unwrap_or(usize::MAX);
                     let mut items: Vec<&Value> = shared
-                        .clients
+                        .records
                         .range(from..)
                         .map(|(_, client)| client)
                         .filter(|client| conditions.iter().all(|c| c.matches(client)))
@@ -580,7 +266,7 @@ impl WodifySim {
                     (items, has_more)
                 } else {
                     let mut matching: Vec<&Value> = shared
-                        .clients
+                        .records
                         .values()
                         .filter(|client| conditions.iter().all(|c| c.matches(client)))
                         .collect();
@@ -605,6 +291,116 @@ impl WodifySim {
                 )
             }
         }
+    }
+}
+
+impl Source for WodifySim {
+    const SERVICE: &'static str = "Wodify";
+    const RECORD: &'static str = "client";
+    const RECORDS: &'static str = "clients";
+    const FIRST_ID: i64 = 10_001;
+    type Stamp = NaiveDateTime;
+
+    fn generate(id: i64, seed: u64) -> Value {
+        generate_client(id, seed)
+    }
+
+    fn updated(client: &Value) -> Option<NaiveDateTime> {
+        client
+            .pointer("/updated/updated_on_datetime")
+            .and_then(Value::as_str)
+            .and_then(parse_wodify_datetime)
+    }
+
+    /// Sets `updated.updated_on_datetime` to now (UTC, whole seconds), never earlier than it
+    /// was, creating the `updated` object if the client lacks one.
+    fn bump_updated(client: &mut Map<String, Value>, previous: Option<NaiveDateTime>) {
+        let now = Utc::now().naive_utc();
+        // Updates within one second keep the same stamp; one earlier than the stored value
+        // (a test may have put a future one) would look like time going backwards.
+        let stamp = previous.map_or(now, |previous| previous.max(now));
+        let updated = client
+            .entry("updated")
+            .or_insert_with(|| json!({"updated_by_id": 1, "updated_by": "API"}));
+        if !updated.is_object() {
+            *updated = json!({"updated_by_id": 1, "updated_by": "API"});
+        }
+        updated["updated_on_datetime"] =
+            Value::String(stamp.format("%Y-%m-%dT%H:%M:%S").to_string());
+    }
+
+    fn core(&self) -> &SourceCore<Self> {
+        &self.inner.core
+    }
+
+    fn delete(&self, id: i64) -> bool {
+        self.remove_client(id)
+    }
+
+    /// Runs one API request through faults, auth, method, rate limit and latency, in the order
+    /// a gateway in front of the real service would.
+    async fn answer(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> (Response, Outcome) {
+        let Some(route) = Route::parse(uri.path()) else {
+            let body = json!({"message": "Missing Authentication Token"});
+            return (
+                json_response(StatusCode::FORBIDDEN, &body),
+                Outcome::Answered,
+            );
+        };
+        let presented = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let (faults, key_ok) = self.core().faults_and_key(presented);
+        let send_retry_after = self.inner.send_retry_after;
+        if Faults::roll(faults.error_rate) {
+            let response = error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "Simulated internal error.",
+            );
+            return (response, Outcome::Error);
+        }
+        if Faults::roll(faults.rate_429) {
+            let wait = send_retry_after.then_some(Duration::from_secs(1));
+            return (too_many_requests(wait), Outcome::RateLimited);
+        }
+        if Faults::roll(faults.envelope_rate) {
+            let body = envelope(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "Simulated error envelope inside an HTTP 200.",
+            );
+            return (json_response(StatusCode::OK, &body), Outcome::Envelope);
+        }
+        if !key_ok {
+            let response = error_response(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Missing or invalid x-api-key header.",
+            );
+            return (response, Outcome::AuthFailure);
+        }
+        if method != Method::GET {
+            let mut response = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                &format!("{method} is not allowed here; the simulator serves GET only."),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return (response, Outcome::Answered);
+        }
+        if let Err(wait) = self.core().check_rate() {
+            return (
+                too_many_requests(send_retry_after.then_some(wait)),
+                Outcome::RateLimited,
+            );
+        }
+        faults.delay().await;
+        let response = self.respond(&route, uri);
+        if Faults::roll(faults.drop_rate) {
+            return (dropped_connection(), Outcome::Dropped);
+        }
+        (response, Outcome::Answered)
     }
 }
 
@@ -643,19 +439,6 @@ fn paging(page: Option<&str>, page_size: Option<&str>) -> Result<(u64, u64), Str
     let page = positive("page", page, 1)?;
     let page_size = positive("page_size", page_size, MAX_PAGE_SIZE)?.min(MAX_PAGE_SIZE);
     Ok((page, page_size))
-}
-
-/// The items on `page` and whether any come after them.
-fn page_of<T>(items: &[T], page: u64, page_size: u64) -> (&[T], bool) {
-    let start = (page - 1)
-        .checked_mul(page_size)
-        .and_then(|start| usize::try_from(start).ok())
-        .unwrap_or(usize::MAX)
-        .min(items.len());
-    let end = start
-        .saturating_add(usize::try_from(page_size).unwrap_or(usize::MAX))
-        .min(items.len());
-    (&items[start..end], end < items.len())
 }
 
 /// `sort=field` ascending or `sort=desc_field` descending.
@@ -1035,143 +818,6 @@ fn too_many_requests(wait: Option<Duration>) -> Response {
     response
 }
 
-async fn serve_api(State(sim): State<WodifySim>, request: Request) -> Response {
-    let at_ms = now_ms();
-    let (parts, _body) = request.into_parts();
-    let (response, outcome) = sim.answer(&parts.method, &parts.uri, &parts.headers).await;
-    let entry = SourceRequest {
-        method: parts.method.to_string(),
-        path_and_query: path_and_query(&parts.uri),
-        status: response.status().as_u16(),
-        at_ms,
-    };
-    sim.lock().log.record(entry, outcome);
-    response
-}
-
-async fn sim_not_found() -> Response {
-    json_response(
-        StatusCode::NOT_FOUND,
-        &json!({"message": "No such simulator route."}),
-    )
-}
-
-async fn sim_stats(State(sim): State<WodifySim>) -> Json<SourceStats> {
-    Json(sim.stats())
-}
-
-async fn sim_requests(State(sim): State<WodifySim>) -> Json<Vec<SourceRequest>> {
-    Json(sim.requests())
-}
-
-async fn sim_reset_log(State(sim): State<WodifySim>) -> StatusCode {
-    sim.clear_log();
-    StatusCode::NO_CONTENT
-}
-
-async fn sim_faults(State(sim): State<WodifySim>, Json(faults): Json<Faults>) -> StatusCode {
-    sim.set_faults(faults);
-    StatusCode::NO_CONTENT
-}
-
-/// Body of `PUT /_sim/key`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct KeyBody {
-    pub(super) api_key: String,
-}
-
-async fn sim_key(State(sim): State<WodifySim>, Json(body): Json<KeyBody>) -> StatusCode {
-    sim.set_api_key(&body.api_key);
-    StatusCode::NO_CONTENT
-}
-
-/// Body of `PUT /_sim/rate-limit`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RateLimitBody {
-    pub(super) requests_per_second: u32,
-    pub(super) burst: u32,
-}
-
-async fn sim_rate_limit(
-    State(sim): State<WodifySim>,
-    Json(body): Json<RateLimitBody>,
-) -> StatusCode {
-    sim.set_rate_limit(body.requests_per_second, body.burst);
-    StatusCode::NO_CONTENT
-}
-
-/// Body of `POST /_sim/…/seed`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SeedBody {
-    pub(super) count: usize,
-    #[serde(default)]
-    pub(super) seed: u64,
-}
-
-async fn sim_clients(State(sim): State<WodifySim>) -> Json<Vec<Value>> {
-    Json(sim.clients())
-}
-
-async fn sim_seed(State(sim): State<WodifySim>, Json(body): Json<SeedBody>) -> StatusCode {
-    sim.seed(body.count, body.seed);
-    StatusCode::NO_CONTENT
-}
-
-async fn sim_put_client(
-    State(sim): State<WodifySim>,
-    Path(id): Path<i64>,
-    Json(mut client): Json<Value>,
-) -> Response {
-    let Some(object) = client.as_object_mut() else {
-        let body = json!({"message": "A client must be a JSON object."});
-        return json_response(StatusCode::BAD_REQUEST, &body);
-    };
-    // The path names the client; a differing or missing id in the body would store it
-    // somewhere the caller did not ask for.
-    object.insert("id".to_owned(), Value::from(id));
-    sim.put_client(client.clone());
-    json_response(StatusCode::OK, &client)
-}
-
-async fn sim_patch_client(
-    State(sim): State<WodifySim>,
-    Path(id): Path<i64>,
-    Json(patch): Json<Value>,
-) -> Response {
-    if !patch.is_object() {
-        let body = json!({"message": "A patch must be a JSON object."});
-        return json_response(StatusCode::BAD_REQUEST, &body);
-    }
-    if !sim.update_client(id, patch) {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"message": "No such client."}),
-        );
-    }
-    match sim.client(id) {
-        Some(client) => json_response(StatusCode::OK, &client),
-        // Removed by a concurrent caller between the two calls.
-        None => json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"message": "No such client."}),
-        ),
-    }
-}
-
-async fn sim_delete_client(State(sim): State<WodifySim>, Path(id): Path<i64>) -> Response {
-    if sim.remove_client(id) {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"message": "No such client."}),
-        )
-    }
-}
-
 #[rustfmt::skip]
 const FIRST_NAMES: &[&str] = &[
     "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "William",
@@ -1459,6 +1105,9 @@ pub fn generate_client(id: i64, seed: u64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::source::testing::shared_control_routes;
+    use crate::sim::source::{merge_top_level, now_ms};
+    use crate::sim::testing::{assert_dropped, send_json, send_status};
     use std::collections::BTreeSet;
     use std::net::Ipv4Addr;
 
@@ -1867,12 +1516,7 @@ mod tests {
             .header("x-api-key", KEY)
             .send()
             .await;
-        // hyper polls the body before flushing the headers, so the break usually surfaces as a
-        // failed send rather than a failed body read; either way no data arrives.
-        match response {
-            Ok(response) => assert!(response.bytes().await.is_err()),
-            Err(error) => assert!(error.status().is_none(), "{error}"),
-        }
+        assert_dropped(response).await;
         assert_eq!(sim.stats().dropped, 1);
     }
 
@@ -1928,15 +1572,10 @@ mod tests {
 
         // The same through the control surface, and visible to a search on the update time.
         let cursor = first.clone();
-        let patched: Value = reqwest::Client::new()
+        let patch = reqwest::Client::new()
             .patch(format!("{}/_sim/clients/7", server.url()))
-            .json(&json!({"first_name": "Patched"}))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+            .json(&json!({"first_name": "Patched"}));
+        let patched: Value = send_json(patch).await;
         assert_eq!(patched["first_name"], "Patched");
         let q = format!("updated|gte|'{cursor}'");
         let (_, body) = get_json(&server, "/clients/search", &[("q", &q)]).await;
@@ -2090,120 +1729,27 @@ mod tests {
         let (sim, server) = start(unlimited()).await;
         let http = reqwest::Client::new();
         let url = |path: &str| format!("{}/_sim{path}", server.url());
-        let seeded = http
-            .post(url("/clients/seed"))
-            .json(&json!({"count": 5, "seed": 3}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(seeded.status(), 204);
-        let listed: Vec<Value> = http
-            .get(url("/clients"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
+        let seed = json!({"count": 5, "seed": 3});
+        assert_eq!(
+            send_status(http.post(url("/clients/seed")).json(&seed)).await,
+            204
+        );
+        let listed: Vec<Value> = send_json(http.get(url("/clients"))).await;
         assert_eq!(listed, sim.clients());
         assert_eq!(listed.len(), 5);
 
-        let put = http
-            .put(url("/clients/42"))
-            .json(&client_with(0, json!({"first_name": "Put"})))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(put.status(), 200);
+        let client = client_with(0, json!({"first_name": "Put"}));
+        assert_eq!(
+            send_status(http.put(url("/clients/42")).json(&client)).await,
+            200
+        );
         assert_eq!(sim.client(42).expect("stored")["first_name"], "Put");
-        assert_eq!(
-            http.delete(url("/clients/42"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            204
-        );
-        assert_eq!(
-            http.delete(url("/clients/42"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            404
-        );
+        assert_eq!(send_status(http.delete(url("/clients/42"))).await, 204);
+        assert_eq!(send_status(http.delete(url("/clients/42"))).await, 404);
         assert_eq!(get(&server, "/clients/42", &[]).await.status(), 404);
+        assert_eq!(sim.stats().requests, 1, "only the API request is logged");
 
-        let key = http
-            .put(url("/key"))
-            .json(&json!({"api_key": "k2"}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(key.status(), 204);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 401);
-        sim.set_api_key(KEY);
-
-        let limit = http
-            .put(url("/rate-limit"))
-            .json(&json!({"requests_per_second": 1, "burst": 1}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(limit.status(), 204);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 200);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 429);
-        sim.set_rate_limit(0, 0);
-
-        let faults = http
-            .put(url("/faults"))
-            .json(&json!({"error_rate": 1.0}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(faults.status(), 204);
-        assert_eq!(get(&server, "/clients", &[]).await.status(), 500);
-
-        let stats: SourceStats = http
-            .get(url("/stats"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(stats, sim.stats());
-        assert_eq!(
-            (
-                stats.requests,
-                stats.errors,
-                stats.rate_limited,
-                stats.auth_failures
-            ),
-            (5, 1, 1, 1)
-        );
-        let requests: Vec<SourceRequest> = http
-            .get(url("/requests"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("JSON");
-        assert_eq!(requests.len(), 5);
-        assert_eq!(
-            http.get(url("/nope")).send().await.expect("send").status(),
-            404
-        );
-        assert_eq!(
-            http.post(url("/reset-log"))
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            204
-        );
-        assert_eq!(sim.stats(), SourceStats::default());
-        assert!(sim.requests().is_empty());
+        let api = async || get(&server, "/clients", &[]).await.status().as_u16();
+        shared_control_routes(&sim, &server, KEY, api).await;
     }
 }
