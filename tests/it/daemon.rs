@@ -31,8 +31,8 @@ use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     Harness, ServiceProcess, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
-    expected_wodify, free_listen_addr, invalid_wodify, replaced, run_command, seed_valid_clients,
-    wait_until, with_daemon, with_revkeen,
+    expected_wodify, free_listen_addr, invalid_wodify, name_at_revkeen, replaced, run_command,
+    seed_valid_clients, wait_until, with_daemon, with_revkeen,
 };
 
 const EVERY_SECOND: &str = "* * * * * *";
@@ -84,14 +84,22 @@ async fn time_until(
     started.elapsed()
 }
 
-/// The name RevKeen holds for a customer, if it holds the customer.
-fn name_at_revkeen(h: &Harness, source: &str, id: &str) -> Option<String> {
-    h.sims.revkeen.customer(source, id).and_then(|c| {
-        c.fields
-            .get("name")
-            .and_then(Value::as_str)
-            .map(String::from)
+/// Renames a delivered Wodify client at the source and waits until RevKeen holds the new name.
+async fn assert_a_change_reaches_revkeen(h: &Harness, last_name: &str) {
+    let id = expected_wodify(&h.sims.wodify)
+        .into_keys()
+        .next()
+        .expect("client");
+    let numeric: i64 = id.parse().expect("id");
+    assert!(
+        h.sims
+            .wodify
+            .update_client(numeric, json!({ "last_name": last_name }))
+    );
+    wait_until("the change delivered", Duration::from_secs(10), || {
+        name_at_revkeen(h, "wodify", &id).is_some_and(|n| n.ends_with(last_name))
     })
+    .await;
 }
 
 fn delivered(h: &Harness, source: &str) -> usize {
@@ -824,16 +832,7 @@ async fn systemd_gets_ready_watchdog_status_and_stopping() {
         delivered(&h, "wodify") == wodify.len()
     })
     .await;
-    let id: i64 = wodify.keys().next().expect("client").parse().expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Watched"}))
-    );
-    wait_until("the change delivered", Duration::from_secs(10), || {
-        name_at_revkeen(&h, "wodify", &id.to_string()).is_some_and(|n| n.ends_with("Watched"))
-    })
-    .await;
+    assert_a_change_reaches_revkeen(&h, "Watched").await;
     let pings = |after: usize| {
         notify.lines()[after..]
             .iter()
@@ -1100,21 +1099,7 @@ async fn a_config_made_only_of_environment_variables_runs_once_and_as_a_daemon()
         .env("SYNC_DAEMON__DAEMON__LISTEN", addr.to_string());
     let mut daemon = ServiceProcess::spawn(command, addr, secrets);
     daemon.wait_healthy().await;
-    let id: i64 = expected_wodify(&h.sims.wodify)
-        .keys()
-        .next()
-        .expect("client")
-        .parse()
-        .expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "FromEnv"}))
-    );
-    wait_until("the change delivered", Duration::from_secs(10), || {
-        name_at_revkeen(&h, "wodify", &id.to_string()).is_some_and(|n| n.ends_with("FromEnv"))
-    })
-    .await;
+    assert_a_change_reaches_revkeen(&h, "FromEnv").await;
     daemon.stop().await.assert_exit(exit::OK);
 }
 
@@ -1220,21 +1205,7 @@ async fn a_second_process_on_the_same_state_file_is_refused_and_the_daemon_carri
 
     // The first one still serves and delivers.
     assert_eq!(daemon.get("/healthz").await.0, 200);
-    let id: i64 = expected_wodify(&h.sims.wodify)
-        .keys()
-        .next()
-        .expect("client")
-        .parse()
-        .expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "StillHere"}))
-    );
-    wait_until("the change delivered", Duration::from_secs(10), || {
-        name_at_revkeen(&h, "wodify", &id.to_string()).is_some_and(|n| n.ends_with("StillHere"))
-    })
-    .await;
+    assert_a_change_reaches_revkeen(&h, "StillHere").await;
     daemon.stop().await.assert_exit(exit::OK);
 }
 

@@ -15,8 +15,8 @@ use sync_daemon::server::sign;
 use sync_daemon::sim::Faults;
 
 use crate::support::{
-    Daemon, Harness, at_revkeen, exit, expected_practicehub, expected_wodify, push,
-    seed_valid_clients, unix_now, wait_until, with_source, yearly_schedules,
+    Daemon, Harness, at_revkeen, exit, expected_practicehub, expected_wodify, name_at_revkeen,
+    push, seed_valid_clients, unix_now, wait_until, with_source, yearly_schedules,
 };
 
 /// The gym's push secret in these tests.
@@ -119,14 +119,6 @@ async fn wait_for_revkeen(h: &Harness) {
     .await;
 }
 
-/// RevKeen's name for a customer.
-fn name_at_revkeen(h: &Harness, source: &str, id: i64) -> Option<String> {
-    h.sims
-        .revkeen
-        .customer(source, &id.to_string())
-        .and_then(|c| c.fields.get("name")?.as_str().map(str::to_string))
-}
-
 /// Waits until RevKeen's name for `id` ends with `suffix`; returns how long that took.
 async fn wait_for_name(
     h: &Harness,
@@ -136,17 +128,11 @@ async fn wait_for_name(
     within: Duration,
 ) -> Duration {
     let started = Instant::now();
-    let revkeen = h.sims.revkeen.clone();
-    let source_name = source.to_string();
+    let external_id = id.to_string();
     wait_until(
         &format!("RevKeen's {source} {id} to be named …{suffix}"),
         within,
-        || {
-            revkeen
-                .customer(&source_name, &id.to_string())
-                .and_then(|c| c.fields.get("name")?.as_str().map(str::to_string))
-                .is_some_and(|name| name.ends_with(suffix))
-        },
+        || name_at_revkeen(h, source, &external_id).is_some_and(|name| name.ends_with(suffix)),
     )
     .await;
     started.elapsed()
@@ -474,7 +460,7 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
             h.sims.wodify.requests()
         );
         assert!(
-            !name_at_revkeen(&h, "wodify", id)
+            !name_at_revkeen(&h, "wodify", &id.to_string())
                 .unwrap_or_default()
                 .contains("Refused"),
             "client {id} was sent after a refused push"
@@ -517,7 +503,7 @@ async fn an_event_accepted_just_before_a_crash_is_processed_after_the_restart() 
     assert_eq!(killed.code, None, "SIGKILLed:\n{}", killed.stderr);
     let killed_at = chrono::Utc::now().timestamp_millis();
     assert!(
-        !name_at_revkeen(&h, "wodify", id)
+        !name_at_revkeen(&h, "wodify", &id.to_string())
             .unwrap_or_default()
             .ends_with(" Survived"),
         "the change arrived before the kill; the test proves nothing"

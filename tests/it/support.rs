@@ -376,6 +376,14 @@ fn joined_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
+/// The name RevKeen holds for a customer, if it holds the customer.
+pub fn name_at_revkeen(h: &Harness, source: &str, id: &str) -> Option<String> {
+    h.sims
+        .revkeen
+        .customer(source, id)
+        .and_then(|c| c.fields.get("name")?.as_str().map(str::to_string))
+}
+
 /// Every Wodify client with a valid email, by external id.
 pub fn expected_wodify(sim: &WodifySim) -> BTreeMap<String, Expected> {
     sim.clients()
