@@ -122,12 +122,15 @@ pub fn normalize_phone(raw: Option<&str>, default_country: &str) -> Phone {
     }
 }
 
-/// Drops the phone patterns compiled so far (about 2 MiB after a poll of UK numbers); the next
+/// Drops the phone patterns compiled so far (about 6 MiB after a poll of UK numbers); the next
 /// number compiles what it needs again. The daemon calls this between polls, when it mostly
 /// sleeps.
 pub fn release_phone_patterns() {
     if let Ok(mut cache) = phonenumber::metadata::DATABASE.cache().lock() {
         cache.clear();
+    }
+    if let Ok(mut home) = HOME_PATTERNS.lock() {
+        home.clear();
     }
 }
 
@@ -136,19 +139,81 @@ pub fn release_phone_patterns() {
 /// for +1), pattern by pattern, which was most of the cost of normalizing a client. Numbers
 /// this does not accept go through the full check, so the result is the same.
 fn valid_at_home(number: &phonenumber::PhoneNumber, default_country: &str) -> bool {
-    let Some(meta) = phonenumber::metadata::DATABASE.by_id(default_country) else {
+    let Some(home) = home_patterns(default_country) else {
         return false;
     };
-    if number.country().code() != meta.country_code() {
+    if number.country().code() != home.country_code {
         return false;
     }
     let national = number.national().to_string();
-    let descriptors = meta.descriptors();
-    descriptors.general().is_match(&national)
-        && [descriptors.fixed_line(), descriptors.mobile()]
+    home.general.is_match(&national) && home.kinds.iter().any(|kind| kind.is_match(&national))
+}
+
+/// The default countries' patterns, compiled once per country (`None`: not a country
+/// libphonenumber knows, or a pattern that does not compile).
+static HOME_PATTERNS: std::sync::Mutex<BTreeMap<String, Option<std::sync::Arc<HomePatterns>>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn home_patterns(country: &str) -> Option<std::sync::Arc<HomePatterns>> {
+    let mut home = HOME_PATTERNS.lock().ok()?;
+    if let Some(patterns) = home.get(country) {
+        return patterns.clone();
+    }
+    let patterns = HomePatterns::compile(country).map(std::sync::Arc::new);
+    home.insert(country.to_string(), patterns.clone());
+    patterns
+}
+
+/// A country's general, fixed-line and mobile number patterns as regexes of our own.
+/// phonenumber's descriptors look each pattern up in a shared cache keyed by its source text
+/// (up to 2 KB for +1), hashing that text on every match, which cost more than the match.
+struct HomePatterns {
+    country_code: u16,
+    general: NumberPattern,
+    kinds: Vec<NumberPattern>,
+}
+
+impl HomePatterns {
+    fn compile(country: &str) -> Option<HomePatterns> {
+        let meta = phonenumber::metadata::DATABASE.by_id(country)?;
+        let descriptors = meta.descriptors();
+        let kinds = [descriptors.fixed_line(), descriptors.mobile()]
             .into_iter()
             .flatten()
-            .any(|kind| kind.is_match(&national))
+            .map(NumberPattern::compile)
+            .collect::<Option<Vec<_>>>()?;
+        Some(HomePatterns {
+            country_code: meta.country_code(),
+            general: NumberPattern::compile(descriptors.general())?,
+            kinds,
+        })
+    }
+}
+
+/// One descriptor's test, as `phonenumber::metadata::Descriptor::is_match` does it: a possible
+/// length, and a pattern match that starts at the first digit.
+struct NumberPattern {
+    regex: regex::Regex,
+    lengths: Vec<u16>,
+}
+
+impl NumberPattern {
+    fn compile(descriptor: &phonenumber::metadata::Descriptor) -> Option<NumberPattern> {
+        let source = descriptor.national_number().as_str();
+        let regex = regex::RegexBuilder::new(&format!("^(?:{source})"))
+            .ignore_whitespace(true)
+            .build()
+            .ok()?;
+        Some(NumberPattern {
+            regex,
+            lengths: descriptor.possible_length().to_vec(),
+        })
+    }
+
+    fn is_match(&self, national: &str) -> bool {
+        let length = u16::try_from(national.len()).unwrap_or(u16::MAX);
+        (self.lengths.is_empty() || self.lengths.contains(&length)) && self.regex.is_match(national)
+    }
 }
 
 /// An ISO 3166-1 alpha-2 code for a country written as a code or a name ("USA", "United
@@ -308,6 +373,33 @@ mod tests {
             .collect();
         assert_eq!(before, after);
         assert_eq!(after[2], Phone::Invalid);
+    }
+
+    #[test]
+    fn the_home_country_shortcut_accepts_only_what_the_full_check_accepts() {
+        let wodify = (10_001..=12_000).map(|id| {
+            let client = crate::sim::wodify::generate_client(id, 11);
+            (client["phone_number"].as_str().map(String::from), "US")
+        });
+        let practicehub = (1..=2_000).flat_map(|id| {
+            let patient = crate::sim::practicehub::generate_patient(id, 11);
+            ["mobile", "home_phone"].map(|f| (patient[f].as_str().map(String::from), "GB"))
+        });
+        let mut shortcut = 0;
+        for (text, country) in wodify.chain(practicehub) {
+            let Some(text) = text else { continue };
+            let Ok(number) = phonenumber::parse(country.parse().ok(), text.trim()) else {
+                continue;
+            };
+            if valid_at_home(&number, country) {
+                shortcut += 1;
+                assert!(phonenumber::is_valid(&number), "{text} ({country})");
+            }
+        }
+        assert!(
+            shortcut > 3_000,
+            "the shortcut took only {shortcut} numbers"
+        );
     }
 
     #[test]
