@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -198,7 +199,7 @@ async fn push(
     State(state): State<AppState>,
     Path(source): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let refuse = |status: StatusCode, message: &str| {
         metrics::counter!("sync_daemon_push_refused_total", "status" => status.as_u16().to_string())
@@ -212,6 +213,16 @@ async fn push(
             "no such source"
         };
         return refuse(StatusCode::NOT_FOUND, message);
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body over 1 MiB: send at most a few thousand events per request",
+            );
+        }
+        Err(rejection) => return refuse(rejection.status(), &rejection.body_text()),
     };
     let signature = headers
         .get("x-sync-signature")

@@ -378,9 +378,8 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
         .map(|(what, want, got, body)| format!("{what}: expected {want}, got {got} {body}"))
         .collect();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    // The oversize answer comes from the HTTP layer (plain text); the daemon's own refusals
-    // say why in {"error": …}.
-    for (what, _, status, body) in answers.iter().filter(|(_, want, _, _)| *want != 413) {
+    // Every refusal says why in {"error": …}.
+    for (what, _, status, body) in &answers {
         let message = serde_json::from_str::<Value>(body)
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))
@@ -389,6 +388,21 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
             message.len() > 10,
             "{what}: a {status} should say why in {{\"error\": …}}, got {body:?}"
         );
+    }
+    // Each refusal is counted by its status, the oversize one included.
+    let metrics = reqwest::get(daemon.url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    for status in [400, 401, 404, 413] {
+        let count = answers
+            .iter()
+            .filter(|(_, want, _, _)| *want == status)
+            .count();
+        let line = format!("sync_daemon_push_refused_total{{status=\"{status}\"}} {count}");
+        assert!(metrics.contains(&line), "no `{line}` in\n{metrics}");
     }
     let not_found: Vec<&String> = answers
         .iter()
