@@ -385,12 +385,7 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
         assert_no_phi(&format!("state file {table}.{column}"), &value);
     }
     operator_commands_show_no_phi(&h, &[]).await;
-    let metrics = reqwest::get(daemon.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = daemon.metrics().await;
     assert!(metrics.contains("sync_daemon_"), "{metrics}");
     assert_no_phi("/metrics", &metrics);
     for request in h.sims.revkeen.requests() {

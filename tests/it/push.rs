@@ -390,12 +390,7 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
         );
     }
     // Each refusal is counted by its status, the oversize one included.
-    let metrics = reqwest::get(daemon.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = daemon.metrics().await;
     for status in [400, 401, 404, 413] {
         let count = answers
             .iter()
