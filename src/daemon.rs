@@ -303,19 +303,10 @@ async fn source_loop(
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(PollError::Cancelled) => return,
-            Err(PollError::AuthRefused(reason)) => {
-                let (store, name, reason) = (ctx.store.clone(), name.clone(), reason.clone());
-                let _ = store
-                    .call(move |s| s.set_halt(&name, "auth_refused", &reason))
-                    .await;
-                "auth refused".to_string()
-            }
+            Err(PollError::AuthRefused(_)) => "auth refused".to_string(),
             Err(error) => format!("failed: {error}"),
         };
-        if result.is_ok() {
-            let (store, name) = (ctx.store.clone(), name.clone());
-            let _ = store.call(move |s| s.clear_halt(&name)).await;
-        }
+        let _ = sources::record_key_outcome(&ctx.store, &name, &result).await;
         // Between polls the daemon mostly sleeps: hand the compiled phone patterns and the
         // page cache back.
         crate::customer::release_phone_patterns();

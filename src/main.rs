@@ -193,40 +193,30 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> ExitStatus {
+    // The two commands that bring their own setup; every other one reads the config.
     match cli.command {
         Some(Command::Demo { clients, patients }) => {
             init_logging(LogFormat::Text, "warn");
-            demo(clients, patients).await
+            return demo(clients, patients).await;
         }
         Some(Command::Sim(args)) => {
             init_logging(LogFormat::Text, "info");
-            sim(args).await
+            return sim(args).await;
         }
-        Some(Command::Healthcheck) => match load_config(&cli.config) {
-            Ok(config) => healthcheck(&config).await,
-            Err(status) => status,
-        },
-        Some(Command::CheckConfig { connect }) => match load_config(&cli.config) {
-            Ok(config) => check_config(&config, connect).await,
-            Err(status) => status,
-        },
-        Some(Command::Status { json }) => match load_config(&cli.config) {
-            Ok(config) => status(&config, json),
-            Err(status) => status,
-        },
-        Some(Command::Failures { source, json }) => match load_config(&cli.config) {
-            Ok(config) => failures(&config, source.as_deref(), json),
-            Err(status) => status,
-        },
-        Some(Command::Replay { source, all, ids }) => match load_config(&cli.config) {
-            Ok(config) => replay(&config, source.as_deref(), all, &ids),
-            Err(status) => status,
-        },
+        _ => {}
+    }
+    let config = match load_config(&cli.config) {
+        Ok(config) => config,
+        Err(status) => return status,
+    };
+    match cli.command {
+        Some(Command::Demo { .. } | Command::Sim(_)) => unreachable!("handled above"),
+        Some(Command::Healthcheck) => healthcheck(&config).await,
+        Some(Command::CheckConfig { connect }) => check_config(&config, connect).await,
+        Some(Command::Status { json }) => status(&config, json),
+        Some(Command::Failures { source, json }) => failures(&config, source.as_deref(), json),
+        Some(Command::Replay { source, all, ids }) => replay(&config, source.as_deref(), all, &ids),
         None => {
-            let config = match load_config(&cli.config) {
-                Ok(config) => config,
-                Err(status) => return status,
-            };
             let mut options = OnceOptions {
                 sources: cli.sources.clone(),
                 resync: cli.resync,

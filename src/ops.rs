@@ -244,17 +244,7 @@ pub fn render_status(report: &StatusReport) -> String {
                 .unwrap_or_else(|| "-".to_string()),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    out.push_str(&text_table(&rows, |_| false));
     for source in &report.sources {
         if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
             let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
@@ -296,6 +286,32 @@ pub fn render_status(report: &StatusReport) -> String {
                 halt.reason
             );
         }
+    }
+    out
+}
+
+/// Rows (the first one the header) as aligned columns two spaces apart, one line each;
+/// `right_aligned(column)` picks the numeric columns.
+pub(crate) fn text_table(rows: &[Vec<String>], right_aligned: impl Fn(usize) -> bool) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, &width))| {
+                if right_aligned(c) {
+                    format!("{cell:>width$}")
+                } else {
+                    format!("{cell:<width$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
     out
 }

@@ -288,36 +288,17 @@ impl RevKeenClient {
         idempotency_key: &str,
         kind: &'static str,
     ) -> Answer {
-        let started = Instant::now();
-        let sent = self
+        let request = self
             .http
             .put(url)
             .headers(self.headers(Some(idempotency_key)))
-            .body(body.to_vec())
-            .send()
-            .await;
-        let mut status_label = "error".to_string();
-        let answer = match sent {
-            Err(error) => Answer::Transient(describe_transport_error(&error)),
-            Ok(response) => {
-                let status = response.status();
-                status_label = status.as_u16().to_string();
-                let retry_after = parse_retry_after(response.headers());
-                match response.bytes().await {
-                    Err(error) => Answer::Transient(format!(
-                        "HTTP {status}: answer cut off: {}",
-                        describe_transport_error(&error)
-                    )),
-                    Ok(bytes) => classify(status, &bytes, retry_after, kind == "batch"),
-                }
+            .body(body.to_vec());
+        match send_measured(request, "revkeen", kind).await {
+            Ok((status, retry_after, bytes)) => {
+                classify(status, &bytes, retry_after, kind == "batch")
             }
-        };
-        metrics::histogram!("sync_daemon_request_duration_seconds", "target" => "revkeen")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("sync_daemon_http_requests_total", "target" => "revkeen",
-            "endpoint" => kind, "status" => status_label)
-        .increment(1);
-        answer
+            Err(transport) => Answer::Transient(transport),
+        }
     }
 
     /// `GET /customers?limit=1`: one authenticated read to prove the key and the address.
@@ -334,6 +315,42 @@ impl RevKeenClient {
         )
         .await
     }
+}
+
+/// Sends one request and reads the whole answer: its status, `Retry-After` and body, or the
+/// transport failure in words. Records the request's duration under `target` and its count
+/// under `target`, `endpoint` and the status (`error` when no answer came).
+pub async fn send_measured(
+    request: reqwest::RequestBuilder,
+    target: &'static str,
+    endpoint: &'static str,
+) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), String> {
+    let started = Instant::now();
+    let mut status_label = "error".to_string();
+    let result = match request.send().await {
+        Err(error) => Err(describe_transport_error(&error)),
+        Ok(response) => {
+            let status = response.status();
+            status_label = status.as_u16().to_string();
+            let retry_after = parse_retry_after(response.headers());
+            response
+                .bytes()
+                .await
+                .map(|body| (status, retry_after, body))
+                .map_err(|error| {
+                    format!(
+                        "HTTP {status}: answer cut off: {}",
+                        describe_transport_error(&error)
+                    )
+                })
+        }
+    };
+    metrics::histogram!("sync_daemon_request_duration_seconds", "target" => target)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("sync_daemon_http_requests_total", "target" => target,
+        "endpoint" => endpoint, "status" => status_label)
+    .increment(1);
+    result
 }
 
 /// Sends one probe request; transport failures become unreachable / TLS, answers go to

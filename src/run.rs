@@ -175,45 +175,25 @@ impl RunReport {
         ];
         let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
         for s in &self.sources {
+            let counts = [
+                s.poll.fetched,
+                s.poll.enqueued,
+                s.poll.unchanged,
+                s.poll.rejected,
+                s.sent.delivered(),
+                s.sent.created,
+                s.sent.updated,
+                s.sent.stale,
+                s.sent.dead_lettered,
+            ];
             rows.push(
-                [
-                    s.poll.fetched,
-                    s.poll.enqueued,
-                    s.poll.unchanged,
-                    s.poll.rejected,
-                    s.sent.delivered(),
-                    s.sent.created,
-                    s.sent.updated,
-                    s.sent.stale,
-                    s.sent.dead_lettered,
-                ]
-                .iter()
-                .map(u64::to_string)
-                .fold(vec![s.name.clone()], |mut row, cell| {
-                    row.push(cell);
-                    row
-                }),
+                std::iter::once(s.name.clone())
+                    .chain(counts.iter().map(u64::to_string))
+                    .collect(),
             );
         }
-        let widths: Vec<usize> = (0..header.len())
-            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for row in &rows {
-            let cells: Vec<String> = row
-                .iter()
-                .enumerate()
-                .map(|(i, cell)| {
-                    if i == 0 {
-                        format!("{cell:<w$}", w = widths[i])
-                    } else {
-                        format!("{cell:>w$}", w = widths[i])
-                    }
-                })
-                .collect();
-            out.push_str(cells.join("  ").trim_end());
-            out.push('\n');
-        }
+        // The name column to the left, the counts to the right.
+        let mut out = crate::ops::text_table(&rows, |column| column > 0);
         for s in &self.sources {
             for note in s.notes() {
                 out.push_str(&format!("{}: {note}\n", s.name));
@@ -391,19 +371,12 @@ pub async fn once_tuned(
     }
 
     // Source auth refusals are recorded for `status`, like RevKeen's.
-    let mut source_halt = false;
     for (name, result) in &poll_results {
-        if let Err(PollError::AuthRefused(reason)) = result {
-            source_halt = true;
-            let (name, reason) = (name.clone(), reason.clone());
-            store
-                .call(move |s| s.set_halt(&name, "auth_refused", &reason))
-                .await?;
-        } else if result.is_ok() {
-            let name = name.clone();
-            store.call(move |s| s.clear_halt(&name)).await?;
-        }
+        sources::record_key_outcome(&store, name, result).await?;
     }
+    let source_halt = poll_results
+        .iter()
+        .any(|(_, result)| matches!(result, Err(PollError::AuthRefused(_))));
 
     let sent = state.stats();
     let mut reports = Vec::new();

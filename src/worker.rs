@@ -93,6 +93,20 @@ impl WorkerState {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Halts sending because RevKeen refused the key (`why`: its answer); returns the halt
+    /// message for the state file. The first refusal's message is the one kept.
+    fn halt_sending(&self, why: &dyn std::fmt::Display) -> String {
+        let message = format!(
+            "RevKeen refused the API key ({why}); fix revkeen.api_key / api_key_file and restart"
+        );
+        self.halt
+            .lock()
+            .expect("halt lock poisoned")
+            .get_or_insert_with(|| message.clone());
+        metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
+        message
+    }
+
     fn add(&self, source: &str, f: impl FnOnce(&mut SendStats)) {
         let mut stats = self.stats.lock().expect("stats lock poisoned");
         f(stats.entry(source.to_string()).or_default());
@@ -239,14 +253,10 @@ impl Worker {
                     stale_halt = false;
                 }
                 crate::revkeen::Probe::KeyRefused(reason) => {
-                    let message = format!(
-                        "RevKeen refused the API key ({reason}); fix revkeen.api_key / api_key_file and restart"
-                    );
                     tracing::error!(
                         "RevKeen still refuses the API key: nothing is sent until the key is fixed and sync-daemon restarted."
                     );
-                    *self.state.halt.lock().expect("halt lock poisoned") = Some(message.clone());
-                    metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
+                    let message = self.state.halt_sending(&reason);
                     let stored = message.clone();
                     self.store
                         .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &stored))
@@ -522,19 +532,9 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
             finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
         }
         Answer::AuthRefused(error) => {
-            let reason = format!(
-                "RevKeen refused the API key ({}); fix revkeen.api_key / api_key_file and restart",
-                error
-            );
             tracing::error!(status = error.status, code = %error.code, "RevKeen refused the API key: sending stops until the key is fixed and sync-daemon restarted.");
-            {
-                let mut halt = shared.state.halt.lock().expect("halt lock poisoned");
-                if halt.is_none() {
-                    *halt = Some(reason.clone());
-                }
-            }
-            metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
-            let (code, message) = (error.code.clone(), reason);
+            let message = shared.state.halt_sending(&error);
+            let code = error.code.clone();
             store
                 .call(move |s| {
                     s.release(&unit)?;

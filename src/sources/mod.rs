@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{SourceConfig, SourceKind};
 use crate::limiter::{Backoff, Limiter};
-use crate::revkeen::{describe_transport_error, parse_retry_after};
+use crate::revkeen::send_measured;
 use crate::store::{PageItem, PollStats, Store, StoreError};
 
 /// One fetched page.
@@ -234,6 +234,26 @@ impl PollContext {
     }
 }
 
+/// Records what a poll said about the source's key, for `status` and `/readyz`: a refusal
+/// sets an auth halt, a completed poll clears one, any other failure says nothing about it.
+pub async fn record_key_outcome(
+    store: &Store,
+    source: &str,
+    result: &Result<PollStats, PollError>,
+) -> Result<(), StoreError> {
+    let name = source.to_string();
+    match result {
+        Err(PollError::AuthRefused(reason)) => {
+            let reason = reason.clone();
+            store
+                .call(move |s| s.set_halt(&name, "auth_refused", &reason))
+                .await
+        }
+        Ok(_) => store.call(move |s| s.clear_halt(&name)).await,
+        Err(_) => Ok(()),
+    }
+}
+
 /// Polls a source once through its whole listing.
 pub async fn poll(source: &AnySource, ctx: &PollContext) -> Result<PollStats, PollError> {
     match source {
@@ -289,29 +309,10 @@ async fn send_get<T>(
     target: &'static str,
     read: impl FnOnce(StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
 ) -> Result<T, SourceError> {
-    let started = std::time::Instant::now();
-    let mut status_label = "error".to_string();
-    let result = match request.send().await {
-        Err(error) => Err(SourceError::Transient(describe_transport_error(&error))),
-        Ok(response) => {
-            let status = response.status();
-            status_label = status.as_u16().to_string();
-            let retry_after = parse_retry_after(response.headers());
-            match response.bytes().await {
-                Err(error) => Err(SourceError::Transient(format!(
-                    "answer cut off: {}",
-                    describe_transport_error(&error)
-                ))),
-                Ok(body) => read(status, &body, retry_after),
-            }
-        }
-    };
-    metrics::histogram!("sync_daemon_request_duration_seconds", "target" => target)
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!("sync_daemon_http_requests_total", "target" => target,
-        "endpoint" => "read", "status" => status_label)
-    .increment(1);
-    result
+    match send_measured(request, target, "read").await {
+        Ok((status, retry_after, body)) => read(status, &body, retry_after),
+        Err(transport) => Err(SourceError::Transient(transport)),
+    }
 }
 
 /// `{base}/{collection}?page=1&page_size=1`: the one authenticated read of
@@ -363,28 +364,7 @@ async fn fetch_one_with<A: Adapter>(
     ctx: &PollContext,
     external_id: &str,
 ) -> Result<Option<Mapped>, PollError> {
-    let limiter = &ctx.limiter;
-    let attempt = || async {
-        limiter.acquire().await;
-        let result = adapter.fetch_one(external_id).await;
-        if let Err(SourceError::RateLimited(Some(wait))) = &result {
-            limiter.pause(*wait);
-        }
-        result
-    };
-    let record = attempt
-        .retry(
-            ctx.backoff
-                .builder(ctx.max_attempts.saturating_sub(1) as usize),
-        )
-        .sleep(tokio::time::sleep)
-        .when(SourceError::is_retryable)
-        .adjust(|error, delay| match error {
-            SourceError::RateLimited(Some(_)) => delay.map(|_| Duration::ZERO),
-            _ => delay,
-        })
-        .await;
-    match record {
+    match with_retries(ctx, || adapter.fetch_one(external_id)).await {
         Ok(record) => Ok(record.map(|r| adapter.map(&r))),
         Err(SourceError::NotFound) => Ok(None),
         Err(error) => Err(poll_error(error)),
@@ -625,16 +605,29 @@ async fn fetch_with_retry<A: Adapter>(
     ctx: &PollContext,
     cursor: &str,
 ) -> Result<Fetched<A::Record>, SourceError> {
+    with_retries(ctx, || adapter.fetch(cursor)).await
+}
+
+/// Sends `request` through the source's rate limiter, retrying what can be retried with
+/// backoff, up to the source's `max_attempts`.
+async fn with_retries<T, F, Fut>(ctx: &PollContext, mut request: F) -> Result<T, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SourceError>>,
+{
     let name = ctx.source.name.as_str();
     let limiter = &ctx.limiter;
-    let attempt = || async {
-        limiter.acquire().await;
-        let result = adapter.fetch(cursor).await;
-        if let Err(SourceError::RateLimited(Some(wait))) = &result {
-            // Every request to the host waits, not just this one.
-            limiter.pause(*wait);
+    let attempt = || {
+        let answer = request();
+        async move {
+            limiter.acquire().await;
+            let result = answer.await;
+            if let Err(SourceError::RateLimited(Some(wait))) = &result {
+                // Every request to the host waits, not just this one.
+                limiter.pause(*wait);
+            }
+            result
         }
-        result
     };
     attempt
         .retry(ctx.backoff.builder(ctx.max_attempts.saturating_sub(1) as usize))

@@ -505,8 +505,9 @@ pub enum Finished {
     RetrySingle,
 }
 
-fn passes_of(tx: &Transaction<'_>, source: &str) -> rusqlite::Result<i64> {
-    tx.query_row(
+/// A source's number of complete passes (0 before the first).
+pub(super) fn passes_of(conn: &rusqlite::Connection, source: &str) -> rusqlite::Result<i64> {
+    conn.query_row(
         "SELECT passes FROM cursors WHERE source = ?1",
         [source],
         |row| row.get(0),

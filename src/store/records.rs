@@ -615,15 +615,7 @@ impl Store {
     /// Known records of a full-scan source that its last complete pass did not list.
     pub fn vanished_total(&self, source: &str) -> Result<u64, StoreError> {
         let conn = self.conn();
-        let passes: i64 = conn
-            .query_row(
-                "SELECT passes FROM cursors WHERE source = ?1",
-                [source],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?
-            .unwrap_or(0);
+        let passes = super::outbox::passes_of(&conn, source).map_err(|e| self.err(e))?;
         if passes == 0 {
             return Ok(0);
         }
@@ -648,15 +640,7 @@ impl Store {
     /// has completed.
     pub fn known_records(&self, source: &str) -> Result<Option<u64>, StoreError> {
         let conn = self.conn();
-        let passes: Option<i64> = conn
-            .query_row(
-                "SELECT passes FROM cursors WHERE source = ?1",
-                [source],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        if passes.unwrap_or(0) == 0 {
+        if super::outbox::passes_of(&conn, source).map_err(|e| self.err(e))? == 0 {
             return Ok(None);
         }
         conn.query_row(
