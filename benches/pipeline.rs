@@ -286,7 +286,7 @@ async fn unthrottled(clients: usize) -> (Value, Value, u64) {
             json!({
                 "exit_code": run.exit,
                 "clients": clients,
-                "revkeen_writes": (after_r.created + after_r.updated) - (before_r.created + before_r.updated),
+                "revkeen_writes": after_r.writes() - before_r.writes(),
                 "revkeen_requests": after_r.requests - before_r.requests,
                 "source_requests": after_w.requests - before_w.requests,
                 "pages": clients.div_ceil(100),

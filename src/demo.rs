@@ -79,8 +79,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let before = sims.revkeen.stats();
     let first = run::once(&config, &OnceOptions::default()).await?;
     let after_first = sims.revkeen.stats();
-    let first_writes =
-        (after_first.created + after_first.updated) - (before.created + before.updated);
+    let first_writes = after_first.writes() - before.writes();
     describe_pass(
         &mut text,
         "First pass (backfill)",
@@ -94,8 +93,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let second = run::once(&config, &OnceOptions::default()).await?;
     let after_second = sims.revkeen.stats();
-    let second_writes =
-        (after_second.created + after_second.updated) - (after_first.created + after_first.updated);
+    let second_writes = after_second.writes() - after_first.writes();
     describe_pass(
         &mut text,
         "Second pass (nothing changed at the sources)",

@@ -160,6 +160,13 @@ pub struct RevKeenStats {
     pub single_requests: u64,
 }
 
+impl RevKeenStats {
+    /// Customers written (created or updated).
+    pub fn writes(&self) -> u64 {
+        self.created + self.updated
+    }
+}
+
 /// One API request as the simulator saw it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LoggedRequest {

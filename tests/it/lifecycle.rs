@@ -8,9 +8,7 @@
 use serde_json::{Value, json};
 use sync_daemon::sim::Faults;
 
-use crate::support::{
-    Harness, exit, expected_practicehub, seed_valid_clients, with_revkeen, writes,
-};
+use crate::support::{Harness, exit, expected_practicehub, seed_valid_clients, with_revkeen};
 
 /// The `metadata.source_status` RevKeen holds for a customer, or `None` if it has none.
 fn source_status(h: &Harness, source: &str, id: &str) -> Option<String> {
@@ -98,7 +96,7 @@ async fn deactivated_and_suspended_wodify_clients_are_updated_with_their_status(
     ));
     h.sims.revkeen.clear_log();
     h.once().await.assert_exit(exit::OK);
-    assert_eq!(writes(&h.sims.revkeen.stats()), 1);
+    assert_eq!(h.sims.revkeen.stats().writes(), 1);
     assert_eq!(
         source_status(&h, "wodify", &suspended.to_string()).as_deref(),
         Some("Active")

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::support::{
     Harness, assert_revkeen_holds, exit, expected_practicehub, expected_wodify, invalid_wodify,
-    seed_valid_clients, wait_until, with_source, writes,
+    seed_valid_clients, wait_until, with_source,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,15 +27,15 @@ async fn wodify_backfill_then_unchanged_then_exactly_the_changed_clients() {
     first.assert_exit(exit::REJECTED);
     let expected = expected_wodify(&h.sims.wodify);
     assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected);
-    assert_eq!(writes(&h.sims.revkeen.stats()), expected.len() as u64);
+    assert_eq!(h.sims.revkeen.stats().writes(), expected.len() as u64);
 
     // Nothing changed: nothing is sent at all.
     let before = h.sims.revkeen.stats();
     h.once().await.assert_exit(exit::REJECTED);
     let after = h.sims.revkeen.stats();
     assert_eq!(
-        writes(&after),
-        writes(&before),
+        after.writes(),
+        before.writes(),
         "an unchanged source must cost zero RevKeen writes"
     );
     assert_eq!(
@@ -58,7 +58,7 @@ async fn wodify_backfill_then_unchanged_then_exactly_the_changed_clients() {
     h.once().await.assert_exit(exit::REJECTED);
     let after = h.sims.revkeen.stats();
     assert_eq!(
-        writes(&after) - writes(&before),
+        after.writes() - before.writes(),
         5,
         "exactly the 5 changed clients are written"
     );
@@ -104,7 +104,7 @@ async fn practicehub_backfill_then_incremental_polls_write_only_changed_patients
     h.sims.practicehub.clear_log();
     let before = h.sims.revkeen.stats();
     h.once().await.assert_exit(exit::REJECTED);
-    assert_eq!(writes(&h.sims.revkeen.stats()), writes(&before));
+    assert_eq!(h.sims.revkeen.stats().writes(), before.writes());
     assert_eq!(h.sims.revkeen.stats().requests, before.requests);
     assert_incremental(&h, "second run");
 
@@ -123,7 +123,7 @@ async fn practicehub_backfill_then_incremental_polls_write_only_changed_patients
     let before = h.sims.revkeen.stats();
     h.once().await.assert_exit(exit::REJECTED);
     let after = h.sims.revkeen.stats();
-    assert_eq!(writes(&after) - writes(&before), 3);
+    assert_eq!(after.writes() - before.writes(), 3);
     assert_eq!(after.updated - before.updated, 3);
     assert_incremental(&h, "third run");
     let expected = expected_practicehub(&h.sims.practicehub);
@@ -323,7 +323,7 @@ async fn practicehub_ignoring_the_filter_costs_a_full_scan_but_no_writes() {
     let before = h.sims.revkeen.stats();
     h.once().await.assert_exit(exit::REJECTED);
     let after = h.sims.revkeen.stats();
-    assert_eq!(writes(&after) - writes(&before), 1);
+    assert_eq!(after.writes() - before.writes(), 1);
     assert_eq!(
         h.sims.practicehub.requests().len(),
         3,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use crate::support::{
-    Harness, Output, exit, expected_practicehub, names_source, polls_finished, replaced, writes,
+    Harness, Output, exit, expected_practicehub, names_source, polls_finished, replaced,
 };
 
 const WARNING: &str = "ignored the updated filter";
@@ -46,7 +46,7 @@ async fn both_once(normal: &Harness, ignoring: &Harness) -> [(Output, u64); 2] {
         h.sims.practicehub.clear_log();
         let out = h.once().await;
         out.assert_exit(exit::REJECTED);
-        results.push((out, writes(&h.sims.revkeen.stats())));
+        results.push((out, h.sims.revkeen.stats().writes()));
     }
     results.try_into().expect("two results")
 }

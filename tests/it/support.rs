@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sync_daemon::customer::normalize_email;
 use sync_daemon::sim::practicehub::PracticeHubSim;
-use sync_daemon::sim::revkeen::{RevKeenSim, RevKeenStats};
+use sync_daemon::sim::revkeen::RevKeenSim;
 use sync_daemon::sim::wodify::WodifySim;
 use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, SimPorts, SimSet, WODIFY_KEY};
 use sync_daemon::store::{Failure, Store};
@@ -501,11 +501,6 @@ pub fn assert_revkeen_holds(sim: &RevKeenSim, source: &str, expected: &BTreeMap<
         let _ = writeln!(report, "  {line}");
     }
     panic!("{report}");
-}
-
-/// Customers RevKeen wrote (created or updated).
-pub fn writes(stats: &RevKeenStats) -> u64 {
-    stats.created + stats.updated
 }
 
 // ---------------------------------------------------------------------------------------------
