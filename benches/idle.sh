@@ -82,15 +82,12 @@ sed -n '/^\[daemon\]/,$p' "$WORK/sim.out" |
 DAEMON_PID=$!
 wait_for "/healthz" 20 curl -fsS "http://127.0.0.1:$LISTEN/healthz"
 
-# The start-up backfill: both sources polled, outbox empty.
+# The start-up backfill: both sources' first poll finished ok (`status --json` has one
+# `"outcome": "ok"` per source) and the outbox is empty.
 backfilled() {
-  local metrics
-  metrics=$(curl -fsS "http://127.0.0.1:$LISTEN/metrics") || return 1
-  awk '
-    /^sync_daemon_fetched_total\{/ { fetched[$0 ~ /source="gym"/ ? "gym" : "clinic"] += $NF }
-    /^sync_daemon_queue_depth\{/   { depth += $NF; seen = 1 }
-    END { exit !(seen && depth == 0 && fetched["gym"] > 0 && fetched["clinic"] > 0) }
-  ' <<<"$metrics"
+  local status
+  status=$("$BIN" --config "$WORK/config.toml" status --json) || return 1
+  [[ $(grep -c '"outcome": "ok"' <<<"$status") -eq 2 ]] && grep -q '"outbox_depth": 0,' <<<"$status"
 }
 wait_for "the start-up backfill" 300 backfilled
 sleep 2 # let the last acknowledgements and log lines settle

@@ -13,9 +13,11 @@
 //! 5. Single vs batch upserts under row 1's limits.
 //!
 //! The daemon runs as a child process (the real binary, `--once`): its CPU time comes from
-//! `wait4`, its peak RSS from its own `VmHWM`, sampled while it runs. `SYNC_DAEMON_BENCH=smoke` runs every row at a tiny size (CI); the default
-//! is the full size. The table is printed and the same figures written as JSON to
-//! `SYNC_DAEMON_BENCH_OUT` (default `target/pipeline-bench.json`).
+//! `wait4`, its peak RSS from its own `VmHWM`, sampled while it runs. `SYNC_DAEMON_BENCH=smoke`
+//! runs every row at a tiny size (CI); the default is the full size. `SYNC_DAEMON_BENCH_ROWS`
+//! picks rows (e.g. `1,5`); rows 2–4 share one run at the large size, so any of them runs all
+//! three. The table is printed and the same figures written as JSON to `SYNC_DAEMON_BENCH_OUT`
+//! (default `target/pipeline-bench.json`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -289,7 +291,8 @@ async fn unthrottled(clients: usize) -> (Value, Value, u64) {
                 "revkeen_writes": after_r.writes() - before_r.writes(),
                 "revkeen_requests": after_r.requests - before_r.requests,
                 "source_requests": after_w.requests - before_w.requests,
-                "pages": clients.div_ceil(100),
+                // What the listing needs at 100 a page, to compare source_requests with.
+                "pages_in_listing": clients.div_ceil(100),
                 "elapsed_secs": round(run.elapsed.as_secs_f64(), 2),
                 "records_per_sec": round(clients as f64 / run.elapsed.as_secs_f64().max(0.001), 0),
                 "cpu_secs": round(run.cpu.as_secs_f64(), 2),
@@ -332,16 +335,21 @@ async fn bare_loop(sims: &SimSet, clients: usize) -> f64 {
     let http = reqwest::Client::new();
     let wodify = sims.wodify_server.url();
     let revkeen = sims.revkeen_server.url();
-    // Pre-built bodies: the work the daemon does per record (normalize, hash, store) is
+    // Pre-built bodies holding the very customers the daemon wrote, under another source so
+    // they are new to RevKeen: the work the daemon does per record (normalize, hash, store) is
     // exactly what the bare loop leaves out.
-    let bodies: Vec<Vec<u8>> = sims
-        .wodify
-        .clients()
+    let mut written = sims.revkeen.customers("wodify");
+    written.sort_by(|a, b| a.external_id.cmp(&b.external_id));
+    let bodies: Vec<Vec<u8>> = written
         .chunks(100)
         .map(|chunk| {
             let customers: Vec<Value> = chunk
                 .iter()
-                .map(|c| json!({"external_id": c["id"].to_string(), "email": format!("bare{}@example.com", c["id"])}))
+                .map(|c| {
+                    let mut item = c.fields.clone();
+                    item.insert("external_id".into(), json!(c.external_id));
+                    Value::Object(item)
+                })
                 .collect();
             serde_json::to_vec(&json!({"source": "bare", "customers": customers})).expect("json")
         })
@@ -365,6 +373,7 @@ async fn bare_loop(sims: &SimSet, clients: usize) -> f64 {
                         .body(body)
                         .send()
                         .await
+                        .and_then(reqwest::Response::error_for_status)
                         .expect("bare PUT");
                     let _ = response.bytes().await;
                     drop(permit);
@@ -383,6 +392,7 @@ async fn bare_loop(sims: &SimSet, clients: usize) -> f64 {
             .header("x-api-key", WODIFY_KEY)
             .send()
             .await
+            .and_then(reqwest::Response::error_for_status)
             .expect("bare GET")
             .json()
             .await
@@ -456,7 +466,8 @@ async fn run_once(config: &Path) -> ChildRun {
     let config = config.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        // Reaped by wait4 below, which also returns the child's own CPU time and peak RSS.
+        // Reaped by wait4 below, which also returns the child's own CPU time (its peak RSS comes
+        // from VmHWM: see below).
         #[allow(clippy::zombie_processes)]
         let child = Command::new(env!("CARGO_BIN_EXE_sync-daemon"))
             .arg("--config")

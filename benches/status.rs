@@ -318,7 +318,12 @@ fn ms(d: Duration) -> f64 {
 fn row(label: &str, times: &[Duration]) {
     let mut sorted = times.to_vec();
     sorted.sort();
-    let median = sorted[sorted.len() / 2];
+    let middle = sorted.len() / 2;
+    let median = if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2
+    } else {
+        sorted[middle]
+    };
     println!(
         "{label:<44} {:>6.1}ms {:>6.1}ms {:>6.1}ms",
         ms(sorted[0]),
