@@ -1218,8 +1218,7 @@ async fn a_listen_address_in_use_is_a_configuration_error() {
         &h.config_for("gym"),
         &format!("listen = \"{addr}\""),
     ));
-    let mut command = h.command(&[]);
-    command.kill_on_drop(true);
+    let command = h.command(&[]);
     let out = tokio::time::timeout(Duration::from_secs(20), run_command(command))
         .await
         .expect("a daemon that cannot listen exits instead of running");

@@ -676,7 +676,7 @@ async fn status_shows_the_next_scheduled_poll_while_the_daemon_runs() {
     h.unlimited();
     seed_valid_clients(&h.sims.wodify, 40, 3);
     seed_valid_patients(&h.sims.practicehub, 10, 3);
-    let (daemon, _addr) = h.spawn_daemon_piped().await;
+    let daemon = h.start_daemon(&h.base_config()).await;
     let revkeen = h.sims.revkeen.clone();
     wait_until("the first polls delivered", Duration::from_secs(30), || {
         revkeen.customers("wodify").len() == 40 && revkeen.customers("practicehub").len() == 10
@@ -719,7 +719,7 @@ async fn status_shows_the_next_scheduled_poll_while_the_daemon_runs() {
     alive.assert_exit(exit::OK);
     assert_eq!(alive.stdout.trim(), "alive");
 
-    daemon.terminate().await.assert_exit(exit::OK);
+    daemon.stop().await.assert_exit(exit::OK);
     h.run(&["healthcheck"]).await.assert_exit(1);
     let status = json_of(&h.run(&["status", "--json"]).await);
     assert_eq!(status["running"], false);

@@ -79,7 +79,7 @@ impl Output {
     }
 }
 
-/// A running `--once` started with [`Harness::spawn`].
+/// A running `--once` started with [`Harness::spawn_once`].
 pub struct Running {
     child: Child,
     started: Instant,
@@ -546,14 +546,6 @@ pub struct Daemon {
     secrets: Vec<String>,
 }
 
-/// A loopback port nothing listens on right now (bound to port 0, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind a loopback port")
-        .port()
-}
-
 impl Harness {
     /// Writes `toml` with `daemon.listen` set to a free loopback port and starts the daemon
     /// on it with the extra environment `env` (e.g. `RUST_LOG`). Returns at once; use
@@ -563,7 +555,7 @@ impl Harness {
             !toml.contains("\nlisten ="),
             "spawn_daemon sets daemon.listen itself"
         );
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let addr = free_listen_addr();
         self.write_config(&replaced(
             toml,
             "[daemon]\n",
@@ -817,67 +809,6 @@ pub fn yearly_schedules(toml: &str) -> String {
 pub fn with_daemon(toml: &str, line: &str) -> String {
     assert!(toml.contains("[daemon]\n"), "no [daemon] table");
     toml.replacen("[daemon]\n", &format!("[daemon]\n{line}\n"), 1)
-}
-
-impl Running {
-    /// The child's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the child has not been reaped")
-    }
-
-    /// Sends SIGTERM (a graceful stop) and waits for the process to exit.
-    pub async fn terminate(self) -> Output {
-        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
-        // SAFETY: kill(2) with a pid this test spawned and has not reaped yet.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0, "SIGTERM to sync-daemon {pid}");
-        self.finish().await
-    }
-}
-
-impl Harness {
-    /// Starts the daemon (no `--once`) with the current config plus a free `daemon.listen`
-    /// port, and waits until `/healthz` answers 200. Returns the child and the listen address.
-    pub async fn spawn_daemon_piped(&self) -> (Running, std::net::SocketAddr) {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let current = std::fs::read_to_string(&self.config).expect("read config");
-        self.write_config(&with_daemon(&current, &format!("listen = \"{addr}\"")));
-        let mut command = self.command(&[]);
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut running = Running {
-            started: Instant::now(),
-            child: command.spawn().expect("spawn sync-daemon"),
-            secrets: self.secrets(),
-        };
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = running.child.try_wait().expect("polling sync-daemon") {
-                let out = running.finish().await;
-                panic!(
-                    "the daemon exited ({status}) before /healthz answered\n{}",
-                    out.transcript()
-                );
-            }
-            let healthy = client
-                .get(format!("http://{addr}/healthz"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|response| response.status().is_success());
-            if healthy {
-                return (running, addr);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's /healthz on {addr} did not answer 200 within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
