@@ -31,8 +31,8 @@ use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     Harness, ServiceProcess, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
-    expected_wodify, free_listen_addr, invalid_wodify, name_at_revkeen, replaced, run_command,
-    seed_valid_clients, wait_until, with_daemon, with_revkeen,
+    expected_wodify, free_listen_addr, invalid_wodify, rename_client, replaced, run_command,
+    seed_valid_clients, wait_for_name, wait_until, with_daemon, with_revkeen,
 };
 
 const EVERY_SECOND: &str = "* * * * * *";
@@ -67,23 +67,6 @@ where
     }
 }
 
-/// How long `condition` took to hold (checked every 5 ms); fails after `timeout`.
-async fn time_until(
-    what: &str,
-    timeout: Duration,
-    mut condition: impl FnMut() -> bool,
-) -> Duration {
-    let started = Instant::now();
-    while !condition() {
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    started.elapsed()
-}
-
 /// Renames a delivered Wodify client at the source and waits until RevKeen holds the new name.
 async fn assert_a_change_reaches_revkeen(h: &Harness, last_name: &str) {
     let id = expected_wodify(&h.sims.wodify)
@@ -91,15 +74,8 @@ async fn assert_a_change_reaches_revkeen(h: &Harness, last_name: &str) {
         .next()
         .expect("client");
     let numeric: i64 = id.parse().expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(numeric, json!({ "last_name": last_name }))
-    );
-    wait_until("the change delivered", Duration::from_secs(10), || {
-        name_at_revkeen(h, "wodify", &id).is_some_and(|n| n.ends_with(last_name))
-    })
-    .await;
+    rename_client(&h.sims.wodify, numeric, last_name);
+    wait_for_name(h, "wodify", numeric, last_name, Duration::from_secs(10)).await;
 }
 
 fn delivered(h: &Harness, source: &str) -> usize {
@@ -133,20 +109,8 @@ async fn a_changed_record_reaches_revkeen_within_the_schedule_plus_two_seconds()
         .expect("id");
     for round in 0..3 {
         let last = format!("Moved{round}");
-        assert!(
-            h.sims
-                .wodify
-                .update_client(client, json!({"last_name": last}))
-        );
-        let took = time_until(
-            "the Wodify change at RevKeen",
-            Duration::from_secs(15),
-            || {
-                name_at_revkeen(&h, "wodify", &client.to_string())
-                    .is_some_and(|name| name.ends_with(&last))
-            },
-        )
-        .await;
+        rename_client(&h.sims.wodify, client, &last);
+        let took = wait_for_name(&h, "wodify", client, &last, Duration::from_secs(15)).await;
         assert!(
             took < Duration::from_secs(3),
             "round {round}: a Wodify change took {took:?} to reach RevKeen with a per-second \
@@ -158,15 +122,7 @@ async fn a_changed_record_reaches_revkeen_within_the_schedule_plus_two_seconds()
                 .practicehub
                 .update_patient(patient, json!({"last_name": last}))
         );
-        let took = time_until(
-            "the PracticeHub change at RevKeen",
-            Duration::from_secs(15),
-            || {
-                name_at_revkeen(&h, "practicehub", &patient.to_string())
-                    .is_some_and(|name| name.ends_with(&last))
-            },
-        )
-        .await;
+        let took = wait_for_name(&h, "practicehub", patient, &last, Duration::from_secs(15)).await;
         assert!(
             took < Duration::from_secs(3),
             "round {round}: a PracticeHub change took {took:?} to reach RevKeen with a \
@@ -238,11 +194,7 @@ async fn readyz_fails_during_an_auth_halt_polling_goes_on_and_a_fixed_key_loses_
         .map(|id| id.parse().expect("id"))
         .collect();
     for id in &ids[..5] {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(*id, json!({"last_name": "Halted"}))
-        );
+        rename_client(&h.sims.wodify, *id, "Halted");
     }
     let wrong = replaced(
         &good,
@@ -285,11 +237,7 @@ async fn readyz_fails_during_an_auth_halt_polling_goes_on_and_a_fixed_key_loses_
     let revkeen_requests = h.sims.revkeen.stats().requests;
     let wodify_requests = h.sims.wodify.stats().requests;
     for id in &ids[5..8] {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(*id, json!({"last_name": "HaltedLater"}))
-        );
+        rename_client(&h.sims.wodify, *id, "HaltedLater");
     }
     eventually(
         "the changes made during the halt to be queued",
@@ -1280,11 +1228,7 @@ async fn json_log_format_writes_only_json_lines() {
         .expect("client")
         .parse()
         .expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Jsonson"}))
-    );
+    rename_client(&h.sims.wodify, id, "Jsonson");
     let out = h.once().await;
     out.assert_exit(exit::OK);
     for line in out.stderr.lines().filter(|l| !l.trim().is_empty()) {

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sync_daemon::sim::REVKEEN_KEY;
-use sync_daemon::sim::practicehub::PracticeHubSim;
 use sync_daemon::sim::revkeen::Rejection;
 
 use crate::support::{
-    Harness, Output, exit, replaced, seed_valid_clients, wait_until, with_revkeen,
+    Harness, Output, exit, rename_client, replaced, seed_valid_clients, seed_valid_patients,
+    wait_until, with_revkeen,
 };
 
 /// A Wodify client with no email: rejected before sending.
@@ -52,17 +52,6 @@ fn rejections() -> Vec<Rejection> {
             field: Some("phone".to_string()),
         },
     ]
-}
-
-/// Seeds `count` patients, every one with a valid email and not deleted.
-fn seed_valid_patients(sim: &PracticeHubSim, count: usize, seed: u64) {
-    sim.seed(count, seed);
-    for mut patient in sim.patients() {
-        let id = patient["id"].as_i64().expect("seeded patients have ids");
-        patient["email"] = json!(format!("patient{id}@example.co.uk"));
-        patient["deleted"] = json!(false);
-        sim.put_patient(patient);
-    }
 }
 
 /// Both sources synced once with `batch_size`: 30 clients (two rejected, one refused by
@@ -111,11 +100,7 @@ fn wrong_key_config(h: &Harness) -> String {
 async fn halt_with_wrong_key(h: &Harness) -> String {
     let good = std::fs::read_to_string(&h.config).expect("read config");
     for id in CHANGED_CLIENTS {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(id, json!({"last_name": "Halvorsen"}))
-        );
+        rename_client(&h.sims.wodify, id, "Halvorsen");
     }
     h.write_config(&wrong_key_config(h));
     h.run(&["--once", "--source", "gym"])

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
-    BIN, Harness, Output, exit, free_listen_addr, replaced, run_command, seed_valid_clients,
+    BIN, Harness, Output, exit, free_listen_addr, rename_client, replaced, run_command,
+    seed_valid_clients,
 };
 
 /// The stderr line `check-config --connect` prints for `target` (`revkeen` or a source).
@@ -328,11 +329,7 @@ async fn dry_run_names_creates_updates_and_changed_fields_and_writes_nothing() {
     seed_valid_clients(&h.sims.wodify, 20, 8);
     h.once().await.assert_exit(exit::OK);
 
-    assert!(
-        h.sims
-            .wodify
-            .update_client(RENAMED, json!({"last_name": "Okafor-Smith"}))
-    );
+    rename_client(&h.sims.wodify, RENAMED, "Okafor-Smith");
     assert!(
         h.sims
             .wodify

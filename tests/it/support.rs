@@ -518,6 +518,27 @@ pub fn seed_valid_clients(sim: &WodifySim, count: usize, seed: u64) {
     assert!(invalid_wodify(sim).is_empty());
 }
 
+/// Seeds `count` PracticeHub patients, every one with a valid email and not deleted.
+pub fn seed_valid_patients(sim: &PracticeHubSim, count: usize, seed: u64) {
+    sim.seed(count, seed);
+    for mut patient in sim.patients() {
+        let id = patient["id"].as_i64().expect("seeded patients have ids");
+        patient["email"] = json!(format!("patient{id}@example.co.uk"));
+        patient["deleted"] = json!(false);
+        sim.put_patient(patient);
+    }
+}
+
+/// Gives Wodify client `id` the last name `last_name`; fails the test if Wodify has no such
+/// client.
+#[track_caller]
+pub fn rename_client(sim: &WodifySim, id: i64, last_name: &str) {
+    assert!(
+        sim.update_client(id, json!({ "last_name": last_name })),
+        "Wodify has no client {id} to rename to {last_name:?}"
+    );
+}
+
 /// Waits until `condition` holds, polling every 10 ms; fails the test after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -528,6 +549,70 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until RevKeen's name for `source` customer `id` ends with `suffix` (see
+/// [`name_at_revkeen`]); fails the test after `within`. Returns how long that took.
+pub async fn wait_for_name(
+    h: &Harness,
+    source: &str,
+    id: i64,
+    suffix: &str,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let external_id = id.to_string();
+    wait_until(
+        &format!("RevKeen's {source} {id} to be named …{suffix}"),
+        within,
+        || name_at_revkeen(h, source, &external_id).is_some_and(|name| name.ends_with(suffix)),
+    )
+    .await;
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run results.
+
+/// The number in the `--once` summary table at (`source` row, `column`).
+#[track_caller]
+pub fn summary_cell(out: &Output, source: &str, column: &str) -> u64 {
+    let mut lines = out
+        .stdout
+        .lines()
+        .skip_while(|line| !line.starts_with("SOURCE"));
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_else(|| panic!("no summary table\n{}", out.transcript()))
+        .split_whitespace()
+        .collect();
+    let index = header
+        .iter()
+        .position(|name| *name == column)
+        .unwrap_or_else(|| panic!("no {column} column in {header:?}"));
+    let row: Vec<&str> = lines
+        .find(|line| line.split_whitespace().next() == Some(source))
+        .unwrap_or_else(|| panic!("no {source} row\n{}", out.transcript()))
+        .split_whitespace()
+        .collect();
+    row[index].parse().expect("a count")
+}
+
+/// Every customer RevKeen holds for Wodify was written exactly once.
+#[track_caller]
+pub fn assert_written_once(h: &Harness) {
+    let rewritten: Vec<(String, u64)> = h
+        .sims
+        .revkeen
+        .customers("wodify")
+        .into_iter()
+        .filter(|c| c.writes != 1)
+        .map(|c| (c.external_id, c.writes))
+        .collect();
+    assert!(
+        rewritten.is_empty(),
+        "customers written more than once: {rewritten:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
