@@ -32,12 +32,10 @@ use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 use crate::support::{
     Harness, ServiceProcess, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
     expected_wodify, free_listen_addr, invalid_wodify, rename_client, replaced, run_command,
-    seed_valid_clients, wait_for_name, wait_until, with_daemon, with_revkeen,
+    seed_valid_clients, wait_for_name, wait_until, with_daemon, with_revkeen, yearly_schedules,
 };
 
 const EVERY_SECOND: &str = "* * * * * *";
-/// Midnight on 1 January: in a test, only the poll at start happens.
-const NEVER: &str = "0 0 0 1 1 *";
 
 /// `toml` with every source polling on `schedule`.
 fn scheduled(toml: &str, schedule: &str) -> String {
@@ -349,7 +347,7 @@ async fn metrics_are_prometheus_text_and_match_what_the_simulators_saw() {
         message: "this customer is blocked".into(),
         field: None,
     }]);
-    let toml = with_revkeen(&scheduled(&h.base_config(), NEVER), "batch_size = 10");
+    let toml = with_revkeen(&yearly_schedules(&h.base_config()), "batch_size = 10");
     let daemon = h.start_daemon(&toml).await;
     let d = &daemon;
     let (want_wodify, want_practicehub) = (wodify.len() - 1, practicehub.len());
@@ -483,7 +481,7 @@ async fn every_exported_metric_is_explained_in_the_readme() {
     let h = Harness::start().await;
     h.sims.wodify.seed(60, 40);
     h.sims.practicehub.seed(20, 40);
-    let daemon = h.start_daemon(&scheduled(&h.base_config(), NEVER)).await;
+    let daemon = h.start_daemon(&yearly_schedules(&h.base_config())).await;
     let d = &daemon;
     eventually(
         "a scrape after the first polls",
@@ -529,7 +527,7 @@ async fn every_exported_metric_is_explained_in_the_readme() {
 /// A gym config with `batch_size` and `drain_timeout_secs`, polling only at start.
 fn burst_config(h: &Harness, batch_size: usize, drain_secs: u64) -> String {
     let toml = with_revkeen(
-        &scheduled(&h.config_for("gym"), NEVER),
+        &yearly_schedules(&h.config_for("gym")),
         &format!("batch_size = {batch_size}"),
     );
     with_daemon(&toml, &format!("drain_timeout_secs = {drain_secs}"))

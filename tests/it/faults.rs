@@ -16,7 +16,7 @@ use sync_daemon::sim::Faults;
 
 use crate::support::{
     Harness, Output, assert_revkeen_holds, assert_written_once, exit, expected_wodify,
-    seed_valid_clients, wait_until, with_revkeen,
+    seed_valid_clients, wait_until, with_revkeen, with_source,
 };
 
 const CLIENTS: usize = 500;
@@ -264,10 +264,11 @@ async fn a_timed_out_write_still_in_progress_is_retried_until_replayed() {
 async fn wodify_down_exits_69_and_the_next_run_delivers_everything() {
     let h = gym(&[]).await;
     // Two attempts per page keep the test short (the default, 8, takes about a minute).
-    let config = h
-        .config_for("gym")
-        .replace("kind = \"wodify\"", "kind = \"wodify\"\nmax_attempts = 2");
-    h.write_config(&config);
+    h.write_config(&with_source(
+        &h.config_for("gym"),
+        "gym",
+        "max_attempts = 2",
+    ));
     h.sims.wodify.set_faults(Faults {
         error_rate: 1.0,
         ..Faults::default()

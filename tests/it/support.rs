@@ -323,6 +323,7 @@ fn secret_values(toml: &str) -> Vec<String> {
 // Config editing: tests start from `SimSet::config_toml` and change a few lines.
 
 /// `toml` with every `[[sources]]` block except the one named `name` removed.
+#[track_caller]
 pub fn only_source(toml: &str, name: &str) -> String {
     let mut parts = toml.split("[[sources]]");
     let mut out = parts.next().unwrap_or_default().to_string();
@@ -337,16 +338,25 @@ pub fn only_source(toml: &str, name: &str) -> String {
 }
 
 /// `toml` with `line` added to the `[revkeen]` table.
+#[track_caller]
 pub fn with_revkeen(toml: &str, line: &str) -> String {
     assert!(toml.contains("[revkeen]\n"), "no [revkeen] table");
     toml.replacen("[revkeen]\n", &format!("[revkeen]\n{line}\n"), 1)
 }
 
 /// `toml` with `line` added to the source named `name`.
+#[track_caller]
 pub fn with_source(toml: &str, name: &str, line: &str) -> String {
     let anchor = format!("name = \"{name}\"\n");
     assert!(toml.contains(&anchor), "no source named {name}");
     toml.replacen(&anchor, &format!("{anchor}{line}\n"), 1)
+}
+
+/// `toml` with `line` added to the `[daemon]` table.
+#[track_caller]
+pub fn with_daemon(toml: &str, line: &str) -> String {
+    assert!(toml.contains("[daemon]\n"), "no [daemon] table");
+    toml.replacen("[daemon]\n", &format!("[daemon]\n{line}\n"), 1)
 }
 
 /// `toml` with `from` replaced by `to`, which must be present.
@@ -885,15 +895,6 @@ pub fn yearly_schedules(toml: &str) -> String {
         }
     }
     out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Daemon mode.
-
-/// `toml` with `line` added to the `[daemon]` table.
-pub fn with_daemon(toml: &str, line: &str) -> String {
-    assert!(toml.contains("[daemon]\n"), "no [daemon] table");
-    toml.replacen("[daemon]\n", &format!("[daemon]\n{line}\n"), 1)
 }
 
 // ---------------------------------------------------------------------------------------------
