@@ -13,8 +13,7 @@
 //! conflict), and every customer is written exactly once.
 //!
 //! Rate limits: the daemon paces RevKeen at its configured rate, and with both sides at the
-//! same limit it should draw at most 1 % 429s (it does not yet: see the ignored test); Wodify
-//! at a matched limit sees no 429. Against a stricter RevKeen the daemon sends nothing inside
+//! same limit it should draw at most 1 % 429s; Wodify at a matched limit sees no 429. Against a stricter RevKeen the daemon sends nothing inside
 //! the `Retry-After` pause; against a stricter Wodify, whose 429s carry no `Retry-After`, it
 //! backs off instead of hammering; nothing is lost either way. With a slow RevKeen, exactly
 //! `concurrency` requests overlap and never more, and batches go out while the scan is still

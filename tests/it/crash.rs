@@ -305,8 +305,9 @@ async fn a_killed_practicehub_listing_resumes_from_its_next_link() {
             .is_some_and(|name| name.ends_with(&format!("Changed{late}")))
     );
 
-    // At the latest, the next run's incremental poll covers the change to a page read before
-    // the kill.
+    // After a further (incremental) run, RevKeen holds the change to a page read before the
+    // kill and every patient as the clinic does. (The next test requires the resumed run above
+    // to have delivered that change already.)
     h.once().await.assert_exit(exit::OK);
     assert!(
         name_at_revkeen(&h, "practicehub", &early.to_string())

@@ -938,11 +938,20 @@ async fn a_short_watchdog_is_fed_in_time_while_the_daemon_is_healthy() {
         notify.position("READY=1").is_some()
     })
     .await;
-    // Five seconds of a healthy, polling daemon.
+    // Five seconds of a healthy, polling daemon, and a few pings in them.
     let started = Instant::now();
-    wait_until("five seconds of pings", Duration::from_secs(20), || {
-        started.elapsed() > Duration::from_secs(5) && notify.lines().len() > 3
-    })
+    wait_until(
+        "five seconds and more than three WATCHDOG=1 pings",
+        Duration::from_secs(20),
+        || {
+            let pings = notify
+                .lines()
+                .iter()
+                .filter(|(_, l)| l == "WATCHDOG=1")
+                .count();
+            started.elapsed() > Duration::from_secs(5) && pings > 3
+        },
+    )
     .await;
     let out = daemon.stop().await;
     out.assert_exit(exit::OK);

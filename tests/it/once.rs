@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::support::{
     Harness, assert_revkeen_holds, exit, expected_practicehub, expected_wodify, invalid_wodify,
-    name_at_revkeen, rename_client, seed_valid_clients, summary_cell, wait_until, with_source,
+    name_at_revkeen, rename_client, seed_valid_clients, state_bytes, summary_cell, wait_until,
+    with_source,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,14 +394,7 @@ async fn no_clinical_data_leaves_the_clinic_or_reaches_the_state_file() {
             );
         }
     }
-    let mut stored = Vec::new();
-    for entry in std::fs::read_dir(h.dir()).expect("temp dir") {
-        let path = entry.expect("entry").path();
-        if path.to_string_lossy().contains("state.db") {
-            stored.extend(std::fs::read(&path).expect("read state file"));
-        }
-    }
-    let stored = String::from_utf8_lossy(&stored);
+    let stored = state_bytes(&h.state);
     for fragment in ["back pain", "latex", "amlodipine", "Pregnant", "ACL"] {
         assert!(
             !stored.contains(fragment),

@@ -441,7 +441,7 @@ async fn a_config_pointing_a_patient_field_at_phi_is_refused() {
     assert_eq!(h.sims.revkeen.stats().requests, 0);
     assert!(!h.state.exists());
 
-    // A billing-safe override is accepted and used.
+    // A billing-safe override is accepted.
     let toml = format!(
         "{}\n[sources.fields]\nphone = \"home_phone\"\n",
         h.config_for("clinic")
