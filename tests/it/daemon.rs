@@ -551,9 +551,7 @@ async fn rerun_delivers_everything(h: &Harness) {
         "the rerun should leave nothing failed:\n{}",
         out.transcript()
     );
-    let status = h.run(&["status", "--json"]).await;
-    status.assert_exit(exit::OK);
-    let status: Value = serde_json::from_str(&status.stdout).expect("status --json");
+    let status = h.status_json().await;
     assert_eq!(status["outbox_depth"], json!(0), "{status:#}");
     assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected_wodify(&h.sims.wodify));
     assert_eq!(

@@ -88,9 +88,7 @@ async fn start_with_env(
 async fn wait_drained(h: &Harness) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = h.run(&["status", "--json"]).await;
-        out.assert_exit(exit::OK);
-        let report: Value = serde_json::from_str(&out.stdout).expect("status --json is JSON");
+        let report = h.status_json().await;
         if report["outbox_depth"] == 0 {
             return;
         }

@@ -246,6 +246,19 @@ impl Harness {
         }
     }
 
+    /// `status --json`, parsed; fails the test, showing the run's output, unless it exits 0
+    /// and prints JSON.
+    pub async fn status_json(&self) -> Value {
+        let out = self.run(&["status", "--json"]).await;
+        out.assert_exit(exit::OK);
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`status --json` printed no JSON ({e})\n{}",
+                out.transcript()
+            )
+        })
+    }
+
     /// Every open failure in the state file, read through a read-only handle.
     pub fn failures(&self) -> Vec<Failure> {
         Store::open_read_only(&self.state)
