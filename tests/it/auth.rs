@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::support::{
     Harness, assert_revkeen_holds, exit, expected_practicehub, expected_wodify, replaced,
-    seed_valid_clients,
+    seed_valid_clients, with_daemon,
 };
 use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
@@ -164,10 +164,9 @@ async fn keys_stay_out_of_trace_logs_in_text_and_json() {
     // verbose as they get, on the success path and on the refused-key path.
     for format in ["text", "json"] {
         let h = Harness::start().await;
-        let config = replaced(
+        let config = with_daemon(
             &h.base_config(),
-            "[daemon]\n",
-            &format!("[daemon]\nlog_level = \"trace\"\nlog_format = \"{format}\"\n"),
+            &format!("log_level = \"trace\"\nlog_format = \"{format}\""),
         );
         h.write_config(&config);
         h.sims.wodify.seed(120, 9);

@@ -13,8 +13,7 @@
 //! conflict), and every customer is written exactly once.
 //!
 //! Rate limits: the daemon paces RevKeen at its configured rate, and with both sides at the
-//! same limit it should draw at most 1 % 429s (it does not yet: see the ignored test); Wodify
-//! at a matched limit sees no 429. Against a stricter RevKeen the daemon sends nothing inside
+//! same limit it should draw at most 1 % 429s; Wodify at a matched limit sees no 429. Against a stricter RevKeen the daemon sends nothing inside
 //! the `Retry-After` pause; against a stricter Wodify, whose 429s carry no `Retry-After`, it
 //! backs off instead of hammering; nothing is lost either way. With a slow RevKeen, exactly
 //! `concurrency` requests overlap and never more, and batches go out while the scan is still
@@ -34,8 +33,8 @@ use sync_daemon::sim::wodify::generate_client;
 use sync_daemon::store::FailureKind;
 
 use crate::support::{
-    Harness, Output, assert_revkeen_holds, exit, expected_wodify, seed_valid_clients, wait_until,
-    with_revkeen, with_source,
+    Harness, assert_revkeen_holds, assert_written_once, exit, expected_wodify, rename_client,
+    seed_valid_clients, summary_cell, wait_until, with_revkeen, with_source,
 };
 
 const BATCH_PATH: &str = "/customers/external/batch";
@@ -87,47 +86,6 @@ fn batch_ids(request: &LoggedRequest) -> Vec<String> {
                 .to_string()
         })
         .collect()
-}
-
-/// The number in the `--once` summary table at (`source` row, `column`).
-#[track_caller]
-fn summary_cell(out: &Output, source: &str, column: &str) -> u64 {
-    let mut lines = out
-        .stdout
-        .lines()
-        .skip_while(|line| !line.starts_with("SOURCE"));
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or_else(|| panic!("no summary table\n{}", out.transcript()))
-        .split_whitespace()
-        .collect();
-    let index = header
-        .iter()
-        .position(|name| *name == column)
-        .unwrap_or_else(|| panic!("no {column} column in {header:?}"));
-    let row: Vec<&str> = lines
-        .find(|line| line.split_whitespace().next() == Some(source))
-        .unwrap_or_else(|| panic!("no {source} row\n{}", out.transcript()))
-        .split_whitespace()
-        .collect();
-    row[index].parse().expect("a count")
-}
-
-/// Every customer RevKeen holds for Wodify was written exactly once.
-#[track_caller]
-fn assert_written_once(h: &Harness) {
-    let rewritten: Vec<(String, u64)> = h
-        .sims
-        .revkeen
-        .customers("wodify")
-        .into_iter()
-        .filter(|c| c.writes != 1)
-        .map(|c| (c.external_id, c.writes))
-        .collect();
-    assert!(
-        rewritten.is_empty(),
-        "customers written more than once: {rewritten:?}"
-    );
 }
 
 /// Adds clients 9 and 100000, whose ids sort differently as strings than as numbers.
@@ -430,11 +388,7 @@ async fn a_batch_refused_as_a_whole_is_split_and_only_the_bad_customer_is_a_dead
     // again, as a single.
     let h = gym(250, 23, &[], &[]).await;
     let bad = "10042";
-    assert!(
-        h.sims
-            .wodify
-            .update_client(10_042, json!({ "last_name": "x".repeat(11 << 20) }))
-    );
+    rename_client(&h.sims.wodify, 10_042, &"x".repeat(11 << 20));
 
     let out = h.once().await;
     out.assert_exit(exit::REJECTED);
@@ -500,11 +454,7 @@ async fn a_batch_over_revkeens_body_limit_is_split_and_every_customer_delivered(
     let h = gym(150, 31, &[], &[]).await;
     for id in [10_010, 10_060] {
         let name = "x".repeat((5 << 20) + (64 << 10));
-        assert!(
-            h.sims
-                .wodify
-                .update_client(id, json!({ "last_name": name }))
-        );
+        rename_client(&h.sims.wodify, id, &name);
     }
     let out = h.once().await;
     out.assert_exit(exit::OK);

@@ -31,13 +31,11 @@ use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     Harness, ServiceProcess, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
-    expected_wodify, free_listen_addr, invalid_wodify, name_at_revkeen, replaced, run_command,
-    seed_valid_clients, wait_until, with_daemon, with_revkeen,
+    expected_wodify, free_listen_addr, invalid_wodify, rename_client, replaced, run_command,
+    seed_valid_clients, wait_for_name, wait_until, with_daemon, with_revkeen, yearly_schedules,
 };
 
 const EVERY_SECOND: &str = "* * * * * *";
-/// Midnight on 1 January: in a test, only the poll at start happens.
-const NEVER: &str = "0 0 0 1 1 *";
 
 /// `toml` with every source polling on `schedule`.
 fn scheduled(toml: &str, schedule: &str) -> String {
@@ -67,23 +65,6 @@ where
     }
 }
 
-/// How long `condition` took to hold (checked every 5 ms); fails after `timeout`.
-async fn time_until(
-    what: &str,
-    timeout: Duration,
-    mut condition: impl FnMut() -> bool,
-) -> Duration {
-    let started = Instant::now();
-    while !condition() {
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    started.elapsed()
-}
-
 /// Renames a delivered Wodify client at the source and waits until RevKeen holds the new name.
 async fn assert_a_change_reaches_revkeen(h: &Harness, last_name: &str) {
     let id = expected_wodify(&h.sims.wodify)
@@ -91,15 +72,8 @@ async fn assert_a_change_reaches_revkeen(h: &Harness, last_name: &str) {
         .next()
         .expect("client");
     let numeric: i64 = id.parse().expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(numeric, json!({ "last_name": last_name }))
-    );
-    wait_until("the change delivered", Duration::from_secs(10), || {
-        name_at_revkeen(h, "wodify", &id).is_some_and(|n| n.ends_with(last_name))
-    })
-    .await;
+    rename_client(&h.sims.wodify, numeric, last_name);
+    wait_for_name(h, "wodify", numeric, last_name, Duration::from_secs(10)).await;
 }
 
 fn delivered(h: &Harness, source: &str) -> usize {
@@ -133,20 +107,8 @@ async fn a_changed_record_reaches_revkeen_within_the_schedule_plus_two_seconds()
         .expect("id");
     for round in 0..3 {
         let last = format!("Moved{round}");
-        assert!(
-            h.sims
-                .wodify
-                .update_client(client, json!({"last_name": last}))
-        );
-        let took = time_until(
-            "the Wodify change at RevKeen",
-            Duration::from_secs(15),
-            || {
-                name_at_revkeen(&h, "wodify", &client.to_string())
-                    .is_some_and(|name| name.ends_with(&last))
-            },
-        )
-        .await;
+        rename_client(&h.sims.wodify, client, &last);
+        let took = wait_for_name(&h, "wodify", client, &last, Duration::from_secs(15)).await;
         assert!(
             took < Duration::from_secs(3),
             "round {round}: a Wodify change took {took:?} to reach RevKeen with a per-second \
@@ -158,15 +120,7 @@ async fn a_changed_record_reaches_revkeen_within_the_schedule_plus_two_seconds()
                 .practicehub
                 .update_patient(patient, json!({"last_name": last}))
         );
-        let took = time_until(
-            "the PracticeHub change at RevKeen",
-            Duration::from_secs(15),
-            || {
-                name_at_revkeen(&h, "practicehub", &patient.to_string())
-                    .is_some_and(|name| name.ends_with(&last))
-            },
-        )
-        .await;
+        let took = wait_for_name(&h, "practicehub", patient, &last, Duration::from_secs(15)).await;
         assert!(
             took < Duration::from_secs(3),
             "round {round}: a PracticeHub change took {took:?} to reach RevKeen with a \
@@ -238,11 +192,7 @@ async fn readyz_fails_during_an_auth_halt_polling_goes_on_and_a_fixed_key_loses_
         .map(|id| id.parse().expect("id"))
         .collect();
     for id in &ids[..5] {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(*id, json!({"last_name": "Halted"}))
-        );
+        rename_client(&h.sims.wodify, *id, "Halted");
     }
     let wrong = replaced(
         &good,
@@ -285,11 +235,7 @@ async fn readyz_fails_during_an_auth_halt_polling_goes_on_and_a_fixed_key_loses_
     let revkeen_requests = h.sims.revkeen.stats().requests;
     let wodify_requests = h.sims.wodify.stats().requests;
     for id in &ids[5..8] {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(*id, json!({"last_name": "HaltedLater"}))
-        );
+        rename_client(&h.sims.wodify, *id, "HaltedLater");
     }
     eventually(
         "the changes made during the halt to be queued",
@@ -401,7 +347,7 @@ async fn metrics_are_prometheus_text_and_match_what_the_simulators_saw() {
         message: "this customer is blocked".into(),
         field: None,
     }]);
-    let toml = with_revkeen(&scheduled(&h.base_config(), NEVER), "batch_size = 10");
+    let toml = with_revkeen(&yearly_schedules(&h.base_config()), "batch_size = 10");
     let daemon = h.start_daemon(&toml).await;
     let d = &daemon;
     let (want_wodify, want_practicehub) = (wodify.len() - 1, practicehub.len());
@@ -535,7 +481,7 @@ async fn every_exported_metric_is_explained_in_the_readme() {
     let h = Harness::start().await;
     h.sims.wodify.seed(60, 40);
     h.sims.practicehub.seed(20, 40);
-    let daemon = h.start_daemon(&scheduled(&h.base_config(), NEVER)).await;
+    let daemon = h.start_daemon(&yearly_schedules(&h.base_config())).await;
     let d = &daemon;
     eventually(
         "a scrape after the first polls",
@@ -581,7 +527,7 @@ async fn every_exported_metric_is_explained_in_the_readme() {
 /// A gym config with `batch_size` and `drain_timeout_secs`, polling only at start.
 fn burst_config(h: &Harness, batch_size: usize, drain_secs: u64) -> String {
     let toml = with_revkeen(
-        &scheduled(&h.config_for("gym"), NEVER),
+        &yearly_schedules(&h.config_for("gym")),
         &format!("batch_size = {batch_size}"),
     );
     with_daemon(&toml, &format!("drain_timeout_secs = {drain_secs}"))
@@ -605,9 +551,7 @@ async fn rerun_delivers_everything(h: &Harness) {
         "the rerun should leave nothing failed:\n{}",
         out.transcript()
     );
-    let status = h.run(&["status", "--json"]).await;
-    status.assert_exit(exit::OK);
-    let status: Value = serde_json::from_str(&status.stdout).expect("status --json");
+    let status = h.status_json().await;
     assert_eq!(status["outbox_depth"], json!(0), "{status:#}");
     assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected_wodify(&h.sims.wodify));
     assert_eq!(
@@ -992,11 +936,20 @@ async fn a_short_watchdog_is_fed_in_time_while_the_daemon_is_healthy() {
         notify.position("READY=1").is_some()
     })
     .await;
-    // Five seconds of a healthy, polling daemon.
+    // Five seconds of a healthy, polling daemon, and a few pings in them.
     let started = Instant::now();
-    wait_until("five seconds of pings", Duration::from_secs(20), || {
-        started.elapsed() > Duration::from_secs(5) && notify.lines().len() > 3
-    })
+    wait_until(
+        "five seconds and more than three WATCHDOG=1 pings",
+        Duration::from_secs(20),
+        || {
+            let pings = notify
+                .lines()
+                .iter()
+                .filter(|(_, l)| l == "WATCHDOG=1")
+                .count();
+            started.elapsed() > Duration::from_secs(5) && pings > 3
+        },
+    )
     .await;
     let out = daemon.stop().await;
     out.assert_exit(exit::OK);
@@ -1218,8 +1171,7 @@ async fn a_listen_address_in_use_is_a_configuration_error() {
         &h.config_for("gym"),
         &format!("listen = \"{addr}\""),
     ));
-    let mut command = h.command(&[]);
-    command.kill_on_drop(true);
+    let command = h.command(&[]);
     let out = tokio::time::timeout(Duration::from_secs(20), run_command(command))
         .await
         .expect("a daemon that cannot listen exits instead of running");
@@ -1281,11 +1233,7 @@ async fn json_log_format_writes_only_json_lines() {
         .expect("client")
         .parse()
         .expect("id");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Jsonson"}))
-    );
+    rename_client(&h.sims.wodify, id, "Jsonson");
     let out = h.once().await;
     out.assert_exit(exit::OK);
     for line in out.stderr.lines().filter(|l| !l.trim().is_empty()) {

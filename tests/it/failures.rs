@@ -9,7 +9,8 @@ use sync_daemon::sim::revkeen::Rejection;
 use sync_daemon::store::FailureKind;
 
 use crate::support::{
-    Harness, assert_revkeen_holds, exit, expected_wodify, seed_valid_clients, with_revkeen,
+    Harness, assert_revkeen_holds, exit, expected_wodify, seed_valid_clients, seed_valid_patients,
+    with_revkeen,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,14 +183,7 @@ async fn failures_command_lists_what_the_summary_points_to() {
 async fn a_rejected_patient_deleted_at_the_clinic_is_no_longer_a_failure() {
     let h = Harness::start().await;
     h.write_config(&h.config_for("clinic"));
-    h.sims.practicehub.seed(40, 61);
-    for patient in h.sims.practicehub.patients() {
-        let id = patient["id"].as_i64().expect("id");
-        let mut patient = patient;
-        patient["email"] = json!(format!("patient{id}@example.co.uk"));
-        patient["deleted"] = json!(false);
-        h.sims.practicehub.put_patient(patient);
-    }
+    seed_valid_patients(&h.sims.practicehub, 40, 61);
     assert!(h.sims.practicehub.update_patient(7, json!({"email": null})));
     h.once().await.assert_exit(exit::REJECTED);
     assert_eq!(h.failures().len(), 1, "{:?}", h.failures());

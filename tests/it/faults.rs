@@ -15,8 +15,8 @@ use std::time::Duration;
 use sync_daemon::sim::Faults;
 
 use crate::support::{
-    Harness, Output, assert_revkeen_holds, exit, expected_wodify, seed_valid_clients, wait_until,
-    with_revkeen,
+    Harness, Output, assert_revkeen_holds, assert_written_once, exit, expected_wodify,
+    seed_valid_clients, wait_until, with_revkeen, with_source,
 };
 
 const CLIENTS: usize = 500;
@@ -182,18 +182,7 @@ async fn revkeen_dropped_connections_are_replayed_not_rewritten() {
         stats.replayed >= 1,
         "a write whose answer was lost is retried with its key and replayed: {stats:?}"
     );
-    let rewritten: Vec<(String, u64)> = h
-        .sims
-        .revkeen
-        .customers("wodify")
-        .into_iter()
-        .filter(|c| c.writes != 1)
-        .map(|c| (c.external_id, c.writes))
-        .collect();
-    assert!(
-        rewritten.is_empty(),
-        "customers written more than once: {rewritten:?}"
-    );
+    assert_written_once(&h);
     assert_eq!(stats.created, CLIENTS as u64);
     assert_eq!(stats.updated, 0);
 }
@@ -268,24 +257,18 @@ async fn a_timed_out_write_still_in_progress_is_retried_until_replayed() {
     let stats = h.sims.revkeen.stats();
     assert!(stats.in_progress >= 1, "{stats:?}");
     assert!(stats.replayed >= 1, "{stats:?}");
-    let rewritten = h
-        .sims
-        .revkeen
-        .customers("wodify")
-        .into_iter()
-        .filter(|c| c.writes != 1)
-        .count();
-    assert_eq!(rewritten, 0, "customers written more than once");
+    assert_written_once(&h);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wodify_down_exits_69_and_the_next_run_delivers_everything() {
     let h = gym(&[]).await;
     // Two attempts per page keep the test short (the default, 8, takes about a minute).
-    let config = h
-        .config_for("gym")
-        .replace("kind = \"wodify\"", "kind = \"wodify\"\nmax_attempts = 2");
-    h.write_config(&config);
+    h.write_config(&with_source(
+        &h.config_for("gym"),
+        "gym",
+        "max_attempts = 2",
+    ));
     h.sims.wodify.set_faults(Faults {
         error_rate: 1.0,
         ..Faults::default()

@@ -271,9 +271,7 @@ async fn a_patient_deleted_while_its_create_waited_in_the_outbox_is_never_create
 
 /// `status --json`'s `vanished` for `source`.
 async fn vanished(h: &Harness, source: &str) -> u64 {
-    let out = h.run(&["status", "--json"]).await;
-    out.assert_exit(exit::OK);
-    let report: Value = serde_json::from_str(&out.stdout).expect("status --json is JSON");
+    let report = h.status_json().await;
     report["sources"]
         .as_array()
         .and_then(|sources| sources.iter().find(|s| s["name"] == source))

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::support::{
     Harness, assert_revkeen_holds, exit, expected_practicehub, expected_wodify, invalid_wodify,
-    seed_valid_clients, wait_until, with_source,
+    name_at_revkeen, rename_client, seed_valid_clients, state_bytes, summary_cell, wait_until,
+    with_source,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,11 +49,7 @@ async fn wodify_backfill_then_unchanged_then_exactly_the_changed_clients() {
     assert_eq!(changed.len(), 5);
     for (n, id) in changed.iter().enumerate() {
         let id: i64 = id.parse().expect("numeric id");
-        assert!(
-            h.sims
-                .wodify
-                .update_client(id, json!({"last_name": format!("Renamed{n}")}))
-        );
+        rename_client(&h.sims.wodify, id, &format!("Renamed{n}"));
     }
     let before = h.sims.revkeen.stats();
     h.once().await.assert_exit(exit::REJECTED);
@@ -197,22 +194,17 @@ async fn a_record_that_changes_back_is_written_back() {
     changed["last_name"] = json!("Beta");
     h.sims.wodify.put_client(changed);
     h.once().await.assert_exit(exit::OK);
-    let name = |h: &Harness| {
-        h.sims
-            .revkeen
-            .customer("wodify", &id.to_string())
-            .expect("delivered")
-            .fields["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    assert!(name(&h).ends_with(" Beta"), "{}", name(&h));
+    let name = |h: &Harness| name_at_revkeen(h, "wodify", &id.to_string());
+    assert!(
+        name(&h).is_some_and(|name| name.ends_with(" Beta")),
+        "{:?}",
+        name(&h)
+    );
 
     h.sims.wodify.put_client(original);
     h.once().await.assert_exit(exit::OK);
     assert!(
-        name(&h).ends_with(" Alpha"),
+        name(&h).is_some_and(|name| name.ends_with(" Alpha")),
         "after A → B → A RevKeen must hold A again, holds {:?}",
         name(&h)
     );
@@ -281,15 +273,9 @@ async fn newer_data_at_revkeen_is_kept_and_counts_as_delivered() {
     assert!(h.sims.revkeen.stats().stale >= 1);
     let customer = h.sims.revkeen.customer("wodify", id).expect("exists");
     assert_eq!(customer.fields["name"], "Newer Name");
-    // The summary table: SOURCE FETCHED QUEUED UNCHANGED REJECTED SENT CREATED UPDATED STALE DEAD.
-    let stale = out
-        .stdout
-        .lines()
-        .find(|line| line.starts_with("gym "))
-        .and_then(|line| line.split_whitespace().nth(8).map(str::to_string));
     assert_eq!(
-        stale.as_deref(),
-        Some("1"),
+        summary_cell(&out, "gym", "STALE"),
+        1,
         "the summary counts the stale answer:\n{}",
         out.transcript()
     );
@@ -408,14 +394,7 @@ async fn no_clinical_data_leaves_the_clinic_or_reaches_the_state_file() {
             );
         }
     }
-    let mut stored = Vec::new();
-    for entry in std::fs::read_dir(h.dir()).expect("temp dir") {
-        let path = entry.expect("entry").path();
-        if path.to_string_lossy().contains("state.db") {
-            stored.extend(std::fs::read(&path).expect("read state file"));
-        }
-    }
-    let stored = String::from_utf8_lossy(&stored);
+    let stored = state_bytes(&h.state);
     for fragment in ["back pain", "latex", "amlodipine", "Pregnant", "ACL"] {
         assert!(
             !stored.contains(fragment),

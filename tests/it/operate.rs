@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sync_daemon::sim::REVKEEN_KEY;
-use sync_daemon::sim::practicehub::PracticeHubSim;
 use sync_daemon::sim::revkeen::Rejection;
 
 use crate::support::{
-    Harness, Output, exit, replaced, seed_valid_clients, wait_until, with_revkeen,
+    Harness, Output, exit, rename_client, replaced, seed_valid_clients, seed_valid_patients,
+    wait_until, with_revkeen,
 };
 
 /// A Wodify client with no email: rejected before sending.
@@ -52,17 +52,6 @@ fn rejections() -> Vec<Rejection> {
             field: Some("phone".to_string()),
         },
     ]
-}
-
-/// Seeds `count` patients, every one with a valid email and not deleted.
-fn seed_valid_patients(sim: &PracticeHubSim, count: usize, seed: u64) {
-    sim.seed(count, seed);
-    for mut patient in sim.patients() {
-        let id = patient["id"].as_i64().expect("seeded patients have ids");
-        patient["email"] = json!(format!("patient{id}@example.co.uk"));
-        patient["deleted"] = json!(false);
-        sim.put_patient(patient);
-    }
 }
 
 /// Both sources synced once with `batch_size`: 30 clients (two rejected, one refused by
@@ -111,11 +100,7 @@ fn wrong_key_config(h: &Harness) -> String {
 async fn halt_with_wrong_key(h: &Harness) -> String {
     let good = std::fs::read_to_string(&h.config).expect("read config");
     for id in CHANGED_CLIENTS {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(id, json!({"last_name": "Halvorsen"}))
-        );
+        rename_client(&h.sims.wodify, id, "Halvorsen");
     }
     h.write_config(&wrong_key_config(h));
     h.run(&["--once", "--source", "gym"])
@@ -285,9 +270,7 @@ async fn status_and_failures_describe_rejections_dead_letters_and_an_auth_halt()
 
     let human = h.run(&["status"]).await;
     human.assert_exit(exit::OK);
-    let json = h.run(&["status", "--json"]).await;
-    json.assert_exit(exit::OK);
-    let status = json_of(&json);
+    let status = h.status_json().await;
     assert_halted_status(&status);
     for expected in [
         "no sync-daemon process running",
@@ -352,7 +335,7 @@ async fn refusals_inside_batches_read_the_same_as_single_upserts() {
     halt_with_wrong_key(&h).await;
 
     let human = h.run(&["status"]).await;
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_halted_status(&status);
     let failures_human = h.run(&["failures"]).await;
     let failures = json_of(&h.run(&["failures", "--json"]).await);
@@ -439,15 +422,12 @@ async fn replay_is_refused_while_revkeen_refuses_the_key() {
         before,
         "a refused replay changed the failures"
     );
-    assert_eq!(
-        json_of(&h.run(&["status", "--json"]).await)["outbox_depth"],
-        2
-    );
+    assert_eq!(h.status_json().await["outbox_depth"], 2);
 
     // A run with the fixed key clears the halt; then replay is allowed.
     h.write_config(&good);
     h.once().await.assert_exit(exit::REJECTED);
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(status["auth_halts"], json!([]), "{status:#}");
     h.run(&["replay", "--all"]).await.assert_exit(exit::OK);
 }
@@ -504,7 +484,7 @@ async fn replay_then_once_delivers_dead_letters_once_revkeen_accepts_them() {
         "{}",
         out.transcript()
     );
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(status["outbox_depth"], 2, "{status:#}");
     assert_eq!(status["dead_letters"], 0, "{status:#}");
     let listed = json_of(&h.run(&["failures", "--json"]).await);
@@ -557,7 +537,7 @@ async fn replay_then_once_delivers_dead_letters_once_revkeen_accepts_them() {
         .trim()
         .to_lowercase();
     assert_eq!(client.fields["email"], source_email.as_str());
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(
         (
             status["outbox_depth"].as_u64(),
@@ -624,7 +604,7 @@ async fn status_reads_while_once_holds_the_state_file() {
     assert!(human.stdout.contains("running"), "{}", human.stdout);
 
     running.finish().await.assert_exit(exit::OK);
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(status["running"], false);
     assert_eq!(source(&status, "gym")["last_poll"]["outcome"], "ok");
     assert_eq!(source(&status, "gym")["delivered"]["created"], 500);
@@ -639,7 +619,7 @@ async fn status_shows_no_next_poll_while_a_once_runs() {
         wodify.stats().requests >= 2
     })
     .await;
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     running.finish().await.assert_exit(exit::OK);
     assert_eq!(status["running"], true);
     assert!(
@@ -659,7 +639,7 @@ async fn status_counts_what_a_running_poll_has_fetched_so_far() {
         || wodify.stats().requests >= 3,
     )
     .await;
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     running.finish().await.assert_exit(exit::OK);
     let poll = &source(&status, "gym")["last_poll"];
     assert_eq!(poll["outcome"], "running", "{status:#}");
@@ -676,14 +656,14 @@ async fn status_shows_the_next_scheduled_poll_while_the_daemon_runs() {
     h.unlimited();
     seed_valid_clients(&h.sims.wodify, 40, 3);
     seed_valid_patients(&h.sims.practicehub, 10, 3);
-    let (daemon, _addr) = h.spawn_daemon_piped().await;
+    let daemon = h.start_daemon(&h.base_config()).await;
     let revkeen = h.sims.revkeen.clone();
     wait_until("the first polls delivered", Duration::from_secs(30), || {
         revkeen.customers("wodify").len() == 40 && revkeen.customers("practicehub").len() == 10
     })
     .await;
 
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(status["running"], true, "{status:#}");
     let now = chrono::Utc::now();
     for (name, every_min) in [("gym", 15), ("clinic", 5)] {
@@ -719,9 +699,9 @@ async fn status_shows_the_next_scheduled_poll_while_the_daemon_runs() {
     alive.assert_exit(exit::OK);
     assert_eq!(alive.stdout.trim(), "alive");
 
-    daemon.terminate().await.assert_exit(exit::OK);
+    daemon.stop().await.assert_exit(exit::OK);
     h.run(&["healthcheck"]).await.assert_exit(1);
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(status["running"], false);
     assert!(source(&status, "gym")["next_poll"].is_null(), "{status:#}");
 }
@@ -731,7 +711,7 @@ async fn human_status_shows_when_the_last_poll_ended() {
     // A poll of about two seconds, so its start and end fall in different seconds.
     let h = slow_gym(300, 500).await;
     h.once().await.assert_exit(exit::OK);
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     let poll = &source(&status, "gym")["last_poll"];
     let (started, finished) = (
         poll["started_at"].as_str().expect("started_at"),
@@ -754,9 +734,7 @@ async fn human_status_shows_when_the_last_poll_ended() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_failures_answer_before_the_first_run_without_creating_state() {
     let h = Harness::start().await;
-    let json = h.run(&["status", "--json"]).await;
-    json.assert_exit(exit::OK);
-    let status = json_of(&json);
+    let status = h.status_json().await;
     assert_eq!(
         (status["outbox_depth"].as_u64(), status["running"].as_bool()),
         (Some(0), Some(false)),
@@ -797,7 +775,7 @@ async fn status_names_a_source_whose_key_is_refused_until_a_run_succeeds() {
     seed_valid_clients(&h.sims.wodify, 20, 2);
     h.once().await.assert_exit(exit::AUTH_REFUSED);
 
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     let halts = status["auth_halts"].as_array().expect("auth_halts");
     assert_eq!(halts.len(), 1, "{status:#}");
     assert_eq!(halts[0]["target"], "gym");
@@ -827,7 +805,7 @@ async fn status_names_a_source_whose_key_is_refused_until_a_run_succeeds() {
 
     h.write_config(&good);
     h.once().await.assert_exit(exit::OK);
-    let status = json_of(&h.run(&["status", "--json"]).await);
+    let status = h.status_json().await;
     assert_eq!(status["auth_halts"], json!([]), "{status:#}");
     assert_eq!(source(&status, "gym")["last_poll"]["outcome"], "ok");
 }

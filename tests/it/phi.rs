@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use sync_daemon::sim::revkeen::Rejection;
 
 use crate::support::{
-    Harness, Output, exit, push, replaced, state_bytes, state_values, unix_now, wait_until,
+    Harness, Output, exit, push, state_bytes, state_values, unix_now, wait_until, with_daemon,
     with_source, yearly_schedules,
 };
 
@@ -145,7 +145,7 @@ async fn assert_sim_serves_phi(h: &Harness) {
 
 /// Runs every read-only command an operator might use and checks none prints PHI; returns
 /// the `failures --json` output for further checks.
-async fn operator_commands_show_no_phi(h: &Harness, env: &[(&str, &str)]) -> String {
+async fn operator_commands_show_no_phi(h: &Harness) -> String {
     let mut failures = String::new();
     for args in [
         &["status"][..],
@@ -154,7 +154,7 @@ async fn operator_commands_show_no_phi(h: &Harness, env: &[(&str, &str)]) -> Str
         &["failures", "--json"],
         &["failures", "--source", "clinic", "--json"],
     ] {
-        let out = h.run_with_env(args, env).await;
+        let out = h.run(args).await;
         assert!(
             matches!(out.code, Some(0) | Some(65)),
             "{args:?} failed\n{}",
@@ -200,10 +200,9 @@ async fn phi_markers_reach_no_request_state_file_trace_log_or_command_output() {
     for format in ["text", "json"] {
         let h = Harness::start().await;
         h.unlimited();
-        let config = replaced(
+        let config = with_daemon(
             &h.config_for("clinic"),
-            "[daemon]\n",
-            &format!("[daemon]\nlog_level = \"trace\"\nlog_format = \"{format}\"\n"),
+            &format!("log_level = \"trace\"\nlog_format = \"{format}\""),
         );
         h.write_config(&config);
         let env = [("RUST_LOG", "trace")];
@@ -298,7 +297,7 @@ async fn phi_markers_reach_no_request_state_file_trace_log_or_command_output() {
         }
 
         // What the operator commands print.
-        let failures = operator_commands_show_no_phi(&h, &[]).await;
+        let failures = operator_commands_show_no_phi(&h).await;
         for id in [NO_EMAIL, REFUSED] {
             assert!(
                 failures.contains(&format!("\"{id}\"")),
@@ -327,14 +326,13 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
     let h = Harness::start().await;
     h.unlimited();
     let secret = "phi-push-secret-1";
-    let config = replaced(
+    let config = with_daemon(
         &yearly_schedules(&with_source(
             &h.config_for("clinic"),
             "clinic",
             &format!("push_secret = \"{secret}\""),
         )),
-        "[daemon]\n",
-        "[daemon]\nlog_level = \"trace\"\nlog_format = \"json\"\n",
+        "log_level = \"trace\"\nlog_format = \"json\"",
     );
     h.sims.practicehub.seed(40, 73);
     plant_phi_patients(&h);
@@ -384,7 +382,7 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
     for (table, column, value) in state_values(&h.state) {
         assert_no_phi(&format!("state file {table}.{column}"), &value);
     }
-    operator_commands_show_no_phi(&h, &[]).await;
+    operator_commands_show_no_phi(&h).await;
     let metrics = daemon.metrics().await;
     assert!(metrics.contains("sync_daemon_"), "{metrics}");
     assert_no_phi("/metrics", &metrics);
@@ -443,7 +441,7 @@ async fn a_config_pointing_a_patient_field_at_phi_is_refused() {
     assert_eq!(h.sims.revkeen.stats().requests, 0);
     assert!(!h.state.exists());
 
-    // A billing-safe override is accepted and used.
+    // A billing-safe override is accepted.
     let toml = format!(
         "{}\n[sources.fields]\nphone = \"home_phone\"\n",
         h.config_for("clinic")

@@ -16,7 +16,8 @@ use sync_daemon::sim::Faults;
 
 use crate::support::{
     Daemon, Harness, at_revkeen, exit, expected_practicehub, expected_wodify, name_at_revkeen,
-    push, seed_valid_clients, unix_now, wait_until, with_source, yearly_schedules,
+    push, rename_client, seed_valid_clients, unix_now, wait_for_name, wait_until, with_source,
+    yearly_schedules,
 };
 
 /// The gym's push secret in these tests.
@@ -87,9 +88,7 @@ async fn start_with_env(
 async fn wait_drained(h: &Harness) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = h.run(&["status", "--json"]).await;
-        out.assert_exit(exit::OK);
-        let report: Value = serde_json::from_str(&out.stdout).expect("status --json is JSON");
+        let report = h.status_json().await;
         if report["outbox_depth"] == 0 {
             return;
         }
@@ -117,25 +116,6 @@ async fn wait_for_revkeen(h: &Harness) {
         },
     )
     .await;
-}
-
-/// Waits until RevKeen's name for `id` ends with `suffix`; returns how long that took.
-async fn wait_for_name(
-    h: &Harness,
-    source: &str,
-    id: i64,
-    suffix: &str,
-    within: Duration,
-) -> Duration {
-    let started = Instant::now();
-    let external_id = id.to_string();
-    wait_until(
-        &format!("RevKeen's {source} {id} to be named …{suffix}"),
-        within,
-        || name_at_revkeen(h, source, &external_id).is_some_and(|name| name.ends_with(suffix)),
-    )
-    .await;
-    started.elapsed()
 }
 
 /// Wodify requests for one client by id (the push path), with their arrival times.
@@ -170,11 +150,7 @@ fn practicehub_fetches(h: &Harness, id: i64) -> usize {
 async fn a_signed_wodify_event_reaches_revkeen_within_two_seconds() {
     let (h, daemon) = start(40, 0, Some(SECRET), None).await;
     let id = 10_007;
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Pushed"}))
-    );
+    rename_client(&h.sims.wodify, id, "Pushed");
     h.sims.revkeen.clear_log();
     h.sims.wodify.clear_log();
 
@@ -209,11 +185,7 @@ async fn a_signed_wodify_event_reaches_revkeen_within_two_seconds() {
 
     // Several events, ids as JSON numbers, in one body.
     for (n, id) in [10_011_i64, 10_012].into_iter().enumerate() {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(id, json!({"last_name": format!("Batch{n}")}))
-        );
+        rename_client(&h.sims.wodify, id, &format!("Batch{n}"));
     }
     let body = br#"{"events": [{"external_id": 10011}, {"external_id": 10012}]}"#;
     let (status, answer) = push(&daemon, "gym", body, Some(&signed(body))).await;
@@ -226,11 +198,7 @@ async fn a_signed_wodify_event_reaches_revkeen_within_two_seconds() {
     let body = events(&[99_999]);
     let (status, answer) = push(&daemon, "gym", &body, Some(&signed(&body))).await;
     assert_eq!(status, 202, "{answer}");
-    assert!(
-        h.sims
-            .wodify
-            .update_client(10_013, json!({"last_name": "After"}))
-    );
+    rename_client(&h.sims.wodify, 10_013, "After");
     let body = events(&[10_013]);
     push(&daemon, "gym", &body, Some(&signed(&body))).await;
     wait_for_name(&h, "wodify", 10_013, " After", Duration::from_secs(2)).await;
@@ -250,11 +218,7 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
     // would get a write.
     let refused_ids = 10_002..=10_009;
     for id in refused_ids.clone() {
-        assert!(
-            h.sims
-                .wodify
-                .update_client(id, json!({"last_name": format!("Refused{id}")}))
-        );
+        rename_client(&h.sims.wodify, id, &format!("Refused{id}"));
     }
     h.sims.revkeen.clear_log();
     h.sims.wodify.clear_log();
@@ -418,20 +382,12 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
         sign("the-old-secret", &body, t),
         v1(&sign(SECRET, &body, t))
     );
-    assert!(
-        h.sims
-            .wodify
-            .update_client(10_010, json!({"last_name": "Rotated"}))
-    );
+    rename_client(&h.sims.wodify, 10_010, "Rotated");
     let (status, answer) = push(&daemon, "gym", &body, Some(&rotating)).await;
     assert_eq!(status, 202, "two v1 values, the second valid: {answer}");
     let mut exact = events(&[10_011]);
     exact.resize(1024 * 1024, b' ');
-    assert!(
-        h.sims
-            .wodify
-            .update_client(10_011, json!({"last_name": "Exact"}))
-    );
+    rename_client(&h.sims.wodify, 10_011, "Exact");
     let garbage_first = format!("t={t},v1=zz,v1={}", v1(&sign(SECRET, &exact, t)));
     let (status, answer) = push(&daemon, "gym", &exact, Some(&garbage_first)).await;
     assert_eq!(
@@ -441,11 +397,7 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
 
     // Within the 5-minute tolerance: a sender whose clock is 4.5 minutes behind.
     let body = events(&[10_012]);
-    assert!(
-        h.sims
-            .wodify
-            .update_client(10_012, json!({"last_name": "Skewed"}))
-    );
+    rename_client(&h.sims.wodify, 10_012, "Skewed");
     let (status, answer) = push(
         &daemon,
         "gym",
@@ -495,11 +447,7 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
 async fn an_event_accepted_just_before_a_crash_is_processed_after_the_restart() {
     let (h, daemon) = start(40, 0, Some(SECRET), None).await;
     let id = 10_021;
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Survived"}))
-    );
+    rename_client(&h.sims.wodify, id, "Survived");
     // The source is slow, so the fetch is still pending when the process dies.
     h.sims.wodify.set_faults(Faults {
         latency_ms: 3_000,
@@ -632,11 +580,7 @@ async fn a_signed_practicehub_event_is_fetched_by_id_and_reaches_revkeen_within_
 async fn a_push_while_the_state_file_is_locked_gets_503_and_is_not_lost_once_retried() {
     let (h, daemon) = start(30, 0, Some(SECRET), None).await;
     let id = 10_017;
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Locked"}))
-    );
+    rename_client(&h.sims.wodify, id, "Locked");
     h.sims.wodify.clear_log();
     // Another process holds the state file's write lock longer than the daemon waits for it.
     let lock = rusqlite::Connection::open(&h.state).expect("open the state file");
@@ -664,16 +608,8 @@ async fn a_push_while_the_state_file_is_locked_gets_503_and_is_not_lost_once_ret
 async fn a_second_push_for_a_record_already_read_is_not_lost() {
     let (h, daemon) = start(30, 0, Some(SECRET), None).await;
     let (first, slow) = (10_003, 10_004);
-    assert!(
-        h.sims
-            .wodify
-            .update_client(first, json!({"last_name": "One"}))
-    );
-    assert!(
-        h.sims
-            .wodify
-            .update_client(slow, json!({"last_name": "Slow"}))
-    );
+    rename_client(&h.sims.wodify, first, "One");
+    rename_client(&h.sims.wodify, slow, "Slow");
     h.sims.wodify.clear_log();
     // Every read takes 1.5 s: the daemon reads `first`, then spends 1.5 s reading `slow` before
     // it commits the two.
@@ -697,11 +633,7 @@ async fn a_second_push_for_a_record_already_read_is_not_lost() {
     )
     .await;
     // The first client changes again after it was read, and its system says so.
-    assert!(
-        h.sims
-            .wodify
-            .update_client(first, json!({"last_name": "Two"}))
-    );
+    rename_client(&h.sims.wodify, first, "Two");
     let body = events(&[first]);
     let (status, answer) = push(&daemon, "gym", &body, Some(&signed(&body))).await;
     assert_eq!(status, 202, "{answer}");
@@ -716,11 +648,7 @@ async fn a_second_push_for_a_record_already_read_is_not_lost() {
 async fn delivery_resumes_after_the_state_file_was_locked_longer_than_the_busy_timeout() {
     let (h, daemon) = start(30, 0, Some(SECRET), None).await;
     let id = 10_019;
-    assert!(
-        h.sims
-            .wodify
-            .update_client(id, json!({"last_name": "Later"}))
-    );
+    rename_client(&h.sims.wodify, id, "Later");
     // RevKeen fails, so the change waits in the outbox for a retry …
     h.sims.revkeen.set_faults(Faults {
         error_rate: 1.0,

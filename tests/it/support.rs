@@ -79,7 +79,7 @@ impl Output {
     }
 }
 
-/// A running `--once` started with [`Harness::spawn`].
+/// A running `--once` started with [`Harness::spawn_once`].
 pub struct Running {
     child: Child,
     started: Instant,
@@ -246,6 +246,19 @@ impl Harness {
         }
     }
 
+    /// `status --json`, parsed; fails the test, showing the run's output, unless it exits 0
+    /// and prints JSON.
+    pub async fn status_json(&self) -> Value {
+        let out = self.run(&["status", "--json"]).await;
+        out.assert_exit(exit::OK);
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`status --json` printed no JSON ({e})\n{}",
+                out.transcript()
+            )
+        })
+    }
+
     /// Every open failure in the state file, read through a read-only handle.
     pub fn failures(&self) -> Vec<Failure> {
         Store::open_read_only(&self.state)
@@ -323,6 +336,7 @@ fn secret_values(toml: &str) -> Vec<String> {
 // Config editing: tests start from `SimSet::config_toml` and change a few lines.
 
 /// `toml` with every `[[sources]]` block except the one named `name` removed.
+#[track_caller]
 pub fn only_source(toml: &str, name: &str) -> String {
     let mut parts = toml.split("[[sources]]");
     let mut out = parts.next().unwrap_or_default().to_string();
@@ -337,16 +351,25 @@ pub fn only_source(toml: &str, name: &str) -> String {
 }
 
 /// `toml` with `line` added to the `[revkeen]` table.
+#[track_caller]
 pub fn with_revkeen(toml: &str, line: &str) -> String {
     assert!(toml.contains("[revkeen]\n"), "no [revkeen] table");
     toml.replacen("[revkeen]\n", &format!("[revkeen]\n{line}\n"), 1)
 }
 
 /// `toml` with `line` added to the source named `name`.
+#[track_caller]
 pub fn with_source(toml: &str, name: &str, line: &str) -> String {
     let anchor = format!("name = \"{name}\"\n");
     assert!(toml.contains(&anchor), "no source named {name}");
     toml.replacen(&anchor, &format!("{anchor}{line}\n"), 1)
+}
+
+/// `toml` with `line` added to the `[daemon]` table.
+#[track_caller]
+pub fn with_daemon(toml: &str, line: &str) -> String {
+    assert!(toml.contains("[daemon]\n"), "no [daemon] table");
+    toml.replacen("[daemon]\n", &format!("[daemon]\n{line}\n"), 1)
 }
 
 /// `toml` with `from` replaced by `to`, which must be present.
@@ -518,6 +541,27 @@ pub fn seed_valid_clients(sim: &WodifySim, count: usize, seed: u64) {
     assert!(invalid_wodify(sim).is_empty());
 }
 
+/// Seeds `count` PracticeHub patients, every one with a valid email and not deleted.
+pub fn seed_valid_patients(sim: &PracticeHubSim, count: usize, seed: u64) {
+    sim.seed(count, seed);
+    for mut patient in sim.patients() {
+        let id = patient["id"].as_i64().expect("seeded patients have ids");
+        patient["email"] = json!(format!("patient{id}@example.co.uk"));
+        patient["deleted"] = json!(false);
+        sim.put_patient(patient);
+    }
+}
+
+/// Gives Wodify client `id` the last name `last_name`; fails the test if Wodify has no such
+/// client.
+#[track_caller]
+pub fn rename_client(sim: &WodifySim, id: i64, last_name: &str) {
+    assert!(
+        sim.update_client(id, json!({ "last_name": last_name })),
+        "Wodify has no client {id} to rename to {last_name:?}"
+    );
+}
+
 /// Waits until `condition` holds, polling every 10 ms; fails the test after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -528,6 +572,70 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until RevKeen's name for `source` customer `id` ends with `suffix` (see
+/// [`name_at_revkeen`]); fails the test after `within`. Returns how long that took.
+pub async fn wait_for_name(
+    h: &Harness,
+    source: &str,
+    id: i64,
+    suffix: &str,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let external_id = id.to_string();
+    wait_until(
+        &format!("RevKeen's {source} {id} to be named …{suffix}"),
+        within,
+        || name_at_revkeen(h, source, &external_id).is_some_and(|name| name.ends_with(suffix)),
+    )
+    .await;
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run results.
+
+/// The number in the `--once` summary table at (`source` row, `column`).
+#[track_caller]
+pub fn summary_cell(out: &Output, source: &str, column: &str) -> u64 {
+    let mut lines = out
+        .stdout
+        .lines()
+        .skip_while(|line| !line.starts_with("SOURCE"));
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_else(|| panic!("no summary table\n{}", out.transcript()))
+        .split_whitespace()
+        .collect();
+    let index = header
+        .iter()
+        .position(|name| *name == column)
+        .unwrap_or_else(|| panic!("no {column} column in {header:?}"));
+    let row: Vec<&str> = lines
+        .find(|line| line.split_whitespace().next() == Some(source))
+        .unwrap_or_else(|| panic!("no {source} row\n{}", out.transcript()))
+        .split_whitespace()
+        .collect();
+    row[index].parse().expect("a count")
+}
+
+/// Every customer RevKeen holds for Wodify was written exactly once.
+#[track_caller]
+pub fn assert_written_once(h: &Harness) {
+    let rewritten: Vec<(String, u64)> = h
+        .sims
+        .revkeen
+        .customers("wodify")
+        .into_iter()
+        .filter(|c| c.writes != 1)
+        .map(|c| (c.external_id, c.writes))
+        .collect();
+    assert!(
+        rewritten.is_empty(),
+        "customers written more than once: {rewritten:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -546,14 +654,6 @@ pub struct Daemon {
     secrets: Vec<String>,
 }
 
-/// A loopback port nothing listens on right now (bound to port 0, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind a loopback port")
-        .port()
-}
-
 impl Harness {
     /// Writes `toml` with `daemon.listen` set to a free loopback port and starts the daemon
     /// on it with the extra environment `env` (e.g. `RUST_LOG`). Returns at once; use
@@ -563,7 +663,7 @@ impl Harness {
             !toml.contains("\nlisten ="),
             "spawn_daemon sets daemon.listen itself"
         );
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let addr = free_listen_addr();
         self.write_config(&replaced(
             toml,
             "[daemon]\n",
@@ -808,76 +908,6 @@ pub fn yearly_schedules(toml: &str) -> String {
         }
     }
     out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Daemon mode.
-
-/// `toml` with `line` added to the `[daemon]` table.
-pub fn with_daemon(toml: &str, line: &str) -> String {
-    assert!(toml.contains("[daemon]\n"), "no [daemon] table");
-    toml.replacen("[daemon]\n", &format!("[daemon]\n{line}\n"), 1)
-}
-
-impl Running {
-    /// The child's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the child has not been reaped")
-    }
-
-    /// Sends SIGTERM (a graceful stop) and waits for the process to exit.
-    pub async fn terminate(self) -> Output {
-        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
-        // SAFETY: kill(2) with a pid this test spawned and has not reaped yet.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0, "SIGTERM to sync-daemon {pid}");
-        self.finish().await
-    }
-}
-
-impl Harness {
-    /// Starts the daemon (no `--once`) with the current config plus a free `daemon.listen`
-    /// port, and waits until `/healthz` answers 200. Returns the child and the listen address.
-    pub async fn spawn_daemon_piped(&self) -> (Running, std::net::SocketAddr) {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let current = std::fs::read_to_string(&self.config).expect("read config");
-        self.write_config(&with_daemon(&current, &format!("listen = \"{addr}\"")));
-        let mut command = self.command(&[]);
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut running = Running {
-            started: Instant::now(),
-            child: command.spawn().expect("spawn sync-daemon"),
-            secrets: self.secrets(),
-        };
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = running.child.try_wait().expect("polling sync-daemon") {
-                let out = running.finish().await;
-                panic!(
-                    "the daemon exited ({status}) before /healthz answered\n{}",
-                    out.transcript()
-                );
-            }
-            let healthy = client
-                .get(format!("http://{addr}/healthz"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|response| response.status().is_success());
-            if healthy {
-                return (running, addr);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's /healthz on {addr} did not answer 200 within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
