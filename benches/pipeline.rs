@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sync_daemon::sim::{REVKEEN_KEY, SimPorts, SimSet, WODIFY_KEY};
+use sync_daemon_sim::{REVKEEN_KEY, SimPorts, SimSet, WODIFY_KEY};
 
 struct Scale {
     name: &'static str,

@@ -378,11 +378,11 @@ mod tests {
     #[test]
     fn the_home_country_shortcut_accepts_only_what_the_full_check_accepts() {
         let wodify = (10_001..=12_000).map(|id| {
-            let client = crate::sim::wodify::generate_client(id, 11);
+            let client = sync_daemon_sim::wodify::generate_client(id, 11);
             (client["phone_number"].as_str().map(String::from), "US")
         });
         let practicehub = (1..=2_000).flat_map(|id| {
-            let patient = crate::sim::practicehub::generate_patient(id, 11);
+            let patient = sync_daemon_sim::practicehub::generate_patient(id, 11);
             ["mobile", "home_phone"].map(|f| (patient[f].as_str().map(String::from), "GB"))
         });
         let mut shortcut = 0;

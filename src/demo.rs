@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 
 use crate::config::{Config, Environment};
 use crate::run::{self, OnceOptions, RunReport};
-use crate::sim::{SimPorts, SimSet};
 use crate::store::FailureKind;
+use sync_daemon_sim::{SimPorts, SimSet};
 
 /// What to seed.
 #[derive(Debug, Clone, Copy)]

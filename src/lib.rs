@@ -25,8 +25,6 @@
 //! - [`progress`]: `--once` progress bars on a terminal.
 //! - [`demo`]: the whole pipeline against the bundled simulators.
 //! - [`schedule`]: cron schedules as the scheduler reads them.
-//! - [`sim`]: in-memory simulators of RevKeen, Wodify and PracticeHub; [`sim::source`] holds
-//!   the record table and `/_sim` control surface the two source simulators share.
 
 pub mod config;
 pub mod customer;
@@ -40,7 +38,6 @@ pub mod revkeen;
 pub mod run;
 pub mod schedule;
 pub mod server;
-pub mod sim;
 pub mod sources;
 pub mod store;
 pub mod worker;

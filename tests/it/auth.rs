@@ -10,7 +10,7 @@ use crate::support::{
     Harness, assert_revkeen_holds, exit, expected_practicehub, expected_wodify, replaced,
     seed_valid_clients, with_daemon,
 };
-use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
+use sync_daemon_sim::{PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 const WRONG_REVKEEN_KEY: &str = "rk_live_wrong_9f8e7d6c5b4a";
 
@@ -127,7 +127,7 @@ async fn key_revoked_mid_run_exits_77_and_a_restored_key_loses_nothing() {
         "batch_size = 10",
     ));
     seed_valid_clients(&h.sims.wodify, 800, 7);
-    h.sims.revkeen.set_faults(sync_daemon::sim::Faults {
+    h.sims.revkeen.set_faults(sync_daemon_sim::Faults {
         latency_ms: 20,
         ..Default::default()
     });
@@ -146,7 +146,7 @@ async fn key_revoked_mid_run_exits_77_and_a_restored_key_loses_nothing() {
     h.sims.revkeen.set_api_keys(vec![REVKEEN_KEY.to_string()]);
     h.sims
         .revkeen
-        .set_faults(sync_daemon::sim::Faults::default());
+        .set_faults(sync_daemon_sim::Faults::default());
     h.once().await.assert_exit(exit::OK);
     assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected_wodify(&h.sims.wodify));
     let stats = h.sims.revkeen.stats();

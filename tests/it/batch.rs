@@ -27,10 +27,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sync_daemon::sim::Faults;
-use sync_daemon::sim::revkeen::{LoggedRequest, Rejection};
-use sync_daemon::sim::wodify::generate_client;
 use sync_daemon::store::FailureKind;
+use sync_daemon_sim::Faults;
+use sync_daemon_sim::revkeen::{LoggedRequest, Rejection};
+use sync_daemon_sim::wodify::generate_client;
 
 use crate::support::{
     Harness, assert_revkeen_holds, assert_written_once, exit, expected_wodify, rename_client,

@@ -4,7 +4,7 @@
 //! (the harness checks every run's output for the configured keys).
 
 use crate::support::{Harness, exit, replaced, with_revkeen, with_source};
-use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
+use sync_daemon_sim::{PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 /// Writes `toml`, runs `--once` and `check-config`, and checks both exit 78 naming `key` and
 /// `value` on stderr without contacting any API.

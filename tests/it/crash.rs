@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sync_daemon::sim::Faults;
 use sync_daemon::store::FailureKind;
+use sync_daemon_sim::Faults;
 
 use crate::support::{
     Harness, Output, assert_revkeen_holds, exit, expected_wodify, invalid_wodify, name_at_revkeen,

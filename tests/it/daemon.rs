@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sync_daemon::sim::revkeen::Rejection;
-use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
+use sync_daemon_sim::revkeen::Rejection;
+use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     Harness, ServiceProcess, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,

@@ -5,8 +5,8 @@
 //! the next run and leaves the list.
 
 use serde_json::json;
-use sync_daemon::sim::revkeen::Rejection;
 use sync_daemon::store::FailureKind;
+use sync_daemon_sim::revkeen::Rejection;
 
 use crate::support::{
     Harness, assert_revkeen_holds, exit, expected_wodify, seed_valid_clients, seed_valid_patients,

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use sync_daemon::sim::Faults;
+use sync_daemon_sim::Faults;
 
 use crate::support::{
     Harness, Output, assert_revkeen_holds, assert_written_once, exit, expected_wodify,

@@ -6,7 +6,7 @@
 //! (log, `--once` summary, `status`, `status --json`) but left in RevKeen.
 
 use serde_json::{Value, json};
-use sync_daemon::sim::Faults;
+use sync_daemon_sim::Faults;
 
 use crate::support::{Harness, exit, expected_practicehub, seed_valid_clients, with_revkeen};
 

@@ -255,7 +255,7 @@ async fn newer_data_at_revkeen_is_kept_and_counts_as_delivered() {
             "{}/customers/external/wodify/{id}",
             h.sims.revkeen_server.url()
         ))
-        .header("x-api-key", sync_daemon::sim::REVKEEN_KEY)
+        .header("x-api-key", sync_daemon_sim::REVKEEN_KEY)
         .json(&json!({
             "email": "newer@example.com",
             "name": "Newer Name",
@@ -469,7 +469,7 @@ async fn a_second_process_on_the_same_state_file_is_refused() {
     let h = Harness::start().await;
     h.write_config(&h.config_for("gym"));
     seed_valid_clients(&h.sims.wodify, 300, 53);
-    h.sims.revkeen.set_faults(sync_daemon::sim::Faults {
+    h.sims.revkeen.set_faults(sync_daemon_sim::Faults {
         latency_ms: 300,
         ..Default::default()
     });

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sync_daemon::sim::REVKEEN_KEY;
-use sync_daemon::sim::revkeen::Rejection;
+use sync_daemon_sim::REVKEEN_KEY;
+use sync_daemon_sim::revkeen::Rejection;
 
 use crate::support::{
     Harness, Output, exit, rename_client, replaced, seed_valid_clients, seed_valid_patients,
@@ -556,7 +556,7 @@ async fn slow_gym(clients: usize, latency_ms: u64) -> Harness {
     h.unlimited();
     h.write_config(&h.config_for("gym"));
     seed_valid_clients(&h.sims.wodify, clients, 5);
-    h.sims.wodify.set_faults(sync_daemon::sim::Faults {
+    h.sims.wodify.set_faults(sync_daemon_sim::Faults {
         latency_ms,
         ..Default::default()
     });
@@ -769,7 +769,7 @@ async fn status_names_a_source_whose_key_is_refused_until_a_run_succeeds() {
     let good = h.config_for("gym");
     h.write_config(&replaced(
         &good,
-        &format!("api_key = \"{}\"", sync_daemon::sim::WODIFY_KEY),
+        &format!("api_key = \"{}\"", sync_daemon_sim::WODIFY_KEY),
         "api_key = \"wodify_revoked_key_5150\"",
     ));
     seed_valid_clients(&h.sims.wodify, 20, 2);

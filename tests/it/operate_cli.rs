@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
-use sync_daemon::sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
+use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     BIN, Harness, Output, exit, free_listen_addr, rename_client, replaced, run_command,
@@ -335,7 +335,7 @@ async fn dry_run_names_creates_updates_and_changed_fields_and_writes_nothing() {
             .wodify
             .update_client(EMAIL_REMOVED, json!({"email": ""}))
     );
-    let mut client = sync_daemon::sim::wodify::generate_client(NEW_CLIENT, 8);
+    let mut client = sync_daemon_sim::wodify::generate_client(NEW_CLIENT, 8);
     client["email"] = json!("new.member@example.com");
     h.sims.wodify.put_client(client);
     let before = state_files(&h.state);

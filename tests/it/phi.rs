@@ -7,7 +7,7 @@
 //! points a patient field at a PHI attribute is refused with exit 78.
 
 use serde_json::{Value, json};
-use sync_daemon::sim::revkeen::Rejection;
+use sync_daemon_sim::revkeen::Rejection;
 
 use crate::support::{
     Harness, Output, exit, push, state_bytes, state_values, unix_now, wait_until, with_daemon,
@@ -126,7 +126,7 @@ async fn assert_sim_serves_phi(h: &Harness) {
             "{}/api/patients?id=eq:{SYNCED}",
             h.sims.practicehub_server.url()
         ))
-        .header("x-practicehub-key", sync_daemon::sim::PRACTICEHUB_KEY)
+        .header("x-practicehub-key", sync_daemon_sim::PRACTICEHUB_KEY)
         .header("x-app-details", "revkeen-sync=ops@clinic.example")
         .send()
         .await

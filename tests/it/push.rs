@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sync_daemon::server::sign;
-use sync_daemon::sim::Faults;
+use sync_daemon_sim::Faults;
 
 use crate::support::{
     Daemon, Harness, at_revkeen, exit, expected_practicehub, expected_wodify, name_at_revkeen,

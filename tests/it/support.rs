@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sync_daemon::customer::normalize_email;
-use sync_daemon::sim::practicehub::PracticeHubSim;
-use sync_daemon::sim::revkeen::RevKeenSim;
-use sync_daemon::sim::wodify::WodifySim;
-use sync_daemon::sim::{PRACTICEHUB_KEY, REVKEEN_KEY, SimPorts, SimSet, WODIFY_KEY};
 use sync_daemon::store::{Failure, Store};
+use sync_daemon_sim::practicehub::PracticeHubSim;
+use sync_daemon_sim::revkeen::RevKeenSim;
+use sync_daemon_sim::wodify::WodifySim;
+use sync_daemon_sim::{PRACTICEHUB_KEY, REVKEEN_KEY, SimPorts, SimSet, WODIFY_KEY};
 use tokio::process::{Child, Command};
 
 /// The binary under test.

@@ -514,15 +514,15 @@ pub(super) fn capitalized(word: &str) -> String {
 #[cfg(test)]
 pub(super) mod testing {
     use super::{Source, SourceRequest, SourceStats};
-    use crate::sim::SimServer;
-    use crate::sim::testing::{send_json, send_status};
+    use crate::SimServer;
+    use crate::testing::{send_json, send_status};
 
     /// Checks the `/_sim` routes every source simulator has beyond its records: a new key, rate
     /// limit and faults take effect on `api` (an authorised API request, answering its status),
     /// and stats, requests and reset-log report exactly the four API requests made here. Wants
     /// an unlimited simulator without faults that accepts `key`; clears the log first and
     /// leaves the simulator as it found it, log emptied.
-    pub(in crate::sim) async fn shared_control_routes<S: Source>(
+    pub(crate) async fn shared_control_routes<S: Source>(
         sim: &S,
         server: &SimServer,
         key: &str,
@@ -554,7 +554,7 @@ pub(super) mod testing {
             204
         );
         assert_eq!(api().await, 500);
-        sim.core().set_faults(crate::sim::Faults::default());
+        sim.core().set_faults(crate::Faults::default());
 
         let stats: SourceStats = send_json(http.get(url("/stats"))).await;
         assert_eq!(stats, sim.core().stats());

@@ -802,9 +802,9 @@ pub fn generate_patient(id: i64, seed: u64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::source::merge_top_level;
-    use crate::sim::source::testing::shared_control_routes;
-    use crate::sim::testing::{assert_dropped, send_json, send_status};
+    use crate::source::merge_top_level;
+    use crate::source::testing::shared_control_routes;
+    use crate::testing::{assert_dropped, send_json, send_status};
     use std::net::Ipv4Addr;
 
     const KEY: &str = "practicehub_sim_key";

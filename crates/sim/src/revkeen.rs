@@ -1538,7 +1538,7 @@ async fn sim_set_rejections(State(sim): State<RevKeenSim>, body: Bytes) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::testing::{assert_dropped, send_json, send_status};
+    use crate::testing::{assert_dropped, send_json, send_status};
 
     const KEY: &str = "rk_sandbox_sim";
 

@@ -1105,9 +1105,9 @@ pub fn generate_client(id: i64, seed: u64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::source::testing::shared_control_routes;
-    use crate::sim::source::{merge_top_level, now_ms};
-    use crate::sim::testing::{assert_dropped, send_json, send_status};
+    use crate::source::testing::shared_control_routes;
+    use crate::source::{merge_top_level, now_ms};
+    use crate::testing::{assert_dropped, send_json, send_status};
     use std::collections::BTreeSet;
     use std::net::Ipv4Addr;
 
