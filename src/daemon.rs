@@ -25,7 +25,8 @@ use crate::config::{Config, SourceConfig};
 use crate::health::Health;
 use crate::limiter::Backoff;
 
-use crate::run::{ExitStatus, Tuning};
+use crate::exit::ExitStatus;
+use crate::run::Tuning;
 use crate::server::{self, AppState, PushFeed};
 use crate::sources::{self, AnySource, PollContext, PollError};
 use crate::store::{PageItem, Store, StoreError};

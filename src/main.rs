@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sync_daemon::config::{Config, LogFormat};
+use sync_daemon::exit::ExitStatus;
 use sync_daemon::ops;
 use sync_daemon::progress::ProgressUi;
-use sync_daemon::run::{self, ExitStatus, OnceOptions};
+use sync_daemon::run::{self, OnceOptions};
 use sync_daemon_sim::{Faults, SimPorts, SimSet};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;

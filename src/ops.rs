@@ -11,8 +11,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
 use crate::config::{Config, SourceConfig};
-use crate::revkeen::{Probe, RevKeenClient};
-use crate::run::ExitStatus;
+use crate::exit::ExitStatus;
+use crate::http::Probe;
+use crate::revkeen::RevKeenClient;
 use crate::sources::{self, AnySource};
 use crate::store::{
     DeliveryCounts, Failure, FailureKind, Halt, PollStats, Store, StoreError, now_ms,
@@ -244,7 +245,7 @@ pub fn render_status(report: &StatusReport) -> String {
                 .unwrap_or_else(|| "-".to_string()),
         ]);
     }
-    out.push_str(&text_table(&rows, |_| false));
+    out.push_str(&crate::table::text_table(&rows, |_| false));
     for source in &report.sources {
         if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
             let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
@@ -286,32 +287,6 @@ pub fn render_status(report: &StatusReport) -> String {
                 halt.reason
             );
         }
-    }
-    out
-}
-
-/// Rows (the first one the header) as aligned columns two spaces apart, one line each;
-/// `right_aligned(column)` picks the numeric columns.
-pub(crate) fn text_table(rows: &[Vec<String>], right_aligned: impl Fn(usize) -> bool) -> String {
-    let columns = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, &width))| {
-                if right_aligned(c) {
-                    format!("{cell:>width$}")
-                } else {
-                    format!("{cell:<width$}")
-                }
-            })
-            .collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
     out
 }

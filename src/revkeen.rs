@@ -5,82 +5,14 @@
 //! [`crate::limiter`], and what to do with each [`Answer`] (ack, dead letter, retry, halt) in
 //! [`crate::worker`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
-use uuid::Uuid;
 
 use crate::config::{RevKeenConfig, Secret};
-
-/// Namespace of every idempotency key this daemon derives (a UUIDv5 of a fixed name, so keys
-/// are stable across versions and machines).
-pub fn key_namespace() -> Uuid {
-    Uuid::new_v5(
-        &Uuid::NAMESPACE_URL,
-        b"https://revkeen.com/sync-daemon/idempotency",
-    )
-}
-
-/// The idempotency key of one job (DESIGN invariant 3): a UUIDv5 of
-/// `{revkeen_source}/{external_id}/{hash last synced, or "-"}/{sha256(body)}/{version}`.
-///
-/// The last-synced hash keeps A → B → A from replaying the first A. `version` is the
-/// customer's job counter in the state file; it adds what the hash alone cannot: a record that
-/// flips A → B → A → B within RevKeen's 24 h window, or is resent by `--resync` or `replay`,
-/// still gets a key RevKeen has never seen, so a replayed old answer can never stand in for a
-/// new write.
-pub fn idempotency_key(
-    revkeen_source: &str,
-    external_id: &str,
-    synced_hash: Option<&str>,
-    body_hash: &str,
-    version: i64,
-) -> String {
-    let name = format!(
-        "{revkeen_source}/{external_id}/{}/{body_hash}/{version}",
-        synced_hash.unwrap_or("-")
-    );
-    Uuid::new_v5(&key_namespace(), name.as_bytes()).to_string()
-}
-
-/// A batch's key: a UUIDv5 of its members' keys in order.
-pub fn batch_key<'a>(member_keys: impl Iterator<Item = &'a str>) -> String {
-    let joined: Vec<&str> = member_keys.collect();
-    Uuid::new_v5(&key_namespace(), joined.join("\n").as_bytes()).to_string()
-}
-
-/// The batch body `{"source": …, "customers": [{"external_id": …, <body fields>}, …]}` built
-/// from members' stored bodies, spliced as bytes so each item carries its body exactly.
-pub fn batch_body<'a>(
-    revkeen_source: &str,
-    members: impl Iterator<Item = (&'a str, &'a [u8])>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4096);
-    out.extend_from_slice(b"{\"source\":");
-    out.extend_from_slice(&json_string(revkeen_source));
-    out.extend_from_slice(b",\"customers\":[");
-    for (index, (external_id, body)) in members.enumerate() {
-        if index > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"external_id\":");
-        out.extend_from_slice(&json_string(external_id));
-        // A stored body is a non-empty JSON object (`email` is required): splice its fields.
-        let fields = body.get(1..).unwrap_or_default();
-        if fields != b"}" {
-            out.push(b',');
-        }
-        out.extend_from_slice(fields);
-    }
-    out.extend_from_slice(b"]}");
-    out
-}
-
-fn json_string(value: &str) -> Vec<u8> {
-    serde_json::to_vec(value).expect("a string always serializes")
-}
+use crate::http::{Probe, probe_request, send_measured};
 
 /// RevKeen's error object (`{"error": {...}}`), reduced to what the daemon keeps.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,16 +80,6 @@ impl Answer {
     }
 }
 
-/// The outcome of `check-config --connect`'s read.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Probe {
-    Ok,
-    KeyRefused(String),
-    Unreachable(String),
-    Tls(String),
-    Unexpected(String),
-}
-
 /// A RevKeen API client bound to one base URL and key.
 #[derive(Clone)]
 pub struct RevKeenClient {
@@ -217,21 +139,11 @@ struct BatchFailure {
     error: serde_json::Value,
 }
 
-/// Builds the shared reqwest client: rustls, a timeout, and a user agent naming the version.
-pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .user_agent(concat!("sync-daemon/", env!("CARGO_PKG_VERSION")))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
-}
-
 impl RevKeenClient {
     /// A client for the configured API.
     pub fn new(config: &RevKeenConfig) -> reqwest::Result<Self> {
         Ok(RevKeenClient {
-            http: http_client(Duration::from_secs(config.timeout_secs))?,
+            http: crate::http::client(Duration::from_secs(config.timeout_secs))?,
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
             api_version: config.api_version.clone(),
@@ -314,60 +226,6 @@ impl RevKeenClient {
             },
         )
         .await
-    }
-}
-
-/// Sends one request and reads the whole answer: its status, `Retry-After` and body, or the
-/// transport failure in words. Records the request's duration under `target` and its count
-/// under `target`, `endpoint` and the status (`error` when no answer came).
-pub async fn send_measured(
-    request: reqwest::RequestBuilder,
-    target: &'static str,
-    endpoint: &'static str,
-) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), String> {
-    let started = Instant::now();
-    let mut status_label = "error".to_string();
-    let result = match request.send().await {
-        Err(error) => Err(describe_transport_error(&error)),
-        Ok(response) => {
-            let status = response.status();
-            status_label = status.as_u16().to_string();
-            let retry_after = parse_retry_after(response.headers());
-            response
-                .bytes()
-                .await
-                .map(|body| (status, retry_after, body))
-                .map_err(|error| {
-                    format!(
-                        "HTTP {status}: answer cut off: {}",
-                        describe_transport_error(&error)
-                    )
-                })
-        }
-    };
-    metrics::histogram!("sync_daemon_request_duration_seconds", "target" => target)
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!("sync_daemon_http_requests_total", "target" => target,
-        "endpoint" => endpoint, "status" => status_label)
-    .increment(1);
-    result
-}
-
-/// Sends one probe request; transport failures become unreachable / TLS, answers go to
-/// `classify`.
-pub async fn probe_request(
-    request: reqwest::RequestBuilder,
-    classify: impl FnOnce(StatusCode, &[u8]) -> Probe,
-) -> Probe {
-    match request.send().await {
-        Err(error) => probe_transport_error(&error),
-        Ok(response) => {
-            let status = response.status();
-            match response.bytes().await {
-                Ok(body) => classify(status, &body),
-                Err(error) => probe_transport_error(&error),
-            }
-        }
     }
 }
 
@@ -455,105 +313,9 @@ fn status_code_name(status: StatusCode) -> String {
     format!("http_{}", status.as_u16())
 }
 
-/// `Retry-After` as seconds or an HTTP date.
-pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
-}
-
-/// A transport error in words an operator can act on, without the URL (it is in the config).
-pub fn describe_transport_error(error: &reqwest::Error) -> String {
-    if error.is_timeout() {
-        return "timed out".to_string();
-    }
-    if error.is_connect() {
-        return format!("cannot connect: {}", root_cause(error));
-    }
-    root_cause(error)
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause: &(dyn std::error::Error + 'static) = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
-}
-
-/// Sorts a transport error into unreachable / TLS for `check-config --connect`. reqwest does
-/// not type TLS failures, so the whole cause chain is read for rustls's wording (a plain-HTTP
-/// server answering a TLS hello shows up as "received corrupt message of type
-/// InvalidContentType").
-pub fn probe_transport_error(error: &reqwest::Error) -> Probe {
-    let mut chain = Vec::new();
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = cause {
-        chain.push(current.to_string().to_ascii_lowercase());
-        cause = current.source();
-    }
-    let tls = chain.iter().any(|text| {
-        [
-            "certificate",
-            "tls",
-            "handshake",
-            "corrupt message",
-            "invalidcontenttype",
-            "alert",
-            "peer is incompatible",
-        ]
-        .iter()
-        .any(|marker| text.contains(marker))
-    });
-    if tls {
-        Probe::Tls(root_cause(error))
-    } else {
-        Probe::Unreachable(describe_transport_error(error))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_are_deterministic_and_distinguish_every_input() {
-        let a = idempotency_key("wodify", "1", None, "h1", 1);
-        assert_eq!(a, idempotency_key("wodify", "1", None, "h1", 1));
-        assert_ne!(a, idempotency_key("wodify", "1", Some("h0"), "h1", 1));
-        assert_ne!(a, idempotency_key("wodify", "1", None, "h1", 2));
-        assert_ne!(a, idempotency_key("wodify", "2", None, "h1", 1));
-        assert_ne!(a, idempotency_key("practicehub", "1", None, "h1", 1));
-        assert!(Uuid::parse_str(&a).is_ok());
-        assert_ne!(
-            batch_key(["a", "b"].into_iter()),
-            batch_key(["b", "a"].into_iter())
-        );
-    }
-
-    #[test]
-    fn batch_body_splices_member_bodies() {
-        let body = batch_body(
-            "wodify",
-            [
-                ("1", br#"{"email":"a@x.io"}"#.as_slice()),
-                ("2/b", br#"{"email":"b@x.io","name":"B"}"#.as_slice()),
-            ]
-            .into_iter(),
-        );
-        let parsed: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
-        assert_eq!(
-            parsed,
-            serde_json::json!({"source": "wodify", "customers": [
-                {"external_id": "1", "email": "a@x.io"},
-                {"external_id": "2/b", "email": "b@x.io", "name": "B"}
-            ]})
-        );
-    }
 
     #[test]
     fn answers_follow_the_failure_policy() {
@@ -616,13 +378,6 @@ mod tests {
                 failed: vec![("9".into(), "validation_error: bad".into())],
             })
         );
-    }
-
-    #[test]
-    fn retry_after_accepts_seconds() {
-        let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
     }
 
     #[test]

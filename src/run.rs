@@ -12,37 +12,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
+use crate::exit::ExitStatus;
 use crate::limiter::Backoff;
 
 use crate::sources::{self, AnySource, PollContext, PollError};
 use crate::store::{PollStats, Store, StoreError};
 use crate::worker::{Exhausted, Held, SendStats, Worker, WorkerExit, WorkerState};
-
-/// Process exit codes (DESIGN's external interface; sysexits where one fits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ExitStatus {
-    /// Everything delivered.
-    Ok = 0,
-    /// Anything else went wrong.
-    Failure = 1,
-    /// Bad command line.
-    Usage = 2,
-    /// Finished, but some records were rejected or dead-lettered.
-    Rejected = 65,
-    /// An upstream stayed unavailable.
-    Unavailable = 69,
-    /// An API refused its key.
-    AuthRefused = 77,
-    /// The configuration is invalid.
-    Config = 78,
-}
-
-impl ExitStatus {
-    /// The numeric code.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-}
 
 /// What `--once` was asked to do.
 #[derive(Clone, Default)]
@@ -193,7 +168,7 @@ impl RunReport {
             );
         }
         // The name column to the left, the counts to the right.
-        let mut out = crate::ops::text_table(&rows, |column| column > 0);
+        let mut out = crate::table::text_table(&rows, |column| column > 0);
         for s in &self.sources {
             for note in s.notes() {
                 out.push_str(&format!("{}: {note}\n", s.name));

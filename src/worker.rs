@@ -245,14 +245,14 @@ impl Worker {
         // was fixed (and clears it) or is still refused (no send is wasted on it).
         if stale_halt {
             match self.client.probe().await {
-                crate::revkeen::Probe::Ok => {
+                crate::http::Probe::Ok => {
                     tracing::info!(
                         "RevKeen accepts the API key again; the earlier auth halt is cleared."
                     );
                     self.store.call(|s| s.clear_halt(REVKEEN)).await?;
                     stale_halt = false;
                 }
-                crate::revkeen::Probe::KeyRefused(reason) => {
+                crate::http::Probe::KeyRefused(reason) => {
                     tracing::error!(
                         "RevKeen still refuses the API key: nothing is sent until the key is fixed and sync-daemon restarted."
                     );

@@ -22,8 +22,8 @@
 //! key). Properties, in DESIGN's terms:
 //! 1. Invariant 4, one customer one lane: no two in-flight units hold the same customer; a claim
 //!    only returns lane heads that are not already in flight; a batch holds each customer once,
-//!    sorted by external id, and its recorded body is [`revkeen::batch_body`] of its members and
-//!    its key [`revkeen::batch_key`] of theirs. Claims also take the most overdue work first and
+//!    sorted by external id, and its recorded body is [`keys::batch_body`] of its members and
+//!    its key [`keys::batch_key`] of theirs. Claims also take the most overdue work first and
 //!    fill batches as far as the batch size allows.
 //! 2. Invariant 5, nothing unchanged is sent: a polled body equal to the latest decided body
 //!    (queued, in flight, synced or dead-lettered) enqueues nothing, and any other body does
@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use sync_daemon::customer::{Rejection, body_hash};
-use sync_daemon::revkeen;
+use sync_daemon::keys;
 use sync_daemon::store::{
     ClaimFilter, DeadLetter, Delivered, DeliveryCounts, FailureKind, Finished, Job, PageItem,
     PageItemOutcome, PageOutcome, Store, Unit,
@@ -574,7 +574,7 @@ impl Harness {
                             );
                         }
                     }
-                    let want_body = revkeen::batch_body(
+                    let want_body = keys::batch_body(
                         REVKEEN_SOURCE,
                         batch
                             .members
@@ -585,9 +585,8 @@ impl Harness {
                         batch.body == want_body,
                         "invariant 4: the recorded batch body is not batch_body of its members"
                     );
-                    let want_key = revkeen::batch_key(
-                        batch.members.iter().map(|m| m.idempotency_key.as_str()),
-                    );
+                    let want_key =
+                        keys::batch_key(batch.members.iter().map(|m| m.idempotency_key.as_str()));
                     prop_assert_eq!(
                         &batch.idempotency_key,
                         &want_key,

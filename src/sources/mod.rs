@@ -23,8 +23,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{SourceConfig, SourceKind};
+use crate::http::send_measured;
 use crate::limiter::{Backoff, Limiter};
-use crate::revkeen::send_measured;
 use crate::store::{PageItem, PollStats, Store, StoreError};
 
 /// One fetched page.
@@ -67,11 +67,11 @@ pub enum SourceError {
 
 impl SourceError {
     /// What `check-config --connect` reports for a probe's answer.
-    pub fn probe<T>(answer: Result<T, SourceError>) -> crate::revkeen::Probe {
+    pub fn probe<T>(answer: Result<T, SourceError>) -> crate::http::Probe {
         match answer {
-            Ok(_) => crate::revkeen::Probe::Ok,
-            Err(SourceError::AuthRefused(e)) => crate::revkeen::Probe::KeyRefused(e),
-            Err(e) => crate::revkeen::Probe::Unexpected(e.to_string()),
+            Ok(_) => crate::http::Probe::Ok,
+            Err(SourceError::AuthRefused(e)) => crate::http::Probe::KeyRefused(e),
+            Err(e) => crate::http::Probe::Unexpected(e.to_string()),
         }
     }
 
@@ -150,7 +150,7 @@ impl AnySource {
 
 impl AnySource {
     /// One authenticated read, for `check-config --connect`.
-    pub async fn probe(&self) -> crate::revkeen::Probe {
+    pub async fn probe(&self) -> crate::http::Probe {
         match self {
             AnySource::Wodify(adapter) => adapter.probe().await,
             AnySource::PracticeHub(adapter) => adapter.probe().await,

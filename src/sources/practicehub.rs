@@ -29,7 +29,7 @@ use serde_json::Value;
 use super::{Adapter, Fetched, Mapped, SourceError};
 use crate::config::{Secret, SourceConfig};
 use crate::customer::{self, Phone, Rejection};
-use crate::revkeen::http_client;
+use crate::http;
 use crate::store::{PageItem, PageItemOutcome};
 
 /// Patients per request: PracticeHub's documented maximum.
@@ -231,7 +231,7 @@ impl PracticeHub {
             }
         }
         Ok(PracticeHub {
-            http: http_client(Duration::from_secs(config.timeout_secs))?,
+            http: http::client(Duration::from_secs(config.timeout_secs))?,
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
             app_details: config.app_details.clone().unwrap_or_default(),
@@ -312,9 +312,9 @@ impl PracticeHub {
 
 impl PracticeHub {
     /// `GET /patients?page_size=1`: one authenticated read for `check-config --connect`.
-    pub async fn probe(&self) -> crate::revkeen::Probe {
+    pub async fn probe(&self) -> crate::http::Probe {
         let request = self.request(super::probe_url(&self.base, "patients"));
-        crate::revkeen::probe_request(request, |status, body| {
+        crate::http::probe_request(request, |status, body| {
             SourceError::probe(read_answer(status, body, None))
         })
         .await

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::{Adapter, Fetched, Mapped, SourceError};
 use crate::config::{Secret, SourceConfig, WodifyScan};
 use crate::customer::{self, Customer, Phone, Rejection};
-use crate::revkeen::http_client;
+use crate::http;
 use crate::store::{PageItem, PageItemOutcome};
 
 /// Clients per request: Wodify's documented maximum.
@@ -112,7 +112,7 @@ impl Wodify {
     /// An adapter for one configured Wodify source.
     pub fn new(config: &SourceConfig) -> Result<Wodify, reqwest::Error> {
         Ok(Wodify {
-            http: http_client(Duration::from_secs(config.timeout_secs))?,
+            http: http::client(Duration::from_secs(config.timeout_secs))?,
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
             scan: config.scan,
@@ -215,9 +215,9 @@ fn read_listing(
 
 impl Wodify {
     /// `GET /clients?page_size=1`: one authenticated read for `check-config --connect`.
-    pub async fn probe(&self) -> crate::revkeen::Probe {
+    pub async fn probe(&self) -> crate::http::Probe {
         let request = self.request(super::probe_url(&self.base, "clients"));
-        crate::revkeen::probe_request(request, |status, body| {
+        crate::http::probe_request(request, |status, body| {
             SourceError::probe(read_answer(status, body, None))
         })
         .await

@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
 use super::records::{DeadLetter, Delivered, DeliveryCounts};
 use super::{Store, StoreError, now_ms};
 use crate::customer::{Rejection, body_hash};
-use crate::revkeen;
+use crate::keys;
 
 /// One record of a polled page, already normalized.
 #[derive(Debug, Clone)]
@@ -642,7 +642,7 @@ fn enqueue(
         return Ok(Enqueued::Skipped);
     }
     let version = version + 1;
-    let key = revkeen::idempotency_key(
+    let key = keys::idempotency_key(
         revkeen_source,
         external_id,
         synced_hash.as_deref(),
@@ -858,13 +858,13 @@ fn claim_in(
         return Ok(Some(Unit::Single(job)));
     }
     members.sort_by(|a, b| a.external_id.cmp(&b.external_id));
-    let body = revkeen::batch_body(
+    let body = keys::batch_body(
         &members[0].revkeen_source,
         members
             .iter()
             .map(|m| (m.external_id.as_str(), m.body.as_slice())),
     );
-    let key = revkeen::batch_key(members.iter().map(|m| m.idempotency_key.as_str()));
+    let key = keys::batch_key(members.iter().map(|m| m.idempotency_key.as_str()));
     tx.execute(
         "INSERT INTO batches (revkeen_source, body, idempotency_key, created_at, inflight)
          VALUES (?1, ?2, ?3, ?4, 1)",

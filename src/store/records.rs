@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
 use super::outbox::Job;
 use super::{Store, StoreError, now_ms};
 use crate::customer::body_hash;
-use crate::revkeen;
+use crate::keys;
 
 /// How RevKeen took a body it accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -770,7 +770,7 @@ fn replay_one(
         .unwrap_or((0, None));
     let version = version + 1;
     let hash = body_hash(&body);
-    let key = revkeen::idempotency_key(
+    let key = keys::idempotency_key(
         &revkeen_source,
         external_id,
         synced_hash.as_deref(),
