@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use sync_daemon::config::Config;
 use sync_daemon::store::{
-    ClaimFilter, DeadLetter, Delivered, DeliveryCounts, Finished, PageItem, PageItemOutcome,
-    PollStats, Store, now_ms,
+    ClaimFilter, DeadLetter, DeliveryCounts, Finished, PageItem, PageItemOutcome, PollStats, Store,
+    now_ms,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_sync-daemon");
@@ -210,7 +210,7 @@ fn build_state(store: &Store, synced: u64, dead: u64) {
                 let index: u64 = job.external_id.parse::<u64>().expect("numeric id") - 10_000;
                 let finished = if index < synced {
                     counts.created += 1;
-                    Finished::Delivered(Delivered::InBatch)
+                    Finished::Delivered
                 } else {
                     counts.dead_lettered += 1;
                     Finished::DeadLetter(refusal())
@@ -265,7 +265,7 @@ fn write_continuously(store: &Store, synced: u64, stop: &AtomicBool, commits: &A
             let results: Vec<(i64, Finished)> = unit
                 .jobs()
                 .iter()
-                .map(|job| (job.id, Finished::Delivered(Delivered::InBatch)))
+                .map(|job| (job.id, Finished::Delivered))
                 .collect();
             let counts = DeliveryCounts {
                 updated: results.len() as u64,

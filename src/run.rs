@@ -16,7 +16,9 @@ use crate::exit::ExitStatus;
 use crate::limiter::Backoff;
 
 use crate::sources::{self, AnySource, PollContext, PollError};
-use crate::store::{PollStats, Store, StoreError};
+use crate::store::{
+    Decision, Lane, PageItemOutcome, PollStats, Preview, Store, StoreError, decide,
+};
 use crate::worker::{Exhausted, Held, SendStats, Worker, WorkerExit, WorkerState};
 
 /// What `--once` was asked to do.
@@ -502,9 +504,9 @@ pub async fn dry_run(
         };
         for mapped in pages.into_iter().flatten() {
             let external_id = mapped.item.external_id;
-            let body = match mapped.item.outcome {
-                crate::store::PageItemOutcome::Customer { body, .. } => body,
-                crate::store::PageItemOutcome::Rejected(rejection) => {
+            let (body, update_only) = match mapped.item.outcome {
+                PageItemOutcome::Customer { body, update_only } => (body, update_only),
+                PageItemOutcome::Rejected(rejection) => {
                     report.poll.rejected += 1;
                     emit(DryRunEntry {
                         source: source.name.clone(),
@@ -516,40 +518,48 @@ pub async fn dry_run(
                     });
                     continue;
                 }
-                crate::store::PageItemOutcome::Ignored => {
+                PageItemOutcome::Ignored => {
                     report.poll.skipped += 1;
                     continue;
                 }
             };
-            let lane = match &store {
-                Some(store) => store.lane(&source.name, &external_id)?,
-                None => None,
-            };
+            // The same question the real run asks the store (one change detection).
             let hash = crate::customer::body_hash(&body);
-            let lane = lane.unwrap_or(crate::store::LaneState {
-                latest_hash: None,
-                synced_hash: None,
-                synced_body: None,
-            });
-            if !options.resync && lane.latest_hash.as_deref() == Some(hash.as_str()) {
-                report.poll.unchanged += 1;
-                continue;
-            }
+            let preview = match &store {
+                Some(store) => store.preview(
+                    &source.name,
+                    &external_id,
+                    &hash,
+                    update_only,
+                    options.resync,
+                )?,
+                None => Preview {
+                    decision: decide(&Lane::default(), &hash, update_only, options.resync),
+                    synced_body: None,
+                },
+            };
+            let create = match preview.decision {
+                Decision::Unchanged => {
+                    report.poll.unchanged += 1;
+                    continue;
+                }
+                Decision::Skip => {
+                    report.poll.skipped += 1;
+                    continue;
+                }
+                Decision::Send { create } => create,
+            };
             report.poll.enqueued += 1;
             let new: serde_json::Value =
                 serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-            let old: Option<serde_json::Value> = lane
+            let old: Option<serde_json::Value> = preview
                 .synced_body
                 .as_deref()
                 .and_then(|b| serde_json::from_slice(b).ok());
             emit(DryRunEntry {
                 source: source.name.clone(),
                 external_id,
-                action: if lane.synced_hash.is_some() {
-                    "update"
-                } else {
-                    "create"
-                },
+                action: if create { "create" } else { "update" },
                 fields: changed_fields(old.as_ref(), &new),
                 body: Some(new),
                 reason: None,
@@ -573,4 +583,55 @@ pub fn changed_fields(old: Option<&serde_json::Value>, new: &serde_json::Value) 
         .collect();
     fields.sort();
     fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sync_daemon_sim::{SimPorts, SimSet};
+
+    /// The dry run asks the store the question the real run asks: a deleted patient RevKeen
+    /// never had is skipped by both, never shown as a create.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_patient_revkeen_never_had_is_skipped_by_the_dry_run_and_the_run() {
+        let sims = SimSet::start(SimPorts::default())
+            .await
+            .expect("simulators");
+        sims.practicehub.seed(3, 1);
+        let deleted = sims.practicehub.patients()[0]["id"].as_i64().expect("id");
+        sims.practicehub.update_patient(
+            deleted,
+            serde_json::json!({"email": "gone@example.com", "deleted": true}),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml = sims.config_toml(&dir.path().join("state.db"));
+        let config =
+            Config::from_toml(&toml, &crate::config::Environment::default()).expect("config");
+        let options = OnceOptions {
+            sources: vec!["clinic".to_string()],
+            ..OnceOptions::default()
+        };
+        let mut entries = Vec::new();
+        let reports = dry_run(&config, &options, |entry| entries.push(entry))
+            .await
+            .expect("dry run");
+        let id = deleted.to_string();
+        assert!(
+            !entries.iter().any(|e| e.external_id == id),
+            "the dry run would act on a deleted patient RevKeen never had: {entries:?}"
+        );
+        assert_eq!(reports[0].poll.skipped, 1, "{:?}", reports[0].poll);
+
+        let report = once(&config, &options).await.expect("run");
+        assert_eq!(
+            report.sources[0].poll.skipped, 1,
+            "{:?}",
+            report.sources[0].poll
+        );
+        assert!(sims.revkeen.customer("practicehub", &id).is_none());
+        assert_eq!(
+            report.sources[0].poll.enqueued, reports[0].poll.enqueued,
+            "the dry run and the run disagree on what to send"
+        );
+    }
 }

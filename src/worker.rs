@@ -19,7 +19,7 @@ use crate::health::Health;
 use crate::limiter::{Backoff, Limiter};
 use crate::revkeen::{Answer, ApiError, BatchResult, RevKeenClient};
 use crate::store::{
-    ClaimFilter, DeadLetter, Delivered, DeliveryCounts, Finished, Store, StoreError, Unit, now_ms,
+    ClaimFilter, DeadLetter, DeliveryCounts, Finished, Store, StoreError, Unit, now_ms,
 };
 
 /// How long to wait before retrying a key RevKeen is still processing.
@@ -454,31 +454,19 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
     let store = shared.store.clone();
     match answer {
         Answer::Applied { created } => {
-            let (delivered, counts) = if created {
-                (
-                    Delivered::Created,
-                    DeliveryCounts {
-                        created: 1,
-                        ..DeliveryCounts::default()
-                    },
-                )
-            } else {
-                (
-                    Delivered::Updated,
-                    DeliveryCounts {
-                        updated: 1,
-                        ..DeliveryCounts::default()
-                    },
-                )
+            let counts = DeliveryCounts {
+                created: u64::from(created),
+                updated: u64::from(!created),
+                ..DeliveryCounts::default()
             };
-            finish_all(shared, unit, Finished::Delivered(delivered), counts).await
+            finish_all(shared, unit, Finished::Delivered, counts).await
         }
         Answer::Stale => {
             let counts = DeliveryCounts {
                 stale: 1,
                 ..DeliveryCounts::default()
             };
-            finish_all(shared, unit, Finished::Delivered(Delivered::Stale), counts).await
+            finish_all(shared, unit, Finished::Delivered, counts).await
         }
         Answer::Batch(result) => finish_batch(shared, unit, result).await,
         Answer::Refused(error) => {
@@ -653,7 +641,7 @@ async fn finish_batch(shared: &Arc<Shared>, unit: Unit, result: BatchResult) -> 
                 );
                 results.push((job.id, Finished::RetrySingle));
             }
-            None => results.push((job.id, Finished::Delivered(Delivered::InBatch))),
+            None => results.push((job.id, Finished::Delivered)),
         }
     }
     let counts = DeliveryCounts {

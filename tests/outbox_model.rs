@@ -58,8 +58,8 @@ use proptest::test_runner::TestCaseError;
 use sync_daemon::customer::{Rejection, body_hash};
 use sync_daemon::keys;
 use sync_daemon::store::{
-    ClaimFilter, DeadLetter, Delivered, DeliveryCounts, FailureKind, Finished, Job, PageItem,
-    PageItemOutcome, PageOutcome, Store, Unit,
+    ClaimFilter, DeadLetter, DeliveryCounts, FailureKind, Finished, Job, PageItem, PageItemOutcome,
+    PageOutcome, Store, Unit,
 };
 
 const SOURCE: &str = "gym";
@@ -643,10 +643,6 @@ impl Harness {
                 }
             }
         };
-        let delivered = match unit {
-            Unit::Single(_) => Delivered::Updated,
-            Unit::Batch(_) => Delivered::InBatch,
-        };
         let results: Vec<(i64, Finished)> = jobs
             .iter()
             .zip(&dead)
@@ -660,7 +656,7 @@ impl Harness {
                         hint: None,
                     })
                 } else {
-                    Finished::Delivered(delivered)
+                    Finished::Delivered
                 };
                 (job.id, result)
             })

@@ -27,14 +27,19 @@
 //! separate read-only connection and never block the writer; `replay` is a short write that
 //! waits on the busy timeout.
 
+mod cursors;
+mod customers;
+mod failures;
+mod history;
 mod migrations;
 mod outbox;
-mod records;
+mod push;
 
-pub use outbox::{Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, PageOutcome, Unit};
-pub use records::{
-    DeadLetter, Delivered, DeliveryCounts, Failure, FailureKind, Halt, LaneState, PollRecord,
-    PollStats, QueueSummary, ReplayOutcome,
+pub use customers::{Decision, Lane, Preview, Queued, decide};
+pub use failures::{DeadLetter, Failure, FailureKind};
+pub use history::{DeliveryCounts, Halt, PageOutcome, PollRecord, PollStats};
+pub use outbox::{
+    Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, QueueSummary, ReplayOutcome, Unit,
 };
 
 use std::fs::{File, OpenOptions};
@@ -223,11 +228,6 @@ impl Store {
                 _lock: None,
             }),
         })
-    }
-
-    /// The state file's path.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     /// Runs blocking store work off the async runtime. Work that finds the file locked by
@@ -567,7 +567,7 @@ mod outbox_tests {
         store
             .finish(
                 &unit,
-                &[(first.id, Finished::Delivered(Delivered::Created))],
+                &[(first.id, Finished::Delivered)],
                 DeliveryCounts {
                     created: 1,
                     ..DeliveryCounts::default()

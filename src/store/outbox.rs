@@ -1,10 +1,24 @@
-//! The transactional outbox: committing a polled page, claiming work for the worker, and
-//! recording RevKeen's answers.
+//! The transactional outbox: jobs waiting for a final answer from RevKeen, and the batches they
+//! are recorded in. This is where a page becomes outbox rows ([`Store::commit_page`]), where
+//! the worker claims its next unit ([`Store::claim`]) and where RevKeen's answers are recorded
+//! ([`Store::finish`]).
+//!
+//! Invariants held here (ARCHITECTURE.md numbers them):
+//! 1. A page's jobs and the cursor that moves past the page commit in one transaction.
+//! 2. A job leaves `outbox` only in [`Store::finish`], on a final answer; in-flight marks are
+//!    cleared when the state is opened, so whatever was in flight at a crash is sent again.
+//! 3. A job's body and idempotency key are written once, when the job is created or coalesced,
+//!    and sent as stored; a batch is recorded (members, body, key) before it is sent.
+//! 4. A lane (source, external id) has at most one job in flight: only the lowest outbox id of
+//!    a lane may be claimed, and a newer version replaces a waiting one instead of queueing
+//!    behind it.
 
 use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
 
-use super::records::{DeadLetter, Delivered, DeliveryCounts};
-use super::{Store, StoreError, now_ms};
+use super::customers::{self, Decision};
+use super::failures::{self, DeadLetter};
+use super::history::{self, DeliveryCounts, PageOutcome};
+use super::{Store, StoreError, cursors, now_ms};
 use crate::customer::{Rejection, body_hash};
 use crate::keys;
 
@@ -25,19 +39,6 @@ pub enum PageItemOutcome {
     Rejected(Rejection),
     /// Nothing to do (a deleted record without an email): counted as skipped.
     Ignored,
-}
-
-/// What a committed page changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageOutcome {
-    /// New jobs, or queued jobs replaced by a newer version.
-    pub enqueued: u64,
-    /// Records whose body equals what is synced or already queued.
-    pub unchanged: u64,
-    /// Records that could not be normalized.
-    pub rejected: u64,
-    /// Update-only records for customers RevKeen never had (a deleted patient).
-    pub skipped: u64,
 }
 
 /// Which work the worker may claim.
@@ -150,8 +151,20 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
+/// What `replay` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    /// Dead letters put back in the outbox.
+    pub replayed: u64,
+    /// Dead letters dropped because a newer version of the customer is already queued.
+    pub superseded: u64,
+    /// Requested ids that have no failure.
+    pub not_found: Vec<String>,
+    /// Requested ids that were rejected before sending (fix them at the source instead).
+    pub rejected: Vec<String>,
+}
 /// `?, ?, ?` for an IN list of `n` values (never empty: an empty filter matches nothing).
-fn placeholders(n: usize) -> String {
+pub(super) fn placeholders(n: usize) -> String {
     if n == 0 {
         return "NULL".to_string();
     }
@@ -167,20 +180,8 @@ const LANE_HEAD: &str = "NOT EXISTS (SELECT 1 FROM outbox p \
      WHERE p.source = o.source AND p.external_id = o.external_id AND p.id < o.id)";
 
 impl Store {
-    /// The saved cursor of a source and its number of complete passes.
-    pub fn cursor(&self, source: &str) -> Result<Option<(String, i64)>, StoreError> {
-        self.conn()
-            .query_row(
-                "SELECT cursor, passes FROM cursors WHERE source = ?1",
-                [source],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))
-    }
-
     /// Commits one page: enqueues what changed, records rejections and moves the cursor, all
-    /// in one transaction (invariant 1). `cursor` `None` leaves the cursor alone (push events);
+    /// in one transaction (invariant 1). `cursor` `None` leaves the cursor alone;
     /// `pass_complete` counts a finished pass over the whole listing.
     pub fn commit_page(
         &self,
@@ -194,92 +195,12 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_ms();
-        let passes = passes_of(&tx, source).map_err(|e| self.err(e))?;
+        let passes = cursors::passes_of(&tx, source).map_err(|e| self.err(e))?;
         let outcome = apply_items(&tx, source, revkeen_source, items, resync, passes + 1, now)
             .map_err(|e| self.err(e))?;
         if let Some(cursor) = cursor {
-            tx.execute(
-                "INSERT INTO cursors (source, cursor, passes, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor,
-                     passes = excluded.passes, updated_at = excluded.updated_at",
-                params![source, cursor, passes + i64::from(pass_complete), now],
-            )
-            .map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(outcome)
-    }
-
-    /// Records push events (ids only) for later fetching. An id already pending is not
-    /// duplicated, but its event is marked newer, so a fetch already under way for it does not
-    /// consume it. Returns how many ids were new.
-    pub fn record_push(&self, source: &str, external_ids: &[String]) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let now = now_ms();
-        let mut added = 0;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO push_events (source, external_id, received_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (source, external_id) DO UPDATE SET seq = seq + 1,
-                         received_at = excluded.received_at
-                     RETURNING seq = 0",
-                )
+            cursors::set(&tx, source, cursor, passes + i64::from(pass_complete), now)
                 .map_err(|e| self.err(e))?;
-            for id in external_ids {
-                let new: bool = insert
-                    .query_row(params![source, id, now], |row| row.get(0))
-                    .map_err(|e| self.err(e))?;
-                added += usize::from(new);
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(added)
-    }
-
-    /// The oldest pending push events of a source: `(event id, external id, seq)`.
-    pub fn pending_push(
-        &self,
-        source: &str,
-        limit: usize,
-    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, external_id, seq FROM push_events WHERE source = ?1
-                  ORDER BY received_at, id LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        stmt.query_map(params![source, limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(|e| self.err(e))
-    }
-
-    /// Enqueues what the source returned for push events and consumes the events, in one
-    /// transaction: a crash leaves either both or neither. An event pushed again since it was
-    /// read (its `seq` moved on) stays, so the newer change is fetched too.
-    pub fn commit_push(
-        &self,
-        source: &str,
-        revkeen_source: &str,
-        items: &[PageItem],
-        events: &[(i64, i64)],
-    ) -> Result<PageOutcome, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let now = now_ms();
-        let passes = passes_of(&tx, source).map_err(|e| self.err(e))?;
-        let outcome = apply_items(&tx, source, revkeen_source, items, false, passes + 1, now)
-            .map_err(|e| self.err(e))?;
-        for (id, seq) in events {
-            tx.execute(
-                "DELETE FROM push_events WHERE id = ?1 AND seq = ?2",
-                params![id, seq],
-            )
-            .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(outcome)
@@ -368,12 +289,14 @@ impl Store {
         let all_delivered = unit
             .jobs()
             .iter()
-            .all(|job| matches!(result_of(job), Some(Finished::Delivered(_))));
+            .all(|job| matches!(result_of(job), Some(Finished::Delivered)));
         match unit {
             // The common case, a whole batch accepted: three statements instead of three per
             // member.
             Unit::Batch(batch) if all_delivered => {
-                super::records::mark_batch_synced(&tx, batch.id, now).map_err(|e| self.err(e))?;
+                customers::mark_batch_synced(&tx, batch.id, now)
+                    .and_then(|()| failures::clear_batch_dead_letters(&tx, batch.id))
+                    .map_err(|e| self.err(e))?;
                 tx.prepare_cached("DELETE FROM outbox WHERE batch_id = ?1")
                     .and_then(|mut stmt| stmt.execute([batch.id]))
                     .map_err(|e| self.err(e))?;
@@ -384,11 +307,13 @@ impl Store {
                         continue;
                     };
                     match result {
-                        Finished::Delivered(delivered) => {
-                            super::records::mark_synced(&tx, job, *delivered, now)
+                        Finished::Delivered => {
+                            customers::mark_synced(&tx, job, now).and_then(|()| {
+                                failures::clear_dead_letter(&tx, &job.source, &job.external_id)
+                            })
                         }
                         Finished::DeadLetter(dead) => {
-                            super::records::dead_letter(&tx, job, unit.attempts() + 1, dead, now)
+                            failures::dead_letter(&tx, job, unit.attempts() + 1, dead, now)
                         }
                         Finished::RetrySingle => {
                             // Stays queued (the batch row goes below).
@@ -409,7 +334,7 @@ impl Store {
             }
         }
         if let Some(job) = unit.jobs().first() {
-            super::records::add_delivery(&tx, &job.source, counts, now).map_err(|e| self.err(e))?;
+            history::add_delivery(&tx, &job.source, counts, now).map_err(|e| self.err(e))?;
         }
         if let Unit::Batch(batch) = unit {
             // Members without a result (none today) go back to the queue as singles.
@@ -497,7 +422,7 @@ impl Store {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finished {
     /// RevKeen accepted it.
-    Delivered(Delivered),
+    Delivered,
     /// RevKeen's final refusal.
     DeadLetter(DeadLetter),
     /// Refused inside a batch, whose answer carries only a free-text error: send it again on
@@ -505,18 +430,9 @@ pub enum Finished {
     RetrySingle,
 }
 
-/// A source's number of complete passes (0 before the first).
-pub(super) fn passes_of(conn: &rusqlite::Connection, source: &str) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "SELECT passes FROM cursors WHERE source = ?1",
-        [source],
-        |row| row.get(0),
-    )
-    .optional()
-    .map(|passes| passes.unwrap_or(0))
-}
-
-fn apply_items(
+/// Applies a page's items: each record is enqueued, rejected or skipped. `pass` is the listing
+/// pass the page belongs to.
+pub(super) fn apply_items(
     tx: &Transaction<'_>,
     source: &str,
     revkeen_source: &str,
@@ -527,187 +443,166 @@ fn apply_items(
 ) -> rusqlite::Result<PageOutcome> {
     let mut outcome = PageOutcome::default();
     for item in items {
-        let result = match &item.outcome {
-            PageItemOutcome::Customer { body, update_only } => enqueue(
-                tx,
-                source,
-                revkeen_source,
-                &item.external_id,
-                body,
-                *update_only,
-                resync,
-                pass,
-                now,
-            )?,
+        let id = item.external_id.as_str();
+        match &item.outcome {
+            PageItemOutcome::Customer { body, update_only } => {
+                let new = NewBody {
+                    body,
+                    hash: body_hash(body),
+                    update_only: *update_only,
+                };
+                match enqueue(tx, source, revkeen_source, id, &new, resync, pass, now)? {
+                    Decision::Unchanged => outcome.unchanged += 1,
+                    Decision::Skip => outcome.skipped += 1,
+                    Decision::Send { .. } => outcome.enqueued += 1,
+                }
+            }
             PageItemOutcome::Rejected(rejection) => {
-                record_rejection(tx, source, &item.external_id, rejection, pass, now)?;
-                Enqueued::Rejected
+                reject(tx, source, id, rejection, pass, now)?;
+                outcome.rejected += 1;
             }
             PageItemOutcome::Ignored => {
                 // Nothing to send and nothing to fix (a deleted record): an earlier rejection
                 // of it is moot.
-                tx.prepare_cached(
-                    "DELETE FROM failures WHERE source = ?1 AND external_id = ?2
-                        AND kind = 'rejected'",
-                )?
-                .execute(params![source, &item.external_id])?;
-                touch(tx, source, &item.external_id, pass)?;
-                Enqueued::Skipped
+                failures::clear_rejection(tx, source, id)?;
+                customers::touch(tx, source, id, false, pass)?;
+                outcome.skipped += 1;
             }
-        };
-        match result {
-            Enqueued::New => outcome.enqueued += 1,
-            Enqueued::Unchanged => outcome.unchanged += 1,
-            Enqueued::Rejected => outcome.rejected += 1,
-            Enqueued::Skipped => outcome.skipped += 1,
         }
     }
     Ok(outcome)
 }
 
-enum Enqueued {
-    New,
-    Unchanged,
-    Rejected,
-    Skipped,
+/// A polled body and what is derived from it once.
+struct NewBody<'a> {
+    body: &'a [u8],
+    hash: String,
+    update_only: bool,
 }
 
+/// Change detection and the outbox write for one polled body.
 #[allow(clippy::too_many_arguments)]
 fn enqueue(
     tx: &Transaction<'_>,
     source: &str,
     revkeen_source: &str,
     external_id: &str,
-    body: &[u8],
-    update_only: bool,
+    new: &NewBody<'_>,
     resync: bool,
     pass: i64,
     now: i64,
-) -> rusqlite::Result<Enqueued> {
-    let hash = body_hash(body);
-    // Everything the decision needs in one lookup: the customer, its newest outbox row, and
-    // whether an earlier rejection is now resolved.
-    let (known, version, latest_hash, synced_hash, queued, rejected) = tx
-        .prepare_cached(
-            "SELECT c.source IS NOT NULL, COALESCE(c.version, 0), c.latest_hash, c.synced_hash,
-                    o.id, o.batch_id, o.inflight,
-                    EXISTS (SELECT 1 FROM failures f WHERE f.source = ?1
-                              AND f.external_id = ?2 AND f.kind = 'rejected')
-               FROM (SELECT 1)
-               LEFT JOIN customers c ON c.source = ?1 AND c.external_id = ?2
-               LEFT JOIN outbox o ON o.id =
-                    (SELECT MAX(id) FROM outbox WHERE source = ?1 AND external_id = ?2)",
-        )?
-        .query_row(params![source, external_id], |row| {
-            let queued = match row.get::<_, Option<i64>>(4)? {
-                Some(id) => Some((id, row.get::<_, Option<i64>>(5)?, row.get::<_, bool>(6)?)),
-                None => None,
-            };
-            Ok((
-                row.get::<_, bool>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, Option<String>>(2)?,
-                row.get::<_, Option<String>>(3)?,
-                queued,
-                row.get::<_, bool>(7)?,
-            ))
-        })?;
-    if rejected {
+) -> rusqlite::Result<Decision> {
+    let (known, lane) = customers::read(tx, source, external_id, false)?;
+    if lane.rejected {
         // Normalizing successfully means the earlier rejection of this record is resolved.
-        tx.prepare_cached(
-            "DELETE FROM failures WHERE source = ?1 AND external_id = ?2 AND kind = 'rejected'",
-        )?
-        .execute(params![source, external_id])?;
+        failures::clear_rejection(tx, source, external_id)?;
     }
-    let touch = |tx: &Transaction<'_>| -> rusqlite::Result<()> {
-        if known {
-            tx.prepare_cached(
-                "UPDATE customers SET seen_pass = ?3 WHERE source = ?1 AND external_id = ?2",
-            )?
-            .execute(params![source, external_id, pass])
-            .map(drop)
-        } else {
-            touch(tx, source, external_id, pass)
-        }
-    };
-    let unchanged = latest_hash.as_deref() == Some(hash.as_str());
-    // `--resync` sends everything again, except what is already on its way.
-    if unchanged && (!resync || queued.is_some()) {
-        touch(tx)?;
-        return Ok(Enqueued::Unchanged);
+    let decision = customers::decide(&lane, &new.hash, new.update_only, resync);
+    if !matches!(decision, Decision::Send { .. }) {
+        customers::touch(tx, source, external_id, known, pass)?;
+        return Ok(decision);
     }
-    if update_only && synced_hash.is_none() && queued.is_none() {
-        // RevKeen never had this customer: a deleted record must not create one.
-        touch(tx)?;
-        return Ok(Enqueued::Skipped);
-    }
-    let version = version + 1;
-    let key = keys::idempotency_key(
-        revkeen_source,
+    let job = JobRow {
+        source,
         external_id,
-        synced_hash.as_deref(),
-        &hash,
-        version,
-    );
-    match queued {
-        Some((id, None, false)) => {
-            // Coalesce: the queued version was never acknowledged, so the newer one replaces
-            // it. Its key changes with its body, so RevKeen never sees one key with two bodies.
-            tx.prepare_cached(
-                "UPDATE outbox SET body = ?2, body_hash = ?3, idempotency_key = ?4, attempts = 0,
-                        next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?5
-                  WHERE id = ?1",
-            )?
-            .execute(params![id, body, hash, key, update_only])?;
+        revkeen_source,
+        body: new.body,
+        hash: &new.hash,
+        update_only: new.update_only,
+    };
+    match lane.queued {
+        // Coalesce: the waiting version was never claimed, so the newer one replaces it. Its
+        // key changes with its body, so RevKeen never sees one key with two bodies.
+        Some(queued) if queued.replaceable() => {
+            replace_job(tx, queued.id, &job, &lane, pass)?;
         }
-        _ => {
-            tx.prepare_cached(
-                "INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
-                                     idempotency_key, enqueued_at, update_only)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                source,
-                external_id,
-                revkeen_source,
-                body,
-                hash,
-                key,
-                now,
-                update_only
-            ])?;
-        }
+        _ => insert_job(tx, &job, &lane, Some(pass), now)?,
     }
-    if known {
-        tx.prepare_cached(
-            "UPDATE customers SET version = ?3, latest_hash = ?4, seen_pass = ?5
-              WHERE source = ?1 AND external_id = ?2",
-        )?
-        .execute(params![source, external_id, version, hash, pass])?;
-    } else {
-        tx.prepare_cached(
-            "INSERT INTO customers (source, external_id, version, latest_hash, seen_pass)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![source, external_id, version, hash, pass])?;
-    }
-    Ok(Enqueued::New)
+    Ok(decision)
 }
 
-fn touch(tx: &Transaction<'_>, source: &str, external_id: &str, pass: i64) -> rusqlite::Result<()> {
+/// A job as it is written to the outbox.
+struct JobRow<'a> {
+    source: &'a str,
+    external_id: &'a str,
+    revkeen_source: &'a str,
+    body: &'a [u8],
+    hash: &'a str,
+    update_only: bool,
+}
+
+impl JobRow<'_> {
+    /// The key of the customer's next version (invariant 3).
+    fn key(&self, lane: &customers::Lane) -> (i64, String) {
+        let version = lane.version + 1;
+        let key = keys::idempotency_key(
+            self.revkeen_source,
+            self.external_id,
+            lane.synced_hash.as_deref(),
+            self.hash,
+            version,
+        );
+        (version, key)
+    }
+}
+
+/// The one way a new version of a customer enters the outbox (a poll, a push, `replay`): a new
+/// version number, its key, the job row, and the customer's latest hash, together.
+fn insert_job(
+    tx: &Transaction<'_>,
+    job: &JobRow<'_>,
+    lane: &customers::Lane,
+    pass: Option<i64>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let (version, key) = job.key(lane);
     tx.prepare_cached(
-        "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
-         ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass",
+        "INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
+                             idempotency_key, enqueued_at, update_only)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute(params![source, external_id, pass])
-    .map(drop)
+    .execute(params![
+        job.source,
+        job.external_id,
+        job.revkeen_source,
+        job.body,
+        job.hash,
+        key,
+        now,
+        job.update_only
+    ])?;
+    customers::record_version(tx, job.source, job.external_id, version, job.hash, pass)
+}
+
+/// Coalescing: a newer version takes the place of a waiting, never-claimed job.
+fn replace_job(
+    tx: &Transaction<'_>,
+    outbox_id: i64,
+    job: &JobRow<'_>,
+    lane: &customers::Lane,
+    pass: i64,
+) -> rusqlite::Result<()> {
+    let (version, key) = job.key(lane);
+    tx.prepare_cached(
+        "UPDATE outbox SET body = ?2, body_hash = ?3, idempotency_key = ?4, attempts = 0,
+                next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?5
+          WHERE id = ?1",
+    )?
+    .execute(params![outbox_id, job.body, job.hash, key, job.update_only])?;
+    customers::record_version(
+        tx,
+        job.source,
+        job.external_id,
+        version,
+        job.hash,
+        Some(pass),
+    )
 }
 
 /// Records that a record cannot become a customer. The rejection is now the customer's latest
 /// state: a version still waiting in the queue no longer matches the source and is dropped (one
-/// already sent or in a recorded batch finishes as it is), and the latest hash is cleared so
-/// that whatever the record becomes next is queued again, even a body sent before.
-fn record_rejection(
+/// already sent or in a recorded batch finishes as it is), and the latest hash is cleared.
+fn reject(
     tx: &Transaction<'_>,
     source: &str,
     external_id: &str,
@@ -715,12 +610,7 @@ fn record_rejection(
     pass: i64,
     now: i64,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
-         ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass,
-             latest_hash = NULL",
-    )?
-    .execute(params![source, external_id, pass])?;
+    customers::reject(tx, source, external_id, pass)?;
     // Only the last row of a lane can be waiting in the queue (a newer version replaces a
     // waiting one instead of queueing behind it).
     tx.prepare_cached(
@@ -729,27 +619,163 @@ fn record_rejection(
             AND batch_id IS NULL AND inflight = 0",
     )?
     .execute(params![source, external_id])?;
-    tx.prepare_cached(
-        "INSERT INTO failures (source, external_id, kind, code, reason, hint, first_seen, last_seen)
-         VALUES (?1, ?2, 'rejected', ?3, ?4, ?5, ?6, ?6)
-         ON CONFLICT (source, external_id) DO UPDATE SET kind = 'rejected', code = excluded.code,
-             reason = excluded.reason, hint = excluded.hint, http_status = NULL,
-             field_errors = NULL, body = NULL, body_hash = NULL, attempts = 0,
-             first_seen = CASE WHEN failures.kind = 'rejected' THEN failures.first_seen
-                               ELSE excluded.first_seen END,
-             last_seen = excluded.last_seen",
-    )?
-    .execute(params![source, external_id, rejection.code, rejection.reason, rejection.hint, now])
-    .map(drop)
+    failures::record_rejection(tx, source, external_id, rejection, now)
 }
 
+impl Store {
+    /// Puts dead letters back in the outbox with their stored body and a fresh idempotency key
+    /// (RevKeen replays a stored 400 for 24 hours, so the old key would be refused again).
+    /// `ids` `None` replays every dead letter of `sources`.
+    pub fn replay(
+        &self,
+        sources: &[String],
+        ids: Option<&[String]>,
+    ) -> Result<ReplayOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let now = now_ms();
+        let mut outcome = ReplayOutcome::default();
+        let targets = match ids {
+            None => failures::dead_letters(&tx, sources).map_err(|e| self.err(e))?,
+            Some(ids) => {
+                let mut targets = Vec::new();
+                for id in ids {
+                    let mut found = false;
+                    for source in sources {
+                        match failures::kind_of(&tx, source, id)
+                            .map_err(|e| self.err(e))?
+                            .as_deref()
+                        {
+                            Some("dead_letter") => targets.push((source.clone(), id.clone())),
+                            Some(_) => outcome.rejected.push(id.clone()),
+                            None => continue,
+                        }
+                        found = true;
+                    }
+                    if !found {
+                        outcome.not_found.push(id.clone());
+                    }
+                }
+                targets
+            }
+        };
+        for (source, external_id) in targets {
+            let replayed = replay_one(&tx, &source, &external_id, now).map_err(|e| self.err(e))?;
+            if replayed {
+                outcome.replayed += 1;
+            } else {
+                outcome.superseded += 1;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(outcome)
+    }
+
+    /// Queue depth, oldest pending job and failure counts, per source that has any.
+    pub fn queue_summary(&self) -> Result<Vec<QueueSummary>, StoreError> {
+        let conn = self.conn();
+        let mut summaries: std::collections::BTreeMap<String, QueueSummary> =
+            std::collections::BTreeMap::new();
+        let queued: Vec<(String, u64, Option<i64>)> = conn
+            .prepare_cached("SELECT source, COUNT(*), MIN(enqueued_at) FROM outbox GROUP BY source")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.err(e))?;
+        for (source, depth, oldest) in queued {
+            let entry = summaries.entry(source.clone()).or_default();
+            entry.source = source;
+            entry.depth = depth;
+            entry.oldest_enqueued_at = oldest;
+        }
+        for (source, rejected, dead_letters) in
+            failures::counts_by_source(&conn).map_err(|e| self.err(e))?
+        {
+            let entry = summaries.entry(source.clone()).or_default();
+            entry.source = source;
+            entry.rejected = rejected;
+            entry.dead_letters = dead_letters;
+        }
+        Ok(summaries.into_values().collect())
+    }
+}
+
+/// Queue and failure figures of one source, for `/metrics` and `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueSummary {
+    pub source: String,
+    /// Jobs waiting for a final answer.
+    pub depth: u64,
+    /// Unix ms of the oldest queued job.
+    pub oldest_enqueued_at: Option<i64>,
+    pub rejected: u64,
+    pub dead_letters: u64,
+}
+
+/// Puts one dead letter back; `false` when a newer version of the customer is already queued
+/// (the dead body would only overwrite it, so it is dropped).
+fn replay_one(
+    tx: &Transaction<'_>,
+    source: &str,
+    external_id: &str,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let (body, revkeen_source) = failures::take(tx, source, external_id)?;
+    let (_, lane) = customers::read(tx, source, external_id, false)?;
+    if lane.queued.is_some() {
+        return Ok(false);
+    }
+    let hash = body_hash(&body);
+    let job = JobRow {
+        source,
+        external_id,
+        revkeen_source: &revkeen_source,
+        body: &body,
+        hash: &hash,
+        update_only: false,
+    };
+    insert_job(tx, &job, &lane, None, now)?;
+    Ok(true)
+}
+
+/// A recorded batch first (it must be re-sent as recorded), else the oldest due lane head,
+/// grouped with more lane heads into a new batch when allowed.
 fn claim_in(
     tx: &Transaction<'_>,
     filter: &ClaimFilter,
     now: i64,
 ) -> rusqlite::Result<Option<Unit>> {
+    if let Some(batch) = claim_recorded_batch(tx, filter, now)? {
+        return Ok(Some(Unit::Batch(batch)));
+    }
+    let Some((head, single_only)) = claim_head(tx, filter, now)? else {
+        return Ok(None);
+    };
+    if single_only || filter.batch_size <= 1 {
+        tx.execute("UPDATE outbox SET inflight = 1 WHERE id = ?1", [head.id])?;
+        return Ok(Some(Unit::Single(head)));
+    }
+    fill_batch(tx, filter, now, head)
+}
+
+/// The values of a due-work query's leading `next_attempt_at <= ?` and source list.
+fn due_args(filter: &ClaimFilter, now: i64) -> impl Iterator<Item = rusqlite::types::Value> + '_ {
+    std::iter::once(rusqlite::types::Value::from(now)).chain(
+        filter
+            .sources
+            .iter()
+            .map(|s| rusqlite::types::Value::from(s.clone())),
+    )
+}
+
+/// A recorded batch that is due: re-sent exactly as recorded (invariant 3).
+fn claim_recorded_batch(
+    tx: &Transaction<'_>,
+    filter: &ClaimFilter,
+    now: i64,
+) -> rusqlite::Result<Option<Batch>> {
     let list = placeholders(filter.sources.len());
-    // 1. A recorded batch that is due: re-sent exactly as recorded (invariant 3).
     let batch: Option<(i64, String, Vec<u8>, String, u32)> = tx
         .prepare_cached(&format!(
                 "SELECT b.id, b.revkeen_source, b.body, b.idempotency_key, b.attempts FROM batches b
@@ -757,40 +783,38 @@ fn claim_in(
                     AND EXISTS (SELECT 1 FROM outbox m WHERE m.batch_id = b.id AND m.source IN ({list}))
                   ORDER BY b.next_attempt_at, b.id LIMIT 1"
         ))?
-        .query_row(
-            params_from_iter(
-                std::iter::once(rusqlite::types::Value::from(now)).chain(
-                    filter
-                        .sources
-                        .iter()
-                        .map(|s| rusqlite::types::Value::from(s.clone())),
-                ),
-            ),
-            |row| {
+        .query_row(params_from_iter(due_args(filter, now)), |row| {
                 Ok((
                     row.get(0)?,
                     row.get(1)?,
                     row.get(2)?,
                     row.get(3)?,
-                    row.get(4)?,
-                ))
-            },
-        )
+                row.get(4)?,
+            ))
+        })
         .optional()?;
-    if let Some((id, revkeen_source, body, idempotency_key, attempts)) = batch {
-        tx.execute("UPDATE batches SET inflight = 1 WHERE id = ?1", [id])?;
-        let members = batch_members(tx, id)?;
-        return Ok(Some(Unit::Batch(Batch {
-            id,
-            revkeen_source,
-            body,
-            idempotency_key,
-            attempts,
-            members,
-        })));
-    }
+    let Some((id, revkeen_source, body, idempotency_key, attempts)) = batch else {
+        return Ok(None);
+    };
+    tx.execute("UPDATE batches SET inflight = 1 WHERE id = ?1", [id])?;
+    let members = batch_members(tx, id)?;
+    Ok(Some(Batch {
+        id,
+        revkeen_source,
+        body,
+        idempotency_key,
+        attempts,
+        members,
+    }))
+}
 
-    // 2. The oldest due lane head.
+/// The oldest due lane head (not yet marked in flight) and whether it must go alone.
+fn claim_head(
+    tx: &Transaction<'_>,
+    filter: &ClaimFilter,
+    now: i64,
+) -> rusqlite::Result<Option<(Job, bool)>> {
+    let list = placeholders(filter.sources.len());
     let (released, held_params) = filter.release_condition();
     let head_sql = format!(
         "SELECT {JOB_COLUMNS}, o.single_only, o.update_only FROM outbox o
@@ -798,20 +822,11 @@ fn claim_in(
             AND +o.source IN ({list}) AND {LANE_HEAD} AND {released}
           ORDER BY o.next_attempt_at, o.id LIMIT 1"
     );
-    let due_args = || {
-        std::iter::once(rusqlite::types::Value::from(now))
-            .chain(
-                filter
-                    .sources
-                    .iter()
-                    .map(|s| rusqlite::types::Value::from(s.clone())),
-            )
-            .chain(held_params.iter().cloned())
-    };
-    let (head, single_only) = loop {
+    loop {
+        let args = due_args(filter, now).chain(held_params.iter().cloned());
         let head = tx
             .prepare_cached(&head_sql)?
-            .query_row(params_from_iter(due_args()), |row| {
+            .query_row(params_from_iter(args), |row| {
                 Ok((
                     job_from_row(row)?,
                     row.get::<_, bool>(8)?,
@@ -822,20 +837,25 @@ fn claim_in(
         let Some((head, single_only, update_only)) = head else {
             return Ok(None);
         };
-        if update_only && !has_synced(tx, &head)? {
+        if update_only && !customers::has_synced(tx, &head.source, &head.external_id)? {
             // A deleted record whose create never reached RevKeen: sending it now would
             // create the customer, so the job is dropped instead.
             tx.execute("DELETE FROM outbox WHERE id = ?1", [head.id])?;
             continue;
         }
-        break (head, single_only || update_only);
-    };
-    if single_only || filter.batch_size <= 1 {
-        tx.execute("UPDATE outbox SET inflight = 1 WHERE id = ?1", [head.id])?;
-        return Ok(Some(Unit::Single(head)));
+        return Ok(Some((head, single_only || update_only)));
     }
+}
 
-    // 3. Fill a batch with more due lane heads for the same RevKeen source.
+/// Fills a batch with more due lane heads for the head's RevKeen source and records it.
+fn fill_batch(
+    tx: &Transaction<'_>,
+    filter: &ClaimFilter,
+    now: i64,
+    head: Job,
+) -> rusqlite::Result<Option<Unit>> {
+    let list = placeholders(filter.sources.len());
+    let (released, held_params) = filter.release_condition();
     let fill_sql = format!(
         "SELECT {JOB_COLUMNS} FROM outbox o
           WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
@@ -843,7 +863,7 @@ fn claim_in(
             AND o.revkeen_source = ? AND o.single_only = 0 AND o.update_only = 0 AND o.id <> ?
           ORDER BY o.next_attempt_at, o.id LIMIT ?"
     );
-    let mut args: Vec<rusqlite::types::Value> = due_args().collect();
+    let mut args: Vec<rusqlite::types::Value> = due_args(filter, now).chain(held_params).collect();
     args.push(head.revkeen_source.clone().into());
     args.push(head.id.into());
     args.push(i64::try_from(filter.batch_size - 1).unwrap_or(99).into());
@@ -885,16 +905,6 @@ fn claim_in(
         attempts: 0,
         members,
     })))
-}
-
-fn has_synced(tx: &Transaction<'_>, job: &Job) -> rusqlite::Result<bool> {
-    tx.query_row(
-        "SELECT synced_hash IS NOT NULL FROM customers WHERE source = ?1 AND external_id = ?2",
-        params![job.source, job.external_id],
-        |row| row.get(0),
-    )
-    .optional()
-    .map(|synced| synced.unwrap_or(false))
 }
 
 fn batch_members(tx: &Transaction<'_>, batch_id: i64) -> rusqlite::Result<Vec<Job>> {

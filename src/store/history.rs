@@ -1,0 +1,286 @@
+//! What happened, for `status` and the run summary: runs, polls and their counts, RevKeen's
+//! answers per source (running totals, updated in the transaction that acknowledges them), and
+//! auth halts (an API that refused our key; sending stops until an authenticated answer clears
+//! it). Nothing here decides what is sent.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Store, StoreError, now_ms};
+
+/// What a committed page changed, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageOutcome {
+    /// New jobs, or queued jobs replaced by a newer version.
+    pub enqueued: u64,
+    /// Records whose body equals what is synced or already queued.
+    pub unchanged: u64,
+    /// Records that could not be normalized.
+    pub rejected: u64,
+    /// Update-only records for customers RevKeen never had (a deleted patient).
+    pub skipped: u64,
+}
+
+/// Totals of RevKeen's answers, per source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeliveryCounts {
+    pub created: u64,
+    pub updated: u64,
+    pub stale: u64,
+    pub dead_lettered: u64,
+}
+
+impl DeliveryCounts {
+    /// Customers RevKeen wrote (created or updated).
+    pub fn writes(&self) -> u64 {
+        self.created + self.updated
+    }
+}
+
+/// An API that refused the configured key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Halt {
+    /// `revkeen` or a source name.
+    pub target: String,
+    pub code: String,
+    pub message: String,
+    pub since: i64,
+}
+
+/// Counts kept for one poll.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PollStats {
+    pub pages: u64,
+    pub fetched: u64,
+    pub enqueued: u64,
+    pub unchanged: u64,
+    pub rejected: u64,
+    /// Records with nothing to send (a deleted patient RevKeen never had).
+    pub skipped: u64,
+    /// Fields left out of a customer (an unparseable phone, an unknown country).
+    pub warnings: u64,
+    /// Records the previous complete scan listed and this one did not (deleted at the source;
+    /// RevKeen keeps them).
+    pub vanished: u64,
+}
+
+impl PollStats {
+    /// Adds a committed page.
+    pub fn add_page(&mut self, fetched: usize, page: &PageOutcome) {
+        self.pages += 1;
+        self.fetched += fetched as u64;
+        self.enqueued += page.enqueued;
+        self.unchanged += page.unchanged;
+        self.skipped += page.skipped;
+        self.rejected += page.rejected;
+    }
+}
+
+/// A poll as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PollRecord {
+    pub source: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+    pub stats: PollStats,
+}
+
+pub(super) fn add_delivery(
+    conn: &Connection,
+    source: &str,
+    counts: DeliveryCounts,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let success = counts.created + counts.updated + counts.stale > 0;
+    conn.prepare_cached(
+        "INSERT INTO delivery (source, created, updated, stale, dead_lettered, last_success)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (source) DO UPDATE SET created = created + excluded.created,
+             updated = updated + excluded.updated, stale = stale + excluded.stale,
+             dead_lettered = dead_lettered + excluded.dead_lettered,
+             last_success = COALESCE(excluded.last_success, last_success)",
+    )?
+    .execute(params![
+        source,
+        counts.created,
+        counts.updated,
+        counts.stale,
+        counts.dead_lettered,
+        success.then_some(now)
+    ])
+    .map(drop)
+}
+
+impl Store {
+    /// Records that `target` refused our key.
+    pub fn set_halt(&self, target: &str, code: &str, message: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO halts (target, code, message, since) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (target) DO UPDATE SET code = excluded.code,
+                     message = excluded.message",
+                params![target, code, message, now_ms()],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Clears a halt once `target` answered an authenticated request.
+    pub fn clear_halt(&self, target: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM halts WHERE target = ?1", [target])
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every unresolved halt.
+    pub fn halts(&self) -> Result<Vec<Halt>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT target, code, message, since FROM halts ORDER BY target")
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |row| {
+            Ok(Halt {
+                target: row.get(0)?,
+                code: row.get(1)?,
+                message: row.get(2)?,
+                since: row.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
+    /// Starts a run record; returns its id.
+    pub fn begin_run(&self, mode: &str) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO runs (mode, started_at) VALUES (?1, ?2)",
+            params![mode, now_ms()],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The mode (`daemon`, `once`) of the newest run not yet finished, if any. Only meaningful
+    /// while a process holds the writer lock (a crashed run is never finished).
+    pub fn open_run_mode(&self) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT mode FROM runs WHERE finished_at IS NULL ORDER BY id DESC LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Closes a run record.
+    pub fn finish_run(&self, run_id: i64, outcome: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET finished_at = ?2, outcome = ?3 WHERE id = ?1",
+                params![run_id, now_ms(), outcome],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Starts a poll record; returns its id.
+    pub fn begin_poll(&self, run_id: Option<i64>, source: &str) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO polls (run_id, source, started_at) VALUES (?1, ?2, ?3)",
+            params![run_id, source, now_ms()],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Updates a poll record; `outcome` `Some` closes it.
+    pub fn update_poll(
+        &self,
+        poll_id: i64,
+        stats: &PollStats,
+        outcome: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE polls SET pages = ?2, fetched = ?3, enqueued = ?4, unchanged = ?5,
+                        rejected = ?6, outcome = ?7, error = ?8,
+                        finished_at = CASE WHEN ?7 IS NULL THEN NULL ELSE ?9 END,
+                        warnings = ?10, skipped = ?11, vanished = ?12
+                  WHERE id = ?1",
+                params![
+                    poll_id,
+                    stats.pages,
+                    stats.fetched,
+                    stats.enqueued,
+                    stats.unchanged,
+                    stats.rejected,
+                    outcome,
+                    error,
+                    now_ms(),
+                    stats.warnings,
+                    stats.skipped,
+                    stats.vanished
+                ],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The most recent poll of a source.
+    pub fn last_poll(&self, source: &str) -> Result<Option<PollRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT source, started_at, finished_at, outcome, error, pages, fetched, enqueued,
+                        unchanged, rejected, warnings, skipped, vanished
+                   FROM polls WHERE source = ?1 ORDER BY id DESC LIMIT 1",
+                [source],
+                |row| {
+                    Ok(PollRecord {
+                        source: row.get(0)?,
+                        started_at: row.get(1)?,
+                        finished_at: row.get(2)?,
+                        outcome: row.get(3)?,
+                        error: row.get(4)?,
+                        stats: PollStats {
+                            pages: row.get(5)?,
+                            fetched: row.get(6)?,
+                            enqueued: row.get(7)?,
+                            unchanged: row.get(8)?,
+                            rejected: row.get(9)?,
+                            warnings: row.get(10)?,
+                            skipped: row.get(11)?,
+                            vanished: row.get(12)?,
+                        },
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Delivery totals of a source.
+    pub fn delivery(&self, source: &str) -> Result<DeliveryCounts, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT created, updated, stale, dead_lettered FROM delivery WHERE source = ?1",
+                [source],
+                |row| {
+                    Ok(DeliveryCounts {
+                        created: row.get(0)?,
+                        updated: row.get(1)?,
+                        stale: row.get(2)?,
+                        dead_lettered: row.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| self.err(e))
+    }
+}
