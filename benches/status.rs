@@ -76,7 +76,8 @@ fn main() {
     let before = (commits.load(Ordering::Relaxed), Instant::now());
     let human = time_binary(&config, &["status"]);
     let json = time_binary(&config, &["status", "--json"]);
-    let loaded = Config::load(Some(&config)).expect("bench config is valid");
+    let loaded = Config::load(Some(&config), &sync_daemon::sources::config_kinds())
+        .expect("bench config is valid");
     let in_process: Vec<Duration> = (0..RUNS)
         .map(|_| {
             let t = Instant::now();

@@ -6,11 +6,15 @@
 //! indexed environment key into a map that replaces the whole array, so overrides are applied
 //! as path overrides (`sources[0].api_key`) instead of through its `Environment` source.
 //!
+//! A `[[sources]]` entry is the common keys below ([`SourceConfig`]) plus the keys of its kind,
+//! which the kind's adapter parses and validates itself ([`SourceKind::options`]): this file
+//! names no source kind. The loader is handed the kinds it may build (`sources::KINDS`).
+//!
 //! Everything is checked once, at start: a bad value is a [`ConfigError`] naming the key and the
 //! value, which `main` turns into exit code 78 (`EX_CONFIG`) so systemd does not restart-loop on
 //! it. Secrets are read here and wrapped in [`Secret`], whose `Debug` never shows them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,6 +22,19 @@ use std::sync::Arc;
 
 use reqwest::Url;
 use serde::Deserialize;
+
+/// The source kinds a config may name (`sources::KINDS`).
+pub type Kinds<'a> = &'a [&'static dyn SourceKind];
+
+/// `"a" or "b"`, for messages.
+fn kind_names(kinds: Kinds) -> String {
+    let names: Vec<String> = kinds.iter().map(|k| format!("{:?}", k.name())).collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "(none)".to_string(),
+    }
+}
 
 /// Where the config file is looked for when neither `--config` nor `SYNC_DAEMON_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sync-daemon/config.toml";
@@ -35,12 +52,20 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
             problem: problem.into(),
         }
     }
+}
+
+/// `--source NAME` names no configured source: a usage error (exit 2) wherever it is given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--source {name:?}: no such source; configured sources: {}", known.join(", "))]
+pub struct UnknownSource {
+    pub name: String,
+    pub known: Vec<String>,
 }
 
 /// A secret value (API key, push secret). Its `Debug` and `Display` are redacted so that no log
@@ -123,44 +148,70 @@ pub struct RevKeenConfig {
     pub api_version: String,
 }
 
-/// The kinds of source the daemon can read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SourceKind {
-    Wodify,
-    PracticeHub,
-}
+/// What a kind of source contributes to the configuration: its name, its defaults for the
+/// common keys, and its own keys. Implemented by each adapter (`sources::wodify::KIND`, …).
+pub trait SourceKind: Send + Sync {
+    /// The `kind = "…"` value; also RevKeen's default `{source}` path segment.
+    fn name(&self) -> &'static str;
 
-impl SourceKind {
-    /// The name used in config and as RevKeen's default `{source}` path segment.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceKind::Wodify => "wodify",
-            SourceKind::PracticeHub => "practicehub",
-        }
+    /// Defaults of the common keys for this kind.
+    fn defaults(&self) -> SourceDefaults;
+
+    /// The base URL in the form the adapter uses (a kind may accept several documented forms).
+    fn normalize_base_url(&self, url: Url) -> Url {
+        url
     }
 
-    fn parse(value: &str) -> Option<Self> {
-        match value {
-            "wodify" => Some(SourceKind::Wodify),
-            "practicehub" => Some(SourceKind::PracticeHub),
-            _ => None,
-        }
-    }
+    /// Parses and validates the kind's own keys. `keys` holds every key of the entry that is
+    /// not a common one; `at` names the entry for messages (`sources[1]`).
+    fn options(&self, at: &str, keys: Keys) -> Result<Arc<dyn SourceOptions>, ConfigError>;
 }
 
-impl fmt::Display for SourceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// The keys of a `[[sources]]` entry that belong to its kind, as the `config` crate read them
+/// (environment overrides included).
+pub type Keys = config::Map<String, config::Value>;
+
+/// A kind's defaults for the common keys.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceDefaults {
+    /// Cron with seconds.
+    pub schedule: &'static str,
+    pub requests_per_second: u32,
+    pub burst: u32,
+    /// ISO 3166-1 alpha-2.
+    pub default_country: &'static str,
+    /// Shown when `base_url` is missing.
+    pub base_url_example: &'static str,
 }
 
-/// How a Wodify scan moves through the client list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WodifyScan {
-    /// `GET /clients/search?q=id|gt|N&sort=id`: robust against inserts during a scan.
-    Keyset,
-    /// `GET /clients?page=N&sort=id`: the fallback if search is unavailable to a key.
-    Pages,
+/// A kind's own settings, parsed and validated. The adapter reads them back with
+/// [`SourceConfig::options`].
+pub trait SourceOptions: std::any::Any + fmt::Debug + Send + Sync {
+    /// The settings as TOML lines (defaults filled in), for `check-config`. Plain keys first;
+    /// a sub-table (`[sources.fields]`) last.
+    fn to_toml(&self) -> String;
+}
+
+/// Parses a kind's keys into its raw settings type (`#[serde(deny_unknown_fields)]`), with
+/// errors that name the key (`sources[1].scan`) and, for an unknown key, what the kind takes.
+pub fn parse_options<T: serde::de::DeserializeOwned>(
+    at: &str,
+    kind: &str,
+    keys: Keys,
+) -> Result<T, ConfigError> {
+    config::Value::new(None, config::ValueKind::Table(keys))
+        .try_deserialize()
+        .map_err(|e| {
+            let text = tidy_config_error(&e);
+            let problem = match text.strip_prefix("unknown field ") {
+                Some(rest) => format!(
+                    "unknown key {rest} for a {kind} source; common keys: {}",
+                    COMMON_KEYS.join(", ")
+                ),
+                None => text,
+            };
+            ConfigError::new(at, problem)
+        })
 }
 
 /// One `[[sources]]` entry.
@@ -168,7 +219,8 @@ pub enum WodifyScan {
 pub struct SourceConfig {
     /// Unique name: used in the state file, metrics, logs and `--source`.
     pub name: String,
-    pub kind: SourceKind,
+    /// The kind's name, as in `kind = "…"`.
+    pub kind: &'static str,
     /// RevKeen's `{source}` path segment. Default: the kind.
     pub revkeen_source: String,
     pub base_url: Url,
@@ -185,14 +237,18 @@ pub struct SourceConfig {
     /// Fetch attempts per page (5xx, timeouts, 429s) before a poll gives up; it resumes at
     /// that page next time. Default 8 (about a minute of backoff).
     pub max_attempts: u32,
-    /// Wodify: keyset (default) or page-number scans.
-    pub scan: WodifyScan,
-    /// PracticeHub: the mandatory `x-app-details` header, `<appname>=<contact email>`.
-    pub app_details: Option<String>,
-    /// PracticeHub: source field name overrides, e.g. `phone = "home_phone"`.
-    pub fields: BTreeMap<String, String>,
     /// Enables `POST /v1/changes/{name}` for this source when set.
     pub push_secret: Option<Secret>,
+    /// The kind's own settings.
+    pub options: Arc<dyn SourceOptions>,
+}
+
+impl SourceConfig {
+    /// The kind's own settings, as the kind's type (`None` for another kind's).
+    pub fn options<T: SourceOptions>(&self) -> Option<&T> {
+        let options: &dyn std::any::Any = self.options.as_ref();
+        options.downcast_ref()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -207,7 +263,7 @@ struct RawConfig {
     #[serde(default)]
     revkeen: RawRevKeen,
     #[serde(default)]
-    sources: Vec<RawSource>,
+    sources: Vec<Keys>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +291,24 @@ struct RawRevKeen {
     api_version: Option<String>,
 }
 
+/// The keys every `[[sources]]` entry may have, whatever its kind (the fields of [`RawSource`]).
+const COMMON_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "revkeen_source",
+    "base_url",
+    "api_key",
+    "api_key_file",
+    "schedule",
+    "requests_per_second",
+    "burst",
+    "default_country",
+    "timeout_secs",
+    "max_attempts",
+    "push_secret",
+    "push_secret_file",
+];
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
@@ -250,10 +324,6 @@ struct RawSource {
     default_country: Option<String>,
     timeout_secs: Option<u64>,
     max_attempts: Option<u32>,
-    scan: Option<String>,
-    app_details: Option<String>,
-    #[serde(default)]
-    fields: BTreeMap<String, String>,
     push_secret: Option<String>,
     push_secret_file: Option<PathBuf>,
 }
@@ -323,13 +393,18 @@ pub fn config_path(cli: Option<&Path>, env: &Environment) -> (PathBuf, bool) {
 }
 
 impl Config {
-    /// Reads and validates the configuration from the process environment.
-    pub fn load(cli_path: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load_with(cli_path, &Environment::from_process())
+    /// Reads and validates the configuration from the process environment; `kinds` are the
+    /// source kinds it may name.
+    pub fn load(cli_path: Option<&Path>, kinds: Kinds) -> Result<Config, ConfigError> {
+        Config::load_with(cli_path, &Environment::from_process(), kinds)
     }
 
     /// Reads and validates the configuration with an explicit environment.
-    pub fn load_with(cli_path: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+    pub fn load_with(
+        cli_path: Option<&Path>,
+        env: &Environment,
+        kinds: Kinds,
+    ) -> Result<Config, ConfigError> {
         let (path, required) = config_path(cli_path, env);
         let mut builder = config::Config::builder();
         let has_overrides = env.overrides().next().is_some();
@@ -358,31 +433,27 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::new(path.display().to_string(), tidy_config_error(&e)))?;
-        Config::from_raw(raw, env)
+        Config::from_raw(raw, env, kinds)
     }
 
     /// Parses a TOML string (used by tests and `demo`), then applies defaults and validation.
-    pub fn from_toml(toml: &str, env: &Environment) -> Result<Config, ConfigError> {
+    pub fn from_toml(toml: &str, env: &Environment, kinds: Kinds) -> Result<Config, ConfigError> {
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::new("config", tidy_config_error(&e)))?;
-        Config::from_raw(raw, env)
+        Config::from_raw(raw, env, kinds)
     }
 
     /// The sources selected by `--source` (all when the list is empty).
-    pub fn selected_sources(&self, names: &[String]) -> Result<Vec<SourceConfig>, ConfigError> {
+    pub fn selected_sources(&self, names: &[String]) -> Result<Vec<SourceConfig>, UnknownSource> {
         for name in names {
             if !self.sources.iter().any(|s| &s.name == name) {
-                let known: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
-                return Err(ConfigError::new(
-                    "--source",
-                    format!(
-                        "no source named {name:?}; configured sources: {}",
-                        known.join(", ")
-                    ),
-                ));
+                return Err(UnknownSource {
+                    name: name.clone(),
+                    known: self.sources.iter().map(|s| s.name.clone()).collect(),
+                });
             }
         }
         Ok(self
@@ -425,7 +496,7 @@ impl Config {
                  schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n\
                  max_attempts = {}\n",
                 q(&source.name),
-                q(source.kind.as_str()),
+                q(source.kind),
                 q(&source.revkeen_source),
                 q(source.base_url.as_str()),
                 q(&source.schedule),
@@ -435,49 +506,32 @@ impl Config {
                 source.timeout_secs,
                 source.max_attempts,
             ));
-            match source.kind {
-                SourceKind::Wodify => out.push_str(&format!(
-                    "scan = {}\n",
-                    q(match source.scan {
-                        WodifyScan::Keyset => "keyset",
-                        WodifyScan::Pages => "pages",
-                    })
-                )),
-                SourceKind::PracticeHub => {
-                    out.push_str(&format!(
-                        "app_details = {}\n",
-                        q(source.app_details.as_deref().unwrap_or(""))
-                    ));
-                }
-            }
             if source.push_secret.is_some() {
                 out.push_str("push_secret = \"[redacted]\"\n");
             }
-            if !source.fields.is_empty() {
-                out.push_str("[sources.fields]\n");
-                for (field, attribute) in &source.fields {
-                    out.push_str(&format!("{field} = {}\n", q(attribute)));
-                }
-            }
+            out.push_str(&source.options.to_toml());
         }
         out
     }
 
-    fn from_raw(raw: RawConfig, env: &Environment) -> Result<Config, ConfigError> {
+    fn from_raw(raw: RawConfig, env: &Environment, kinds: Kinds) -> Result<Config, ConfigError> {
         let credentials = env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let daemon = daemon_config(raw.daemon, env)?;
         let revkeen = revkeen_config(raw.revkeen, credentials.as_deref())?;
         if raw.sources.is_empty() {
             return Err(ConfigError::new(
                 "sources",
-                "no [[sources]] configured: add at least one (kind = \"wodify\" or \"practicehub\")",
+                format!(
+                    "no [[sources]] configured: add at least one (kind = {})",
+                    kind_names(kinds)
+                ),
             ));
         }
         let mut sources = Vec::with_capacity(raw.sources.len());
         let mut names = HashSet::new();
         let mut revkeen_sources = HashSet::new();
         for (index, raw) in raw.sources.into_iter().enumerate() {
-            let source = source_config(index, raw, credentials.as_deref())?;
+            let source = source_config(index, raw, credentials.as_deref(), kinds)?;
             if !names.insert(source.name.clone()) {
                 return Err(ConfigError::new(
                     format!("sources[{index}].name"),
@@ -620,10 +674,20 @@ fn revkeen_config(
 
 fn source_config(
     index: usize,
-    raw: RawSource,
+    mut keys: Keys,
     credentials: Option<&Path>,
+    kinds: Kinds,
 ) -> Result<SourceConfig, ConfigError> {
-    let key = |field: &str| format!("sources[{index}].{field}");
+    let at = format!("sources[{index}]");
+    let key = |field: &str| format!("{at}.{field}");
+    // The common keys are this file's; everything else belongs to the kind.
+    let common: Keys = COMMON_KEYS
+        .iter()
+        .filter_map(|k| keys.remove(*k).map(|v| (k.to_string(), v)))
+        .collect();
+    let raw: RawSource = config::Value::new(None, config::ValueKind::Table(common))
+        .try_deserialize()
+        .map_err(|e| ConfigError::new(&at, tidy_config_error(&e)))?;
     let name = raw.name.ok_or_else(|| {
         ConfigError::new(key("name"), "missing: every source needs a unique name")
     })?;
@@ -641,42 +705,45 @@ fn source_config(
         ));
     }
     let kind_text = raw.kind.ok_or_else(|| {
-        ConfigError::new(key("kind"), "missing: use \"wodify\" or \"practicehub\"")
+        ConfigError::new(key("kind"), format!("missing: use {}", kind_names(kinds)))
     })?;
-    let kind = SourceKind::parse(&kind_text).ok_or_else(|| {
-        ConfigError::new(
-            key("kind"),
-            format!("unknown source kind {kind_text:?}: use \"wodify\" or \"practicehub\""),
-        )
-    })?;
+    let kind = *kinds
+        .iter()
+        .find(|k| k.name() == kind_text)
+        .ok_or_else(|| {
+            ConfigError::new(
+                key("kind"),
+                format!(
+                    "unknown source kind {kind_text:?}: use {}",
+                    kind_names(kinds)
+                ),
+            )
+        })?;
+    let defaults = kind.defaults();
     let Some(base_url_text) = raw.base_url.as_deref() else {
-        let example = match kind {
-            SourceKind::Wodify => "https://api.wodify.com/v1",
-            SourceKind::PracticeHub => "https://{account}.neptune.practicehub.io/api",
-        };
         return Err(ConfigError::new(
             key("base_url"),
-            format!("missing: set the {kind} API address, e.g. \"{example}\""),
+            format!(
+                "missing: set the {} API address, e.g. \"{}\"",
+                kind.name(),
+                defaults.base_url_example
+            ),
         ));
     };
-    let mut base_url = base_url(&key("base_url"), Some(base_url_text))?;
-    if kind == SourceKind::PracticeHub {
-        base_url = normalize_practicehub_url(base_url);
-    }
+    let base_url = kind.normalize_base_url(base_url(&key("base_url"), Some(base_url_text))?);
     let api_key = secret(
-        &format!("sources[{index}]"),
+        &at,
         raw.api_key,
         raw.api_key_file,
         credentials,
-        &[&format!("{name}_api_key"), &format!("{kind}_api_key")],
+        &[
+            &format!("{name}_api_key"),
+            &format!("{}_api_key", kind.name()),
+        ],
     )?;
-    let schedule = raw.schedule.unwrap_or_else(|| {
-        match kind {
-            SourceKind::Wodify => "0 */15 * * * *",
-            SourceKind::PracticeHub => "0 */5 * * * *",
-        }
-        .to_string()
-    });
+    let schedule = raw
+        .schedule
+        .unwrap_or_else(|| defaults.schedule.to_string());
     crate::schedule::parse(&schedule).map_err(|problem| {
         ConfigError::new(
             key("schedule"),
@@ -686,24 +753,15 @@ fn source_config(
             ),
         )
     })?;
-    let (default_rps, default_burst) = match kind {
-        SourceKind::Wodify => (5, 20),
-        // PracticeHub documents no limit; integrations see 429s when they burst and none with
-        // ~350 ms between pages, so the default is strictly sequential at 3 requests a second.
-        SourceKind::PracticeHub => (3, 1),
-    };
     let requests_per_second = positive(
         &key("requests_per_second"),
         raw.requests_per_second,
-        default_rps,
+        defaults.requests_per_second,
     )?;
-    let burst = positive(&key("burst"), raw.burst, default_burst)?;
+    let burst = positive(&key("burst"), raw.burst, defaults.burst)?;
     let default_country = raw
         .default_country
-        .unwrap_or_else(|| match kind {
-            SourceKind::Wodify => "US".to_string(),
-            SourceKind::PracticeHub => "GB".to_string(),
-        })
+        .unwrap_or_else(|| defaults.default_country.to_string())
         .to_ascii_uppercase();
     if default_country.parse::<phonenumber::country::Id>().is_err() {
         return Err(ConfigError::new(
@@ -713,66 +771,17 @@ fn source_config(
             ),
         ));
     }
-    let scan = match raw.scan.as_deref() {
-        None | Some("keyset") => WodifyScan::Keyset,
-        Some("pages") => WodifyScan::Pages,
-        Some(other) => {
-            return Err(ConfigError::new(
-                key("scan"),
-                format!("{other:?} is not a scan mode: use \"keyset\" or \"pages\""),
-            ));
-        }
-    };
-    let app_details = raw.app_details;
-    if kind == SourceKind::PracticeHub {
-        match app_details.as_deref() {
-            None => {
-                return Err(ConfigError::new(
-                    key("app_details"),
-                    "missing: PracticeHub requires the x-app-details header, \
-                     e.g. app_details = \"revkeen-sync=ops@clinic.example\"",
-                ));
-            }
-            Some(details) if !valid_app_details(details) => {
-                return Err(ConfigError::new(
-                    key("app_details"),
-                    format!(
-                        "{details:?} is not of the form <appname>=<contact email>, e.g. \"revkeen-sync=ops@clinic.example\""
-                    ),
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    match kind {
-        SourceKind::PracticeHub => {
-            crate::sources::practicehub::validate_field_overrides(&raw.fields)
-                .map_err(|problem| ConfigError::new(key("fields"), problem))?;
-        }
-        SourceKind::Wodify if !raw.fields.is_empty() => {
-            return Err(ConfigError::new(
-                key("fields"),
-                "field overrides exist for PracticeHub sources only",
-            ));
-        }
-        SourceKind::Wodify => {}
-    }
     let push_secret = match (raw.push_secret, raw.push_secret_file) {
         (None, None) => None,
-        (inline, file) => Some(secret(
-            &format!("sources[{index}].push"),
-            inline,
-            file,
-            None,
-            &[],
-        )?),
+        (inline, file) => Some(secret(&format!("{at}.push"), inline, file, None, &[])?),
     };
+    let options = kind.options(&at, keys)?;
     Ok(SourceConfig {
         revkeen_source: raw
             .revkeen_source
-            .unwrap_or_else(|| kind.as_str().to_string()),
+            .unwrap_or_else(|| kind.name().to_string()),
         name,
-        kind,
+        kind: kind.name(),
         base_url,
         api_key,
         schedule,
@@ -781,17 +790,9 @@ fn source_config(
         default_country,
         timeout_secs: raw.timeout_secs.unwrap_or(30).max(1),
         max_attempts: positive(&key("max_attempts"), raw.max_attempts, 8)?,
-        scan,
-        app_details,
-        fields: raw.fields,
         push_secret,
+        options,
     })
-}
-
-fn valid_app_details(details: &str) -> bool {
-    details
-        .split_once('=')
-        .is_some_and(|(app, contact)| !app.trim().is_empty() && contact.contains('@'))
 }
 
 fn positive(key: &str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {
@@ -848,22 +849,6 @@ fn is_loopback(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
         None => false,
     }
-}
-
-/// `https://{account}.practicehub.io[/…]` → `https://{account}.neptune.practicehub.io/api/`;
-/// anything else (the neptune form, a simulator on loopback) is kept.
-fn normalize_practicehub_url(url: Url) -> Url {
-    let Some(host) = url.host_str() else {
-        return url;
-    };
-    let Some(account) = host.strip_suffix(".practicehub.io") else {
-        return url;
-    };
-    if account.contains('.') {
-        return url;
-    }
-    let normalized = format!("https://{account}.neptune.practicehub.io/api/");
-    Url::parse(&normalized).unwrap_or(url)
 }
 
 /// Reads a secret: `<prefix>.api_key_file`, else `<prefix>.api_key`, else the first of
@@ -943,6 +928,43 @@ fn non_empty(key: &str, value: &str, problem: &str) -> Result<Secret, ConfigErro
 mod tests {
     use super::*;
 
+    /// A kind with no keys of its own: these tests are about the common keys.
+    struct Fake;
+
+    #[derive(Debug)]
+    struct FakeOptions;
+
+    impl SourceOptions for FakeOptions {
+        fn to_toml(&self) -> String {
+            String::new()
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoKeys {}
+
+    impl SourceKind for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn defaults(&self) -> SourceDefaults {
+            SourceDefaults {
+                schedule: "0 */15 * * * *",
+                requests_per_second: 5,
+                burst: 20,
+                default_country: "US",
+                base_url_example: "https://api.fake.example/v1",
+            }
+        }
+        fn options(&self, at: &str, keys: Keys) -> Result<Arc<dyn SourceOptions>, ConfigError> {
+            parse_options::<NoKeys>(at, "fake", keys)?;
+            Ok(Arc::new(FakeOptions))
+        }
+    }
+
+    const KINDS: Kinds = &[&Fake];
+
     const MINIMAL: &str = r#"
 [revkeen]
 base_url = "http://127.0.0.1:1/v2"
@@ -950,7 +972,7 @@ api_key = "rk_sandbox_abc"
 
 [[sources]]
 name = "main-gym"
-kind = "wodify"
+kind = "fake"
 base_url = "http://127.0.0.1:2/v1"
 api_key = "wodify-secret"
 "#;
@@ -965,19 +987,20 @@ api_key = "wodify-secret"
     }
 
     fn error_for(toml: &str) -> ConfigError {
-        Config::from_toml(toml, &Environment::default()).expect_err("config should be refused")
+        Config::from_toml(toml, &Environment::default(), KINDS)
+            .expect_err("config should be refused")
     }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {
-        let config = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
+        let config = Config::from_toml(MINIMAL, &Environment::default(), KINDS).expect("valid");
         assert_eq!(config.revkeen.requests_per_minute, 1000);
         assert_eq!(config.revkeen.burst, 2000);
         assert_eq!(config.revkeen.batch_size, 100);
         assert_eq!(config.revkeen.concurrency, 4);
         assert_eq!(config.revkeen.max_attempts, 25);
         let source = &config.sources[0];
-        assert_eq!(source.revkeen_source, "wodify");
+        assert_eq!(source.revkeen_source, "fake");
         assert_eq!(source.schedule, "0 */15 * * * *");
         assert_eq!((source.requests_per_second, source.burst), (5, 20));
         assert_eq!(source.default_country, "US");
@@ -987,13 +1010,14 @@ api_key = "wodify-secret"
 
     #[test]
     fn debug_output_never_shows_secrets() {
-        let config = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
+        let config = Config::from_toml(MINIMAL, &Environment::default(), KINDS).expect("valid");
         let redacted = config.to_redacted_toml();
         assert!(!redacted.contains("rk_sandbox_abc") && !redacted.contains("wodify-secret"));
         // The redacted rendering is itself a valid config once keys are supplied again.
         let again = Config::from_toml(
             &redacted.replace("\"[redacted]\"", "\"k\""),
             &Environment::default(),
+            KINDS,
         )
         .expect("round trip");
         assert_eq!(again.sources[0].schedule, config.sources[0].schedule);
@@ -1005,9 +1029,9 @@ api_key = "wodify-secret"
 
     #[test]
     fn unknown_kind_names_key_and_value() {
-        let error = error_for(&MINIMAL.replace("kind = \"wodify\"", "kind = \"wodfy\""));
+        let error = error_for(&MINIMAL.replace("kind = \"fake\"", "kind = \"fak\""));
         assert_eq!(error.key, "sources[0].kind");
-        assert!(error.problem.contains("\"wodfy\""), "{error}");
+        assert!(error.problem.contains("\"fak\""), "{error}");
     }
 
     #[test]
@@ -1025,14 +1049,14 @@ api_key = "wodify-secret"
 
     #[test]
     fn duplicate_source_name_is_refused() {
-        let second = "\n[[sources]]\nname = \"main-gym\"\nkind = \"wodify\"\nrevkeen_source = \"w2\"\nbase_url = \"https://api.wodify.com/v1\"\napi_key = \"k\"\n";
+        let second = "\n[[sources]]\nname = \"main-gym\"\nkind = \"fake\"\nrevkeen_source = \"w2\"\nbase_url = \"https://api.fake.example/v1\"\napi_key = \"k\"\n";
         let error = error_for(&format!("{MINIMAL}{second}"));
         assert_eq!(error.key, "sources[1].name");
     }
 
     #[test]
     fn shared_revkeen_source_is_refused() {
-        let second = "\n[[sources]]\nname = \"second-gym\"\nkind = \"wodify\"\nbase_url = \"https://api.wodify.com/v1\"\napi_key = \"k\"\n";
+        let second = "\n[[sources]]\nname = \"second-gym\"\nkind = \"fake\"\nbase_url = \"https://api.fake.example/v1\"\napi_key = \"k\"\n";
         let error = error_for(&format!("{MINIMAL}{second}"));
         assert_eq!(error.key, "sources[1].revkeen_source");
     }
@@ -1054,6 +1078,7 @@ api_key = "wodify-secret"
             Config::from_toml(
                 &MINIMAL.replace("http://127.0.0.1:1/v2", ok),
                 &Environment::default(),
+                KINDS,
             )
             .expect(ok);
         }
@@ -1078,7 +1103,7 @@ api_key = "wodify-secret"
     #[test]
     fn unknown_key_is_refused() {
         let error =
-            error_for(&MINIMAL.replace("kind = \"wodify\"", "kind = \"wodify\"\nshedule = \"x\""));
+            error_for(&MINIMAL.replace("kind = \"fake\"", "kind = \"fake\"\nshedule = \"x\""));
         assert!(error.problem.contains("shedule"), "{error}");
     }
 
@@ -1102,7 +1127,7 @@ api_key = "wodify-secret"
             ),
         );
         let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
-        let config = Config::from_toml(&toml, &env).expect("valid");
+        let config = Config::from_toml(&toml, &env, KINDS).expect("valid");
         assert_eq!(config.revkeen.api_key.expose(), "rk_from_credential");
         assert_eq!(config.sources[0].api_key.expose(), "from_file");
     }
@@ -1117,7 +1142,7 @@ api_key = "wodify-secret"
             ("SYNC_DAEMON__SOURCES__0__DEFAULT_COUNTRY", "ca"),
             ("SYNC_DAEMON__DAEMON__STATE_PATH", "/tmp/x.db"),
         ]);
-        let config = Config::load_with(Some(&path), &env).expect("valid");
+        let config = Config::load_with(Some(&path), &env, KINDS).expect("valid");
         assert_eq!(config.revkeen.batch_size, 7);
         assert_eq!(config.sources[0].default_country, "CA");
         assert_eq!(config.sources[0].name, "main-gym");
@@ -1130,78 +1155,31 @@ api_key = "wodify-secret"
             ("SYNC_DAEMON__REVKEEN__BASE_URL", "http://127.0.0.1:1/v2"),
             ("SYNC_DAEMON__REVKEEN__API_KEY", "rk"),
             ("SYNC_DAEMON__SOURCES__0__NAME", "gym"),
-            ("SYNC_DAEMON__SOURCES__0__KIND", "wodify"),
+            ("SYNC_DAEMON__SOURCES__0__KIND", "fake"),
             ("SYNC_DAEMON__SOURCES__0__BASE_URL", "http://127.0.0.1:2/v1"),
             ("SYNC_DAEMON__SOURCES__0__API_KEY", "w"),
             ("SYNC_DAEMON__SOURCES__1__NAME", "clinic"),
-            ("SYNC_DAEMON__SOURCES__1__KIND", "practicehub"),
+            ("SYNC_DAEMON__SOURCES__1__KIND", "fake"),
+            ("SYNC_DAEMON__SOURCES__1__REVKEEN_SOURCE", "fake2"),
+            ("SYNC_DAEMON__SOURCES__1__REQUESTS_PER_SECOND", "7"),
             (
                 "SYNC_DAEMON__SOURCES__1__BASE_URL",
                 "http://127.0.0.1:3/api",
             ),
             ("SYNC_DAEMON__SOURCES__1__API_KEY", "p"),
-            (
-                "SYNC_DAEMON__SOURCES__1__APP_DETAILS",
-                "sync=ops@clinic.example",
-            ),
         ]);
         let missing = Path::new("/nonexistent/sync-daemon.toml");
         // The default path may be absent when the environment carries the config …
         let (path, required) = config_path(None, &env);
         assert!(!required);
         assert_eq!(path, PathBuf::from(DEFAULT_CONFIG_PATH));
-        let config = Config::load_with(None, &env).expect("valid");
+        let config = Config::load_with(None, &env, KINDS).expect("valid");
         assert_eq!(config.sources.len(), 2);
-        assert_eq!(config.sources[1].kind, SourceKind::PracticeHub);
+        // An override is text; a numeric key still reads it as a number.
+        assert_eq!(config.sources[1].requests_per_second, 7);
         // … but an explicit path must exist.
-        let error = Config::load_with(Some(missing), &env).expect_err("missing file");
+        let error = Config::load_with(Some(missing), &env, KINDS).expect_err("missing file");
         assert!(error.problem.contains("/nonexistent/sync-daemon.toml"));
-    }
-
-    #[test]
-    fn practicehub_urls_are_normalized_and_app_details_required() {
-        let toml = r#"
-[revkeen]
-api_key = "rk"
-[[sources]]
-name = "clinic"
-kind = "practicehub"
-base_url = "https://bayside.practicehub.io"
-api_key = "p"
-"#;
-        let error = error_for(toml);
-        assert_eq!(error.key, "sources[0].app_details");
-        let config = Config::from_toml(
-            &format!("{toml}app_details = \"sync=ops@bayside.example\"\n"),
-            &Environment::default(),
-        )
-        .expect("valid");
-        assert_eq!(
-            config.sources[0].base_url.as_str(),
-            "https://bayside.neptune.practicehub.io/api/"
-        );
-    }
-
-    #[test]
-    fn the_example_config_is_valid_and_documents_the_defaults() {
-        let example = include_str!("../config/example.toml");
-        // The example leaves keys to systemd credentials.
-        let dir = tempfile::tempdir().expect("tempdir");
-        for name in ["revkeen_api_key", "wodify_api_key", "clinic_api_key"] {
-            std::fs::write(dir.path().join(name), "k").expect("write");
-        }
-        let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
-        let config = Config::from_toml(example, &env).expect("valid");
-        let defaults = Config::from_toml(MINIMAL, &Environment::default()).expect("valid");
-        assert_eq!(
-            config.revkeen.requests_per_minute,
-            defaults.revkeen.requests_per_minute
-        );
-        assert_eq!(config.revkeen.batch_size, defaults.revkeen.batch_size);
-        assert_eq!(config.revkeen.max_attempts, defaults.revkeen.max_attempts);
-        assert_eq!(config.daemon.listen, defaults.daemon.listen);
-        assert_eq!(config.sources[0].schedule, defaults.sources[0].schedule);
-        assert_eq!(config.sources[1].kind, SourceKind::PracticeHub);
     }
 
     #[test]

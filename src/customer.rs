@@ -65,11 +65,20 @@ pub struct Rejection {
     pub hint: String,
 }
 
+/// Why a record's email cannot be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EmailProblem {
+    #[error("no email")]
+    Missing,
+    #[error("invalid email")]
+    Invalid,
+}
+
 /// Trims and lower-cases an email; `Err` says why it is not one.
-pub fn normalize_email(raw: Option<&str>) -> Result<String, &'static str> {
+pub fn normalize_email(raw: Option<&str>) -> Result<String, EmailProblem> {
     let email = raw.map(str::trim).unwrap_or_default().to_ascii_lowercase();
     if email.is_empty() {
-        return Err("no email");
+        return Err(EmailProblem::Missing);
     }
     let valid = email.split_once('@').is_some_and(|(local, domain)| {
         !local.is_empty()
@@ -82,7 +91,7 @@ pub fn normalize_email(raw: Option<&str>) -> Result<String, &'static str> {
     if valid {
         Ok(email)
     } else {
-        Err("invalid email")
+        Err(EmailProblem::Invalid)
     }
 }
 
@@ -321,8 +330,8 @@ mod tests {
             normalize_email(Some("  John.Doe@Example.COM ")),
             Ok("john.doe@example.com".into())
         );
-        assert_eq!(normalize_email(Some("")), Err("no email"));
-        assert_eq!(normalize_email(None), Err("no email"));
+        assert_eq!(normalize_email(Some("")), Err(EmailProblem::Missing));
+        assert_eq!(normalize_email(None), Err(EmailProblem::Missing));
         for bad in [
             "john at example",
             "a@b",
@@ -330,7 +339,11 @@ mod tests {
             "a@@example.com",
             "a b@example.com",
         ] {
-            assert_eq!(normalize_email(Some(bad)), Err("invalid email"), "{bad}");
+            assert_eq!(
+                normalize_email(Some(bad)),
+                Err(EmailProblem::Invalid),
+                "{bad}"
+            );
         }
     }
 

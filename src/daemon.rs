@@ -28,7 +28,7 @@ use crate::limiter::Backoff;
 use crate::exit::ExitStatus;
 use crate::run::Tuning;
 use crate::server::{self, AppState, PushFeed};
-use crate::sources::{self, AnySource, PollContext, PollError};
+use crate::sources::{self, PollContext, PollError, Source};
 use crate::store::{PageItem, Store, StoreError};
 use crate::worker::{Exhausted, Held, Worker, WorkerExit, WorkerState};
 
@@ -44,6 +44,8 @@ pub enum DaemonError {
     Listen { addr: String, error: std::io::Error },
     #[error("cannot start the scheduler: {0}")]
     Scheduler(String),
+    #[error(transparent)]
+    Build(#[from] crate::sources::BuildError),
     #[error("cannot build an HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("cannot start the metrics recorder: {0}")]
@@ -114,7 +116,7 @@ pub async fn run_tuned(
     let mut contexts = Vec::new();
     let mut push = HashMap::new();
     for source in &config.sources {
-        let adapter = Arc::new(AnySource::new(source)?);
+        let adapter = sources::build(source)?;
         let ctx = PollContext {
             run_id: Some(run_id),
             ..PollContext::new(
@@ -280,7 +282,7 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 async fn source_loop(
-    adapter: Arc<AnySource>,
+    adapter: Arc<dyn Source>,
     ctx: PollContext,
     mut ticks: mpsc::Receiver<()>,
     states: Arc<Mutex<HashMap<String, PollState>>>,
@@ -290,7 +292,7 @@ async fn source_loop(
     loop {
         tokio::select! {
             tick = ticks.recv() => if tick.is_none() { return },
-            () = ctx.cancel.cancelled() => return,
+            () = ctx.fetch.cancel.cancelled() => return,
         }
         {
             let mut states = states.lock().expect("poll state lock poisoned");
@@ -442,7 +444,7 @@ async fn systemd_loop(
 
 /// Processes push events: fetches each record from the source and enqueues it, consuming the
 /// events in the same transaction (a crash after the 202 loses nothing).
-async fn push_loop(adapter: Arc<AnySource>, ctx: PollContext, wake: Arc<Notify>) {
+async fn push_loop(adapter: Arc<dyn Source>, ctx: PollContext, wake: Arc<Notify>) {
     let name = ctx.source.name.clone();
     loop {
         let pending = {
@@ -460,16 +462,16 @@ async fn push_loop(adapter: Arc<AnySource>, ctx: PollContext, wake: Arc<Notify>)
             tokio::select! {
                 () = wake.notified() => continue,
                 () = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                () = ctx.cancel.cancelled() => return,
+                () = ctx.fetch.cancel.cancelled() => return,
             }
         }
         let mut items: Vec<PageItem> = Vec::new();
         let mut done: Vec<(i64, i64)> = Vec::new();
         for (event_id, external_id, seq) in events {
-            if ctx.cancel.is_cancelled() {
+            if ctx.fetch.cancel.is_cancelled() {
                 return;
             }
-            match sources::fetch_one(&adapter, &ctx, &external_id).await {
+            match sources::fetch_one(adapter.as_ref(), &ctx.fetch, &external_id).await {
                 Ok(Some(mapped)) => {
                     items.push(mapped.item);
                     done.push((event_id, seq));
@@ -489,7 +491,7 @@ async fn push_loop(adapter: Arc<AnySource>, ctx: PollContext, wake: Arc<Notify>)
         if done.is_empty() {
             tokio::select! {
                 () = tokio::time::sleep(Backoff::default().delay(3)) => continue,
-                () = ctx.cancel.cancelled() => return,
+                () = ctx.fetch.cancel.cancelled() => return,
             }
         }
         let (store, source, revkeen_source) = (

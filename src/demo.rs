@@ -57,8 +57,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         .tempdir()
         .context("creating a temporary directory for the state file")?;
     let state = dir.path().join("state.db");
-    let config = Config::from_toml(&sims.config_toml(&state), &Environment::default())
-        .context("the demo's own config is invalid (a bug)")?;
+    let config = Config::from_toml(
+        &sims.config_toml(&state),
+        &Environment::default(),
+        &crate::sources::config_kinds(),
+    )
+    .context("the demo's own config is invalid (a bug)")?;
 
     let mut text = String::new();
     let _ = writeln!(

@@ -249,7 +249,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
 }
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitStatus> {
-    Config::load(path.as_deref()).map_err(|error| {
+    Config::load(path.as_deref(), &sync_daemon::sources::config_kinds()).map_err(|error| {
         eprintln!("sync-daemon: {error}");
         ExitStatus::Config
     })

@@ -14,7 +14,7 @@ use crate::config::{Config, SourceConfig};
 use crate::exit::ExitStatus;
 use crate::http::Probe;
 use crate::revkeen::RevKeenClient;
-use crate::sources::{self, AnySource};
+use crate::sources;
 use crate::store::{
     DeliveryCounts, Failure, FailureKind, Halt, PollStats, Store, StoreError, now_ms,
 };
@@ -145,7 +145,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 stats: p.stats,
             }),
             position: sources::describe_cursor(
-                source.kind,
+                source,
                 cursor.as_ref().map(|(c, passes)| (c.as_str(), *passes)),
             ),
             next_poll: daemon
@@ -159,7 +159,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 .map(|t| age_secs(t, now)),
             rejected: summary.map(|s| s.rejected).unwrap_or(0),
             dead_letters: summary.map(|s| s.dead_letters).unwrap_or(0),
-            vanished: if source.kind == crate::config::SourceKind::Wodify {
+            vanished: if sources::kind_of(source).is_ok_and(|kind| kind.full_scan()) {
                 vanished
             } else {
                 0
@@ -441,7 +441,7 @@ pub async fn connect(config: &Config) -> Vec<Connection> {
         "revkeen.api_key / api_key_file (a sandbox key works only against staging)",
     ));
     for source in &config.sources {
-        let probe = match AnySource::new(source) {
+        let probe = match sources::build(source) {
             Ok(adapter) => adapter.probe().await,
             Err(error) => Probe::Unexpected(error.to_string()),
         };

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, UnknownSource};
 use crate::exit::ExitStatus;
 use crate::limiter::Backoff;
 
-use crate::sources::{self, AnySource, PollContext, PollError};
+use crate::sources::{self, FetchContext, PollContext, PollError};
 use crate::store::{
     Decision, Lane, PageItemOutcome, PollStats, Preview, Store, StoreError, decide,
 };
@@ -188,26 +188,25 @@ impl RunReport {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    UnknownSource(#[from] UnknownSource),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot build an HTTP client: {0}")]
     Http(#[from] reqwest::Error),
-    #[error("{name}: {message}")]
-    Poll {
-        name: String,
-        message: String,
-        exit: ExitStatus,
-    },
+    #[error(transparent)]
+    Build(#[from] sources::BuildError),
+    #[error("{name}: {error}")]
+    Poll { name: String, error: PollError },
 }
 
 impl RunError {
     /// The exit code for this failure.
     pub fn exit_status(&self) -> ExitStatus {
         match self {
-            RunError::Config(_) => ExitStatus::Config,
+            RunError::UnknownSource(_) => ExitStatus::Usage,
             RunError::Store(_) | RunError::Http(_) => ExitStatus::Failure,
-            RunError::Poll { exit, .. } => *exit,
+            RunError::Build(_) => ExitStatus::Failure,
+            RunError::Poll { error, .. } => error.exit_status(),
         }
     }
 }
@@ -280,7 +279,7 @@ pub async fn once_tuned(
                 stop_polls.clone(),
             )
         };
-        let adapter = AnySource::new(source)?;
+        let adapter = sources::build(source)?;
         polls.spawn(async move {
             let result = sources::poll(&adapter, &ctx).await;
             (ctx.source.name.clone(), result)
@@ -468,33 +467,14 @@ pub async fn dry_run(
         .expect("opening the store does not panic")?;
     let mut reports = Vec::new();
     for source in &selected {
-        let adapter = AnySource::new(source)?;
-        // `scan` never touches the store: a read-only handle, or a throwaway in-memory one.
-        let scratch = match &store {
-            Some(store) => store.clone(),
-            None => Store::open_in_memory()?,
-        };
-        let ctx = PollContext {
-            resync: options.resync,
-            ..PollContext::new(
-                source,
-                scratch,
-                Backoff::default(),
-                Arc::new(Notify::new()),
-                CancellationToken::new(),
-            )
-        };
+        let adapter = sources::build(source)?;
+        let ctx = FetchContext::new(source, Backoff::default(), CancellationToken::new());
         let mut pages = Vec::new();
-        let stats = sources::scan(&adapter, &ctx, |page| pages.push(page))
+        let stats = sources::scan(adapter.as_ref(), &ctx, |page| pages.push(page))
             .await
-            .map_err(|e| RunError::Poll {
+            .map_err(|error| RunError::Poll {
                 name: source.name.clone(),
-                message: e.to_string(),
-                exit: match e {
-                    PollError::AuthRefused(_) => ExitStatus::AuthRefused,
-                    PollError::Unavailable(_) => ExitStatus::Unavailable,
-                    _ => ExitStatus::Failure,
-                },
+                error,
             })?;
         let mut report = SourceReport {
             name: source.name.clone(),
@@ -605,8 +585,12 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let toml = sims.config_toml(&dir.path().join("state.db"));
-        let config =
-            Config::from_toml(&toml, &crate::config::Environment::default()).expect("config");
+        let config = Config::from_toml(
+            &toml,
+            &crate::config::Environment::default(),
+            &sources::config_kinds(),
+        )
+        .expect("config");
         let options = OnceOptions {
             sources: vec!["clinic".to_string()],
             ..OnceOptions::default()

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::health::Health;
-use crate::sources::{self, AnySource};
+use crate::sources::Source;
 use crate::store::{Store, now_ms};
 
 /// Largest push body accepted.
@@ -40,7 +40,7 @@ pub const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 /// A source's push feed.
 pub struct PushFeed {
     pub secret: Secret,
-    pub adapter: Arc<AnySource>,
+    pub adapter: Arc<dyn Source>,
     /// Woken when events are committed.
     pub wake: Arc<Notify>,
 }
@@ -249,7 +249,7 @@ async fn push(
         .collect();
     if let Some(bad) = ids
         .iter()
-        .position(|id| id.is_empty() || id.len() > 255 || !sources::valid_id(&feed.adapter, id))
+        .position(|id| id.is_empty() || id.len() > 255 || !feed.adapter.valid_id(id))
     {
         return refuse(
             StatusCode::BAD_REQUEST,

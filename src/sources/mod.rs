@@ -1,36 +1,102 @@
-//! Source adapters and the poll loop they share.
+//! Source adapters, the one interface they implement, and the registry of kinds.
 //!
-//! An adapter knows only its API: how to fetch the page after a cursor ([`Adapter::fetch`]) and
-//! how to map one record to a customer ([`Adapter::map`]). [`poll`] owns everything else —
-//! rate limiting, retries with backoff, change detection, the page transaction, metrics — as
-//! vector's `http_client` source does. Adding a source is one file plus one [`AnySource`]
-//! variant.
+//! An adapter knows only its API: how to fetch the page after a cursor ([`Source::fetch`]),
+//! one record by id ([`Source::fetch_one`]), and how to map one record to what the outbox takes
+//! ([`Source::map`]). It also owns its settings ([`Kind`] extends the config's
+//! [`SourceKind`]: its defaults, its own keys and their validation). The shared loop in
+//! [`poll`] owns everything else — rate limiting, retries with backoff, change detection, the
+//! page transaction, metrics — as vector's `http_client` source does.
 //!
-//! A poll covers the whole listing once. A poll that starts where a crashed one stopped
-//! resumes there and, for adapters whose listing is a full scan (Wodify), wraps around to the
-//! start and stops where it began, so every record is read at least once per poll.
+//! **Adding a source** is one folder here (its adapter, settings and mapping) and one entry in
+//! [`KINDS`]; nothing else names a kind.
 
+mod poll;
 pub mod practicehub;
 pub mod wodify;
 
+pub use poll::{FetchContext, PollContext, PollError, fetch_one, poll, record_key_outcome, scan};
+
+use std::any::Any;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::Retryable;
-use reqwest::{StatusCode, Url};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
-
 use crate::config::{SourceConfig, SourceKind};
-use crate::http::send_measured;
-use crate::limiter::{Backoff, Limiter};
-use crate::store::{PageItem, PollStats, Store, StoreError};
+use crate::http::Probe;
+use crate::store::PageItem;
+
+/// Every kind of source the daemon can read: the one list that names them.
+pub static KINDS: &[&dyn Kind] = &[&wodify::KIND, &practicehub::KIND];
+
+/// [`KINDS`] as the config loader takes them.
+pub fn config_kinds() -> Vec<&'static dyn SourceKind> {
+    KINDS
+        .iter()
+        .map(|kind| *kind as &'static dyn SourceKind)
+        .collect()
+}
+
+/// The kind a configured source names.
+pub fn kind_of(source: &SourceConfig) -> Result<&'static dyn Kind, BuildError> {
+    KINDS
+        .iter()
+        .copied()
+        .find(|kind| kind.name() == source.kind)
+        .ok_or_else(|| BuildError::UnknownKind(source.kind.to_string()))
+}
+
+/// Builds the adapter a configured source asks for.
+pub fn build(source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError> {
+    kind_of(source)?.build(source)
+}
+
+/// A kind of source: its configuration (the supertrait) and how to build its adapter.
+pub trait Kind: SourceKind {
+    /// The adapter for one configured source of this kind.
+    fn build(&self, source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError>;
+
+    /// Whether a complete listing lists every record (a full scan), so that a record missing
+    /// from one has vanished from the source.
+    fn full_scan(&self) -> bool;
+
+    /// A saved cursor in words ("Wodify scan at client id 10500"), for `status`.
+    fn describe_cursor(&self, cursor: &str, passes: i64) -> String;
+}
+
+/// Why an adapter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build an HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("source kind {0:?} is not one this build knows")]
+    UnknownKind(String),
+    #[error("the settings of source {0:?} are not its kind's (a bug)")]
+    Options(String),
+}
+
+/// A boxed future, for the object-safe [`Source`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One record as its adapter fetched it: opaque to the poll loop, which only hands it back to
+/// the same adapter's [`Source::map`] (on a blocking thread, while the next page is fetched).
+pub struct Record(Box<dyn Any + Send>);
+
+impl Record {
+    /// Wraps an adapter's own record type.
+    pub fn new<T: Any + Send>(record: T) -> Record {
+        Record(Box::new(record))
+    }
+
+    /// The adapter's record, if it is of type `T`.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
 
 /// One fetched page.
-#[derive(Debug)]
-pub struct Fetched<R> {
-    pub records: Vec<R>,
+pub struct Page {
+    pub records: Vec<Record>,
     /// The cursor after this page (the start of a new pass when `pass_complete`).
     pub next: String,
     /// This page ended the listing.
@@ -43,6 +109,46 @@ pub struct Mapped {
     pub item: PageItem,
     /// Short names of fields dropped from the customer (`phone_unparseable`, …).
     pub warnings: Vec<&'static str>,
+}
+
+/// A source API, as the poll loop sees it. Object-safe: the daemon holds `Arc<dyn Source>`.
+pub trait Source: Send + Sync + 'static {
+    /// The cursor at the start of a fresh listing.
+    fn start_cursor(&self) -> String;
+
+    /// Fetches the page after `cursor`. One request; the loop does limiting and retries.
+    fn fetch<'a>(&'a self, cursor: &'a str) -> BoxFuture<'a, Result<Page, SourceError>>;
+
+    /// Fetches one record by external id (a push event); `None` when the source has no such
+    /// record. One request; the caller does limiting and retries.
+    fn fetch_one<'a>(
+        &'a self,
+        external_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Record>, SourceError>>;
+
+    /// Whether `external_id` can name a record of this source at all (push events are
+    /// checked before they are accepted).
+    fn valid_id(&self, external_id: &str) -> bool;
+
+    /// Maps one record this adapter fetched to what the outbox takes.
+    fn map(&self, record: &Record) -> Mapped;
+
+    /// One authenticated read, for `check-config --connect`.
+    fn probe(&self) -> BoxFuture<'_, Probe>;
+
+    /// Whether a saved cursor stands in the middle of a listing (a poll stopped there), so the
+    /// next poll resumes rather than starts. The default: any cursor but the start.
+    fn mid_listing(&self, cursor: &str) -> bool {
+        cursor != self.start_cursor()
+    }
+
+    /// For a poll that resumed at `resumed_at`: whether reaching `cursor` on the next pass
+    /// covers what the crashed poll had read before it. The default (`true`) ends a resumed
+    /// poll at the end of its listing.
+    fn covers(&self, resumed_at: &str, cursor: &str) -> bool {
+        let _ = (resumed_at, cursor);
+        true
+    }
 }
 
 /// Why a fetch failed.
@@ -67,11 +173,11 @@ pub enum SourceError {
 
 impl SourceError {
     /// What `check-config --connect` reports for a probe's answer.
-    pub fn probe<T>(answer: Result<T, SourceError>) -> crate::http::Probe {
+    pub fn probe<T>(answer: Result<T, SourceError>) -> Probe {
         match answer {
-            Ok(_) => crate::http::Probe::Ok,
-            Err(SourceError::AuthRefused(e)) => crate::http::Probe::KeyRefused(e),
-            Err(e) => crate::http::Probe::Unexpected(e.to_string()),
+            Ok(_) => Probe::Ok,
+            Err(SourceError::AuthRefused(e)) => Probe::KeyRefused(e),
+            Err(e) => Probe::Unexpected(e.to_string()),
         }
     }
 
@@ -83,221 +189,12 @@ impl SourceError {
     }
 }
 
-/// A source API, as the poll loop sees it.
-pub trait Adapter: Send + Sync + 'static {
-    /// A record as the API returns it.
-    type Record: Send + 'static;
-
-    /// Whether a complete listing lists every record (a full scan), so that a record missing
-    /// from one has vanished from the source.
-    const FULL_SCAN: bool = false;
-
-    /// The cursor at the start of a fresh listing.
-    fn start_cursor(&self) -> String;
-
-    /// Fetches the page after `cursor`. One request; the loop does limiting and retries.
-    fn fetch(
-        &self,
-        cursor: &str,
-    ) -> impl Future<Output = Result<Fetched<Self::Record>, SourceError>> + Send;
-
-    /// Fetches one record by external id (a push event); `None` when the source has no such
-    /// record. One request; the caller does limiting and retries.
-    fn fetch_one(
-        &self,
-        external_id: &str,
-    ) -> impl Future<Output = Result<Option<Self::Record>, SourceError>> + Send;
-
-    /// Whether `external_id` can name a record of this source at all (push events are
-    /// checked before they are accepted).
-    fn valid_id(&self, external_id: &str) -> bool;
-
-    /// Maps one record to what the outbox takes.
-    fn map(&self, record: &Self::Record) -> Mapped;
-
-    /// Whether a saved cursor stands in the middle of a listing (a poll stopped there), so the
-    /// next poll resumes rather than starts. The default: any cursor but the start.
-    fn mid_listing(&self, cursor: &str) -> bool {
-        cursor != self.start_cursor()
-    }
-
-    /// For a poll that resumed at `resumed_at`: whether reaching `cursor` on the next pass
-    /// covers what the crashed poll had read before it. The default (`true`) ends a resumed
-    /// poll at the end of its listing.
-    fn covers(&self, resumed_at: &str, cursor: &str) -> bool {
-        let _ = (resumed_at, cursor);
-        true
-    }
-}
-
-/// Every kind of source, for dispatch without trait objects.
-pub enum AnySource {
-    Wodify(Arc<wodify::Wodify>),
-    PracticeHub(Arc<practicehub::PracticeHub>),
-}
-
-impl AnySource {
-    /// Builds the adapter a source's config asks for.
-    pub fn new(config: &SourceConfig) -> Result<AnySource, reqwest::Error> {
-        match config.kind {
-            SourceKind::Wodify => Ok(AnySource::Wodify(Arc::new(wodify::Wodify::new(config)?))),
-            SourceKind::PracticeHub => Ok(AnySource::PracticeHub(Arc::new(
-                practicehub::PracticeHub::new(config)?,
-            ))),
-        }
-    }
-}
-
-impl AnySource {
-    /// One authenticated read, for `check-config --connect`.
-    pub async fn probe(&self) -> crate::http::Probe {
-        match self {
-            AnySource::Wodify(adapter) => adapter.probe().await,
-            AnySource::PracticeHub(adapter) => adapter.probe().await,
-        }
-    }
-}
-
-/// A saved cursor in words ("Wodify scan at client id 10500"), for `status`.
-pub fn describe_cursor(kind: SourceKind, cursor: Option<(&str, i64)>) -> String {
-    match (kind, cursor) {
+/// A saved cursor in words, for `status` (`None`: the source was never polled).
+pub fn describe_cursor(source: &SourceConfig, cursor: Option<(&str, i64)>) -> String {
+    match (kind_of(source), cursor) {
         (_, None) => "not polled yet".to_string(),
-        (SourceKind::Wodify, Some((cursor, passes))) => {
-            wodify::Wodify::describe_cursor(cursor, passes)
-        }
-        (SourceKind::PracticeHub, Some((cursor, _))) => {
-            practicehub::PracticeHub::describe_cursor(cursor)
-        }
-    }
-}
-
-/// Why a poll stopped before the end of its listing.
-#[derive(Debug, thiserror::Error)]
-pub enum PollError {
-    #[error("{0}")]
-    AuthRefused(String),
-    #[error("unavailable after retries: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Failed(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cancelled")]
-    Cancelled,
-}
-
-/// What a poll needs besides its adapter.
-#[derive(Clone)]
-pub struct PollContext {
-    pub source: SourceConfig,
-    pub store: Store,
-    pub limiter: Arc<Limiter>,
-    pub backoff: Backoff,
-    /// Fetch attempts before the poll gives up on a page (it resumes there next time).
-    pub max_attempts: u32,
-    /// Woken whenever a page enqueued work.
-    pub wake_worker: Arc<Notify>,
-    pub cancel: CancellationToken,
-    /// Send every record again (`--resync`).
-    pub resync: bool,
-    pub run_id: Option<i64>,
-    /// Running totals of the current poll, for progress displays.
-    pub progress: Option<Arc<std::sync::Mutex<PollStats>>>,
-}
-
-impl PollContext {
-    /// A context for `source` with its own limiter and attempts, no resync, no run record and
-    /// no progress display (callers set those when they need them).
-    pub fn new(
-        source: &SourceConfig,
-        store: Store,
-        backoff: Backoff,
-        wake_worker: Arc<Notify>,
-        cancel: CancellationToken,
-    ) -> PollContext {
-        PollContext {
-            source: source.clone(),
-            store,
-            limiter: Arc::new(Limiter::per_second(
-                source.name.clone(),
-                source.requests_per_second,
-                source.burst,
-            )),
-            backoff,
-            max_attempts: source.max_attempts,
-            wake_worker,
-            cancel,
-            resync: false,
-            run_id: None,
-            progress: None,
-        }
-    }
-}
-
-/// Records what a poll said about the source's key, for `status` and `/readyz`: a refusal
-/// sets an auth halt, a completed poll clears one, any other failure says nothing about it.
-pub async fn record_key_outcome(
-    store: &Store,
-    source: &str,
-    result: &Result<PollStats, PollError>,
-) -> Result<(), StoreError> {
-    let name = source.to_string();
-    match result {
-        Err(PollError::AuthRefused(reason)) => {
-            let reason = reason.clone();
-            store
-                .call(move |s| s.set_halt(&name, "auth_refused", &reason))
-                .await
-        }
-        Ok(_) => store.call(move |s| s.clear_halt(&name)).await,
-        Err(_) => Ok(()),
-    }
-}
-
-/// Polls a source once through its whole listing.
-pub async fn poll(source: &AnySource, ctx: &PollContext) -> Result<PollStats, PollError> {
-    match source {
-        AnySource::Wodify(adapter) => poll_with(adapter, ctx).await,
-        AnySource::PracticeHub(adapter) => poll_with(adapter, ctx).await,
-    }
-}
-
-/// Walks a source's whole listing from the start without touching the state file, handing
-/// each mapped page to `on_page` (`--dry-run`).
-pub async fn scan(
-    source: &AnySource,
-    ctx: &PollContext,
-    on_page: impl FnMut(Vec<Mapped>),
-) -> Result<PollStats, PollError> {
-    match source {
-        AnySource::Wodify(adapter) => scan_with(adapter.as_ref(), ctx, on_page).await,
-        AnySource::PracticeHub(adapter) => scan_with(adapter.as_ref(), ctx, on_page).await,
-    }
-}
-
-async fn scan_with<A: Adapter>(
-    adapter: &A,
-    ctx: &PollContext,
-    mut on_page: impl FnMut(Vec<Mapped>),
-) -> Result<PollStats, PollError> {
-    let mut stats = PollStats::default();
-    let mut cursor = adapter.start_cursor();
-    loop {
-        if ctx.cancel.is_cancelled() {
-            return Err(PollError::Cancelled);
-        }
-        let fetched = fetch_with_retry(adapter, ctx, &cursor)
-            .await
-            .map_err(poll_error)?;
-        stats.pages += 1;
-        stats.fetched += fetched.records.len() as u64;
-        let mapped: Vec<Mapped> = fetched.records.iter().map(|r| adapter.map(r)).collect();
-        stats.warnings += mapped.iter().map(|m| m.warnings.len() as u64).sum::<u64>();
-        on_page(mapped);
-        if fetched.pass_complete {
-            return Ok(stats);
-        }
-        cursor = fetched.next;
+        (Ok(kind), Some((cursor, passes))) => kind.describe_cursor(cursor, passes),
+        (Err(error), Some(_)) => error.to_string(),
     }
 }
 
@@ -307,9 +204,9 @@ async fn scan_with<A: Adapter>(
 async fn send_get<T>(
     request: reqwest::RequestBuilder,
     target: &'static str,
-    read: impl FnOnce(StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
+    read: impl FnOnce(reqwest::StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
 ) -> Result<T, SourceError> {
-    match send_measured(request, target, "read").await {
+    match crate::http::send_measured(request, target, "read").await {
         Ok((status, retry_after, body)) => read(status, &body, retry_after),
         Err(transport) => Err(SourceError::Transient(transport)),
     }
@@ -317,7 +214,7 @@ async fn send_get<T>(
 
 /// `{base}/{collection}?page=1&page_size=1`: the one authenticated read of
 /// `check-config --connect`.
-fn probe_url(base: &Url, collection: &str) -> Url {
+fn probe_url(base: &reqwest::Url, collection: &str) -> reqwest::Url {
     let mut url = base.clone();
     if let Ok(mut path) = url.path_segments_mut() {
         path.pop_if_empty().push(collection);
@@ -328,318 +225,114 @@ fn probe_url(base: &Url, collection: &str) -> Url {
     url
 }
 
-fn poll_error(error: SourceError) -> PollError {
-    match error {
-        SourceError::AuthRefused(e) => PollError::AuthRefused(e),
-        SourceError::Permanent(e) => PollError::Failed(e),
-        SourceError::NotFound => PollError::Failed(
-            "the listing answered 404 Not Found: check the source's base_url".to_string(),
-        ),
-        other => PollError::Unavailable(other.to_string()),
+/// The rejection of a record whose type is not its adapter's: a bug, reported like any other
+/// record that cannot be sent rather than a panic.
+fn foreign_record(external_id: &str) -> Mapped {
+    Mapped {
+        item: PageItem {
+            external_id: external_id.to_string(),
+            outcome: crate::store::PageItemOutcome::Rejected(crate::customer::Rejection {
+                code: "internal_error",
+                reason: "the record reached the wrong adapter (a bug in sync-daemon)".to_string(),
+                hint: "please report this; the record is read again on the next poll".to_string(),
+            }),
+        },
+        warnings: Vec::new(),
     }
 }
 
-/// Fetches and maps one record for a push event; `None` when the source has no such record.
-pub async fn fetch_one(
-    source: &AnySource,
-    ctx: &PollContext,
-    external_id: &str,
-) -> Result<Option<Mapped>, PollError> {
-    match source {
-        AnySource::Wodify(adapter) => fetch_one_with(adapter.as_ref(), ctx, external_id).await,
-        AnySource::PracticeHub(adapter) => fetch_one_with(adapter.as_ref(), ctx, external_id).await,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Environment};
 
-/// Whether an external id can name a record of this source.
-pub fn valid_id(source: &AnySource, external_id: &str) -> bool {
-    match source {
-        AnySource::Wodify(adapter) => adapter.valid_id(external_id),
-        AnySource::PracticeHub(adapter) => adapter.valid_id(external_id),
+    fn load(toml: &str, env: &Environment) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(toml, env, &config_kinds())
     }
-}
 
-async fn fetch_one_with<A: Adapter>(
-    adapter: &A,
-    ctx: &PollContext,
-    external_id: &str,
-) -> Result<Option<Mapped>, PollError> {
-    match with_retries(ctx, || adapter.fetch_one(external_id)).await {
-        Ok(record) => Ok(record.map(|r| adapter.map(&r))),
-        Err(SourceError::NotFound) => Ok(None),
-        Err(error) => Err(poll_error(error)),
-    }
-}
-
-async fn poll_with<A: Adapter>(
-    adapter: &Arc<A>,
-    ctx: &PollContext,
-) -> Result<PollStats, PollError> {
-    let name = ctx.source.name.clone();
-    let store = ctx.store.clone();
-    let poll_id = {
-        let (run_id, name) = (ctx.run_id, name.clone());
-        store.call(move |s| s.begin_poll(run_id, &name)).await?
-    };
-    let mut stats = PollStats::default();
-    let result = poll_pages(adapter, ctx, &mut stats, poll_id).await;
-    let (outcome, error) = match &result {
-        Ok(()) => ("ok", None),
-        Err(PollError::Cancelled) => ("cancelled", None),
-        Err(PollError::AuthRefused(e)) => ("auth_refused", Some(e.clone())),
-        Err(e) => ("failed", Some(e.to_string())),
-    };
-    {
-        let stats = stats;
-        store
-            .call(move |s| s.update_poll(poll_id, &stats, Some(outcome), error.as_deref()))
-            .await?;
-    }
-    match &result {
-        Ok(()) => tracing::info!(
-            source = %name,
-            pages = stats.pages,
-            fetched = stats.fetched,
-            enqueued = stats.enqueued,
-            unchanged = stats.unchanged,
-            rejected = stats.rejected,
-            warnings = stats.warnings,
-            "Poll finished."
-        ),
-        Err(PollError::Cancelled) => {
-            tracing::info!(source = %name, pages = stats.pages, "Poll stopped early.")
+    #[test]
+    fn the_example_config_is_valid_and_documents_the_defaults() {
+        let example = include_str!("../../config/example.toml");
+        // The example leaves keys to systemd credentials.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["revkeen_api_key", "wodify_api_key", "clinic_api_key"] {
+            std::fs::write(dir.path().join(name), "k").expect("write");
         }
-        Err(error) => tracing::error!(source = %name, %error, "Poll failed."),
-    }
-    result.map(|()| stats)
-}
-
-async fn poll_pages<A: Adapter>(
-    adapter: &Arc<A>,
-    ctx: &PollContext,
-    stats: &mut PollStats,
-    poll_id: i64,
-) -> Result<(), PollError> {
-    let name = ctx.source.name.as_str();
-    let saved = {
-        let name = name.to_string();
-        ctx.store.call(move |s| s.cursor(&name)).await?
-    };
-    let start = adapter.start_cursor();
-    let mut cursor = saved.map(|(c, _)| c).unwrap_or_else(|| start.clone());
-    let resumed_at = adapter.mid_listing(&cursor).then(|| cursor.clone());
-    if let Some(at) = &resumed_at {
-        tracing::info!(source = %name, cursor = %at, "Resuming the listing where the last poll stopped.");
-    }
-    let mut wrapped = false;
-    let mut commit: Option<tokio::task::JoinHandle<Result<CommitDone, StoreError>>> = None;
-    loop {
-        if ctx.cancel.is_cancelled() {
-            finish_commit(commit.take(), ctx, stats, poll_id).await?;
-            return Err(PollError::Cancelled);
-        }
-        // Fetch the next page while the previous one commits.
-        let fetch = fetch_with_retry(adapter.as_ref(), ctx, &cursor);
-        let previous = finish_commit(commit.take(), ctx, stats, poll_id);
-        let (fetched, committed) = tokio::select! {
-            both = async { tokio::join!(fetch, previous) } => both,
-            () = ctx.cancel.cancelled() => {
-                return Err(PollError::Cancelled);
-            }
+        let env = Environment {
+            vars: vec![(
+                "CREDENTIALS_DIRECTORY".to_string(),
+                dir.path().to_str().expect("utf-8").to_string(),
+            )],
         };
-        committed?;
-        let fetched = fetched.map_err(poll_error)?;
-        let stop = if fetched.pass_complete {
-            match &resumed_at {
-                Some(at) if !wrapped && !adapter.covers(at, &fetched.next) => {
-                    wrapped = true;
-                    false
-                }
-                _ => true,
-            }
-        } else {
-            wrapped
-                && resumed_at
-                    .as_deref()
-                    .is_some_and(|at| adapter.covers(at, &fetched.next))
-        };
-        let fetched_count = fetched.records.len();
-        let next = fetched.next;
-        let pass_complete = fetched.pass_complete;
-        let records = fetched.records;
-        let store = ctx.store.clone();
-        let adapter = adapter.clone();
-        let (source, revkeen_source, resync) = (
-            name.to_string(),
-            ctx.source.revkeen_source.clone(),
-            ctx.resync,
+        let config = load(example, &env).expect("valid");
+        let minimal = load(
+            "[revkeen]\napi_key='k'\n[[sources]]\nname='g'\nkind='wodify'\n\
+             base_url='https://api.wodify.com/v1'\napi_key='w'\n",
+            &Environment::default(),
+        )
+        .expect("valid");
+        let defaults = &minimal.sources[0];
+        assert_eq!(
+            config.revkeen.requests_per_minute,
+            minimal.revkeen.requests_per_minute
         );
-        let cursor_value = next.clone();
-        // Mapping (normalization, phone parsing, hashing) and the transaction run on a blocking
-        // thread while this task fetches the next page.
-        commit = Some(tokio::task::spawn_blocking(move || {
-            let mut items = Vec::with_capacity(records.len());
-            let mut warnings = 0u64;
-            for record in &records {
-                let mapped = adapter.map(record);
-                for warning in &mapped.warnings {
-                    metrics::counter!("sync_daemon_normalization_warnings_total",
-                        "source" => source.clone(), "warning" => *warning)
-                    .increment(1);
-                }
-                warnings += mapped.warnings.len() as u64;
-                items.push(mapped.item);
-            }
-            drop(records);
-            let page = store.commit_page(
-                &source,
-                &revkeen_source,
-                &items,
-                Some(&cursor_value),
-                pass_complete,
-                resync,
-            )?;
-            Ok(CommitDone {
-                fetched: fetched_count,
-                warnings,
-                page,
-            })
-        }));
-        cursor = next;
-        if pass_complete && A::FULL_SCAN {
-            finish_commit(commit.take(), ctx, stats, poll_id).await?;
-            report_vanished(ctx, stats).await?;
-        }
-        if stop {
-            finish_commit(commit.take(), ctx, stats, poll_id).await?;
-            return Ok(());
-        }
-    }
-}
-
-/// After a complete full scan: counts and logs records that the previous scan listed and this
-/// one did not. They are not deleted in RevKeen (the source may have archived them).
-async fn report_vanished(ctx: &PollContext, stats: &mut PollStats) -> Result<(), PollError> {
-    let name = ctx.source.name.clone();
-    let (new, total) = {
-        let name = name.clone();
-        ctx.store
-            .call(move |s| {
-                let pass = s.cursor(&name)?.map(|(_, passes)| passes).unwrap_or(0);
-                if pass < 2 {
-                    return Ok((Vec::new(), 0));
-                }
-                s.clear_vanished_rejections(&name, pass)?;
-                s.vanished(&name, pass)
-            })
-            .await?
-    };
-    stats.vanished = total;
-    metrics::gauge!("sync_daemon_vanished_records", "source" => name.clone()).set(total as f64);
-    if !new.is_empty() {
-        let shown: Vec<&str> = new.iter().take(50).map(String::as_str).collect();
-        let more = if new.len() > shown.len() {
-            format!(" and {} more", new.len() - shown.len())
-        } else {
-            String::new()
-        };
-        tracing::warn!(
-            source = %name,
-            vanished = new.len(),
-            total_vanished = total,
-            "Records vanished from the source since the last complete scan; they stay in RevKeen: {}{more}.",
-            shown.join(", ")
+        assert_eq!(config.revkeen.batch_size, minimal.revkeen.batch_size);
+        assert_eq!(config.revkeen.max_attempts, minimal.revkeen.max_attempts);
+        assert_eq!(config.daemon.listen, minimal.daemon.listen);
+        assert_eq!(config.sources[0].schedule, defaults.schedule);
+        assert_eq!(config.sources[1].kind, "practicehub");
+        // Wodify's documented limits are the defaults.
+        assert_eq!(defaults.revkeen_source, "wodify");
+        assert_eq!(defaults.schedule, "0 */15 * * * *");
+        assert_eq!((defaults.requests_per_second, defaults.burst), (5, 20));
+        assert_eq!(defaults.default_country, "US");
+        // The redacted rendering is itself a valid config once keys are supplied again.
+        let again = load(
+            &config.to_redacted_toml().replace("\"[redacted]\"", "\"k\""),
+            &Environment::default(),
+        )
+        .expect("round trip");
+        assert_eq!(again.sources[1].base_url, config.sources[1].base_url);
+        assert_eq!(
+            again.sources[1].options.to_toml(),
+            config.sources[1].options.to_toml()
         );
     }
-    Ok(())
-}
 
-struct CommitDone {
-    fetched: usize,
-    warnings: u64,
-    page: crate::store::PageOutcome,
-}
-
-async fn finish_commit(
-    commit: Option<tokio::task::JoinHandle<Result<CommitDone, StoreError>>>,
-    ctx: &PollContext,
-    stats: &mut PollStats,
-    poll_id: i64,
-) -> Result<(), PollError> {
-    let Some(commit) = commit else {
-        return Ok(());
-    };
-    let done = match commit.await {
-        Ok(done) => done?,
-        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        Err(_) => return Err(PollError::Cancelled),
-    };
-    stats.add_page(done.fetched, &done.page);
-    stats.warnings += done.warnings;
-    if let Some(progress) = &ctx.progress {
-        *progress.lock().expect("progress lock poisoned") = *stats;
+    #[test]
+    fn a_key_of_another_kind_is_refused_naming_it() {
+        let error = load(
+            "[revkeen]\napi_key='k'\n[[sources]]\nname='g'\nkind='wodify'\n\
+             base_url='https://api.wodify.com/v1'\napi_key='w'\napp_details='a=b@c.io'\n",
+            &Environment::default(),
+        )
+        .expect_err("refused");
+        assert_eq!(error.key, "sources[0]");
+        assert!(error.problem.contains("app_details"), "{error}");
+        assert!(error.problem.contains("wodify"), "{error}");
     }
-    // `status` shows a running poll's progress.
-    let running = *stats;
-    ctx.store
-        .call(move |s| s.update_poll(poll_id, &running, None, None))
-        .await?;
-    let name = ctx.source.name.clone();
-    metrics::counter!("sync_daemon_fetched_total", "source" => name.clone())
-        .increment(done.fetched as u64);
-    metrics::counter!("sync_daemon_enqueued_total", "source" => name.clone())
-        .increment(done.page.enqueued);
-    metrics::counter!("sync_daemon_unchanged_total", "source" => name.clone())
-        .increment(done.page.unchanged);
-    metrics::counter!("sync_daemon_skipped_total", "source" => name.clone())
-        .increment(done.page.skipped);
-    metrics::counter!("sync_daemon_rejected_total", "source" => name).increment(done.page.rejected);
-    if done.page.enqueued > 0 {
-        ctx.wake_worker.notify_one();
-    }
-    Ok(())
-}
 
-async fn fetch_with_retry<A: Adapter>(
-    adapter: &A,
-    ctx: &PollContext,
-    cursor: &str,
-) -> Result<Fetched<A::Record>, SourceError> {
-    with_retries(ctx, || adapter.fetch(cursor)).await
-}
-
-/// Sends `request` through the source's rate limiter, retrying what can be retried with
-/// backoff, up to the source's `max_attempts`.
-async fn with_retries<T, F, Fut>(ctx: &PollContext, mut request: F) -> Result<T, SourceError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, SourceError>>,
-{
-    let name = ctx.source.name.as_str();
-    let limiter = &ctx.limiter;
-    let attempt = || {
-        let answer = request();
-        async move {
-            limiter.acquire().await;
-            let result = answer.await;
-            if let Err(SourceError::RateLimited(Some(wait))) = &result {
-                // Every request to the host waits, not just this one.
-                limiter.pause(*wait);
-            }
-            result
+    #[test]
+    fn every_configured_kind_builds_and_describes_a_fresh_cursor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["revkeen_api_key", "wodify_api_key", "clinic_api_key"] {
+            std::fs::write(dir.path().join(name), "k").expect("write");
         }
-    };
-    attempt
-        .retry(ctx.backoff.builder(ctx.max_attempts.saturating_sub(1) as usize))
-        .sleep(tokio::time::sleep)
-        .when(SourceError::is_retryable)
-        .adjust(|error, delay| match error {
-            // The pause already holds the limiter; retry as soon as it lifts.
-            SourceError::RateLimited(Some(_)) => delay.map(|_| Duration::ZERO),
-            _ => delay,
-        })
-        .notify(|error, delay| {
-            tracing::warn!(source = %name, %error, retry_in_ms = delay.as_millis() as u64, "Fetch failed; retrying.");
-        })
-        .await
+        let env = Environment {
+            vars: vec![(
+                "CREDENTIALS_DIRECTORY".to_string(),
+                dir.path().to_str().expect("utf-8").to_string(),
+            )],
+        };
+        let config = load(include_str!("../../config/example.toml"), &env).expect("valid");
+        let kinds: Vec<&str> = config.sources.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds.len(), KINDS.len(), "the example shows every kind");
+        for source in &config.sources {
+            let adapter = build(source).expect("builds");
+            let start = adapter.start_cursor();
+            assert!(!adapter.mid_listing(&start), "{}", source.kind);
+            let kind = kind_of(source).expect("known");
+            assert!(!kind.describe_cursor(&start, 0).is_empty());
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! Wodify clients: a resumable full scan and the client → customer mapping.
+//! Wodify clients: a resumable full scan. The client → customer mapping is in [`client`], the
+//! settings in [`config`].
 //!
 //! Wodify has no change feed and no documented updated-since filter, so every poll scans all
 //! clients; change detection in the store makes the rescan cost nothing at RevKeen. The scan is
@@ -9,17 +10,43 @@
 //! Every 2xx body is checked for Wodify's error envelope before it is read as data: an error can
 //! arrive with HTTP 200.
 
+mod client;
+mod config;
+
+pub use client::{Client, map_client};
+pub use config::{Scan, WodifyKind, WodifyOptions};
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Adapter, Fetched, Mapped, SourceError};
-use crate::config::{Secret, SourceConfig, WodifyScan};
-use crate::customer::{self, Customer, Phone, Rejection};
-use crate::http;
+use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
+use crate::config::{Secret, SourceConfig};
+use crate::http::{self, Probe};
 use crate::store::{PageItem, PageItemOutcome};
+
+/// The `wodify` kind, as [`super::KINDS`] lists it.
+pub static KIND: WodifyKind = WodifyKind;
+
+impl Kind for WodifyKind {
+    fn build(&self, source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError> {
+        let options = source
+            .options::<WodifyOptions>()
+            .ok_or_else(|| BuildError::Options(source.name.clone()))?;
+        Ok(Arc::new(Wodify::new(source, options)?))
+    }
+
+    fn full_scan(&self) -> bool {
+        true
+    }
+
+    fn describe_cursor(&self, cursor: &str, passes: i64) -> String {
+        Wodify::describe_cursor(cursor, passes)
+    }
+}
 
 /// Clients per request: Wodify's documented maximum.
 pub const PAGE_SIZE: u32 = 100;
@@ -29,51 +56,8 @@ pub struct Wodify {
     http: reqwest::Client,
     base: Url,
     api_key: Secret,
-    scan: WodifyScan,
+    scan: Scan,
     default_country: String,
-}
-
-/// A client as listed. Every field is optional and leniently typed: a value of an unexpected
-/// type is dropped rather than failing the page.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Client {
-    #[serde(default, deserialize_with = "lenient::id")]
-    pub id: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub first_name: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub last_name: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub email: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub phone_number: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub client_status: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub location: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub street_address_1: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub street_address_2: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub city: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub state: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub zipcode: Option<String>,
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub country: Option<String>,
-    #[serde(default, deserialize_with = "lenient::tags")]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub updated: Option<Updated>,
-}
-
-/// `updated: {updated_by_id, updated_by, updated_on_datetime}`.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Updated {
-    #[serde(default, deserialize_with = "lenient::text")]
-    pub updated_on_datetime: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,20 +94,20 @@ impl Cursor {
 
 impl Wodify {
     /// An adapter for one configured Wodify source.
-    pub fn new(config: &SourceConfig) -> Result<Wodify, reqwest::Error> {
+    pub fn new(config: &SourceConfig, options: &WodifyOptions) -> Result<Wodify, reqwest::Error> {
         Ok(Wodify {
             http: http::client(Duration::from_secs(config.timeout_secs))?,
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
-            scan: config.scan,
+            scan: options.scan,
             default_country: config.default_country.clone(),
         })
     }
 
     fn start(&self) -> Cursor {
         match self.scan {
-            WodifyScan::Keyset => Cursor::After(0),
-            WodifyScan::Pages => Cursor::Page(1),
+            Scan::Keyset => Cursor::After(0),
+            Scan::Pages => Cursor::Page(1),
         }
     }
 
@@ -215,16 +199,16 @@ fn read_listing(
 
 impl Wodify {
     /// `GET /clients?page_size=1`: one authenticated read for `check-config --connect`.
-    pub async fn probe(&self) -> crate::http::Probe {
+    async fn probe(&self) -> Probe {
         let request = self.request(super::probe_url(&self.base, "clients"));
-        crate::http::probe_request(request, |status, body| {
+        http::probe_request(request, |status, body| {
             SourceError::probe(read_answer(status, body, None))
         })
         .await
     }
 
     /// Describes a saved cursor in words, for `status`.
-    pub fn describe_cursor(cursor: &str, passes: i64) -> String {
+    fn describe_cursor(cursor: &str, passes: i64) -> String {
         let done = match passes {
             0 => "no complete scan yet".to_string(),
             1 => "1 complete scan".to_string(),
@@ -315,19 +299,12 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
     }
 }
 
-impl Adapter for Wodify {
-    type Record = Client;
-    const FULL_SCAN: bool = true;
-
-    fn start_cursor(&self) -> String {
-        self.start().render()
-    }
-
-    async fn fetch(&self, cursor: &str) -> Result<Fetched<Client>, SourceError> {
+impl Wodify {
+    async fn fetch_page(&self, cursor: &str) -> Result<Page, SourceError> {
         let at = match Cursor::parse(cursor) {
             // A cursor of the other scan mode (the config changed): start over in this one.
-            Some(Cursor::After(_)) if self.scan == WodifyScan::Pages => self.start(),
-            Some(Cursor::Page(_)) if self.scan == WodifyScan::Keyset => self.start(),
+            Some(Cursor::After(_)) if self.scan == Scan::Pages => self.start(),
+            Some(Cursor::Page(_)) if self.scan == Scan::Keyset => self.start(),
             Some(at) => at,
             None => self.start(),
         };
@@ -341,14 +318,14 @@ impl Adapter for Wodify {
         };
         // `has_more` with an empty page would loop forever on the same cursor.
         let pass_complete = !has_more || (clients.is_empty() && next == at);
-        Ok(Fetched {
-            records: clients,
+        Ok(Page {
+            records: clients.into_iter().map(Record::new).collect(),
             next: if pass_complete { self.start() } else { next }.render(),
             pass_complete,
         })
     }
 
-    async fn fetch_one(&self, external_id: &str) -> Result<Option<Client>, SourceError> {
+    async fn fetch_client(&self, external_id: &str) -> Result<Option<Record>, SourceError> {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().extend(["clients", external_id]);
@@ -358,14 +335,35 @@ impl Adapter for Wodify {
             SourceError::Transient(format!("Wodify client is not in the documented shape: {e}"))
         })?;
         // The record must be the one asked for: a push can never inject another.
-        Ok((client.id.map(|id| id.to_string()).as_deref() == Some(external_id)).then_some(client))
+        let asked_for = client.id.map(|id| id.to_string()).as_deref() == Some(external_id);
+        Ok(asked_for.then(|| Record::new(client)))
+    }
+}
+
+impl Source for Wodify {
+    fn start_cursor(&self) -> String {
+        self.start().render()
+    }
+
+    fn fetch<'a>(&'a self, cursor: &'a str) -> BoxFuture<'a, Result<Page, SourceError>> {
+        Box::pin(self.fetch_page(cursor))
+    }
+
+    fn fetch_one<'a>(
+        &'a self,
+        external_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Record>, SourceError>> {
+        Box::pin(self.fetch_client(external_id))
     }
 
     fn valid_id(&self, external_id: &str) -> bool {
         external_id.parse::<i64>().is_ok_and(|id| id > 0)
     }
 
-    fn map(&self, client: &Client) -> Mapped {
+    fn map(&self, record: &Record) -> Mapped {
+        let Some(client) = record.get::<Client>() else {
+            return super::foreign_record("(unknown)");
+        };
         let external_id = client
             .id
             .map(|id| id.to_string())
@@ -391,6 +389,10 @@ impl Adapter for Wodify {
         }
     }
 
+    fn probe(&self) -> BoxFuture<'_, Probe> {
+        Box::pin(Wodify::probe(self))
+    }
+
     fn covers(&self, resumed_at: &str, cursor: &str) -> bool {
         match (Cursor::parse(resumed_at), Cursor::parse(cursor)) {
             (Some(Cursor::After(stop)), Some(Cursor::After(now))) => now >= stop,
@@ -400,163 +402,9 @@ impl Adapter for Wodify {
     }
 }
 
-/// Maps a Wodify client to a customer, or says why it cannot be one.
-pub fn map_client(
-    client: &Client,
-    default_country: &str,
-) -> Result<(Customer, Vec<&'static str>), Rejection> {
-    if client.id.is_none() {
-        return Err(Rejection {
-            code: "no_id",
-            reason: "Wodify returned a client without an id".to_string(),
-            hint: "report this to Wodify support: every client should have an id".to_string(),
-        });
-    }
-    let email = customer::normalize_email(client.email.as_deref()).map_err(|problem| {
-        if problem == "no email" {
-            Rejection {
-                code: "no_email",
-                reason: "no email in Wodify".to_string(),
-                hint: "add an email in the client's Wodify profile; it syncs on the next poll"
-                    .to_string(),
-            }
-        } else {
-            Rejection {
-                code: "invalid_email",
-                reason: "the email in Wodify is not a valid address".to_string(),
-                hint: "correct the email in the client's Wodify profile; it syncs on the next poll"
-                    .to_string(),
-            }
-        }
-    })?;
-    let mut warnings = Vec::new();
-    let phone = match customer::normalize_phone(client.phone_number.as_deref(), default_country) {
-        Phone::E164(number) => Some(number),
-        Phone::Absent => None,
-        Phone::Invalid => {
-            warnings.push("phone_unparseable");
-            None
-        }
-    };
-    let country = customer::normalize_country(client.country.as_deref());
-    if country.is_none() && customer::text(client.country.as_deref()).is_some() {
-        warnings.push("country_unrecognised");
-    }
-    let mut metadata = std::collections::BTreeMap::new();
-    if let Some(status) = customer::text(client.client_status.as_deref()) {
-        metadata.insert("source_status".to_string(), Value::String(status));
-    }
-    if let Some(location) = customer::text(client.location.as_deref()) {
-        metadata.insert("location".to_string(), Value::String(location));
-    }
-    if !client.tags.is_empty() {
-        metadata.insert(
-            "tags".to_string(),
-            Value::Array(client.tags.iter().cloned().map(Value::String).collect()),
-        );
-    }
-    let customer = Customer {
-        email,
-        name: customer::full_name(client.first_name.as_deref(), client.last_name.as_deref()),
-        phone,
-        address_line1: customer::text(client.street_address_1.as_deref()),
-        address_line2: customer::text(client.street_address_2.as_deref()),
-        city: customer::text(client.city.as_deref()),
-        state: customer::text(client.state.as_deref()),
-        postal_code: customer::text(client.zipcode.as_deref()),
-        country,
-        metadata,
-        external_updated_at: customer::normalize_timestamp(
-            client
-                .updated
-                .as_ref()
-                .and_then(|u| u.updated_on_datetime.as_deref()),
-        ),
-    };
-    Ok((customer, warnings))
-}
-
-/// Deserializers that take what a field usually is and let anything else through as absent.
-pub(crate) mod lenient {
-    use serde::{Deserialize, Deserializer};
-    use serde_json::Value;
-
-    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::String(s) => Some(s),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        })
-    }
-
-    pub fn id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        })
-    }
-
-    pub fn tags<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::Array(items) => items
-                .into_iter()
-                .filter_map(|v| match v {
-                    Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn example() -> Value {
-        serde_json::json!({"id": 12345, "first_name": "John", "last_name": "Doe",
-            "email": " John.Doe@Example.com ", "phone_number": "555-867-5309",
-            "client_status_id": 10, "client_status": "Active", "location_id": 20,
-            "location": "Main Street Gym", "date_of_birth": "1900-01-01",
-            "timezone": "America/Chicago", "is_email_subscribed": true, "is_sms_subscribed": false,
-            "tags": ["vip"], "member_since": "2022-01-16",
-            "street_address_1": "1 Main St", "zipcode": 60601, "country": "United States",
-            "created_on": {"created_by_id": 80, "created_by": "Admin", "created_on_datetime": "2022-01-15T08:30:00"},
-            "updated": {"updated_by_id": 81, "updated_by": "Staff", "updated_on_datetime": "2024-03-10T14:45:00Z"}})
-    }
-
-    #[test]
-    fn documented_example_maps_to_only_accepted_fields() {
-        let client: Client = serde_json::from_value(example()).expect("parses");
-        let (customer, warnings) = map_client(&client, "US").expect("maps");
-        let body: Value = serde_json::from_slice(&customer.to_body()).expect("json");
-        // 555-867-5309 is a fictional number libphonenumber rightly refuses.
-        assert_eq!(warnings, vec!["phone_unparseable"]);
-        assert_eq!(
-            body,
-            serde_json::json!({
-                "email": "john.doe@example.com",
-                "name": "John Doe",
-                "address_line1": "1 Main St",
-                "postal_code": "60601",
-                "country": "US",
-                "metadata": {"location": "Main Street Gym", "source_status": "Active", "tags": ["vip"]},
-                "external_updated_at": "2024-03-10T14:45:00Z"
-            })
-        );
-    }
-
-    #[test]
-    fn a_client_without_email_is_rejected_with_a_hint() {
-        let mut value = example();
-        value["email"] = Value::String(String::new());
-        let client: Client = serde_json::from_value(value).expect("parses");
-        let rejection = map_client(&client, "US").expect_err("rejected");
-        assert_eq!(rejection.code, "no_email");
-        assert!(rejection.hint.contains("Wodify profile"));
-    }
 
     #[test]
     fn error_envelope_inside_a_200_is_an_error() {
@@ -589,9 +437,12 @@ mod tests {
         let config = crate::config::Config::from_toml(
             "[revkeen]\napi_key='k'\n[[sources]]\nname='g'\nkind='wodify'\nbase_url='https://api.wodify.com/v1'\napi_key='w'\n",
             &crate::config::Environment::default(),
+            &crate::sources::config_kinds(),
         )
         .expect("config");
-        let wodify = Wodify::new(&config.sources[0]).expect("client");
+        let source = &config.sources[0];
+        let options = source.options::<WodifyOptions>().expect("wodify options");
+        let wodify = Wodify::new(source, options).expect("client");
         let at = Cursor::After(500).render();
         assert!(!wodify.covers(&at, &Cursor::After(400).render()));
         assert!(wodify.covers(&at, &Cursor::After(500).render()));

@@ -1,13 +1,12 @@
 //! PracticeHub patients: incremental listing by `updated=gte:` and a PHI-proof allowlist.
 //!
-//! **No PHI leaves a clinic (DESIGN invariant 7).** A listed patient is cut down to
-//! [`PatientRecord`] inside [`PracticeHub::fetch`], before it leaves this module: that type has a
+//! **No PHI leaves a clinic (invariant 7).** A listed patient is cut down to
+//! [`PatientRecord`] inside [`Source::fetch`], before it leaves this module: that type has a
 //! field for each allowlisted attribute (email, names, phone, patient number, lifecycle flags)
 //! and nothing else, so notes, dates of birth, addresses and clinical text are dropped with the
-//! raw JSON of the page. The customer body is [`PatientBody`], whose metadata is a typed struct
-//! with two fields; there is no map a field could be added to. The source-field table
-//! ([`FIELDS`]) can be re-pointed by config (`[sources.fields] phone = "home_phone"`), but only
-//! for these logical fields, and never at an attribute whose name says PHI.
+//! raw JSON of the page ([`patient`]). The source-field table ([`config::FIELDS`]) can be
+//! re-pointed by config (`[sources.fields] phone = "home_phone"`), but only for these logical
+//! fields, and never at an attribute whose name says PHI ([`config`]).
 //!
 //! Incremental polling: the first listing reads the whole table; later ones ask for
 //! `updated=gte:<mark>`, where the mark is when the previous complete listing *started* (minus
@@ -17,7 +16,13 @@
 //! against the filter: if one is older than the mark, the filter was ignored, the poll becomes
 //! a full scan (change detection keeps it cheap) and one warning says so.
 
-use std::collections::BTreeMap;
+mod config;
+mod patient;
+
+pub use config::{FIELDS, PracticeHubKind, PracticeHubOptions, validate_field_overrides};
+pub use patient::{PatientBody, PatientMetadata, PatientRecord, map_patient};
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -26,155 +31,37 @@ use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Adapter, Fetched, Mapped, SourceError};
+use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
 use crate::config::{Secret, SourceConfig};
-use crate::customer::{self, Phone, Rejection};
-use crate::http;
+use crate::http::{self, Probe};
 use crate::store::{PageItem, PageItemOutcome};
+use patient::Attributes;
+
+/// The `practicehub` kind, as [`super::KINDS`] lists it.
+pub static KIND: PracticeHubKind = PracticeHubKind;
+
+impl Kind for PracticeHubKind {
+    fn build(&self, source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError> {
+        let options = source
+            .options::<PracticeHubOptions>()
+            .ok_or_else(|| BuildError::Options(source.name.clone()))?;
+        Ok(Arc::new(PracticeHub::new(source, options)?))
+    }
+
+    fn full_scan(&self) -> bool {
+        false
+    }
+
+    fn describe_cursor(&self, cursor: &str, _passes: i64) -> String {
+        PracticeHub::describe_cursor(cursor)
+    }
+}
 
 /// Patients per request: PracticeHub's documented maximum.
 pub const PAGE_SIZE: u32 = 100;
 /// How far before a listing's start the next one's `updated` filter reaches back, to absorb
 /// clock skew between this host and PracticeHub.
 pub const MARK_MARGIN: Duration = Duration::from_secs(120);
-
-/// The logical fields a patient may contribute, and the PracticeHub attribute each is read
-/// from by default. This table is the whole of what the daemon reads from a patient.
-pub const FIELDS: &[(&str, &str)] = &[
-    ("id", "id"),
-    ("email", "email"),
-    ("first_name", "first_name"),
-    ("last_name", "last_name"),
-    ("phone", "mobile"),
-    ("phone_fallback", "home_phone"),
-    ("patient_number", "patient_number"),
-    ("updated", "updated"),
-    ("deleted", "deleted"),
-    ("active", "active"),
-];
-
-/// What an override may point each field at: the attribute's name must contain one of these.
-/// An allowlist, so no configuration can re-point a field at a note, a date of birth, an
-/// address part or any other attribute that is not plainly the billing-safe field it feeds.
-const OVERRIDABLE: &[(&str, &[&str])] = &[
-    ("id", &["id"]),
-    ("email", &["email", "mail"]),
-    ("first_name", &["first", "given", "fore"]),
-    ("last_name", &["last", "sur", "family"]),
-    ("phone", &["phone", "mobile", "tel", "cell"]),
-    ("phone_fallback", &["phone", "mobile", "tel", "cell"]),
-    ("patient_number", &["number", "ref", "code", "id"]),
-    ("updated", &["updated", "modified", "changed"]),
-    ("deleted", &["deleted", "archived", "removed"]),
-    ("active", &["active", "enabled", "status"]),
-];
-
-/// Fragments that disqualify an attribute even when its name also matches [`OVERRIDABLE`]
-/// (`emergency_contact_phone`, `gp_mobile`, `next_of_kin_email`).
-const PHI_NAMES: &[&str] = &[
-    "note",
-    "comment",
-    "remark",
-    "desc",
-    "birth",
-    "born",
-    "dob",
-    "addr",
-    "street",
-    "post",
-    "zip",
-    "city",
-    "town",
-    "county",
-    "medic",
-    "clinic",
-    "diagnos",
-    "condition",
-    "treat",
-    "allerg",
-    "gender",
-    "sex",
-    "nhs",
-    "insur",
-    "referr",
-    "history",
-    "symptom",
-    "custom",
-    "kin",
-    "emergency",
-    "gp_",
-    "doctor",
-    "occupation",
-];
-
-/// Checks `[sources.fields]` overrides: known logical fields only, each re-pointed only at an
-/// attribute plainly named for it, never at one whose name says clinical or personal data.
-pub fn validate_field_overrides(overrides: &BTreeMap<String, String>) -> Result<(), String> {
-    for (field, attribute) in overrides {
-        let Some((_, allowed)) = OVERRIDABLE.iter().find(|(name, _)| name == field) else {
-            let known: Vec<&str> = FIELDS.iter().map(|(name, _)| *name).collect();
-            return Err(format!(
-                "{field:?} is not a field sync-daemon reads from a patient; known fields: {}",
-                known.join(", ")
-            ));
-        };
-        let lower = attribute.to_ascii_lowercase();
-        if attribute.trim().is_empty() {
-            return Err(format!(
-                "{field} = \"\": give the PracticeHub attribute name"
-            ));
-        }
-        if let Some(fragment) = PHI_NAMES.iter().find(|f| lower.contains(*f)) {
-            return Err(format!(
-                "{field} = {attribute:?} points at an attribute that looks like clinical or personal data ({fragment:?}); patient sync sends billing-safe fields only"
-            ));
-        }
-        if !allowed.iter().any(|fragment| lower.contains(fragment)) {
-            return Err(format!(
-                "{field} = {attribute:?}: {field} can only be read from an attribute whose name contains one of {}; patient sync sends billing-safe fields only",
-                allowed.join(", ")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A patient cut down to the allowlisted attributes. Nothing else is ever kept.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PatientRecord {
-    pub id: Option<String>,
-    pub email: Option<String>,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    pub phone: Option<String>,
-    pub phone_fallback: Option<String>,
-    pub patient_number: Option<String>,
-    pub updated: Option<DateTime<Utc>>,
-    pub deleted: bool,
-    pub inactive: bool,
-}
-
-/// The customer body a patient becomes: email, name, phone, patient number, lifecycle status.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PatientBody {
-    pub email: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub phone: Option<String>,
-    pub metadata: PatientMetadata,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub external_updated_at: Option<String>,
-}
-
-/// The only metadata a patient carries.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PatientMetadata {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub patient_number: Option<String>,
-    /// `active`, `inactive` or `deleted`.
-    pub source_status: &'static str,
-}
 
 /// A PracticeHub clinic account.
 pub struct PracticeHub {
@@ -184,7 +71,7 @@ pub struct PracticeHub {
     app_details: String,
     default_country: String,
     /// Attribute name for each logical field, after config overrides.
-    attributes: BTreeMap<&'static str, String>,
+    attributes: Attributes,
     /// Whether this listing already said the filter was ignored (one warning per listing).
     warned: AtomicBool,
     source: String,
@@ -220,33 +107,24 @@ struct Links {
 
 impl PracticeHub {
     /// An adapter for one configured PracticeHub source.
-    pub fn new(config: &SourceConfig) -> Result<PracticeHub, reqwest::Error> {
-        let mut attributes: BTreeMap<&'static str, String> = FIELDS
-            .iter()
-            .map(|(field, attribute)| (*field, attribute.to_string()))
-            .collect();
-        for (field, attribute) in &config.fields {
-            if let Some((name, _)) = FIELDS.iter().find(|(name, _)| name == field) {
-                attributes.insert(name, attribute.clone());
-            }
-        }
+    pub fn new(
+        config: &SourceConfig,
+        options: &PracticeHubOptions,
+    ) -> Result<PracticeHub, reqwest::Error> {
         Ok(PracticeHub {
             http: http::client(Duration::from_secs(config.timeout_secs))?,
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
-            app_details: config.app_details.clone().unwrap_or_default(),
+            app_details: options.app_details.clone(),
             default_country: config.default_country.clone(),
-            attributes,
+            attributes: Attributes::new(&options.fields),
             warned: AtomicBool::new(false),
             source: config.name.clone(),
         })
     }
 
     fn attribute<'a>(&'a self, field: &'a str) -> &'a str {
-        self.attributes
-            .get(field)
-            .map(String::as_str)
-            .unwrap_or(field)
+        self.attributes.get(field)
     }
 
     fn first_page(&self, mark: Option<DateTime<Utc>>) -> Url {
@@ -285,21 +163,7 @@ impl PracticeHub {
 
     /// Cuts a listed patient down to the allowlist. The raw value is dropped by the caller.
     fn record(&self, value: &Value) -> PatientRecord {
-        let text = |field: &str| value.get(self.attribute(field)).and_then(json_text);
-        PatientRecord {
-            id: text("id"),
-            email: text("email"),
-            first_name: text("first_name"),
-            last_name: text("last_name"),
-            phone: text("phone"),
-            phone_fallback: text("phone_fallback"),
-            patient_number: text("patient_number"),
-            updated: text("updated").and_then(|t| parse_time(&t)),
-            deleted: value.get(self.attribute("deleted")).is_some_and(truthy),
-            inactive: value
-                .get(self.attribute("active"))
-                .is_some_and(|v| !v.is_null() && !truthy(v)),
-        }
+        patient::cut(value, &self.attributes)
     }
 
     /// Whether a `links.next` URL points at the configured API (the key goes with it).
@@ -312,16 +176,16 @@ impl PracticeHub {
 
 impl PracticeHub {
     /// `GET /patients?page_size=1`: one authenticated read for `check-config --connect`.
-    pub async fn probe(&self) -> crate::http::Probe {
+    async fn probe(&self) -> Probe {
         let request = self.request(super::probe_url(&self.base, "patients"));
-        crate::http::probe_request(request, |status, body| {
+        http::probe_request(request, |status, body| {
             SourceError::probe(read_answer(status, body, None))
         })
         .await
     }
 
     /// Describes a saved cursor in words, for `status`.
-    pub fn describe_cursor(cursor: &str) -> String {
+    fn describe_cursor(cursor: &str) -> String {
         let Ok(at) = serde_json::from_str::<Cursor>(cursor) else {
             return "PracticeHub position unreadable: the next poll lists everything".to_string();
         };
@@ -335,29 +199,6 @@ impl PracticeHub {
             (Some(mark), Some(_)) => format!("PracticeHub listing {mark} in progress"),
         }
     }
-}
-
-fn json_text(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => matches!(s.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"),
-        _ => false,
-    }
-}
-
-fn parse_time(text: &str) -> Option<DateTime<Utc>> {
-    customer::normalize_timestamp(Some(text))
-        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-        .map(|t| t.with_timezone(&Utc))
 }
 
 fn read_answer(
@@ -392,14 +233,13 @@ fn read_answer(
     })
 }
 
-impl Adapter for PracticeHub {
-    type Record = PatientRecord;
+/// A cursor as the state file stores it.
+fn render(cursor: &Cursor) -> String {
+    serde_json::to_string(cursor).expect("a struct of strings and times always serializes")
+}
 
-    fn start_cursor(&self) -> String {
-        serde_json::to_string(&Cursor::default()).expect("cursor serializes")
-    }
-
-    async fn fetch(&self, cursor: &str) -> Result<Fetched<PatientRecord>, SourceError> {
+impl PracticeHub {
+    async fn fetch_page(&self, cursor: &str) -> Result<Page, SourceError> {
         let mut at: Cursor = serde_json::from_str(cursor).unwrap_or_default();
         let url = match at.next.as_deref().map(Url::parse) {
             Some(Ok(url)) if self.same_origin(&url) => url,
@@ -457,14 +297,14 @@ impl Adapter for PracticeHub {
                 ..at
             }
         };
-        Ok(Fetched {
-            records,
-            next: serde_json::to_string(&next).expect("cursor serializes"),
+        Ok(Page {
+            records: records.into_iter().map(Record::new).collect(),
+            next: render(&next),
             pass_complete,
         })
     }
 
-    async fn fetch_one(&self, external_id: &str) -> Result<Option<PatientRecord>, SourceError> {
+    async fn fetch_patient(&self, external_id: &str) -> Result<Option<Record>, SourceError> {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().push("patients");
@@ -489,7 +329,28 @@ impl Adapter for PracticeHub {
                 "PracticeHub ignored the id filter of a push event; the next poll picks the patient up."
             );
         }
-        Ok(record)
+        Ok(record.map(Record::new))
+    }
+}
+
+impl Source for PracticeHub {
+    fn start_cursor(&self) -> String {
+        render(&Cursor::default())
+    }
+
+    fn fetch<'a>(&'a self, cursor: &'a str) -> BoxFuture<'a, Result<Page, SourceError>> {
+        Box::pin(self.fetch_page(cursor))
+    }
+
+    fn fetch_one<'a>(
+        &'a self,
+        external_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Record>, SourceError>> {
+        Box::pin(self.fetch_patient(external_id))
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Probe> {
+        Box::pin(PracticeHub::probe(self))
     }
 
     fn valid_id(&self, external_id: &str) -> bool {
@@ -509,12 +370,15 @@ impl Adapter for PracticeHub {
         false
     }
 
-    fn map(&self, record: &PatientRecord) -> Mapped {
+    fn map(&self, record: &Record) -> Mapped {
+        let Some(record) = record.get::<PatientRecord>() else {
+            return super::foreign_record("(unknown)");
+        };
         let external_id = record.id.clone().unwrap_or_else(|| "(no id)".to_string());
         let (outcome, warnings) = match map_patient(record, &self.default_country) {
             Ok((body, warnings)) => (
                 PageItemOutcome::Customer {
-                    body: serde_json::to_vec(&body).expect("a struct of strings serializes"),
+                    body: body.to_body(),
                     update_only: record.deleted,
                 },
                 warnings,
@@ -533,69 +397,10 @@ impl Adapter for PracticeHub {
     }
 }
 
-/// Maps an allowlisted patient to its customer body, or says why it cannot be one.
-pub fn map_patient(
-    record: &PatientRecord,
-    default_country: &str,
-) -> Result<(PatientBody, Vec<&'static str>), Rejection> {
-    if record.id.is_none() {
-        return Err(Rejection {
-            code: "no_id",
-            reason: "PracticeHub returned a patient without an id".to_string(),
-            hint: "check the source's [fields] id mapping".to_string(),
-        });
-    }
-    let email =
-        customer::normalize_email(record.email.as_deref()).map_err(|problem| Rejection {
-            code: if problem == "no email" {
-                "no_email"
-            } else {
-                "invalid_email"
-            },
-            reason: format!("{problem} in PracticeHub"),
-            hint:
-                "add a valid email to the patient's PracticeHub record; it syncs on the next poll"
-                    .to_string(),
-        })?;
-    let mut warnings = Vec::new();
-    let phone = [record.phone.as_deref(), record.phone_fallback.as_deref()]
-        .into_iter()
-        .flatten()
-        .find_map(
-            |raw| match customer::normalize_phone(Some(raw), default_country) {
-                Phone::E164(number) => Some(number),
-                _ => None,
-            },
-        );
-    if phone.is_none() && (record.phone.is_some() || record.phone_fallback.is_some()) {
-        warnings.push("phone_unparseable");
-    }
-    let source_status = if record.deleted {
-        "deleted"
-    } else if record.inactive {
-        "inactive"
-    } else {
-        "active"
-    };
-    Ok((
-        PatientBody {
-            email,
-            name: customer::full_name(record.first_name.as_deref(), record.last_name.as_deref()),
-            phone,
-            metadata: PatientMetadata {
-                patient_number: record.patient_number.clone(),
-                source_status,
-            },
-            external_updated_at: record
-                .updated
-                .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-        },
-        warnings,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn adapter(fields: &str) -> PracticeHub {
@@ -606,9 +411,12 @@ mod tests {
                  app_details='sync=ops@bayside.example'\n{fields}"
             ),
             &crate::config::Environment::default(),
+            &crate::sources::config_kinds(),
         )
         .expect("config");
-        PracticeHub::new(&config.sources[0]).expect("client")
+        let source = &config.sources[0];
+        let options = source.options::<PracticeHubOptions>().expect("options");
+        PracticeHub::new(source, options).expect("client")
     }
 
     fn patient() -> Value {
@@ -642,14 +450,14 @@ mod tests {
         let hub = adapter("");
         let mut value = patient();
         value["deleted"] = Value::Bool(true);
-        let mapped = hub.map(&hub.record(&value));
+        let mapped = hub.map(&Record::new(hub.record(&value)));
         assert!(matches!(
             mapped.item.outcome,
             PageItemOutcome::Customer { update_only: true, ref body } if String::from_utf8_lossy(body).contains("\"deleted\"")
         ));
         value["email"] = Value::Null;
         assert!(matches!(
-            hub.map(&hub.record(&value)).item.outcome,
+            hub.map(&Record::new(hub.record(&value))).item.outcome,
             PageItemOutcome::Ignored
         ));
     }
@@ -690,6 +498,36 @@ mod tests {
         ));
         assert!(
             !hub.same_origin(&Url::parse("https://evil.example/api/patients?page=2").expect("url"))
+        );
+    }
+
+    #[test]
+    fn practicehub_urls_are_normalized_and_app_details_required() {
+        let toml = r#"
+[revkeen]
+api_key = "rk"
+[[sources]]
+name = "clinic"
+kind = "practicehub"
+base_url = "https://bayside.practicehub.io"
+api_key = "p"
+"#;
+        let load = |toml: &str| {
+            crate::config::Config::from_toml(
+                toml,
+                &crate::config::Environment::default(),
+                &crate::sources::config_kinds(),
+            )
+        };
+        let error = load(toml).expect_err("app_details is required");
+        assert_eq!(error.key, "sources[0].app_details");
+        let config = load(&format!(
+            "{toml}app_details = \"sync=ops@bayside.example\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.sources[0].base_url.as_str(),
+            "https://bayside.neptune.practicehub.io/api/"
         );
     }
 }

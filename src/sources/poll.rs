@@ -1,0 +1,491 @@
+//! The poll loop every adapter shares: a whole listing, page by page, through the source's rate
+//! limiter and retries, each page mapped and committed with its cursor in one transaction.
+//!
+//! A poll covers the whole listing once. A poll that starts where a crashed one stopped
+//! resumes there and, for adapters whose listing is a full scan (Wodify), wraps around to the
+//! start and stops where it began, so every record is read at least once per poll. The next
+//! page is fetched while the previous one is mapped and committed on a blocking thread.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::Retryable;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Mapped, Page, Record, Source, SourceError, kind_of};
+use crate::config::SourceConfig;
+use crate::limiter::{Backoff, Limiter};
+use crate::store::{PageOutcome, PollStats, Store, StoreError};
+
+/// Why a poll stopped before the end of its listing.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The source refused its key.
+    #[error("{0}")]
+    AuthRefused(String),
+    /// The source stayed unavailable through every retry.
+    #[error("unavailable after retries: {0}")]
+    Unavailable(SourceError),
+    /// The source answered in a way no retry changes (a wrong base URL, a bad request).
+    #[error("{0}")]
+    Failed(SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl PollError {
+    /// The exit code of a run that this failure ended (one mapping for `--once` and
+    /// `--dry-run`).
+    pub fn exit_status(&self) -> crate::exit::ExitStatus {
+        use crate::exit::ExitStatus;
+        match self {
+            PollError::AuthRefused(_) => ExitStatus::AuthRefused,
+            PollError::Unavailable(_) => ExitStatus::Unavailable,
+            PollError::Failed(_) | PollError::Store(_) | PollError::Cancelled => {
+                ExitStatus::Failure
+            }
+        }
+    }
+}
+
+impl From<SourceError> for PollError {
+    fn from(error: SourceError) -> PollError {
+        match error {
+            SourceError::AuthRefused(e) => PollError::AuthRefused(e),
+            SourceError::Permanent(_) => PollError::Failed(error),
+            SourceError::NotFound => PollError::Failed(SourceError::Permanent(
+                "the listing answered 404 Not Found: check the source's base_url".to_string(),
+            )),
+            other => PollError::Unavailable(other),
+        }
+    }
+}
+
+/// What fetching from a source needs: its name, rate limiter, retry policy and cancellation.
+#[derive(Clone)]
+pub struct FetchContext {
+    /// The source's configured name, for logs and metrics.
+    pub source: String,
+    pub limiter: Arc<Limiter>,
+    pub backoff: Backoff,
+    /// Fetch attempts before a request is given up on.
+    pub max_attempts: u32,
+    pub cancel: CancellationToken,
+}
+
+impl FetchContext {
+    /// A context for `source` with its own limiter and attempts.
+    pub fn new(source: &SourceConfig, backoff: Backoff, cancel: CancellationToken) -> Self {
+        FetchContext {
+            source: source.name.clone(),
+            limiter: Arc::new(Limiter::per_second(
+                source.name.clone(),
+                source.requests_per_second,
+                source.burst,
+            )),
+            backoff,
+            max_attempts: source.max_attempts,
+            cancel,
+        }
+    }
+}
+
+/// What a poll needs besides its adapter.
+#[derive(Clone)]
+pub struct PollContext {
+    pub fetch: FetchContext,
+    pub source: SourceConfig,
+    pub store: Store,
+    /// Woken whenever a page enqueued work.
+    pub wake_worker: Arc<Notify>,
+    /// Send every record again (`--resync`).
+    pub resync: bool,
+    pub run_id: Option<i64>,
+    /// Running totals of the current poll, for progress displays.
+    pub progress: Option<Arc<std::sync::Mutex<PollStats>>>,
+}
+
+impl PollContext {
+    /// A context for `source` with its own limiter and attempts, no resync, no run record and
+    /// no progress display (callers set those when they need them).
+    pub fn new(
+        source: &SourceConfig,
+        store: Store,
+        backoff: Backoff,
+        wake_worker: Arc<Notify>,
+        cancel: CancellationToken,
+    ) -> PollContext {
+        PollContext {
+            fetch: FetchContext::new(source, backoff, cancel),
+            source: source.clone(),
+            store,
+            wake_worker,
+            resync: false,
+            run_id: None,
+            progress: None,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.source.name
+    }
+}
+
+/// Records what a poll said about the source's key, for `status` and `/readyz`: a refusal
+/// sets an auth halt, a completed poll clears one, any other failure says nothing about it.
+pub async fn record_key_outcome(
+    store: &Store,
+    source: &str,
+    result: &Result<PollStats, PollError>,
+) -> Result<(), StoreError> {
+    let name = source.to_string();
+    match result {
+        Err(PollError::AuthRefused(reason)) => {
+            let reason = reason.clone();
+            store
+                .call(move |s| s.set_halt(&name, "auth_refused", &reason))
+                .await
+        }
+        Ok(_) => store.call(move |s| s.clear_halt(&name)).await,
+        Err(_) => Ok(()),
+    }
+}
+
+/// Walks a source's whole listing from the start without touching the state file, handing
+/// each mapped page to `on_page` (`--dry-run`).
+pub async fn scan(
+    source: &dyn Source,
+    ctx: &FetchContext,
+    mut on_page: impl FnMut(Vec<Mapped>),
+) -> Result<PollStats, PollError> {
+    let mut stats = PollStats::default();
+    let mut cursor = source.start_cursor();
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(PollError::Cancelled);
+        }
+        let page = with_retries(ctx, || source.fetch(&cursor)).await?;
+        stats.pages += 1;
+        stats.fetched += page.records.len() as u64;
+        let mapped: Vec<Mapped> = page.records.iter().map(|r| source.map(r)).collect();
+        stats.warnings += mapped.iter().map(|m| m.warnings.len() as u64).sum::<u64>();
+        on_page(mapped);
+        if page.pass_complete {
+            return Ok(stats);
+        }
+        cursor = page.next;
+    }
+}
+
+/// Fetches and maps one record for a push event; `None` when the source has no such record.
+pub async fn fetch_one(
+    source: &dyn Source,
+    ctx: &FetchContext,
+    external_id: &str,
+) -> Result<Option<Mapped>, PollError> {
+    match with_retries(ctx, || source.fetch_one(external_id)).await {
+        Ok(record) => Ok(record.map(|r| source.map(&r))),
+        Err(SourceError::NotFound) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Polls a source once through its whole listing, recording the poll for `status`.
+pub async fn poll(source: &Arc<dyn Source>, ctx: &PollContext) -> Result<PollStats, PollError> {
+    let name = ctx.name().to_string();
+    let store = ctx.store.clone();
+    let poll_id = {
+        let (run_id, name) = (ctx.run_id, name.clone());
+        store.call(move |s| s.begin_poll(run_id, &name)).await?
+    };
+    let mut stats = PollStats::default();
+    let result = poll_pages(source, ctx, &mut stats, poll_id).await;
+    let (outcome, error) = match &result {
+        Ok(()) => ("ok", None),
+        Err(PollError::Cancelled) => ("cancelled", None),
+        Err(PollError::AuthRefused(e)) => ("auth_refused", Some(e.clone())),
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    store
+        .call(move |s| s.update_poll(poll_id, &stats, Some(outcome), error.as_deref()))
+        .await?;
+    match &result {
+        Ok(()) => tracing::info!(
+            source = %name,
+            pages = stats.pages,
+            fetched = stats.fetched,
+            enqueued = stats.enqueued,
+            unchanged = stats.unchanged,
+            rejected = stats.rejected,
+            warnings = stats.warnings,
+            "Poll finished."
+        ),
+        Err(PollError::Cancelled) => {
+            tracing::info!(source = %name, pages = stats.pages, "Poll stopped early.")
+        }
+        Err(error) => tracing::error!(source = %name, %error, "Poll failed."),
+    }
+    result.map(|()| stats)
+}
+
+/// Where a poll starts and when it is done.
+struct Listing {
+    cursor: String,
+    /// Where a crashed poll stopped, when this one resumes it.
+    resumed_at: Option<String>,
+    /// A resumed poll has passed the end of the listing and started over.
+    wrapped: bool,
+}
+
+impl Listing {
+    /// Whether the page that moved the listing to `next` ends this poll.
+    fn ends_with(&mut self, source: &dyn Source, next: &str, pass_complete: bool) -> bool {
+        match (&self.resumed_at, pass_complete) {
+            (None, pass_complete) => pass_complete,
+            (Some(at), true) if !self.wrapped && !source.covers(at, next) => {
+                self.wrapped = true;
+                false
+            }
+            (Some(_), true) => true,
+            (Some(at), false) => self.wrapped && source.covers(at, next),
+        }
+    }
+}
+
+/// A page being mapped and committed on a blocking thread.
+type Commit = JoinHandle<Result<CommitDone, StoreError>>;
+
+async fn poll_pages(
+    source: &Arc<dyn Source>,
+    ctx: &PollContext,
+    stats: &mut PollStats,
+    poll_id: i64,
+) -> Result<(), PollError> {
+    let mut listing = start_listing(source.as_ref(), ctx).await?;
+    let mut commit: Option<Commit> = None;
+    loop {
+        if ctx.fetch.cancel.is_cancelled() {
+            finish_commit(commit.take(), ctx, stats, poll_id).await?;
+            return Err(PollError::Cancelled);
+        }
+        // Fetch the next page while the previous one commits.
+        let fetch = with_retries(&ctx.fetch, || source.fetch(&listing.cursor));
+        let previous = finish_commit(commit.take(), ctx, stats, poll_id);
+        let (fetched, committed) = tokio::select! {
+            both = async { tokio::join!(fetch, previous) } => both,
+            () = ctx.fetch.cancel.cancelled() => return Err(PollError::Cancelled),
+        };
+        committed?;
+        let page = fetched?;
+        let stop = listing.ends_with(source.as_ref(), &page.next, page.pass_complete);
+        let pass_complete = page.pass_complete;
+        listing.cursor = page.next.clone();
+        commit = Some(spawn_commit(source.clone(), ctx, page));
+        if pass_complete && kind_of(&ctx.source).is_ok_and(|kind| kind.full_scan()) {
+            finish_commit(commit.take(), ctx, stats, poll_id).await?;
+            report_vanished(ctx, stats).await?;
+        }
+        if stop {
+            finish_commit(commit.take(), ctx, stats, poll_id).await?;
+            return Ok(());
+        }
+    }
+}
+
+/// Where this poll starts: the saved cursor, and whether that resumes a crashed poll.
+async fn start_listing(source: &dyn Source, ctx: &PollContext) -> Result<Listing, PollError> {
+    let saved = {
+        let name = ctx.name().to_string();
+        ctx.store.call(move |s| s.cursor(&name)).await?
+    };
+    let cursor = saved
+        .map(|(c, _)| c)
+        .unwrap_or_else(|| source.start_cursor());
+    let resumed_at = source.mid_listing(&cursor).then(|| cursor.clone());
+    if let Some(at) = &resumed_at {
+        tracing::info!(source = %ctx.name(), cursor = %at, "Resuming the listing where the last poll stopped.");
+    }
+    Ok(Listing {
+        cursor,
+        resumed_at,
+        wrapped: false,
+    })
+}
+
+/// Maps a page (normalization, phone parsing, hashing) and commits it with its cursor, on a
+/// blocking thread while the poll fetches the next page.
+fn spawn_commit(source: Arc<dyn Source>, ctx: &PollContext, page: Page) -> Commit {
+    let store = ctx.store.clone();
+    let (name, revkeen_source, resync) = (
+        ctx.name().to_string(),
+        ctx.source.revkeen_source.clone(),
+        ctx.resync,
+    );
+    tokio::task::spawn_blocking(move || {
+        let fetched = page.records.len();
+        let (items, warnings) = map_page(source.as_ref(), &name, page.records);
+        let outcome = store.commit_page(
+            &name,
+            &revkeen_source,
+            &items,
+            Some(&page.next),
+            page.pass_complete,
+            resync,
+        )?;
+        Ok(CommitDone {
+            fetched,
+            warnings,
+            outcome,
+        })
+    })
+}
+
+/// Maps every record of a page, counting the fields that had to be left out.
+fn map_page(
+    source: &dyn Source,
+    name: &str,
+    records: Vec<Record>,
+) -> (Vec<crate::store::PageItem>, u64) {
+    let mut items = Vec::with_capacity(records.len());
+    let mut warnings = 0u64;
+    for record in &records {
+        let mapped = source.map(record);
+        for warning in &mapped.warnings {
+            metrics::counter!("sync_daemon_normalization_warnings_total",
+                "source" => name.to_string(), "warning" => *warning)
+            .increment(1);
+        }
+        warnings += mapped.warnings.len() as u64;
+        items.push(mapped.item);
+    }
+    (items, warnings)
+}
+
+/// After a complete full scan: counts and logs records that the previous scan listed and this
+/// one did not. They are not deleted in RevKeen (the source may have archived them).
+async fn report_vanished(ctx: &PollContext, stats: &mut PollStats) -> Result<(), PollError> {
+    let name = ctx.name().to_string();
+    let (new, total) = {
+        let name = name.clone();
+        ctx.store
+            .call(move |s| {
+                let pass = s.cursor(&name)?.map(|(_, passes)| passes).unwrap_or(0);
+                if pass < 2 {
+                    return Ok((Vec::new(), 0));
+                }
+                s.clear_vanished_rejections(&name, pass)?;
+                s.vanished(&name, pass)
+            })
+            .await?
+    };
+    stats.vanished = total;
+    metrics::gauge!("sync_daemon_vanished_records", "source" => name.clone()).set(total as f64);
+    if !new.is_empty() {
+        let shown: Vec<&str> = new.iter().take(50).map(String::as_str).collect();
+        let more = if new.len() > shown.len() {
+            format!(" and {} more", new.len() - shown.len())
+        } else {
+            String::new()
+        };
+        tracing::warn!(
+            source = %name,
+            vanished = new.len(),
+            total_vanished = total,
+            "Records vanished from the source since the last complete scan; they stay in RevKeen: {}{more}.",
+            shown.join(", ")
+        );
+    }
+    Ok(())
+}
+
+struct CommitDone {
+    fetched: usize,
+    warnings: u64,
+    outcome: PageOutcome,
+}
+
+/// Waits for a page's commit and accounts for it: stats, progress, the poll's record, metrics,
+/// and a wake-up for the worker when the page queued work.
+async fn finish_commit(
+    commit: Option<Commit>,
+    ctx: &PollContext,
+    stats: &mut PollStats,
+    poll_id: i64,
+) -> Result<(), PollError> {
+    let Some(commit) = commit else {
+        return Ok(());
+    };
+    let done = match commit.await {
+        Ok(done) => done?,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => return Err(PollError::Cancelled),
+    };
+    stats.add_page(done.fetched, &done.outcome);
+    stats.warnings += done.warnings;
+    if let Some(progress) = &ctx.progress {
+        *progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = *stats;
+    }
+    // `status` shows a running poll's progress.
+    let running = *stats;
+    ctx.store
+        .call(move |s| s.update_poll(poll_id, &running, None, None))
+        .await?;
+    let name = ctx.name().to_string();
+    let page = done.outcome;
+    metrics::counter!("sync_daemon_fetched_total", "source" => name.clone())
+        .increment(done.fetched as u64);
+    metrics::counter!("sync_daemon_enqueued_total", "source" => name.clone())
+        .increment(page.enqueued);
+    metrics::counter!("sync_daemon_unchanged_total", "source" => name.clone())
+        .increment(page.unchanged);
+    metrics::counter!("sync_daemon_skipped_total", "source" => name.clone())
+        .increment(page.skipped);
+    metrics::counter!("sync_daemon_rejected_total", "source" => name).increment(page.rejected);
+    if page.enqueued > 0 {
+        ctx.wake_worker.notify_one();
+    }
+    Ok(())
+}
+
+/// Sends `request` through the source's rate limiter, retrying what can be retried with
+/// backoff, up to the source's `max_attempts`.
+async fn with_retries<T, F, Fut>(ctx: &FetchContext, mut request: F) -> Result<T, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SourceError>>,
+{
+    let name = ctx.source.as_str();
+    let limiter = &ctx.limiter;
+    let attempt = || {
+        let answer = request();
+        async move {
+            limiter.acquire().await;
+            let result = answer.await;
+            if let Err(SourceError::RateLimited(Some(wait))) = &result {
+                // Every request to the host waits, not just this one.
+                limiter.pause(*wait);
+            }
+            result
+        }
+    };
+    attempt
+        .retry(ctx.backoff.builder(ctx.max_attempts.saturating_sub(1) as usize))
+        .sleep(tokio::time::sleep)
+        .when(SourceError::is_retryable)
+        .adjust(|error, delay| match error {
+            // The pause already holds the limiter; retry as soon as it lifts.
+            SourceError::RateLimited(Some(_)) => delay.map(|_| Duration::ZERO),
+            _ => delay,
+        })
+        .notify(|error, delay| {
+            tracing::warn!(source = %name, %error, retry_in_ms = delay.as_millis() as u64, "Fetch failed; retrying.");
+        })
+        .await
+}

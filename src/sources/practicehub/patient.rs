@@ -1,0 +1,187 @@
+//! A patient cut down to the allowlist, and the customer body it becomes.
+//!
+//! **No PHI leaves a clinic (invariant 7).** [`PatientRecord`] has a field for each allowlisted
+//! attribute and nothing else; [`PatientBody`], the body sent to RevKeen, has typed metadata
+//! with two fields, so there is no map a clinical field could be added to.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::config::FIELDS;
+use crate::customer::{self, EmailProblem, Phone, Rejection};
+
+/// The PracticeHub attribute each logical field is read from: [`FIELDS`] with the source's
+/// `[sources.fields]` overrides (validated by the config).
+#[derive(Debug, Clone)]
+pub struct Attributes(BTreeMap<&'static str, String>);
+
+impl Attributes {
+    /// The default names with `overrides` applied.
+    pub fn new(overrides: &BTreeMap<String, String>) -> Attributes {
+        let mut names: BTreeMap<&'static str, String> = FIELDS
+            .iter()
+            .map(|(field, attribute)| (*field, attribute.to_string()))
+            .collect();
+        for (field, attribute) in overrides {
+            if let Some((name, _)) = FIELDS.iter().find(|(name, _)| name == field) {
+                names.insert(name, attribute.clone());
+            }
+        }
+        Attributes(names)
+    }
+
+    /// The attribute `field` is read from.
+    pub fn get<'a>(&'a self, field: &'a str) -> &'a str {
+        self.0.get(field).map(String::as_str).unwrap_or(field)
+    }
+}
+
+/// Cuts a listed patient down to the allowlist. Nothing else of the row is kept.
+pub fn cut(value: &Value, attributes: &Attributes) -> PatientRecord {
+    let text = |field: &str| value.get(attributes.get(field)).and_then(json_text);
+    PatientRecord {
+        id: text("id"),
+        email: text("email"),
+        first_name: text("first_name"),
+        last_name: text("last_name"),
+        phone: text("phone"),
+        phone_fallback: text("phone_fallback"),
+        patient_number: text("patient_number"),
+        updated: text("updated").and_then(|t| parse_time(&t)),
+        deleted: value.get(attributes.get("deleted")).is_some_and(truthy),
+        inactive: value
+            .get(attributes.get("active"))
+            .is_some_and(|v| !v.is_null() && !truthy(v)),
+    }
+}
+
+fn json_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => matches!(s.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"),
+        _ => false,
+    }
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    customer::normalize_timestamp(Some(text))
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// A patient cut down to the allowlisted attributes. Nothing else is ever kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PatientRecord {
+    pub id: Option<String>,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+    pub phone_fallback: Option<String>,
+    pub patient_number: Option<String>,
+    pub updated: Option<DateTime<Utc>>,
+    pub deleted: bool,
+    pub inactive: bool,
+}
+
+/// The customer body a patient becomes: email, name, phone, patient number, lifecycle status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatientBody {
+    pub email: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    pub metadata: PatientMetadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_updated_at: Option<String>,
+}
+
+impl PatientBody {
+    /// The body bytes sent to RevKeen.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a struct of strings always serializes")
+    }
+}
+
+/// The only metadata a patient carries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatientMetadata {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_number: Option<String>,
+    /// `active`, `inactive` or `deleted`.
+    pub source_status: &'static str,
+}
+
+/// Maps an allowlisted patient to its customer body, or says why it cannot be one.
+pub fn map_patient(
+    record: &PatientRecord,
+    default_country: &str,
+) -> Result<(PatientBody, Vec<&'static str>), Rejection> {
+    if record.id.is_none() {
+        return Err(Rejection {
+            code: "no_id",
+            reason: "PracticeHub returned a patient without an id".to_string(),
+            hint: "check the source's [fields] id mapping".to_string(),
+        });
+    }
+    let email =
+        customer::normalize_email(record.email.as_deref()).map_err(|problem| Rejection {
+            code: if problem == EmailProblem::Missing {
+                "no_email"
+            } else {
+                "invalid_email"
+            },
+            reason: format!("{problem} in PracticeHub"),
+            hint:
+                "add a valid email to the patient's PracticeHub record; it syncs on the next poll"
+                    .to_string(),
+        })?;
+    let mut warnings = Vec::new();
+    let phone = [record.phone.as_deref(), record.phone_fallback.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(
+            |raw| match customer::normalize_phone(Some(raw), default_country) {
+                Phone::E164(number) => Some(number),
+                _ => None,
+            },
+        );
+    if phone.is_none() && (record.phone.is_some() || record.phone_fallback.is_some()) {
+        warnings.push("phone_unparseable");
+    }
+    let source_status = if record.deleted {
+        "deleted"
+    } else if record.inactive {
+        "inactive"
+    } else {
+        "active"
+    };
+    Ok((
+        PatientBody {
+            email,
+            name: customer::full_name(record.first_name.as_deref(), record.last_name.as_deref()),
+            phone,
+            metadata: PatientMetadata {
+                patient_number: record.patient_number.clone(),
+                source_status,
+            },
+            external_updated_at: record
+                .updated
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        },
+        warnings,
+    ))
+}
