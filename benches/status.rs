@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use sync_daemon::clock::now_ms;
 use sync_daemon::config::Config;
 use sync_daemon::store::{
     ClaimFilter, DeadLetter, DeliveryCounts, Finished, PageItem, PageItemOutcome, PollStats, Store,
-    now_ms,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_sync-daemon");

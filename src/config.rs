@@ -62,7 +62,7 @@ impl ConfigError {
 
 /// `--source NAME` names no configured source: a usage error (exit 2) wherever it is given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--source {name:?}: no such source; configured sources: {}", known.join(", "))]
+#[error("no source named {name:?} in the config; configured sources: {}", known.join(", "))]
 pub struct UnknownSource {
     pub name: String,
     pub known: Vec<String>,

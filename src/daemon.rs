@@ -12,21 +12,22 @@
 //! Any stop is a clean stop: the invariants make whatever was in flight safe to re-send.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceConfig};
+use crate::exit::ExitStatus;
 use crate::health::Health;
 use crate::limiter::Backoff;
-
-use crate::exit::ExitStatus;
-use crate::run::Tuning;
 use crate::server::{self, AppState, PushFeed};
 use crate::sources::{self, PollContext, PollError, Source};
 use crate::store::{PageItem, Store, StoreError};
@@ -45,7 +46,7 @@ pub enum DaemonError {
     #[error("cannot start the scheduler: {0}")]
     Scheduler(String),
     #[error(transparent)]
-    Build(#[from] crate::sources::BuildError),
+    Build(#[from] sources::BuildError),
     #[error("cannot build an HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("cannot start the metrics recorder: {0}")]
@@ -70,209 +71,287 @@ struct PollState {
     last_outcome: Option<String>,
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<ExitStatus, DaemonError> {
-    run_tuned(config, shutdown, Tuning::default()).await
+type PollStates = Arc<Mutex<HashMap<String, PollState>>>;
+
+/// One source's part of the daemon: its adapter, its poll context and its cron ticks.
+struct SourceTask {
+    adapter: Arc<dyn Source>,
+    ctx: PollContext,
+    ticks: mpsc::Receiver<()>,
 }
 
-/// Runs the daemon with explicit tuning (tests shorten backoff).
-pub async fn run_tuned(
+/// A daemon whose every fallible start-up step has succeeded (state file, listener, metrics,
+/// adapters, scheduler); [`Daemon::run`] spawns its loops. Nothing runs until then except the
+/// scheduler, whose ticks only fill one-slot channels.
+pub struct Daemon {
     config: Config,
-    shutdown: CancellationToken,
-    tuning: Tuning,
-) -> Result<ExitStatus, DaemonError> {
-    let path = config.daemon.state_path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path))
-        .await
-        .expect("opening the store does not panic")?;
-    let reader = {
+    store: Store,
+    reader: Store,
+    metrics: PrometheusHandle,
+    listener: TcpListener,
+    addr: SocketAddr,
+    scheduler: JobScheduler,
+    sources: Vec<SourceTask>,
+    ticks: HashMap<String, mpsc::Sender<()>>,
+    push: HashMap<String, (PushFeed, PollContext)>,
+    worker: Worker,
+    held: Arc<Held>,
+    health: Arc<Health>,
+    wake_worker: Arc<Notify>,
+    worker_state: Arc<WorkerState>,
+    stop_polls: CancellationToken,
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<ExitStatus, DaemonError> {
+    Daemon::build(config).await?.run(shutdown).await
+}
+
+impl Daemon {
+    /// Opens the state file, binds the listener and prepares every loop; spawns nothing.
+    pub async fn build(config: Config) -> Result<Daemon, DaemonError> {
         let path = config.daemon.state_path.clone();
-        tokio::task::spawn_blocking(move || Store::open_read_only(&path))
+        let store = Store::open_blocking(path.clone()).await?;
+        let reader = Store::open_read_only_blocking(path.clone())
+            .await?
+            .ok_or_else(|| StoreError::Open {
+                path,
+                problem: "it vanished right after it was created".to_string(),
+            })?;
+        let metrics = server::metrics_handle().map_err(DaemonError::Metrics)?;
+        let listener = TcpListener::bind(config.daemon.listen)
             .await
-            .expect("opening the store does not panic")?
-            .expect("the writer created the file")
-    };
-    let metrics = server::metrics_handle().map_err(DaemonError::Metrics)?;
-    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
-        .await
-        .map_err(|error| DaemonError::Listen {
+            .map_err(|error| DaemonError::Listen {
+                addr: config.daemon.listen.to_string(),
+                error,
+            })?;
+        let addr = listener.local_addr().map_err(|error| DaemonError::Listen {
             addr: config.daemon.listen.to_string(),
             error,
         })?;
-    let run_id = store.call(|s| s.begin_run("daemon")).await?;
-    // Loops beat at least four times per systemd watchdog interval.
-    let beat = sd_notify::watchdog_enabled()
-        .map(|w| (w / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)))
-        .unwrap_or(Duration::from_secs(1));
-    let health = Arc::new(Health::with_beat(beat));
-    health.beat_scheduler();
-    health.beat_worker();
-    let wake_worker = Arc::new(Notify::new());
-    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
-    let stop_polls = shutdown.child_token();
-    let mut tasks = JoinSet::new();
+        // Loops beat at least four times per systemd watchdog interval.
+        let beat = sd_notify::watchdog_enabled()
+            .map(|w| (w / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)))
+            .unwrap_or(Duration::from_secs(1));
+        let health = Arc::new(Health::with_beat(beat));
+        let wake_worker = Arc::new(Notify::new());
+        let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+        let stop_polls = CancellationToken::new();
 
-    // Sources: adapters, limiters, push feeds.
-    let mut contexts = Vec::new();
-    let mut push = HashMap::new();
-    for source in &config.sources {
-        let adapter = sources::build(source)?;
-        let ctx = PollContext {
-            run_id: Some(run_id),
-            ..PollContext::new(
-                source,
-                store.clone(),
-                tuning.backoff,
-                wake_worker.clone(),
-                stop_polls.clone(),
-            )
-        };
-        if let Some(secret) = &source.push_secret {
-            let wake = Arc::new(Notify::new());
-            push.insert(
-                source.name.clone(),
-                PushFeed {
-                    secret: secret.clone(),
-                    adapter: adapter.clone(),
-                    wake: wake.clone(),
-                },
-            );
-            tasks.spawn(push_loop(adapter.clone(), ctx.clone(), wake));
-        }
-        contexts.push((adapter, ctx));
-    }
-
-    // HTTP server.
-    let state = AppState {
-        health: health.clone(),
-        writer: store.clone(),
-        reader,
-        metrics,
-        push: Arc::new(push),
-        sources: Arc::new(names.clone()),
-    };
-    let server_stop = CancellationToken::new();
-    let server_task = tokio::spawn(server::serve(listener, state, server_stop.clone()));
-
-    // Worker.
-    let worker_state = Arc::new(WorkerState::default());
-    let mut worker = Worker::for_config(
-        &config,
-        store.clone(),
-        names.clone(),
-        tuning.backoff,
-        Exhausted::DeadLetter,
-        wake_worker.clone(),
-        worker_state.clone(),
-        Some(health.clone()),
-    )?;
-    // What an earlier process left queued waits until the start-up poll has seen the record
-    // again (a patient deleted meanwhile must not be created by its old queued create).
-    let held = Held::new(names.clone());
-    worker.held = Some(held.clone());
-    let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
-    let worker_task = {
-        let (never, shutdown, health) =
-            (CancellationToken::new(), shutdown.clone(), health.clone());
-        tokio::spawn(async move {
-            let exit = worker.run(never, shutdown, drain).await;
-            match &exit {
-                // Sending stops until a restart with a fixed key; polling goes on.
-                Ok(WorkerExit::AuthHalted(_)) => health.worker_stopped(),
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::error!(%error, "Sending stopped: the state file failed. The daemon reports itself unhealthy so that it is restarted.");
-                    health.failed();
-                }
-            }
-            exit
-        })
-    };
-
-    // Polls: one task per source fed by cron ticks, plus the watchdog.
-    let scheduler = JobScheduler::new()
-        .await
-        .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-    let mut ticks = HashMap::new();
-    let poll_states: Arc<Mutex<HashMap<String, PollState>>> = Arc::default();
-    for (adapter, ctx) in contexts {
-        let (tx, rx) = mpsc::channel::<()>(1);
-        // A poll at start, then on schedule.
-        let _ = tx.try_send(());
-        let job_tx = tx.clone();
-        let job = Job::new_cron_job_async(ctx.source.schedule.as_str(), move |_, _| {
-            let tx = job_tx.clone();
-            Box::pin(async move {
-                // Full means a poll is already pending: the ticks collapse into one.
-                let _ = tx.try_send(());
-            })
-        })
-        .map_err(|e| DaemonError::Scheduler(format!("{}: {e}", ctx.source.name)))?;
-        scheduler
-            .add(job)
+        let scheduler = JobScheduler::new()
             .await
             .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-        ticks.insert(ctx.source.name.clone(), tx);
-        tasks.spawn(source_loop(
-            adapter,
-            ctx,
-            rx,
+        let mut sources = Vec::new();
+        let mut ticks = HashMap::new();
+        let mut push = HashMap::new();
+        for source in &config.sources {
+            let adapter = sources::build(source)?;
+            let ctx = PollContext::new(
+                source,
+                store.clone(),
+                Backoff::default(),
+                wake_worker.clone(),
+                stop_polls.clone(),
+            );
+            if let Some(secret) = &source.push_secret {
+                let feed = PushFeed {
+                    secret: secret.clone(),
+                    adapter: adapter.clone(),
+                    wake: Arc::new(Notify::new()),
+                };
+                push.insert(source.name.clone(), (feed, ctx.clone()));
+            }
+            let (tx, rx) = mpsc::channel::<()>(1);
+            // A poll at start, then on schedule.
+            let _ = tx.try_send(());
+            scheduler
+                .add(cron_job(source, tx.clone())?)
+                .await
+                .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+            ticks.insert(source.name.clone(), tx);
+            sources.push(SourceTask {
+                adapter,
+                ctx,
+                ticks: rx,
+            });
+        }
+        let worker_state = Arc::new(WorkerState::default());
+        let mut worker = Worker::for_config(
+            &config,
+            store.clone(),
+            names.clone(),
+            Exhausted::DeadLetter,
+            wake_worker.clone(),
+            worker_state.clone(),
+        )?;
+        worker.health = Some(health.clone());
+        // What an earlier process left queued waits until the start-up poll has seen the
+        // record again (a patient deleted meanwhile must not be created by its old queued
+        // create).
+        let held = Held::new(names);
+        worker.held = Some(held.clone());
+        scheduler
+            .start()
+            .await
+            .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        Ok(Daemon {
+            config,
+            store,
+            reader,
+            metrics,
+            listener,
+            addr,
+            scheduler,
+            sources,
+            ticks,
+            push,
+            worker,
+            held,
+            health,
+            wake_worker,
+            worker_state,
+            stop_polls,
+        })
+    }
+
+    /// The address the HTTP server listens on (the real port when `listen` asked for 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs every loop until `shutdown`, then stops them in order: polls at a page boundary,
+    /// the worker after its drain, the server last.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<ExitStatus, DaemonError> {
+        let Daemon {
+            config,
+            store,
+            reader,
+            metrics,
+            listener,
+            addr,
+            mut scheduler,
+            sources,
+            ticks,
+            push,
+            worker,
+            held,
+            health,
+            wake_worker,
+            worker_state,
+            stop_polls,
+        } = self;
+        let run_id = store.call(|s| s.begin_run("daemon")).await?;
+        health.beat_scheduler();
+        health.beat_worker();
+        let mut tasks = JoinSet::new();
+        let mut feeds = HashMap::new();
+        for (name, (feed, ctx)) in push {
+            tasks.spawn(push_loop(feed.adapter.clone(), ctx, feed.wake.clone()));
+            feeds.insert(name, feed);
+        }
+        let state = AppState {
+            health: health.clone(),
+            writer: store.clone(),
+            reader,
+            metrics,
+            push: Arc::new(feeds),
+            sources: Arc::new(config.sources.iter().map(|s| s.name.clone()).collect()),
+        };
+        let server_stop = CancellationToken::new();
+        let server_task = tokio::spawn(server::serve(listener, state, server_stop.clone()));
+        let worker_task = spawn_worker(worker, shutdown.clone(), &config, health.clone());
+        let poll_states: PollStates = Arc::default();
+        for mut task in sources {
+            task.ctx.run_id = Some(run_id);
+            tasks.spawn(source_loop(task, poll_states.clone(), held.clone()));
+        }
+        tasks.spawn(watchdog(
+            config.sources.clone(),
+            ticks,
             poll_states.clone(),
-            held.clone(),
+            health.clone(),
+            stop_polls.clone(),
         ));
-    }
-    scheduler
-        .start()
-        .await
-        .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-    tasks.spawn(watchdog(
-        config.sources.clone(),
-        ticks,
-        poll_states.clone(),
-        health.clone(),
-        stop_polls.clone(),
-    ));
-    tasks.spawn(systemd_loop(
-        health.clone(),
-        poll_states.clone(),
-        worker_state.clone(),
-        store.clone(),
-        shutdown.clone(),
-    ));
+        tasks.spawn(systemd_loop(
+            health.clone(),
+            poll_states,
+            worker_state,
+            store.clone(),
+            shutdown.clone(),
+            sd_notify::watchdog_enabled(),
+            Arc::new(notify),
+        ));
+        drop(wake_worker);
 
-    notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!(
-        listen = %config.daemon.listen,
-        sources = names.len(),
-        state = %config.daemon.state_path.display(),
-        "sync-daemon started."
-    );
+        notify(&[sd_notify::NotifyState::Ready]);
+        tracing::info!(
+            listen = %addr,
+            sources = config.sources.len(),
+            state = %config.daemon.state_path.display(),
+            "sync-daemon started."
+        );
 
-    shutdown.cancelled().await;
-    notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!(
-        drain_timeout_secs = config.daemon.drain_timeout_secs,
-        "Shutting down: finishing in-flight requests."
-    );
-    let mut scheduler = scheduler;
-    let _ = scheduler.shutdown().await;
-    stop_polls.cancel();
-    match worker_task.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::error!(%error, "The worker stopped on a state file error."),
-        Err(error) => tracing::error!(%error, "The worker task failed."),
+        shutdown.cancelled().await;
+        notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!(
+            drain_timeout_secs = config.daemon.drain_timeout_secs,
+            "Shutting down: finishing in-flight requests."
+        );
+        let _ = scheduler.shutdown().await;
+        stop_polls.cancel();
+        match worker_task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "The worker stopped on a state file error."),
+            Err(error) => tracing::error!(%error, "The worker task failed."),
+        }
+        // Polls and push loops stop at their next page boundary; don't wait on a slow source.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        tasks.abort_all();
+        server_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
+        let _ = store.call(move |s| s.finish_run(run_id, "stopped")).await;
+        tracing::info!("sync-daemon stopped.");
+        Ok(ExitStatus::Ok)
     }
-    // Polls and push loops stop at their next page boundary; don't wait on a slow source.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while tasks.join_next().await.is_some() {}
+}
+
+/// The cron job that ticks a source's poll. A tick only signals the source's loop through a
+/// one-slot channel, so a poll never overlaps itself and ticks during a poll collapse into one.
+fn cron_job(source: &SourceConfig, tx: mpsc::Sender<()>) -> Result<Job, DaemonError> {
+    Job::new_cron_job_async(source.schedule.as_str(), move |_, _| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            // Full means a poll is already pending: the ticks collapse into one.
+            let _ = tx.try_send(());
+        })
     })
-    .await;
-    tasks.abort_all();
-    server_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
-    let _ = store.call(move |s| s.finish_run(run_id, "stopped")).await;
-    tracing::info!("sync-daemon stopped.");
-    Ok(ExitStatus::Ok)
+    .map_err(|e| DaemonError::Scheduler(format!("{}: {e}", source.name)))
+}
+
+/// The worker, sending until shutdown. A refused key stops it on purpose (polling goes on);
+/// a state file error makes the daemon report itself unhealthy so that it is restarted.
+fn spawn_worker(
+    worker: Worker,
+    shutdown: CancellationToken,
+    config: &Config,
+    health: Arc<Health>,
+) -> tokio::task::JoinHandle<Result<WorkerExit, StoreError>> {
+    let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
+    tokio::spawn(async move {
+        let exit = worker.run(CancellationToken::new(), shutdown, drain).await;
+        match &exit {
+            Ok(WorkerExit::AuthHalted(_)) => health.worker_stopped(),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(%error, "Sending stopped: the state file failed. The daemon reports itself unhealthy so that it is restarted.");
+                health.failed();
+            }
+        }
+        exit
+    })
 }
 
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
@@ -281,13 +360,13 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-async fn source_loop(
-    adapter: Arc<dyn Source>,
-    ctx: PollContext,
-    mut ticks: mpsc::Receiver<()>,
-    states: Arc<Mutex<HashMap<String, PollState>>>,
-    held: Arc<Held>,
-) {
+/// Polls a source on every tick, one poll at a time.
+async fn source_loop(task: SourceTask, states: PollStates, held: Arc<Held>) {
+    let SourceTask {
+        adapter,
+        ctx,
+        mut ticks,
+    } = task;
     let name = ctx.source.name.clone();
     loop {
         tokio::select! {
@@ -295,10 +374,12 @@ async fn source_loop(
             () = ctx.fetch.cancel.cancelled() => return,
         }
         {
-            let mut states = states.lock().expect("poll state lock poisoned");
+            let mut states = states
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let state = states.entry(name.clone()).or_default();
             state.running = true;
-            state.last_started = Some(Utc::now());
+            state.last_started = Some(crate::clock::now());
         }
         let result = sources::poll(&adapter, &ctx).await;
         held.release(&name);
@@ -314,7 +395,9 @@ async fn source_loop(
         // page cache back.
         crate::customer::release_phone_patterns();
         let _ = ctx.store.call(|s| s.release_memory()).await;
-        let mut states = states.lock().expect("poll state lock poisoned");
+        let mut states = states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = states.entry(name.clone()).or_default();
         state.running = false;
         state.last_outcome = Some(outcome);
@@ -325,7 +408,7 @@ async fn source_loop(
 async fn watchdog(
     sources: Vec<SourceConfig>,
     ticks: HashMap<String, mpsc::Sender<()>>,
-    states: Arc<Mutex<HashMap<String, PollState>>>,
+    states: PollStates,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) {
@@ -336,14 +419,14 @@ async fn watchdog(
             () = tokio::time::sleep(WATCHDOG_TICK.min(health.beat())) => {}
             () = cancel.cancelled() => return,
         }
-        let now = Utc::now();
+        let now = crate::clock::now();
         for source in &sources {
             let Some(interval) = interval_of(&source.schedule, now) else {
                 continue;
             };
             let state = states
                 .lock()
-                .expect("poll state lock poisoned")
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&source.name)
                 .cloned()
                 .unwrap_or_default();
@@ -381,15 +464,20 @@ fn interval_of(schedule: &str, now: DateTime<Utc>) -> Option<chrono::Duration> {
     Some(second - first)
 }
 
-/// Feeds the systemd watchdog from real loop progress and keeps `STATUS=` current.
+/// How the daemon talks to systemd (`sd_notify` in the daemon, a recorder in tests).
+type Notifier = Arc<dyn Fn(&[sd_notify::NotifyState<'_>]) + Send + Sync>;
+
+/// Feeds the systemd watchdog from real loop progress and keeps `STATUS=` current: a ping
+/// every half `watchdog` interval while every loop beats, none while one is wedged.
 async fn systemd_loop(
     health: Arc<Health>,
-    states: Arc<Mutex<HashMap<String, PollState>>>,
+    states: PollStates,
     worker: Arc<WorkerState>,
     store: Store,
     cancel: CancellationToken,
+    watchdog: Option<Duration>,
+    notify: Notifier,
 ) {
-    let watchdog = sd_notify::watchdog_enabled();
     let period = watchdog
         .map(|w| (w / 2).max(Duration::from_millis(100)))
         .unwrap_or(Duration::from_secs(10))
@@ -410,36 +498,43 @@ async fn systemd_loop(
             .await
             .map(|q| q.iter().map(|s| s.depth).sum::<u64>())
             .unwrap_or(0);
-        let polls = {
-            let states = states.lock().expect("poll state lock poisoned");
-            let mut parts: Vec<String> = states
-                .iter()
-                .map(|(name, s)| {
-                    let what = if s.running {
-                        "polling".to_string()
-                    } else {
-                        s.last_outcome
-                            .clone()
-                            .unwrap_or_else(|| "waiting".to_string())
-                    };
-                    format!("{name} {what}")
-                })
-                .collect();
-            parts.sort();
-            parts.join(", ")
-        };
-        let sent: u64 = worker.stats().values().map(|s| s.delivered()).sum();
-        let halt = worker
-            .halt()
-            .map(|_| "; SENDING HALTED: RevKeen refused the key")
-            .unwrap_or("");
-        let status = format!("{polls}; queued {queued}; sent {sent}{halt}");
+        let status = status_line(&states, &worker, queued);
         notify(&[sd_notify::NotifyState::Status(&status)]);
         tokio::select! {
             () = tokio::time::sleep(period) => {}
             () = cancel.cancelled() => return,
         }
     }
+}
+
+/// `STATUS=` for `systemctl status`, e.g. `clinic ok, gym polling; queued 12; sent 2891`.
+fn status_line(states: &PollStates, worker: &WorkerState, queued: u64) -> String {
+    let polls = {
+        let states = states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut parts: Vec<String> = states
+            .iter()
+            .map(|(name, s)| {
+                let what = if s.running {
+                    "polling".to_string()
+                } else {
+                    s.last_outcome
+                        .clone()
+                        .unwrap_or_else(|| "waiting".to_string())
+                };
+                format!("{name} {what}")
+            })
+            .collect();
+        parts.sort();
+        parts.join(", ")
+    };
+    let sent: u64 = worker.stats().values().map(|s| s.delivered()).sum();
+    let halt = worker
+        .halt()
+        .map(|_| "; SENDING HALTED: RevKeen refused the key")
+        .unwrap_or("");
+    format!("{polls}; queued {queued}; sent {sent}{halt}")
 }
 
 /// Processes push events: fetches each record from the source and enqueues it, consuming the
@@ -513,5 +608,156 @@ async fn push_loop(adapter: Arc<dyn Source>, ctx: PollContext, wake: Arc<Notify>
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The daemon's own timing on a paused clock: systemd watchdog pings and the scheduler
+    //! watchdog.
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    /// A notifier that records `WATCHDOG=1` pings with when they were sent.
+    fn recorder() -> (Notifier, Arc<Mutex<Vec<Duration>>>) {
+        let pings: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let started = Instant::now();
+        let sink = pings.clone();
+        let notify: Notifier = Arc::new(move |states: &[sd_notify::NotifyState<'_>]| {
+            if states
+                .iter()
+                .any(|s| matches!(s, sd_notify::NotifyState::Watchdog))
+            {
+                sink.lock().expect("lock").push(started.elapsed());
+            }
+        });
+        (notify, pings)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_pings_every_half_interval_while_loops_beat_and_stop_when_one_wedges() {
+        let (store, _dir) = temp_store();
+        let health = Arc::new(Health::with_beat(Duration::from_millis(500)));
+        health.beat_worker();
+        health.beat_scheduler();
+        let beating = CancellationToken::new();
+        {
+            // The daemon's loops, beating as they do while healthy.
+            let (health, beating) = (health.clone(), beating.clone());
+            tokio::spawn(async move {
+                while !beating.is_cancelled() {
+                    health.beat_worker();
+                    health.beat_scheduler();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        }
+        let (notify, pings) = recorder();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(systemd_loop(
+            health.clone(),
+            PollStates::default(),
+            Arc::new(WorkerState::default()),
+            store,
+            cancel.clone(),
+            Some(Duration::from_secs(2)),
+            notify,
+        ));
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        let healthy: Vec<Duration> = pings.lock().expect("lock").clone();
+        assert_eq!(
+            healthy.len(),
+            11,
+            "a ping at start, then every second: {healthy:?}"
+        );
+        assert!(
+            healthy
+                .windows(2)
+                .all(|w| w[1] - w[0] == Duration::from_secs(1)),
+            "{healthy:?}"
+        );
+        // A wedged loop: its beats stop, and the pings stop once the window (2 s) passes.
+        beating.cancel();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let after: Vec<Duration> = pings.lock().expect("lock")[healthy.len()..].to_vec();
+        assert!(
+            after.len() <= 2,
+            "pings went on for a wedged loop: {after:?}"
+        );
+        cancel.cancel();
+        task.await.expect("joins");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_watchdog_pings_unless_systemd_asks_for_them() {
+        let (store, _dir) = temp_store();
+        let health = Arc::new(Health::default());
+        let (notify, pings) = recorder();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(systemd_loop(
+            health,
+            PollStates::default(),
+            Arc::new(WorkerState::default()),
+            store,
+            cancel.clone(),
+            None,
+            notify,
+        ));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        cancel.cancel();
+        task.await.expect("joins");
+        assert!(pings.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overdue_poll_is_started_by_the_watchdog_and_a_running_one_is_left_alone() {
+        let config = Config::from_toml(
+            "[revkeen]\napi_key='k'\n[[sources]]\nname='gym'\nkind='wodify'\n\
+             base_url='https://api.wodify.com/v1'\napi_key='w'\nschedule='*/10 * * * * *'\n",
+            &crate::config::Environment::default(),
+            &sources::config_kinds(),
+        )
+        .expect("config");
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let states = PollStates::default();
+        states.lock().expect("lock").insert(
+            "gym".to_string(),
+            PollState {
+                running: true,
+                last_started: Some(crate::clock::now()),
+                last_outcome: None,
+            },
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(watchdog(
+            config.sources.clone(),
+            HashMap::from([("gym".to_string(), tx)]),
+            states.clone(),
+            Arc::new(Health::default()),
+            cancel.clone(),
+        ));
+        // A poll that runs long is not overdue.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(rx.try_recv().is_err(), "a running poll was started again");
+        // Finished, then the scheduler never fires again: more than two 10 s intervals on,
+        // the watchdog polls anyway.
+        let finished = Instant::now();
+        {
+            let mut states = states.lock().expect("lock");
+            let state = states.get_mut("gym").expect("state");
+            state.running = false;
+            state.last_started = Some(crate::clock::now());
+        }
+        rx.recv().await.expect("a tick from the watchdog");
+        let waited = finished.elapsed();
+        assert!(
+            waited > Duration::from_secs(20) && waited <= Duration::from_secs(23),
+            "{waited:?}"
+        );
+        cancel.cancel();
+        task.await.expect("joins");
     }
 }

@@ -7,7 +7,9 @@
 //! an auth halt is not wedged: that shows in `/readyz`, not in liveness.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Loop heartbeats.
 pub struct Health {
@@ -86,16 +88,26 @@ impl Health {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_loop_that_stops_beating_is_not_alive() {
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_stops_beating_is_not_alive() {
         let health = Health::default();
         health.beat_worker();
         health.beat_scheduler();
         assert!(health.alive(Duration::from_secs(5)));
-        std::thread::sleep(Duration::from_millis(30));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            health.alive(Duration::from_secs(5)),
+            "at the edge of the window"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
         health.beat_scheduler();
-        assert!(!health.alive(Duration::from_millis(10)), "worker is stale");
+        assert!(!health.alive(Duration::from_secs(5)), "the worker is stale");
+        // A worker stopped on purpose (an auth halt) does not need to beat.
         health.worker_stopped();
-        assert!(health.alive(Duration::from_millis(10)));
+        assert!(health.alive(Duration::from_secs(5)));
+        // A loop that failed makes the daemon not alive, however fresh the beats.
+        health.failed();
+        health.beat_scheduler();
+        assert!(!health.alive(Duration::from_secs(5)));
     }
 }

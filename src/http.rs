@@ -90,7 +90,7 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(seconds));
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    let wait = at.with_timezone(&chrono::Utc) - crate::clock::now();
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 

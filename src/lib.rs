@@ -26,6 +26,7 @@
 //! - [`demo`]: the whole pipeline against the bundled simulators.
 //! - [`schedule`]: cron schedules as the scheduler reads them.
 
+pub mod clock;
 pub mod config;
 pub mod customer;
 pub mod daemon;

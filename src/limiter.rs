@@ -3,7 +3,8 @@
 //! One [`Limiter`] per remote host, shared by everything that talks to it, so the daemon stays
 //! under the documented rate however many workers run: 429s become rare rather than routine.
 //! A 429 pauses the whole host until its `Retry-After`, not just the request that got it.
-//! The bucket is `governor`'s GCRA; waiting is done with tokio timers.
+//! The bucket is `governor`'s GCRA on tokio's clock ([`crate::clock::TokioClock`]); waiting is
+//! done with tokio timers, so both run on a paused clock in tests.
 //!
 //! Backoff is `backon`'s exponential sequence (base 1 s, cap 10 min) with *full* jitter on
 //! top: `backon`'s own jitter adds up to one delay to the delay, while full jitter draws the
@@ -14,14 +15,21 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
+
+use crate::clock::TokioClock;
+
+/// A direct (unkeyed) GCRA bucket on tokio's clock.
+type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
 /// A host's request budget.
 pub struct Limiter {
     name: String,
-    bucket: DefaultDirectRateLimiter,
+    bucket: Bucket,
     paused_until: Mutex<Option<Instant>>,
 }
 
@@ -38,7 +46,7 @@ impl Limiter {
             .allow_burst(burst);
         Limiter {
             name: name.into(),
-            bucket: RateLimiter::direct(quota),
+            bucket: RateLimiter::direct_with_clock(quota, TokioClock),
             paused_until: Mutex::new(None),
         }
     }
@@ -63,7 +71,7 @@ impl Limiter {
             match self.bucket.check() {
                 Ok(()) => return,
                 Err(not_until) => {
-                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    let wait = not_until.wait_time_from(TokioClock.now());
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -178,34 +186,49 @@ mod tests {
         assert_eq!(delays.len(), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn burst_is_immediate_then_the_rate_applies() {
         // Burst 6: five at once (one kept in reserve), then 20 a second.
         let limiter = Limiter::per_second("test", 20, 6);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         for _ in 0..5 {
             limiter.acquire().await;
         }
-        assert!(started.elapsed() < Duration::from_millis(40));
-        for _ in 0..4 {
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Then exactly one token every 50 ms.
+        for n in 1..=40u32 {
             limiter.acquire().await;
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_millis(50) * n,
+                "token {n}"
+            );
         }
-        // Four more tokens at 20/s take about 200 ms.
-        assert!(
-            started.elapsed() >= Duration::from_millis(150),
-            "{:?}",
-            started.elapsed()
-        );
     }
 
-    #[tokio::test]
-    async fn a_pause_holds_every_request() {
+    #[tokio::test(start_paused = true)]
+    async fn a_minute_rate_is_spread_evenly() {
+        // RevKeen's form: 600 a minute, burst 20 (19 at once), then one every 100 ms.
+        let limiter = Limiter::per_minute("revkeen", 600, 20);
+        let started = Instant::now();
+        for _ in 0..19 {
+            limiter.acquire().await;
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        for _ in 0..600 {
+            limiter.acquire().await;
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_every_request_and_a_shorter_one_never_cuts_it() {
         let limiter = Limiter::per_second("test", 1000, 1000);
         limiter.pause(Duration::from_millis(120));
         limiter.pause(Duration::from_millis(10));
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         limiter.acquire().await;
-        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(started.elapsed(), Duration::from_millis(120));
         assert!(limiter.paused_for().is_none());
     }
 }

@@ -417,12 +417,18 @@ fn status(config: &Config, json: bool) -> ExitStatus {
     }
 }
 
+/// `--source NAME` of an operator command: a name no source has is a usage error, as in a run.
+fn known_source(config: &Config, source: Option<&str>) -> Result<(), ExitStatus> {
+    let names: Vec<String> = source.map(str::to_string).into_iter().collect();
+    config.selected_sources(&names).map(drop).map_err(|error| {
+        eprintln!("sync-daemon: {error}");
+        ExitStatus::Usage
+    })
+}
+
 fn failures(config: &Config, source: Option<&str>, json: bool) -> ExitStatus {
-    if let Some(name) = source
-        && !config.sources.iter().any(|s| s.name == name)
-    {
-        eprintln!("sync-daemon: no source named {name:?} in the config");
-        return ExitStatus::Usage;
+    if let Err(status) = known_source(config, source) {
+        return status;
     }
     match ops::failures(config, source) {
         Ok(list) if json => print_json(&list),
@@ -438,11 +444,8 @@ fn failures(config: &Config, source: Option<&str>, json: bool) -> ExitStatus {
 }
 
 fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> ExitStatus {
-    if let Some(name) = source
-        && !config.sources.iter().any(|s| s.name == name)
-    {
-        eprintln!("sync-daemon: no source named {name:?} in the config");
-        return ExitStatus::Usage;
+    if let Err(status) = known_source(config, source) {
+        return status;
     }
     let ids = (!all).then_some(ids);
     match ops::replay(config, source, ids) {

@@ -15,9 +15,7 @@ use crate::exit::ExitStatus;
 use crate::http::Probe;
 use crate::revkeen::RevKeenClient;
 use crate::sources;
-use crate::store::{
-    DeliveryCounts, Failure, FailureKind, Halt, PollStats, Store, StoreError, now_ms,
-};
+use crate::store::{DeliveryCounts, Failure, FailureKind, Halt, PollStats, Store, StoreError};
 use crate::worker::REVKEEN;
 
 /// `status --json`.
@@ -106,7 +104,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let path = &config.daemon.state_path;
     let running = Store::writer_active(path);
     let store = Store::open_read_only(path)?;
-    let now = now_ms();
+    let now = crate::clock::now_ms();
     let (queue, halts, mode) = match &store {
         Some(store) => (
             store.queue_summary()?,
@@ -149,7 +147,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 cursor.as_ref().map(|(c, passes)| (c.as_str(), *passes)),
             ),
             next_poll: daemon
-                .then(|| crate::schedule::next_after(&source.schedule, Utc::now()))
+                .then(|| crate::schedule::next_after(&source.schedule, crate::clock::now()))
                 .flatten()
                 .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
             delivered,

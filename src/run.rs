@@ -6,7 +6,7 @@
 //! the run early; everything already committed stays queued for the next one.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -44,12 +44,6 @@ pub struct SourceProgress {
     pub sent: SendStats,
     /// Records the source had at its last complete pass (an estimate of this pass's size).
     pub expected: Option<u64>,
-}
-
-/// Knobs tests turn; the defaults are DESIGN's policy.
-#[derive(Debug, Clone, Default)]
-pub struct Tuning {
-    pub backoff: Backoff,
 }
 
 /// One source's part of a run.
@@ -213,22 +207,10 @@ impl RunError {
 
 /// Runs `--once`.
 pub async fn once(config: &Config, options: &OnceOptions) -> Result<RunReport, RunError> {
-    once_tuned(config, options, &Tuning::default()).await
-}
-
-/// Runs `--once` with explicit tuning (tests shorten backoff).
-pub async fn once_tuned(
-    config: &Config,
-    options: &OnceOptions,
-    tuning: &Tuning,
-) -> Result<RunReport, RunError> {
-    let started = Instant::now();
+    let started = crate::clock::instant();
     let selected = config.selected_sources(&options.sources)?;
     let names: Vec<String> = selected.iter().map(|s| s.name.clone()).collect();
-    let path = config.daemon.state_path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path))
-        .await
-        .expect("opening the store does not panic")?;
+    let store = Store::open_blocking(config.daemon.state_path.clone()).await?;
     {
         // A new run gets a full retry budget for what an earlier run left queued.
         let names = names.clone();
@@ -244,104 +226,38 @@ pub async fn once_tuned(
         config,
         store.clone(),
         names.clone(),
-        tuning.backoff,
         Exhausted::StopRun,
         wake.clone(),
         state.clone(),
-        None,
     )?;
     // What an earlier run left queued waits until this run's poll has seen the record again.
-    let held = Held::new(names.clone());
+    let held = Held::new(names);
     worker.held = Some(held.clone());
     let worker_task = {
         let (inputs_done, never) = (inputs_done.clone(), CancellationToken::new());
         tokio::spawn(async move { worker.run(inputs_done, never, Duration::ZERO).await })
     };
 
-    let mut polls = tokio::task::JoinSet::new();
-    let mut trackers = Vec::new();
-    for source in &selected {
-        let progress = Arc::new(std::sync::Mutex::new(PollStats::default()));
-        let expected = {
-            let name = source.name.clone();
-            store.call(move |s| s.known_records(&name)).await?
-        };
-        trackers.push((source.name.clone(), progress.clone(), expected));
-        let ctx = PollContext {
-            resync: options.resync,
-            run_id: Some(run_id),
-            progress: Some(progress),
-            ..PollContext::new(
-                source,
-                store.clone(),
-                tuning.backoff,
-                wake.clone(),
-                stop_polls.clone(),
-            )
-        };
-        let adapter = sources::build(source)?;
-        polls.spawn(async move {
-            let result = sources::poll(&adapter, &ctx).await;
-            (ctx.source.name.clone(), result)
-        });
-    }
-
+    let run = Polls {
+        store: &store,
+        wake: &wake,
+        stop_polls: &stop_polls,
+        run_id,
+    };
+    let (polls, trackers) = run.spawn(&selected, options).await?;
     let done_polls: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let reporter = options.progress.clone().map(|report| {
-        let (state, done_polls) = (state.clone(), done_polls.clone());
-        let stop = inputs_done.clone();
-        tokio::spawn(async move {
-            loop {
-                let sent = state.stats();
-                let done = done_polls.lock().expect("lock").clone();
-                let snapshot: Vec<SourceProgress> = trackers
-                    .iter()
-                    .map(|(name, poll, expected)| SourceProgress {
-                        name: name.clone(),
-                        poll: *poll.lock().expect("progress lock poisoned"),
-                        poll_done: done.contains(name),
-                        sent: sent.get(name).copied().unwrap_or_default(),
-                        expected: *expected,
-                    })
-                    .collect();
-                report(&snapshot);
-                if stop.is_cancelled() && state.in_flight() == 0 && done.len() == trackers.len() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
+        spawn_reporter(
+            report,
+            trackers,
+            state.clone(),
+            done_polls.clone(),
+            inputs_done.clone(),
+        )
     });
-
-    // Watch for a RevKeen auth halt while polls run: polling on would only queue more.
-    let mut poll_results: Vec<(String, Result<PollStats, PollError>)> = Vec::new();
-    let mut worker_task = Some(worker_task);
-    let mut worker_exit = None;
-    while !polls.is_empty() {
-        tokio::select! {
-            Some(done) = polls.join_next() => {
-                let done = done.expect("poll tasks do not panic");
-                held.release(&done.0);
-                wake.notify_one();
-                done_polls.lock().expect("lock").push(done.0.clone());
-                poll_results.push(done);
-            }
-            exit = async { worker_task.as_mut().expect("present until it ends").await }, if worker_task.is_some() => {
-                worker_task = None;
-                let exit = exit.expect("the worker does not panic")?;
-                if !matches!(exit, WorkerExit::Drained) {
-                    stop_polls.cancel();
-                }
-                worker_exit = Some(exit);
-            }
-        }
-    }
-    inputs_done.cancel();
-    let worker_exit = match (worker_exit, worker_task) {
-        (Some(exit), _) => exit,
-        (None, Some(task)) => task.await.expect("the worker does not panic")?,
-        (None, None) => WorkerExit::Drained,
-    };
+    let (poll_results, worker_exit) = run
+        .wait(polls, worker_task, &held, &done_polls, &inputs_done)
+        .await?;
     if let Some(reporter) = reporter {
         reporter.abort();
     }
@@ -350,22 +266,185 @@ pub async fn once_tuned(
     for (name, result) in &poll_results {
         sources::record_key_outcome(&store, name, result).await?;
     }
-    let source_halt = poll_results
-        .iter()
-        .any(|(_, result)| matches!(result, Err(PollError::AuthRefused(_))));
+    let reports = source_reports(&store, &selected, &poll_results, &state).await?;
+    let (exit, stopped) = run_exit(&worker_exit, &poll_results, &reports);
+    let outcome = match exit {
+        ExitStatus::Ok => "ok",
+        ExitStatus::Rejected => "ok_with_failures",
+        ExitStatus::AuthRefused => "auth_refused",
+        ExitStatus::Unavailable => "unavailable",
+        _ => "failed",
+    };
+    store.call(move |s| s.finish_run(run_id, outcome)).await?;
+    Ok(RunReport {
+        sources: reports,
+        exit,
+        stopped,
+        elapsed: started.elapsed(),
+    })
+}
 
+/// A poll's source name and result.
+type PollResult = (String, Result<PollStats, PollError>);
+
+/// A source's progress counters and its expected size, for the progress bars.
+type Tracker = (String, Arc<std::sync::Mutex<PollStats>>, Option<u64>);
+
+/// The polls of one `--once` run.
+struct Polls<'a> {
+    store: &'a Store,
+    wake: &'a Arc<Notify>,
+    stop_polls: &'a CancellationToken,
+    run_id: i64,
+}
+
+impl Polls<'_> {
+    /// Starts one poll per selected source.
+    async fn spawn(
+        &self,
+        selected: &[crate::config::SourceConfig],
+        options: &OnceOptions,
+    ) -> Result<(tokio::task::JoinSet<PollResult>, Vec<Tracker>), RunError> {
+        let mut polls = tokio::task::JoinSet::new();
+        let mut trackers = Vec::new();
+        for source in selected {
+            let progress = Arc::new(std::sync::Mutex::new(PollStats::default()));
+            let expected = {
+                let name = source.name.clone();
+                self.store.call(move |s| s.known_records(&name)).await?
+            };
+            trackers.push((source.name.clone(), progress.clone(), expected));
+            let ctx = PollContext {
+                resync: options.resync,
+                run_id: Some(self.run_id),
+                progress: Some(progress),
+                ..PollContext::new(
+                    source,
+                    self.store.clone(),
+                    Backoff::default(),
+                    self.wake.clone(),
+                    self.stop_polls.clone(),
+                )
+            };
+            let adapter = sources::build(source)?;
+            polls.spawn(async move {
+                let result = sources::poll(&adapter, &ctx).await;
+                (ctx.source.name.clone(), result)
+            });
+        }
+        Ok((polls, trackers))
+    }
+
+    /// Waits for every poll, watching the worker meanwhile: a RevKeen auth halt (or a unit
+    /// out of attempts) stops the polls, since polling on would only queue more. Then lets
+    /// the worker drain what the polls queued.
+    async fn wait(
+        &self,
+        mut polls: tokio::task::JoinSet<PollResult>,
+        worker_task: tokio::task::JoinHandle<Result<WorkerExit, StoreError>>,
+        held: &Held,
+        done_polls: &std::sync::Mutex<Vec<String>>,
+        inputs_done: &CancellationToken,
+    ) -> Result<(Vec<PollResult>, WorkerExit), RunError> {
+        let mut poll_results = Vec::new();
+        let mut worker_task = Some(worker_task);
+        let mut worker_exit = None;
+        while !polls.is_empty() {
+            tokio::select! {
+                Some(done) = polls.join_next() => {
+                    let done = joined(done);
+                    held.release(&done.0);
+                    self.wake.notify_one();
+                    done_polls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(done.0.clone());
+                    poll_results.push(done);
+                }
+                exit = async { worker_task.as_mut().expect("present until it ends").await }, if worker_task.is_some() => {
+                    worker_task = None;
+                    let exit = joined(exit)?;
+                    if !matches!(exit, WorkerExit::Drained) {
+                        self.stop_polls.cancel();
+                    }
+                    worker_exit = Some(exit);
+                }
+            }
+        }
+        inputs_done.cancel();
+        let worker_exit = match (worker_exit, worker_task) {
+            (Some(exit), _) => exit,
+            (None, Some(task)) => joined(task.await)?,
+            (None, None) => WorkerExit::Drained,
+        };
+        Ok((poll_results, worker_exit))
+    }
+}
+
+/// A task's result; a panic in it goes on up, as it would have without the task.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// Calls `report` a few times a second with the run's progress, until the run is done.
+fn spawn_reporter(
+    report: ProgressFn,
+    trackers: Vec<Tracker>,
+    state: Arc<WorkerState>,
+    done_polls: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let sent = state.stats();
+            let done = done_polls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let snapshot: Vec<SourceProgress> = trackers
+                .iter()
+                .map(|(name, poll, expected)| SourceProgress {
+                    name: name.clone(),
+                    poll: *poll
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    poll_done: done.contains(name),
+                    sent: sent.get(name).copied().unwrap_or_default(),
+                    expected: *expected,
+                })
+                .collect();
+            report(&snapshot);
+            if stop.is_cancelled() && state.in_flight() == 0 && done.len() == trackers.len() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// One report per selected source: its poll (or what was recorded of a poll that stopped),
+/// what was sent, and its open failures.
+async fn source_reports(
+    store: &Store,
+    selected: &[crate::config::SourceConfig],
+    poll_results: &[PollResult],
+    state: &WorkerState,
+) -> Result<Vec<SourceReport>, RunError> {
     let sent = state.stats();
     let mut reports = Vec::new();
-    for source in &selected {
+    for source in selected {
         let result = poll_results.iter().find(|(n, _)| *n == source.name);
         let (poll, poll_error) = match result {
             Some((_, Ok(stats))) => (*stats, None),
             Some((_, Err(PollError::Cancelled))) | None => (
-                last_poll_stats(&store, &source.name).await?,
+                last_poll_stats(store, &source.name).await?,
                 Some("stopped early".to_string()),
             ),
             Some((_, Err(error))) => (
-                last_poll_stats(&store, &source.name).await?,
+                last_poll_stats(store, &source.name).await?,
                 Some(error.to_string()),
             ),
         };
@@ -383,26 +462,38 @@ pub async fn once_tuned(
             dead_letters_open,
         });
     }
+    Ok(reports)
+}
 
-    let poll_failed = |f: fn(&PollError) -> bool| {
-        poll_results
-            .iter()
-            .any(|(_, r)| r.as_ref().err().is_some_and(f))
-    };
-    let (exit, stopped) = match &worker_exit {
-        WorkerExit::AuthHalted(reason) => (ExitStatus::AuthRefused, Some(reason.clone())),
-        _ if source_halt => (
+/// The run's exit code and why it stopped early: the worst outcome wins (a refused key, then
+/// an unavailable upstream, then a failed poll, then open failures).
+fn run_exit(
+    worker_exit: &WorkerExit,
+    poll_results: &[PollResult],
+    reports: &[SourceReport],
+) -> (ExitStatus, Option<String>) {
+    let worst_poll = poll_results
+        .iter()
+        .filter_map(|(_, result)| result.as_ref().err())
+        .filter(|error| !matches!(error, PollError::Cancelled))
+        .map(PollError::exit_status)
+        .min_by_key(|status| match status {
+            ExitStatus::AuthRefused => 0,
+            ExitStatus::Unavailable => 1,
+            _ => 2,
+        });
+    match (worker_exit, worst_poll) {
+        (WorkerExit::AuthHalted(reason), _) => (ExitStatus::AuthRefused, Some(reason.clone())),
+        (_, Some(ExitStatus::AuthRefused)) => (
             ExitStatus::AuthRefused,
             Some("a source refused its API key".to_string()),
         ),
-        WorkerExit::Unavailable(reason) => (ExitStatus::Unavailable, Some(reason.clone())),
-        _ if poll_failed(|e| matches!(e, PollError::Unavailable(_))) => (
+        (WorkerExit::Unavailable(reason), _) => (ExitStatus::Unavailable, Some(reason.clone())),
+        (_, Some(ExitStatus::Unavailable)) => (
             ExitStatus::Unavailable,
             Some("a source stayed unavailable".to_string()),
         ),
-        _ if poll_failed(|e| matches!(e, PollError::Failed(_) | PollError::Store(_))) => {
-            (ExitStatus::Failure, Some("a poll failed".to_string()))
-        }
+        (_, Some(status)) => (status, Some("a poll failed".to_string())),
         _ if reports
             .iter()
             .any(|r| r.rejected_open + r.dead_letters_open > 0) =>
@@ -410,21 +501,7 @@ pub async fn once_tuned(
             (ExitStatus::Rejected, None)
         }
         _ => (ExitStatus::Ok, None),
-    };
-    let outcome = match exit {
-        ExitStatus::Ok => "ok",
-        ExitStatus::Rejected => "ok_with_failures",
-        ExitStatus::AuthRefused => "auth_refused",
-        ExitStatus::Unavailable => "unavailable",
-        _ => "failed",
-    };
-    store.call(move |s| s.finish_run(run_id, outcome)).await?;
-    Ok(RunReport {
-        sources: reports,
-        exit,
-        stopped,
-        elapsed: started.elapsed(),
-    })
+    }
 }
 
 async fn last_poll_stats(store: &Store, name: &str) -> Result<PollStats, StoreError> {
@@ -461,10 +538,7 @@ pub async fn dry_run(
     mut emit: impl FnMut(DryRunEntry),
 ) -> Result<Vec<SourceReport>, RunError> {
     let selected = config.selected_sources(&options.sources)?;
-    let path = config.daemon.state_path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open_read_only(&path))
-        .await
-        .expect("opening the store does not panic")?;
+    let store = Store::open_read_only_blocking(config.daemon.state_path.clone()).await?;
     let mut reports = Vec::new();
     for source in &selected {
         let adapter = sources::build(source)?;

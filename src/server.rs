@@ -25,10 +25,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::config::Secret;
 use crate::health::Health;
 use crate::sources::Source;
-use crate::store::{Store, now_ms};
+use crate::store::Store;
 
 /// Largest push body accepted.
 pub const PUSH_BODY_LIMIT: usize = 1024 * 1024;

@@ -15,12 +15,13 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::health::Health;
+use crate::http::Probe;
 use crate::limiter::{Backoff, Limiter};
 use crate::revkeen::{Answer, ApiError, BatchResult, RevKeenClient};
-use crate::store::{
-    ClaimFilter, DeadLetter, DeliveryCounts, Finished, Store, StoreError, Unit, now_ms,
-};
+use crate::store::{ClaimFilter, DeadLetter, DeliveryCounts, Finished, Store, StoreError, Unit};
+use futures_util::future::BoxFuture;
 
 /// How long to wait before retrying a key RevKeen is still processing.
 const IN_PROGRESS_RETRY: Duration = Duration::from_secs(2);
@@ -88,6 +89,14 @@ impl WorkerState {
         self.halt.lock().expect("halt lock poisoned").clone()
     }
 
+    /// Why a `--once` run must end (a unit ran out of attempts), if it must.
+    fn unavailable(&self) -> Option<String> {
+        self.unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Units in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
@@ -145,10 +154,43 @@ impl Held {
     }
 }
 
+/// Where the worker sends: RevKeen in the daemon, a scripted fake in tests. One call is one
+/// request; the answer is already classified for the failure policy.
+pub trait Upstream: Send + Sync + 'static {
+    /// Sends a unit (a single upsert or a recorded batch) as stored.
+    fn send<'a>(&'a self, unit: &'a Unit) -> BoxFuture<'a, Answer>;
+
+    /// One authenticated read (is a refused key fixed?).
+    fn probe(&self) -> BoxFuture<'_, Probe>;
+}
+
+impl Upstream for RevKeenClient {
+    fn send<'a>(&'a self, unit: &'a Unit) -> BoxFuture<'a, Answer> {
+        Box::pin(async move {
+            match unit {
+                Unit::Single(job) => {
+                    self.upsert(
+                        &job.revkeen_source,
+                        &job.external_id,
+                        &job.body,
+                        &job.idempotency_key,
+                    )
+                    .await
+                }
+                Unit::Batch(batch) => self.upsert_batch(&batch.body, &batch.idempotency_key).await,
+            }
+        })
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Probe> {
+        Box::pin(RevKeenClient::probe(self))
+    }
+}
+
 /// Everything a worker needs.
 pub struct Worker {
     pub store: Store,
-    pub client: RevKeenClient,
+    pub upstream: Arc<dyn Upstream>,
     pub limiter: Arc<Limiter>,
     pub filter: ClaimFilter,
     pub concurrency: usize,
@@ -171,21 +213,18 @@ const BEAT: Duration = Duration::from_secs(1);
 impl Worker {
     /// A worker for `sources` as the config describes RevKeen: its client, its rate limit,
     /// batch size, concurrency and attempts.
-    #[allow(clippy::too_many_arguments)]
     pub fn for_config(
         config: &crate::config::Config,
         store: Store,
         sources: Vec<String>,
-        backoff: Backoff,
         exhausted: Exhausted,
         wake: Arc<Notify>,
         state: Arc<WorkerState>,
-        health: Option<Arc<Health>>,
     ) -> reqwest::Result<Worker> {
         let revkeen = &config.revkeen;
         Ok(Worker {
             store,
-            client: RevKeenClient::new(revkeen)?,
+            upstream: Arc::new(RevKeenClient::new(revkeen)?),
             limiter: Arc::new(Limiter::per_minute(
                 REVKEEN,
                 revkeen.requests_per_minute,
@@ -198,11 +237,11 @@ impl Worker {
             },
             concurrency: revkeen.concurrency,
             max_attempts: revkeen.max_attempts,
-            backoff,
+            backoff: Backoff::default(),
             exhausted,
             wake,
             state,
-            health,
+            health: None,
             held: None,
         })
     }
@@ -210,7 +249,7 @@ impl Worker {
 
 struct Shared {
     store: Store,
-    client: RevKeenClient,
+    upstream: Arc<dyn Upstream>,
     limiter: Arc<Limiter>,
     max_attempts: u32,
     backoff: Backoff,
@@ -224,6 +263,16 @@ struct Shared {
 /// A send task's failure that must stop the worker (the state file failed).
 type SendResult = Result<(), StoreError>;
 
+/// What the loop does next, once a request slot is free.
+enum Next {
+    /// Claim and send a unit now.
+    Send,
+    /// Nothing is due; look again in a while (or when woken).
+    Wait(Duration),
+    /// `--once`: nothing is left to send.
+    Drained,
+}
+
 impl Worker {
     /// Runs until `inputs_done` is cancelled and the outbox is drained (`--once`), or until
     /// `shutdown` (daemon). In-flight sends are awaited for at most `drain` after a shutdown.
@@ -233,43 +282,13 @@ impl Worker {
         shutdown: CancellationToken,
         drain: Duration,
     ) -> Result<WorkerExit, StoreError> {
-        let mut stale_halt = {
-            let store = self.store.clone();
-            store
-                .call(|s| s.halts())
-                .await?
-                .iter()
-                .any(|h| h.target == REVKEEN)
+        let stale_halt = match self.check_earlier_halt().await? {
+            Ok(stale) => stale,
+            Err(exit) => return Ok(exit),
         };
-        // A halt left by an earlier run: one authenticated read tells at once whether the key
-        // was fixed (and clears it) or is still refused (no send is wasted on it).
-        if stale_halt {
-            match self.client.probe().await {
-                crate::http::Probe::Ok => {
-                    tracing::info!(
-                        "RevKeen accepts the API key again; the earlier auth halt is cleared."
-                    );
-                    self.store.call(|s| s.clear_halt(REVKEEN)).await?;
-                    stale_halt = false;
-                }
-                crate::http::Probe::KeyRefused(reason) => {
-                    tracing::error!(
-                        "RevKeen still refuses the API key: nothing is sent until the key is fixed and sync-daemon restarted."
-                    );
-                    let message = self.state.halt_sending(&reason);
-                    let stored = message.clone();
-                    self.store
-                        .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &stored))
-                        .await?;
-                    return Ok(WorkerExit::AuthHalted(message));
-                }
-                // Unreachable or odd: the first send will tell.
-                _ => {}
-            }
-        }
         let shared = Arc::new(Shared {
             store: self.store,
-            client: self.client,
+            upstream: self.upstream,
             limiter: self.limiter,
             max_attempts: self.max_attempts.max(1),
             backoff: self.backoff,
@@ -293,21 +312,19 @@ impl Worker {
             while let Some(done) = tasks.try_join_next() {
                 join_result(done)?;
             }
-            if shutdown.is_cancelled() {
-                break WorkerExit::Stopped;
-            }
-            if let Some(reason) = shared.state.halt() {
-                break WorkerExit::AuthHalted(reason);
-            }
-            if let Some(reason) = shared.state.unavailable.lock().expect("lock").clone() {
-                break WorkerExit::Unavailable(reason);
+            if let Some(exit) = stop_reason(&shared, &shutdown) {
+                break exit;
             }
             let filter = Arc::new(match &held {
                 Some(held) => held.apply(&base_filter),
                 None => base_filter.clone(),
             });
             let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    // The semaphore lives in this function and is never closed.
+                    Err(_) => break WorkerExit::Stopped,
+                },
                 () = shutdown.cancelled() => continue,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     join_result(done)?;
@@ -316,28 +333,10 @@ impl Worker {
                 // Every request slot busy with slow answers: still alive.
                 () = tokio::time::sleep(beat_every) => continue,
             };
-            let due = {
-                let filter = filter.clone();
-                shared.store.call(move |s| s.next_due(&filter)).await?
-            };
-            let now = now_ms();
-            match due {
-                Some(at) if at <= now => {}
-                other => {
+            match next(&shared, &filter, &inputs_done, tasks.is_empty(), beat_every).await? {
+                Next::Drained => break WorkerExit::Drained,
+                Next::Wait(sleep) => {
                     drop(permit);
-                    if other.is_none() && inputs_done.is_cancelled() && tasks.is_empty() {
-                        let sources = filter.sources.clone();
-                        let left = shared.store.call(move |s| s.outstanding(&sources)).await?;
-                        if left == 0 {
-                            break WorkerExit::Drained;
-                        }
-                    }
-                    // Idle: a periodic look (at least every BEAT) also catches work another
-                    // process (`replay`) queued.
-                    let sleep = other
-                        .map(|at| Duration::from_millis(u64::try_from(at - now).unwrap_or(0)))
-                        .unwrap_or(beat_every)
-                        .min(beat_every);
                     tokio::select! {
                         () = tokio::time::sleep(sleep) => {}
                         () = shared.wake.notified() => {}
@@ -347,6 +346,7 @@ impl Worker {
                     }
                     continue;
                 }
+                Next::Send => {}
             }
             // A 429 pause can last minutes; keep beating while it does.
             let acquired = tokio::select! {
@@ -357,13 +357,14 @@ impl Worker {
             if !acquired {
                 continue;
             }
-            let unit = {
-                let filter = filter.clone();
-                shared
-                    .store
-                    .call(move |s| s.claim(&filter, now_ms()))
-                    .await?
-            };
+            // An answer that came in meanwhile may have halted sending.
+            if let Some(exit) = stop_reason(&shared, &shutdown) {
+                break exit;
+            }
+            let unit = shared
+                .store
+                .call(move |s| s.claim(&filter, now_ms()))
+                .await?;
             let Some(unit) = unit else {
                 continue;
             };
@@ -373,30 +374,124 @@ impl Worker {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tasks.spawn(send(shared.clone(), unit, permit));
         };
-        // Let what is in flight finish (it is acknowledged or safely re-sent next time).
-        let wait = if matches!(exit, WorkerExit::Stopped) {
-            drain
-        } else {
-            Duration::from_secs(u64::MAX / 4)
-        };
-        let drained = tokio::time::timeout(wait, async {
-            while let Some(done) = tasks.join_next().await {
-                join_result(done)?;
-            }
-            Ok::<(), StoreError>(())
-        })
-        .await;
-        match drained {
-            Ok(result) => result?,
-            Err(_) => {
-                tracing::warn!(
-                    in_flight = tasks.len(),
-                    "Drain timeout reached; requests still in flight will be re-sent next time."
-                );
-                tasks.abort_all();
-            }
-        }
+        finish_in_flight(tasks, &exit, drain).await?;
         Ok(exit)
+    }
+
+    /// A halt left by an earlier run: one authenticated read tells at once whether the key
+    /// was fixed (and clears it) or is still refused (no send is wasted on it). `Ok(stale)`
+    /// says whether a halt is still recorded (the first authenticated answer clears it);
+    /// `Err` is the exit of a worker that must not send.
+    async fn check_earlier_halt(&self) -> Result<Result<bool, WorkerExit>, StoreError> {
+        let halted = self
+            .store
+            .call(|s| s.halts())
+            .await?
+            .iter()
+            .any(|h| h.target == REVKEEN);
+        if !halted {
+            return Ok(Ok(false));
+        }
+        match self.upstream.probe().await {
+            Probe::Ok => {
+                tracing::info!(
+                    "RevKeen accepts the API key again; the earlier auth halt is cleared."
+                );
+                self.store.call(|s| s.clear_halt(REVKEEN)).await?;
+                Ok(Ok(false))
+            }
+            Probe::KeyRefused(reason) => {
+                tracing::error!(
+                    "RevKeen still refuses the API key: nothing is sent until the key is fixed and sync-daemon restarted."
+                );
+                let message = self.state.halt_sending(&reason);
+                let stored = message.clone();
+                self.store
+                    .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &stored))
+                    .await?;
+                Ok(Err(WorkerExit::AuthHalted(message)))
+            }
+            // Unreachable or odd: the first send will tell.
+            _ => Ok(Ok(true)),
+        }
+    }
+}
+
+/// Why the loop must stop claiming, if it must: a shutdown, a refused key, a `--once` unit out
+/// of attempts.
+fn stop_reason(shared: &Shared, shutdown: &CancellationToken) -> Option<WorkerExit> {
+    if shutdown.is_cancelled() {
+        return Some(WorkerExit::Stopped);
+    }
+    if let Some(reason) = shared.state.halt() {
+        return Some(WorkerExit::AuthHalted(reason));
+    }
+    shared.state.unavailable().map(WorkerExit::Unavailable)
+}
+
+/// Whether work is due now, when it will be, or (in `--once`, with nothing in flight and the
+/// inputs done) whether the outbox holds nothing more for these sources.
+async fn next(
+    shared: &Shared,
+    filter: &Arc<ClaimFilter>,
+    inputs_done: &CancellationToken,
+    idle: bool,
+    beat_every: Duration,
+) -> Result<Next, StoreError> {
+    let due = {
+        let filter = filter.clone();
+        shared.store.call(move |s| s.next_due(&filter)).await?
+    };
+    let now = now_ms();
+    match due {
+        Some(at) if at <= now => Ok(Next::Send),
+        None if inputs_done.is_cancelled() && idle => {
+            let sources = filter.sources.clone();
+            let left = shared.store.call(move |s| s.outstanding(&sources)).await?;
+            Ok(if left == 0 {
+                Next::Drained
+            } else {
+                Next::Wait(beat_every)
+            })
+        }
+        // Idle: a periodic look (at least every beat) also catches work another process
+        // (`replay`) queued.
+        other => Ok(Next::Wait(
+            other
+                .map(|at| Duration::from_millis(u64::try_from(at - now).unwrap_or(0)))
+                .unwrap_or(beat_every)
+                .min(beat_every),
+        )),
+    }
+}
+
+/// Lets what is in flight finish: it is acknowledged, or safely re-sent next time. After a
+/// shutdown for at most `drain`; otherwise (the run ended) until every answer is in.
+async fn finish_in_flight(
+    mut tasks: JoinSet<SendResult>,
+    exit: &WorkerExit,
+    drain: Duration,
+) -> Result<(), StoreError> {
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            join_result(done)?;
+        }
+        Ok::<(), StoreError>(())
+    };
+    if !matches!(exit, WorkerExit::Stopped) {
+        return all.await;
+    }
+    let drained = tokio::time::timeout(drain, all).await;
+    match drained {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                in_flight = tasks.len(),
+                "Drain timeout reached; requests still in flight will be re-sent next time."
+            );
+            tasks.abort_all();
+            Ok(())
+        }
     }
 }
 
@@ -409,25 +504,7 @@ fn join_result(done: Result<SendResult, tokio::task::JoinError>) -> Result<(), S
 }
 
 async fn send(shared: Arc<Shared>, unit: Unit, permit: OwnedSemaphorePermit) -> SendResult {
-    let answer = match &unit {
-        Unit::Single(job) => {
-            shared
-                .client
-                .upsert(
-                    &job.revkeen_source,
-                    &job.external_id,
-                    &job.body,
-                    &job.idempotency_key,
-                )
-                .await
-        }
-        Unit::Batch(batch) => {
-            shared
-                .client
-                .upsert_batch(&batch.body, &batch.idempotency_key)
-                .await
-        }
-    };
+    let answer = shared.upstream.send(&unit).await;
     let result = apply(&shared, unit, answer).await;
     shared
         .state
@@ -702,5 +779,290 @@ fn refusal_hint(code: &str) -> String {
     match code {
         "validation_error" => "fix the named fields in the source record (it is resent when it changes), or `sync-daemon replay` it once RevKeen accepts it".to_string(),
         _ => "see RevKeen's message; fix the source record (it is resent when it changes) or `sync-daemon replay` it".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker against a scripted RevKeen on a paused clock: every wait below is exact.
+
+    use std::collections::VecDeque;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::store::test_support::temp_store;
+    use crate::store::{FailureKind, PageItem, PageItemOutcome};
+
+    /// A RevKeen that answers from a script (the last answer repeats), taking `latency` per
+    /// request, and logs when each request arrived.
+    struct Scripted {
+        answers: Mutex<VecDeque<Answer>>,
+        latency: Duration,
+        arrivals: Mutex<Vec<Duration>>,
+        started: Instant,
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Answer>, latency: Duration) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                answers: Mutex::new(answers.into()),
+                latency,
+                arrivals: Mutex::new(Vec::new()),
+                started: Instant::now(),
+            })
+        }
+
+        fn arrivals(&self) -> Vec<Duration> {
+            self.arrivals.lock().expect("lock").clone()
+        }
+    }
+
+    impl Upstream for Scripted {
+        fn send<'a>(&'a self, _unit: &'a Unit) -> BoxFuture<'a, Answer> {
+            Box::pin(async move {
+                self.arrivals
+                    .lock()
+                    .expect("lock")
+                    .push(self.started.elapsed());
+                let answer = {
+                    let mut answers = self.answers.lock().expect("lock");
+                    if answers.len() > 1 {
+                        answers.pop_front()
+                    } else {
+                        answers.front().cloned()
+                    }
+                };
+                tokio::time::sleep(self.latency).await;
+                answer.unwrap_or(Answer::Transient("no script".into()))
+            })
+        }
+
+        fn probe(&self) -> BoxFuture<'_, Probe> {
+            Box::pin(async { Probe::Ok })
+        }
+    }
+
+    /// A store with `n` queued customers of source `gym`.
+    fn queued(n: usize) -> (Store, tempfile::TempDir) {
+        let (store, dir) = temp_store();
+        let items: Vec<PageItem> = (0..n)
+            .map(|i| PageItem {
+                external_id: format!("c{i}"),
+                outcome: PageItemOutcome::Customer {
+                    body: format!(r#"{{"email":"c{i}@example.com"}}"#).into_bytes(),
+                    update_only: false,
+                },
+            })
+            .collect();
+        store
+            .commit_page("gym", "wodify", &items, None, false, false)
+            .expect("commit");
+        (store, dir)
+    }
+
+    fn worker(store: &Store, upstream: Arc<Scripted>, exhausted: Exhausted) -> Worker {
+        Worker {
+            store: store.clone(),
+            upstream,
+            limiter: Arc::new(Limiter::per_second(REVKEEN, 1000, 1000)),
+            filter: ClaimFilter {
+                sources: vec!["gym".to_string()],
+                batch_size: 1,
+                ..ClaimFilter::default()
+            },
+            concurrency: 1,
+            max_attempts: 3,
+            backoff: Backoff::default(),
+            exhausted,
+            wake: Arc::new(Notify::new()),
+            state: Arc::new(WorkerState::default()),
+            health: None,
+            held: None,
+        }
+    }
+
+    /// `--once`: inputs are done from the start; the worker ends when the outbox is empty.
+    async fn run_once(worker: Worker) -> WorkerExit {
+        let done = CancellationToken::new();
+        done.cancel();
+        worker
+            .run(done, CancellationToken::new(), Duration::ZERO)
+            .await
+            .expect("the store works")
+    }
+
+    fn applied() -> Answer {
+        Answer::Applied { created: true }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pauses_every_request_for_its_retry_after() {
+        let (store, _dir) = queued(3);
+        let revkeen = Scripted::new(
+            vec![
+                Answer::RateLimited {
+                    retry_after: Some(Duration::from_secs(30)),
+                },
+                applied(),
+            ],
+            Duration::ZERO,
+        );
+        let exit = run_once(worker(&store, revkeen.clone(), Exhausted::StopRun)).await;
+        assert_eq!(exit, WorkerExit::Drained);
+        let arrivals = revkeen.arrivals();
+        assert_eq!(
+            arrivals.len(),
+            4,
+            "one refused, then three accepted: {arrivals:?}"
+        );
+        assert_eq!(arrivals[0], Duration::ZERO);
+        // Nothing at all went out during the pause; then the host is open again.
+        assert!(arrivals[1] >= Duration::from_secs(30), "{arrivals:?}");
+        assert!(arrivals[1] < Duration::from_secs(32), "{arrivals:?}");
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_back_off_and_end_a_once_run_as_unavailable() {
+        let (store, _dir) = queued(1);
+        let revkeen = Scripted::new(vec![Answer::Transient("HTTP 503".into())], Duration::ZERO);
+        let exit = run_once(worker(&store, revkeen.clone(), Exhausted::StopRun)).await;
+        assert!(
+            matches!(&exit, WorkerExit::Unavailable(reason) if reason.contains("3 attempts")),
+            "{exit:?}"
+        );
+        let arrivals = revkeen.arrivals();
+        assert_eq!(arrivals.len(), 3, "max_attempts = 3: {arrivals:?}");
+        // Full jitter under base 1 s: retry n waits at most 2^n s.
+        for (n, pair) in arrivals.windows(2).enumerate() {
+            assert!(pair[1] - pair[0] <= Duration::from_secs(1 << n) + Duration::from_secs(1));
+        }
+        // Nothing is lost: the customer stays queued for the next run.
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 1);
+        assert!(store.failures(None).expect("failures").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_the_daemon_retries_run_out_into_a_dead_letter() {
+        let (store, _dir) = queued(1);
+        let revkeen = Scripted::new(vec![Answer::Transient("HTTP 503".into())], Duration::ZERO);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
+            let shutdown = shutdown.clone();
+            tokio::spawn(worker.run(CancellationToken::new(), shutdown, Duration::ZERO))
+        };
+        // Three attempts fit in well under ten minutes of backoff.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        shutdown.cancel();
+        let exit = task.await.expect("joins").expect("the store works");
+        assert_eq!(exit, WorkerExit::Stopped);
+        assert_eq!(revkeen.arrivals().len(), 3);
+        let failures = store.failures(None).expect("failures");
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].kind, FailureKind::DeadLetter);
+        assert_eq!(failures[0].code, "retries_exhausted");
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_waits_for_slow_requests_at_most_the_drain_timeout() {
+        let (store, _dir) = queued(3);
+        let revkeen = Scripted::new(vec![applied()], Duration::from_secs(60));
+        let shutdown = CancellationToken::new();
+        let worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
+        let state = worker.state.clone();
+        let task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(worker.run(CancellationToken::new(), shutdown, Duration::from_secs(10)))
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(state.in_flight(), 1, "one request on its way");
+        let signalled = Instant::now();
+        shutdown.cancel();
+        let exit = task.await.expect("joins").expect("the store works");
+        assert_eq!(exit, WorkerExit::Stopped);
+        assert_eq!(
+            signalled.elapsed(),
+            Duration::from_secs(10),
+            "the drain bounds the wait"
+        );
+        assert_eq!(
+            revkeen.arrivals().len(),
+            1,
+            "nothing new is claimed after the signal"
+        );
+        // The request cut off is re-sent next time: every customer is still queued.
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_that_finish_within_the_drain_are_acknowledged() {
+        let (store, _dir) = queued(3);
+        let revkeen = Scripted::new(vec![applied()], Duration::from_secs(2));
+        let shutdown = CancellationToken::new();
+        let worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
+        let state = worker.state.clone();
+        let task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(worker.run(CancellationToken::new(), shutdown, Duration::from_secs(10)))
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(state.in_flight(), 1);
+        let signalled = Instant::now();
+        shutdown.cancel();
+        task.await.expect("joins").expect("the store works");
+        assert_eq!(
+            signalled.elapsed(),
+            Duration::from_secs(1),
+            "it ends with its last answer"
+        );
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_key_halts_sending_after_one_request() {
+        let (store, _dir) = queued(5);
+        let refusal = ApiError {
+            status: 401,
+            code: "invalid_api_key".into(),
+            message: "no".into(),
+            fields: None,
+        };
+        let revkeen = Scripted::new(vec![Answer::AuthRefused(refusal)], Duration::ZERO);
+        let exit = run_once(worker(&store, revkeen.clone(), Exhausted::StopRun)).await;
+        assert!(matches!(exit, WorkerExit::AuthHalted(_)), "{exit:?}");
+        assert_eq!(revkeen.arrivals().len(), 1);
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 5);
+        assert_eq!(store.halts().expect("halts").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_worker_stays_alive_while_every_slot_waits_on_a_slow_answer() {
+        let (store, _dir) = queued(3);
+        let revkeen = Scripted::new(vec![applied()], Duration::from_secs(30));
+        let health = Arc::new(Health::with_beat(Duration::from_millis(500)));
+        health.beat_scheduler();
+        let mut worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
+        worker.health = Some(health.clone());
+        let shutdown = CancellationToken::new();
+        let task =
+            tokio::spawn(worker.run(CancellationToken::new(), shutdown.clone(), Duration::ZERO));
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            health.beat_scheduler();
+            assert!(
+                health.alive(Duration::from_secs(2)),
+                "a slow answer is not a hang"
+            );
+        }
+        assert_eq!(
+            revkeen.arrivals().len(),
+            1,
+            "concurrency 1: one slow request at a time"
+        );
+        shutdown.cancel();
+        task.await.expect("joins").expect("the store works");
     }
 }

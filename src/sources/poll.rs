@@ -489,3 +489,207 @@ where
         })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    //! The poll loop against a scripted source on a paused clock.
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::config::{Config, Environment};
+    use crate::http::Probe;
+    use crate::store::test_support::temp_store;
+    use crate::store::{PageItem, PageItemOutcome};
+
+    /// A source whose pages come from a script, each fetch taking `latency`; records are ids.
+    struct Scripted {
+        pages: Mutex<VecDeque<Result<Page, SourceError>>>,
+        latency: Duration,
+        fetches: Mutex<Vec<Duration>>,
+        started: Instant,
+    }
+
+    fn page(ids: &[u32], pass_complete: bool) -> Result<Page, SourceError> {
+        Ok(Page {
+            records: ids.iter().map(|id| Record::new(id.to_string())).collect(),
+            next: if pass_complete {
+                "start".to_string()
+            } else {
+                format!("after {}", ids.last().copied().unwrap_or(0))
+            },
+            pass_complete,
+        })
+    }
+
+    impl Scripted {
+        fn new(pages: Vec<Result<Page, SourceError>>, latency: Duration) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                pages: Mutex::new(pages.into()),
+                latency,
+                fetches: Mutex::new(Vec::new()),
+                started: Instant::now(),
+            })
+        }
+
+        fn fetches(&self) -> Vec<Duration> {
+            self.fetches.lock().expect("lock").clone()
+        }
+    }
+
+    impl Source for Scripted {
+        fn start_cursor(&self) -> String {
+            "start".to_string()
+        }
+
+        fn fetch<'a>(&'a self, _cursor: &'a str) -> BoxFuture<'a, Result<Page, SourceError>> {
+            Box::pin(async move {
+                self.fetches
+                    .lock()
+                    .expect("lock")
+                    .push(self.started.elapsed());
+                tokio::time::sleep(self.latency).await;
+                let mut pages = self.pages.lock().expect("lock");
+                match pages.len() {
+                    0 => page(&[], true),
+                    1 => match pages.front() {
+                        Some(Err(error)) => Err(error.clone()),
+                        _ => pages.pop_front().unwrap_or_else(|| page(&[], true)),
+                    },
+                    _ => pages.pop_front().unwrap_or_else(|| page(&[], true)),
+                }
+            })
+        }
+
+        fn fetch_one<'a>(
+            &'a self,
+            _id: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Record>, SourceError>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn valid_id(&self, _id: &str) -> bool {
+            true
+        }
+
+        fn map(&self, record: &Record) -> Mapped {
+            let id = record.get::<String>().cloned().unwrap_or_default();
+            Mapped {
+                item: PageItem {
+                    outcome: PageItemOutcome::Customer {
+                        body: format!(r#"{{"email":"c{id}@example.com"}}"#).into_bytes(),
+                        update_only: false,
+                    },
+                    external_id: id,
+                },
+                warnings: Vec::new(),
+            }
+        }
+
+        fn probe(&self) -> BoxFuture<'_, Probe> {
+            Box::pin(async { Probe::Ok })
+        }
+    }
+
+    fn context(store: &Store) -> PollContext {
+        let config = Config::from_toml(
+            "[revkeen]\napi_key='k'\n[[sources]]\nname='gym'\nkind='wodify'\n\
+             base_url='https://api.wodify.com/v1'\napi_key='w'\nmax_attempts=3\n\
+             requests_per_second=1000\nburst=1000\n",
+            &Environment::default(),
+            &crate::sources::config_kinds(),
+        )
+        .expect("config");
+        PollContext::new(
+            &config.sources[0],
+            store.clone(),
+            Backoff::default(),
+            Arc::new(Notify::new()),
+            CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_stops_at_cancellation_without_waiting_for_a_slow_page() {
+        let (store, _dir) = temp_store();
+        let source = Scripted::new(vec![page(&[1, 2], true)], Duration::from_secs(60));
+        let ctx = context(&store);
+        let cancel = ctx.fetch.cancel.clone();
+        let adapter: Arc<dyn Source> = source.clone();
+        let poll = tokio::spawn(async move { poll(&adapter, &ctx).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cancelled = Instant::now();
+        cancel.cancel();
+        let result = poll.await.expect("joins");
+        assert!(matches!(result, Err(PollError::Cancelled)), "{result:?}");
+        assert_eq!(
+            cancelled.elapsed(),
+            Duration::ZERO,
+            "no wait for the 60 s page"
+        );
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            None,
+            "nothing committed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_page_waits_out_its_retry_after_and_the_poll_goes_on() {
+        let (store, _dir) = temp_store();
+        let source = Scripted::new(
+            vec![
+                page(&[1, 2], false),
+                Err(SourceError::RateLimited(Some(Duration::from_secs(20)))),
+                page(&[3], true),
+            ],
+            Duration::ZERO,
+        );
+        let adapter: Arc<dyn Source> = source.clone();
+        let stats = poll(&adapter, &context(&store)).await.expect("poll");
+        assert_eq!((stats.pages, stats.enqueued), (2, 3));
+        let fetches = source.fetches();
+        assert_eq!(fetches.len(), 3, "{fetches:?}");
+        assert_eq!(
+            fetches[2] - fetches[1],
+            Duration::from_secs(20),
+            "{fetches:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_page_that_stays_unavailable_fails_the_poll_and_keeps_the_cursor() {
+        let (store, _dir) = temp_store();
+        let source = Scripted::new(
+            vec![
+                page(&[1, 2], false),
+                Err(SourceError::Transient("HTTP 502".into())),
+            ],
+            Duration::ZERO,
+        );
+        let adapter: Arc<dyn Source> = source.clone();
+        let result = poll(&adapter, &context(&store)).await;
+        assert!(
+            matches!(result, Err(PollError::Unavailable(_))),
+            "{result:?}"
+        );
+        // One page read, then max_attempts = 3 tries of the next with backoff between them.
+        let fetches = source.fetches();
+        assert_eq!(fetches.len(), 4, "{fetches:?}");
+        for (n, pair) in fetches[1..].windows(2).enumerate() {
+            assert!(
+                pair[1] - pair[0] <= Duration::from_secs(1 << n),
+                "{fetches:?}"
+            );
+        }
+        // The next poll resumes after the committed page.
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("after 2".to_string(), 0))
+        );
+    }
+}

@@ -46,7 +46,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -104,13 +104,7 @@ struct Inner {
     _lock: Option<File>,
 }
 
-/// Milliseconds since the Unix epoch: the time unit of every column in the state file.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 impl Store {
     /// Opens (creating it with mode 0600 if needed) the state file for sending: takes the
@@ -230,6 +224,16 @@ impl Store {
         })
     }
 
+    /// [`Store::open`] on a blocking thread.
+    pub async fn open_blocking(path: PathBuf) -> Result<Store, StoreError> {
+        off_runtime(path.clone(), move || Store::open(&path)).await
+    }
+
+    /// [`Store::open_read_only`] on a blocking thread; `None` when the file does not exist.
+    pub async fn open_read_only_blocking(path: PathBuf) -> Result<Option<Store>, StoreError> {
+        off_runtime(path.clone(), move || Store::open_read_only(&path)).await
+    }
+
     /// Runs blocking store work off the async runtime. Work that finds the file locked by
     /// another process for longer than the busy timeout (a `replay`, a backup tool) is retried
     /// for up to [`LOCKED_PATIENCE`] before the error is returned.
@@ -239,7 +243,7 @@ impl Store {
         F: Fn(&Store) -> Result<R, StoreError> + Send + Sync + 'static,
     {
         let f = Arc::new(f);
-        let started = std::time::Instant::now();
+        let started = crate::clock::instant();
         loop {
             let (store, f) = (self.clone(), f.clone());
             let result = match tokio::task::spawn_blocking(move || f(&store)).await {
@@ -271,6 +275,21 @@ impl Store {
 
     fn err(&self, error: rusqlite::Error) -> StoreError {
         sqlite(&self.inner.path, error)
+    }
+}
+
+/// Runs `open` on a blocking thread; a runtime shutting down is an error naming the file.
+async fn off_runtime<T: Send + 'static>(
+    path: PathBuf,
+    open: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(open).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => Err(StoreError::Open {
+            path,
+            problem: "the runtime is shutting down".to_string(),
+        }),
     }
 }
 

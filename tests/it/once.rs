@@ -437,9 +437,14 @@ async fn source_flag_limits_the_run_to_that_source() {
         &expected_practicehub(&h.sims.practicehub),
     );
 
+    // An unknown source is a usage error (exit 2) that names the configured ones.
     let out = h.run(&["--once", "--source", "nope"]).await;
-    out.assert_exit(exit::CONFIG);
-    assert!(out.stderr.contains("nope"), "{}", out.transcript());
+    out.assert_exit(2);
+    assert!(
+        out.stderr.contains("nope") && out.stderr.contains("gym, clinic"),
+        "{}",
+        out.transcript()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -251,7 +251,7 @@ impl PracticeHub {
             }
             Some(Err(_)) | None => {
                 // A fresh listing: it starts now, and its start is the next listing's mark.
-                at.started = Some(Utc::now());
+                at.started = Some(crate::clock::now());
                 at.next = None;
                 self.warned.store(false, Ordering::Relaxed);
                 self.first_page(at.mark)
