@@ -20,7 +20,7 @@ pub enum Probe {
 }
 
 /// Builds the shared reqwest client: rustls, a timeout, and a user agent naming the version.
-pub fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+pub(crate) fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
@@ -32,7 +32,7 @@ pub fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
 /// Sends one request and reads the whole answer: its status, `Retry-After` and body, or the
 /// transport failure in words. Records the request's duration under `target` and its count
 /// under `target`, `endpoint` and the status (`error` when no answer came).
-pub async fn send_measured(
+pub(crate) async fn send_measured(
     request: reqwest::RequestBuilder,
     target: &'static str,
     endpoint: &'static str,
@@ -67,7 +67,7 @@ pub async fn send_measured(
 
 /// Sends one probe request; transport failures become unreachable / TLS, answers go to
 /// `classify`.
-pub async fn probe_request(
+pub(crate) async fn probe_request(
     request: reqwest::RequestBuilder,
     classify: impl FnOnce(StatusCode, &[u8]) -> Probe,
 ) -> Probe {
@@ -84,7 +84,7 @@ pub async fn probe_request(
 }
 
 /// `Retry-After` as seconds or an HTTP date.
-pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
@@ -95,7 +95,7 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// A transport error in words an operator can act on, without the URL (it is in the config).
-pub fn describe_transport_error(error: &reqwest::Error) -> String {
+pub(crate) fn describe_transport_error(error: &reqwest::Error) -> String {
     if error.is_timeout() {
         return "timed out".to_string();
     }
@@ -117,7 +117,7 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 /// not type TLS failures, so the whole cause chain is read for rustls's wording (a plain-HTTP
 /// server answering a TLS hello shows up as "received corrupt message of type
 /// InvalidContentType").
-pub fn probe_transport_error(error: &reqwest::Error) -> Probe {
+pub(crate) fn probe_transport_error(error: &reqwest::Error) -> Probe {
     let mut chain = Vec::new();
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = cause {

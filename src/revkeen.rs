@@ -16,7 +16,7 @@ use crate::http::{Probe, probe_request, send_measured};
 
 /// RevKeen's error object (`{"error": {...}}`), reduced to what the daemon keeps.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: u16,
     pub code: String,
     pub message: String,
@@ -31,7 +31,7 @@ impl std::fmt::Display for ApiError {
 
 /// Totals of a batch answer.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct BatchResult {
+pub(crate) struct BatchResult {
     pub created: u64,
     pub updated: u64,
     pub skipped: u64,
@@ -41,7 +41,7 @@ pub struct BatchResult {
 
 /// Every answer RevKeen can give, classified for the failure policy.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// 2xx, written. `created` tells a new customer from an update.
     Applied { created: bool },
     /// 2xx `stale_update`: RevKeen already holds newer data. Success.
@@ -62,27 +62,9 @@ pub enum Answer {
     Transient(String),
 }
 
-impl Answer {
-    /// A short label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Answer::Applied { created: true } => "created",
-            Answer::Applied { created: false } => "updated",
-            Answer::Stale => "stale",
-            Answer::Batch(_) => "batch",
-            Answer::Refused(_) => "refused",
-            Answer::AuthRefused(_) => "auth_refused",
-            Answer::InProgress => "in_progress",
-            Answer::Conflict(_) => "conflict",
-            Answer::RateLimited { .. } => "rate_limited",
-            Answer::Transient(_) => "transient",
-        }
-    }
-}
-
 /// A RevKeen API client bound to one base URL and key.
 #[derive(Clone)]
-pub struct RevKeenClient {
+pub(crate) struct RevKeenClient {
     http: reqwest::Client,
     base: Url,
     api_key: Secret,
@@ -141,7 +123,7 @@ struct BatchFailure {
 
 impl RevKeenClient {
     /// A client for the configured API.
-    pub fn new(config: &RevKeenConfig) -> reqwest::Result<Self> {
+    pub(crate) fn new(config: &RevKeenConfig) -> reqwest::Result<Self> {
         Ok(RevKeenClient {
             http: crate::http::client(Duration::from_secs(config.timeout_secs))?,
             base: config.base_url.clone(),
@@ -176,7 +158,7 @@ impl RevKeenClient {
     }
 
     /// `PUT /customers/external/{source}/{externalId}` with the stored body bytes.
-    pub async fn upsert(
+    pub(crate) async fn upsert(
         &self,
         revkeen_source: &str,
         external_id: &str,
@@ -188,7 +170,7 @@ impl RevKeenClient {
     }
 
     /// `PUT /customers/external/batch` with a recorded batch body.
-    pub async fn upsert_batch(&self, body: &[u8], idempotency_key: &str) -> Answer {
+    pub(crate) async fn upsert_batch(&self, body: &[u8], idempotency_key: &str) -> Answer {
         let url = self.url(&["customers", "external", "batch"]);
         self.put(url, body, idempotency_key, "batch").await
     }
@@ -214,7 +196,7 @@ impl RevKeenClient {
     }
 
     /// `GET /customers?limit=1`: one authenticated read to prove the key and the address.
-    pub async fn probe(&self) -> Probe {
+    pub(crate) async fn probe(&self) -> Probe {
         let mut url = self.url(&["customers"]);
         url.set_query(Some("limit=1"));
         probe_request(
@@ -230,7 +212,7 @@ impl RevKeenClient {
 }
 
 /// Classifies an answer per DESIGN's failure policy.
-pub fn classify(
+pub(crate) fn classify(
     status: StatusCode,
     body: &[u8],
     retry_after: Option<Duration>,

@@ -6,7 +6,7 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 
 /// Parses `sec min hour day month weekday`; the error says what is wrong.
-pub fn parse(schedule: &str) -> Result<Cron, String> {
+pub(crate) fn parse(schedule: &str) -> Result<Cron, String> {
     CronParser::builder()
         .seconds(Seconds::Required)
         .dom_and_dow(true)
@@ -16,7 +16,7 @@ pub fn parse(schedule: &str) -> Result<Cron, String> {
 }
 
 /// The first time the schedule fires strictly after `after`.
-pub fn next_after(schedule: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub(crate) fn next_after(schedule: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     parse(schedule)
         .ok()?
         .find_next_occurrence(&after, false)

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 /// Rows (the first one the header) as aligned columns two spaces apart, one line each;
 /// `right_aligned(column)` picks the numeric columns.
-pub fn text_table(rows: &[Vec<String>], right_aligned: impl Fn(usize) -> bool) -> String {
+pub(crate) fn text_table(rows: &[Vec<String>], right_aligned: impl Fn(usize) -> bool) -> String {
     let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))

@@ -26,11 +26,11 @@ use futures_util::future::BoxFuture;
 /// How long to wait before retrying a key RevKeen is still processing.
 const IN_PROGRESS_RETRY: Duration = Duration::from_secs(2);
 /// The halt target name for RevKeen (sources use their own names).
-pub const REVKEEN: &str = "revkeen";
+pub(crate) const REVKEEN: &str = "revkeen";
 
 /// What happens when a unit runs out of attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exhausted {
+pub(crate) enum Exhausted {
     /// Daemon mode: dead-letter it as "retries exhausted" and carry on (DESIGN).
     DeadLetter,
     /// `--once`: keep it queued for the next run and end this one with "unavailable".
@@ -39,7 +39,7 @@ pub enum Exhausted {
 
 /// How a worker run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerExit {
+pub(crate) enum WorkerExit {
     /// Inputs closed and nothing left to send.
     Drained,
     /// Shutdown requested.
@@ -70,7 +70,7 @@ impl SendStats {
 
 /// State shared between the worker, its send tasks and whoever watches them.
 #[derive(Default)]
-pub struct WorkerState {
+pub(crate) struct WorkerState {
     stats: Mutex<BTreeMap<String, SendStats>>,
     halt: Mutex<Option<String>>,
     unavailable: Mutex<Option<String>>,
@@ -80,12 +80,12 @@ pub struct WorkerState {
 
 impl WorkerState {
     /// Counts so far, per source.
-    pub fn stats(&self) -> BTreeMap<String, SendStats> {
+    pub(crate) fn stats(&self) -> BTreeMap<String, SendStats> {
         self.stats.lock().expect("stats lock poisoned").clone()
     }
 
     /// Why sending is halted, if it is.
-    pub fn halt(&self) -> Option<String> {
+    pub(crate) fn halt(&self) -> Option<String> {
         self.halt.lock().expect("halt lock poisoned").clone()
     }
 
@@ -98,7 +98,7 @@ impl WorkerState {
     }
 
     /// Units in flight.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -123,14 +123,14 @@ impl WorkerState {
 }
 
 /// Sources whose jobs from an earlier process wait for this process's first poll of them.
-pub struct Held {
+pub(crate) struct Held {
     since: i64,
     sources: Mutex<Vec<String>>,
 }
 
 impl Held {
     /// Holds the earlier jobs of `sources`, from now.
-    pub fn new(sources: Vec<String>) -> Arc<Held> {
+    pub(crate) fn new(sources: Vec<String>) -> Arc<Held> {
         Arc::new(Held {
             since: now_ms(),
             sources: Mutex::new(sources),
@@ -138,7 +138,7 @@ impl Held {
     }
 
     /// The source's first poll has run (whatever its outcome): its earlier jobs may go.
-    pub fn release(&self, source: &str) {
+    pub(crate) fn release(&self, source: &str) {
         self.sources
             .lock()
             .expect("held lock poisoned")
@@ -156,7 +156,7 @@ impl Held {
 
 /// Where the worker sends: RevKeen in the daemon, a scripted fake in tests. One call is one
 /// request; the answer is already classified for the failure policy.
-pub trait Upstream: Send + Sync + 'static {
+pub(crate) trait Upstream: Send + Sync + 'static {
     /// Sends a unit (a single upsert or a recorded batch) as stored.
     fn send<'a>(&'a self, unit: &'a Unit) -> BoxFuture<'a, Answer>;
 
@@ -188,7 +188,7 @@ impl Upstream for RevKeenClient {
 }
 
 /// Everything a worker needs.
-pub struct Worker {
+pub(crate) struct Worker {
     pub store: Store,
     pub upstream: Arc<dyn Upstream>,
     pub limiter: Arc<Limiter>,
@@ -213,7 +213,7 @@ const BEAT: Duration = Duration::from_secs(1);
 impl Worker {
     /// A worker for `sources` as the config describes RevKeen: its client, its rate limit,
     /// batch size, concurrency and attempts.
-    pub fn for_config(
+    pub(crate) fn for_config(
         config: &crate::config::Config,
         store: Store,
         sources: Vec<String>,
@@ -276,7 +276,7 @@ enum Next {
 impl Worker {
     /// Runs until `inputs_done` is cancelled and the outbox is drained (`--once`), or until
     /// `shutdown` (daemon). In-flight sends are awaited for at most `drain` after a shutdown.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         inputs_done: CancellationToken,
         shutdown: CancellationToken,

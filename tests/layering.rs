@@ -89,7 +89,9 @@ fn lower_parts_never_reach_up() {
         // The state file and the adapters know no client and no loop above them.
         (
             "store",
-            &["revkeen", "worker", "sources", "run", "daemon", "server", "ops", "http"],
+            &[
+                "revkeen", "worker", "sources", "run", "daemon", "server", "ops", "http",
+            ],
         ),
         (
             "sources",
@@ -98,7 +100,9 @@ fn lower_parts_never_reach_up() {
         // The config names no adapter and no part that runs.
         (
             "config",
-            &["sources", "store", "worker", "revkeen", "run", "daemon", "server", "ops"],
+            &[
+                "sources", "store", "worker", "revkeen", "run", "daemon", "server", "ops",
+            ],
         ),
         // The RevKeen client only speaks HTTP: it never reads the store or the worker.
         ("revkeen", &["store", "worker", "sources", "run", "daemon"]),

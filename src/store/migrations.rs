@@ -161,10 +161,10 @@ ALTER TABLE push_events ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
 "#;
 
 /// The schema version this build writes: the number of migrations.
-pub const LATEST: usize = 4;
+pub(super) const LATEST: usize = 4;
 
 /// All migrations, oldest first.
-pub fn migrations() -> Migrations<'static> {
+pub(super) fn migrations() -> Migrations<'static> {
     Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
 }
 

@@ -16,11 +16,11 @@ use crate::customer::{self, EmailProblem, Phone, Rejection};
 /// The PracticeHub attribute each logical field is read from: [`FIELDS`] with the source's
 /// `[sources.fields]` overrides (validated by the config).
 #[derive(Debug, Clone)]
-pub struct Attributes(BTreeMap<&'static str, String>);
+pub(super) struct Attributes(BTreeMap<&'static str, String>);
 
 impl Attributes {
     /// The default names with `overrides` applied.
-    pub fn new(overrides: &BTreeMap<String, String>) -> Attributes {
+    pub(super) fn new(overrides: &BTreeMap<String, String>) -> Attributes {
         let mut names: BTreeMap<&'static str, String> = FIELDS
             .iter()
             .map(|(field, attribute)| (*field, attribute.to_string()))
@@ -34,13 +34,13 @@ impl Attributes {
     }
 
     /// The attribute `field` is read from.
-    pub fn get<'a>(&'a self, field: &'a str) -> &'a str {
+    pub(super) fn get<'a>(&'a self, field: &'a str) -> &'a str {
         self.0.get(field).map(String::as_str).unwrap_or(field)
     }
 }
 
 /// Cuts a listed patient down to the allowlist. Nothing else of the row is kept.
-pub fn cut(value: &Value, attributes: &Attributes) -> PatientRecord {
+pub(super) fn cut(value: &Value, attributes: &Attributes) -> PatientRecord {
     let text = |field: &str| value.get(attributes.get(field)).and_then(json_text);
     PatientRecord {
         id: text("id"),
