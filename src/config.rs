@@ -688,37 +688,8 @@ fn source_config(
     let raw: RawSource = config::Value::new(None, config::ValueKind::Table(common))
         .try_deserialize()
         .map_err(|e| ConfigError::new(&at, tidy_config_error(&e)))?;
-    let name = raw.name.ok_or_else(|| {
-        ConfigError::new(key("name"), "missing: every source needs a unique name")
-    })?;
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ConfigError::new(
-            key("name"),
-            format!(
-                "{name:?} is not a valid name: use 1-64 letters, digits, '-' or '_' (it appears in URLs and metrics)"
-            ),
-        ));
-    }
-    let kind_text = raw.kind.ok_or_else(|| {
-        ConfigError::new(key("kind"), format!("missing: use {}", kind_names(kinds)))
-    })?;
-    let kind = *kinds
-        .iter()
-        .find(|k| k.name() == kind_text)
-        .ok_or_else(|| {
-            ConfigError::new(
-                key("kind"),
-                format!(
-                    "unknown source kind {kind_text:?}: use {}",
-                    kind_names(kinds)
-                ),
-            )
-        })?;
+    let name = source_name(&key("name"), raw.name)?;
+    let kind = source_kind(&key("kind"), raw.kind, kinds)?;
     let defaults = kind.defaults();
     let Some(base_url_text) = raw.base_url.as_deref() else {
         return Err(ConfigError::new(
@@ -744,33 +715,18 @@ fn source_config(
     let schedule = raw
         .schedule
         .unwrap_or_else(|| defaults.schedule.to_string());
-    crate::schedule::parse(&schedule).map_err(|problem| {
-        ConfigError::new(
-            key("schedule"),
-            format!(
-                "{schedule:?} is not a valid schedule ({problem}): use cron with seconds, \
-                 `sec min hour day month weekday`, e.g. \"0 */15 * * * *\""
-            ),
-        )
-    })?;
+    cron(&key("schedule"), &schedule)?;
     let requests_per_second = positive(
         &key("requests_per_second"),
         raw.requests_per_second,
         defaults.requests_per_second,
     )?;
     let burst = positive(&key("burst"), raw.burst, defaults.burst)?;
-    let default_country = raw
-        .default_country
-        .unwrap_or_else(|| defaults.default_country.to_string())
-        .to_ascii_uppercase();
-    if default_country.parse::<phonenumber::country::Id>().is_err() {
-        return Err(ConfigError::new(
-            key("default_country"),
-            format!(
-                "{default_country:?} is not an ISO 3166-1 alpha-2 country code, e.g. \"US\" or \"GB\""
-            ),
-        ));
-    }
+    let default_country = country(
+        &key("default_country"),
+        raw.default_country
+            .unwrap_or_else(|| defaults.default_country.to_string()),
+    )?;
     let push_secret = match (raw.push_secret, raw.push_secret_file) {
         (None, None) => None,
         (inline, file) => Some(secret(&format!("{at}.push"), inline, file, None, &[])?),
@@ -793,6 +749,73 @@ fn source_config(
         push_secret,
         options,
     })
+}
+
+/// A source's name: 1-64 letters, digits, '-' or '_' (it appears in URLs and metrics).
+fn source_name(key: &str, name: Option<String>) -> Result<String, ConfigError> {
+    let name =
+        name.ok_or_else(|| ConfigError::new(key, "missing: every source needs a unique name"))?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{name:?} is not a valid name: use 1-64 letters, digits, '-' or '_' (it appears in URLs and metrics)"
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+/// The kind a source names, among those this build knows.
+fn source_kind(
+    key: &str,
+    kind: Option<String>,
+    kinds: Kinds,
+) -> Result<&'static dyn SourceKind, ConfigError> {
+    let kind =
+        kind.ok_or_else(|| ConfigError::new(key, format!("missing: use {}", kind_names(kinds))))?;
+    kinds
+        .iter()
+        .copied()
+        .find(|k| k.name() == kind)
+        .ok_or_else(|| {
+            ConfigError::new(
+                key,
+                format!("unknown source kind {kind:?}: use {}", kind_names(kinds)),
+            )
+        })
+}
+
+/// A cron schedule with seconds, as the scheduler will read it.
+pub fn cron(key: &str, schedule: &str) -> Result<(), ConfigError> {
+    crate::schedule::parse(schedule)
+        .map(drop)
+        .map_err(|problem| {
+            ConfigError::new(
+                key,
+                format!(
+                    "{schedule:?} is not a valid schedule ({problem}): use cron with seconds, \
+                 `sec min hour day month weekday`, e.g. \"0 */15 * * * *\""
+                ),
+            )
+        })
+}
+
+/// An ISO 3166-1 alpha-2 country code, upper-cased.
+fn country(key: &str, code: String) -> Result<String, ConfigError> {
+    let code = code.to_ascii_uppercase();
+    if code.parse::<phonenumber::country::Id>().is_err() {
+        return Err(ConfigError::new(
+            key,
+            format!("{code:?} is not an ISO 3166-1 alpha-2 country code, e.g. \"US\" or \"GB\""),
+        ));
+    }
+    Ok(code)
 }
 
 fn positive(key: &str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {

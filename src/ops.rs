@@ -182,7 +182,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     })
 }
 
-/// `status` as a compact table.
+/// `status` as a compact table, then what needs attention.
 pub fn render_status(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -196,6 +196,54 @@ pub fn render_status(report: &StatusReport) -> String {
             (false, _) => "no sync-daemon process running",
         }
     );
+    out.push_str(&status_table(report));
+    for source in &report.sources {
+        if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
+            let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
+        }
+        if source.vanished > 0 {
+            let _ = writeln!(
+                out,
+                "  {}: {} records vanished from the source since they were synced (kept in RevKeen; ids in the log)",
+                source.name, source.vanished
+            );
+        }
+    }
+    let oldest = report
+        .oldest_pending_age_secs
+        .map(|s| format!(", oldest waiting {}", human_duration(s)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "Outbox: {} waiting{oldest}. Dead letters: {}. Rejected records: {}.{}",
+        report.outbox_depth,
+        report.dead_letters,
+        report.rejected,
+        if report.dead_letters + report.rejected > 0 {
+            " See `sync-daemon failures`."
+        } else {
+            ""
+        }
+    );
+    if report.auth_halts.is_empty() {
+        let _ = writeln!(out, "Auth: every API accepted its key.");
+    } else {
+        for halt in &report.auth_halts {
+            let _ = writeln!(
+                out,
+                "AUTH HALT: {} refused the key since {} ({}): {}",
+                halt.target,
+                short_time(&halt.since),
+                halt.code,
+                halt.reason
+            );
+        }
+    }
+    out
+}
+
+/// One row per source: its last poll, where it stands, when it polls next.
+fn status_table(report: &StatusReport) -> String {
     let header = [
         "SOURCE",
         "KIND",
@@ -243,50 +291,7 @@ pub fn render_status(report: &StatusReport) -> String {
                 .unwrap_or_else(|| "-".to_string()),
         ]);
     }
-    out.push_str(&crate::table::text_table(&rows, |_| false));
-    for source in &report.sources {
-        if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
-            let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
-        }
-        if source.vanished > 0 {
-            let _ = writeln!(
-                out,
-                "  {}: {} records vanished from the source since they were synced (kept in RevKeen; ids in the log)",
-                source.name, source.vanished
-            );
-        }
-    }
-    let oldest = report
-        .oldest_pending_age_secs
-        .map(|s| format!(", oldest waiting {}", human_duration(s)))
-        .unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "Outbox: {} waiting{oldest}. Dead letters: {}. Rejected records: {}.{}",
-        report.outbox_depth,
-        report.dead_letters,
-        report.rejected,
-        if report.dead_letters + report.rejected > 0 {
-            " See `sync-daemon failures`."
-        } else {
-            ""
-        }
-    );
-    if report.auth_halts.is_empty() {
-        let _ = writeln!(out, "Auth: every API accepted its key.");
-    } else {
-        for halt in &report.auth_halts {
-            let _ = writeln!(
-                out,
-                "AUTH HALT: {} refused the key since {} ({}): {}",
-                halt.target,
-                short_time(&halt.since),
-                halt.code,
-                halt.reason
-            );
-        }
-    }
-    out
+    crate::table::text_table(&rows, |_| false)
 }
 
 fn short_time(rfc3339: &str) -> String {

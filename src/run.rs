@@ -557,71 +557,86 @@ pub async fn dry_run(
             ..SourceReport::default()
         };
         for mapped in pages.into_iter().flatten() {
-            let external_id = mapped.item.external_id;
-            let (body, update_only) = match mapped.item.outcome {
-                PageItemOutcome::Customer { body, update_only } => (body, update_only),
-                PageItemOutcome::Rejected(rejection) => {
-                    report.poll.rejected += 1;
-                    emit(DryRunEntry {
-                        source: source.name.clone(),
-                        external_id,
-                        action: "reject",
-                        fields: Vec::new(),
-                        body: None,
-                        reason: Some(rejection.reason),
-                    });
-                    continue;
-                }
-                PageItemOutcome::Ignored => {
-                    report.poll.skipped += 1;
-                    continue;
-                }
-            };
-            // The same question the real run asks the store (one change detection).
-            let hash = crate::customer::body_hash(&body);
-            let preview = match &store {
-                Some(store) => store.preview(
-                    &source.name,
-                    &external_id,
-                    &hash,
-                    update_only,
-                    options.resync,
-                )?,
-                None => Preview {
-                    decision: decide(&Lane::default(), &hash, update_only, options.resync),
-                    synced_body: None,
-                },
-            };
-            let create = match preview.decision {
-                Decision::Unchanged => {
-                    report.poll.unchanged += 1;
-                    continue;
-                }
-                Decision::Skip => {
-                    report.poll.skipped += 1;
-                    continue;
-                }
-                Decision::Send { create } => create,
-            };
-            report.poll.enqueued += 1;
-            let new: serde_json::Value =
-                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-            let old: Option<serde_json::Value> = preview
-                .synced_body
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok());
-            emit(DryRunEntry {
-                source: source.name.clone(),
-                external_id,
-                action: if create { "create" } else { "update" },
-                fields: changed_fields(old.as_ref(), &new),
-                body: Some(new),
-                reason: None,
-            });
+            preview_item(
+                &source.name,
+                mapped,
+                store.as_ref(),
+                options.resync,
+                &mut report,
+                &mut emit,
+            )?;
         }
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// What a run would do with one mapped record: counted in `report`, and emitted unless it
+/// is unchanged or skipped. Change detection is the store's (`Store::preview`), the very
+/// question the real run asks.
+fn preview_item(
+    source: &str,
+    mapped: crate::sources::Mapped,
+    store: Option<&Store>,
+    resync: bool,
+    report: &mut SourceReport,
+    emit: &mut impl FnMut(DryRunEntry),
+) -> Result<(), RunError> {
+    let external_id = mapped.item.external_id;
+    let (body, update_only) = match mapped.item.outcome {
+        PageItemOutcome::Customer { body, update_only } => (body, update_only),
+        PageItemOutcome::Rejected(rejection) => {
+            report.poll.rejected += 1;
+            emit(DryRunEntry {
+                source: source.to_string(),
+                external_id,
+                action: "reject",
+                fields: Vec::new(),
+                body: None,
+                reason: Some(rejection.reason),
+            });
+            return Ok(());
+        }
+        PageItemOutcome::Ignored => {
+            report.poll.skipped += 1;
+            return Ok(());
+        }
+    };
+    // The same question the real run asks the store (one change detection).
+    let hash = crate::customer::body_hash(&body);
+    let preview = match store {
+        Some(store) => store.preview(source, &external_id, &hash, update_only, resync)?,
+        None => Preview {
+            decision: decide(&Lane::default(), &hash, update_only, resync),
+            synced_body: None,
+        },
+    };
+    let create = match preview.decision {
+        Decision::Unchanged => {
+            report.poll.unchanged += 1;
+            return Ok(());
+        }
+        Decision::Skip => {
+            report.poll.skipped += 1;
+            return Ok(());
+        }
+        Decision::Send { create } => create,
+    };
+    report.poll.enqueued += 1;
+    let new: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let old: Option<serde_json::Value> = preview
+        .synced_body
+        .as_deref()
+        .and_then(|b| serde_json::from_slice(b).ok());
+    emit(DryRunEntry {
+        source: source.to_string(),
+        external_id,
+        action: if create { "create" } else { "update" },
+        fields: changed_fields(old.as_ref(), &new),
+        body: Some(new),
+        reason: None,
+    });
+    Ok(())
 }
 
 /// Top-level fields whose values differ between two bodies (all of `new`'s when `old` is none).

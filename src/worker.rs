@@ -522,13 +522,13 @@ fn source_of(unit: &Unit) -> String {
         .unwrap_or_default()
 }
 
+/// Records RevKeen's answer for a unit, per the failure policy.
 async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
     let source = source_of(&unit);
     shared.state.add(&source, |s| s.requests += 1);
     if !matches!(answer, Answer::AuthRefused(_) | Answer::Transient(_)) {
         clear_stale_halt(shared).await?;
     }
-    let store = shared.store.clone();
     match answer {
         Answer::Applied { created } => {
             let counts = DeliveryCounts {
@@ -546,70 +546,13 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
             finish_all(shared, unit, Finished::Delivered, counts).await
         }
         Answer::Batch(result) => finish_batch(shared, unit, result).await,
-        Answer::Refused(error) => {
-            if let Unit::Batch(batch) = &unit {
-                tracing::warn!(
-                    source = %source,
-                    members = batch.members.len(),
-                    code = %error.code,
-                    "RevKeen refused a batch as a whole; resending its customers one by one."
-                );
-                let batch = batch.clone();
-                store.call(move |s| s.split_batch(&batch)).await?;
-                return Ok(());
-            }
-            let dead = dead_letter_for(&error);
-            for job in unit.jobs() {
-                tracing::error!(
-                    source = %job.source,
-                    external_id = %job.external_id,
-                    status = error.status,
-                    code = %error.code,
-                    "RevKeen refused a customer; it is kept as a dead letter (see `sync-daemon failures`)."
-                );
-            }
-            let counts = DeliveryCounts {
-                dead_lettered: unit.jobs().len() as u64,
-                ..DeliveryCounts::default()
-            };
-            finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
-        }
-        Answer::Conflict(error) => {
-            tracing::error!(
-                source = %source,
-                code = %error.code,
-                "RevKeen saw one idempotency key with two bodies: this is a bug in sync-daemon, please report it. The customer is kept as a dead letter."
-            );
-            let dead = DeadLetter {
-                code: error.code.clone(),
-                reason: error.message.clone(),
-                http_status: Some(error.status),
-                field_errors: None,
-                hint: Some(
-                    "a sync-daemon bug: please report it; `sync-daemon replay` resends with a new key"
-                        .to_string(),
-                ),
-            };
-            let counts = DeliveryCounts {
-                dead_lettered: unit.jobs().len() as u64,
-                ..DeliveryCounts::default()
-            };
-            finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
-        }
-        Answer::AuthRefused(error) => {
-            tracing::error!(status = error.status, code = %error.code, "RevKeen refused the API key: sending stops until the key is fixed and sync-daemon restarted.");
-            let message = shared.state.halt_sending(&error);
-            let code = error.code.clone();
-            store
-                .call(move |s| {
-                    s.release(&unit)?;
-                    s.set_halt(REVKEEN, &code, &message)
-                })
-                .await
-        }
+        Answer::Refused(error) => refused(shared, unit, &error).await,
+        Answer::Conflict(error) => conflict(shared, unit, &error).await,
+        Answer::AuthRefused(error) => halt(shared, unit, &error).await,
         Answer::InProgress => {
             let at = now_ms() + IN_PROGRESS_RETRY.as_millis() as i64;
-            store
+            shared
+                .store
                 .call(move |s| s.retry_later(&unit, at, "idempotency key still in progress", false))
                 .await
         }
@@ -617,12 +560,86 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
             let wait = retry_after.unwrap_or_else(|| shared.backoff.delay(unit.attempts()));
             shared.limiter.pause(wait);
             let at = now_ms() + wait.as_millis() as i64;
-            store
+            shared
+                .store
                 .call(move |s| s.retry_later(&unit, at, "rate limited (429)", false))
                 .await
         }
         Answer::Transient(error) => retry_or_give_up(shared, unit, error).await,
     }
+}
+
+/// A final refusal (400/422): a batch refused as a whole is split into singles (one bad
+/// record cannot hold back the others); a single is dead-lettered with RevKeen's reasons.
+async fn refused(shared: &Arc<Shared>, unit: Unit, error: &ApiError) -> SendResult {
+    if let Unit::Batch(batch) = &unit {
+        tracing::warn!(
+            source = %source_of(&unit),
+            members = batch.members.len(),
+            code = %error.code,
+            "RevKeen refused a batch as a whole; resending its customers one by one."
+        );
+        let batch = batch.clone();
+        return shared.store.call(move |s| s.split_batch(&batch)).await;
+    }
+    for job in unit.jobs() {
+        tracing::error!(
+            source = %job.source,
+            external_id = %job.external_id,
+            status = error.status,
+            code = %error.code,
+            "RevKeen refused a customer; it is kept as a dead letter (see `sync-daemon failures`)."
+        );
+    }
+    let counts = DeliveryCounts {
+        dead_lettered: unit.jobs().len() as u64,
+        ..DeliveryCounts::default()
+    };
+    finish_all(
+        shared,
+        unit,
+        Finished::DeadLetter(dead_letter_for(error)),
+        counts,
+    )
+    .await
+}
+
+/// One key with two bodies: a bug in this daemon, kept as a dead letter and logged as such.
+async fn conflict(shared: &Arc<Shared>, unit: Unit, error: &ApiError) -> SendResult {
+    tracing::error!(
+        source = %source_of(&unit),
+        code = %error.code,
+        "RevKeen saw one idempotency key with two bodies: this is a bug in sync-daemon, please report it. The customer is kept as a dead letter."
+    );
+    let dead = DeadLetter {
+        code: error.code.clone(),
+        reason: error.message.clone(),
+        http_status: Some(error.status),
+        field_errors: None,
+        hint: Some(
+            "a sync-daemon bug: please report it; `sync-daemon replay` resends with a new key"
+                .to_string(),
+        ),
+    };
+    let counts = DeliveryCounts {
+        dead_lettered: unit.jobs().len() as u64,
+        ..DeliveryCounts::default()
+    };
+    finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
+}
+
+/// 401/403: sending stops with this key; the unit goes back untouched.
+async fn halt(shared: &Arc<Shared>, unit: Unit, error: &ApiError) -> SendResult {
+    tracing::error!(status = error.status, code = %error.code, "RevKeen refused the API key: sending stops until the key is fixed and sync-daemon restarted.");
+    let message = shared.state.halt_sending(error);
+    let code = error.code.clone();
+    shared
+        .store
+        .call(move |s| {
+            s.release(&unit)?;
+            s.set_halt(REVKEEN, &code, &message)
+        })
+        .await
 }
 
 async fn clear_stale_halt(shared: &Arc<Shared>) -> SendResult {
