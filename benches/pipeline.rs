@@ -1,7 +1,7 @@
 //! `cargo bench --bench pipeline`: the whole pipeline against the bundled simulators on
 //! loopback, measured the way a merchant would feel it.
 //!
-//! Rows (DESIGN issue 6):
+//! Rows (the performance goals in the README):
 //! 1. Rate-limit bound: Wodify 50 req/s burst 20, RevKeen 600 req/min burst 20, batch 100.
 //!    Elapsed vs the least time the limits allow: max((pages − burst) / source rate,
 //!    (batches − burst) / RevKeen rate). Goal ratio ≥ 0.90, 429s ≤ 1 % of requests.

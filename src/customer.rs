@@ -4,7 +4,7 @@
 //! there), so a body built from it cannot be refused for its shape. Its serialization is
 //! canonical: fields in declaration order, absent ones omitted, metadata keys sorted. The same
 //! record therefore always produces the same bytes and the same hash, which is what change
-//! detection and idempotency keys rest on (DESIGN invariants 3 and 5).
+//! detection and idempotency keys rest on (invariants 3 and 5 in ARCHITECTURE.md).
 //!
 //! The field helpers here (email, phone, country, timestamps) are shared by every adapter.
 

@@ -1,7 +1,7 @@
 //! The process's exit codes: one table for `--once`, `--dry-run`, the daemon and the operator
 //! commands (sysexits where one fits). ARCHITECTURE.md lists them for operators.
 
-/// Process exit codes (DESIGN's external interface; sysexits where one fits).
+/// Process exit codes (ARCHITECTURE.md, "External interface"; sysexits where one fits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ExitStatus {
     /// Everything delivered.

@@ -13,7 +13,7 @@ pub fn key_namespace() -> Uuid {
     )
 }
 
-/// The idempotency key of one job (DESIGN invariant 3): a UUIDv5 of
+/// The idempotency key of one job (invariant 3 in ARCHITECTURE.md): a UUIDv5 of
 /// `{revkeen_source}/{external_id}/{hash last synced, or "-"}/{sha256(body)}/{version}`.
 ///
 /// The last-synced hash keeps A → B → A from replaying the first A. `version` is the

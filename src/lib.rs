@@ -5,26 +5,36 @@
 //! customer body, change detection drops what RevKeen already has, and the page's jobs commit
 //! to the SQLite outbox together with the cursor that moves past the page. A queue worker
 //! claims jobs (or batches of them), sends them to RevKeen with deterministic idempotency keys
-//! and acknowledges them only on a final answer. DESIGN.md states the invariants; the store's
-//! module doc says how the state file keeps them.
+//! and acknowledges them only on a final answer. ARCHITECTURE.md (in the repository root)
+//! states the invariants, the failure policy and the layering.
 //!
-//! Map of the crate:
-//! - [`config`]: the TOML file, `SYNC_DAEMON__…` overrides, secrets, validation (exit 78).
-//! - [`customer`]: the normalized customer, its canonical body and hash, field helpers.
-//! - [`sources`]: the adapter trait and the shared poll loop; [`sources::wodify`],
-//!   [`sources::practicehub`] (with the PHI allowlist).
-//! - [`store`]: the state file: cursors, outbox, batches, synced hashes, failures, runs.
-//! - [`revkeen`]: the RevKeen client, idempotency keys, answer classification.
-//! - [`worker`]: claims, sends, acknowledges, retries, halts.
-//! - [`limiter`]: token buckets, `Retry-After` pauses, full-jitter backoff.
-//! - [`run`]: `--once` (poll everything, drain, report), `--dry-run`, exit codes.
-//! - [`daemon`]: daemon mode: cron polls and their watchdog, push processing, systemd, shutdown.
-//! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed.
-//! - [`health`]: loop heartbeats behind `/healthz` and the systemd watchdog.
-//! - [`ops`]: operator commands: `status`, `failures`, `replay`, `check-config --connect`.
+//! Map of the crate, highest layer first (an arrow only ever points down the list;
+//! `tests/layering.rs` checks it):
+//! - [`demo`]: the whole pipeline against the bundled simulators (`sync-daemon-sim`).
 //! - [`progress`]: `--once` progress bars on a terminal.
-//! - [`demo`]: the whole pipeline against the bundled simulators.
-//! - [`schedule`]: cron schedules as the scheduler reads them.
+//! - [`ops`]: operator commands: `status`, `failures`, `replay`, `check-config --connect`.
+//! - [`daemon`]: daemon mode: built (every fallible step), then run: cron polls and their
+//!   watchdog, push processing, the worker, the HTTP server, systemd, shutdown.
+//! - [`run`]: `--once` (poll everything, drain, report) and `--dry-run`.
+//! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed.
+//! - `worker`: claims units, sends them, records RevKeen's answers, retries, halts.
+//!   **Where a RevKeen answer is decided**: `revkeen::classify`, then `worker::apply`.
+//! - `revkeen`: the RevKeen client (single and batch upserts, answer classification).
+//! - [`sources`]: the `Source` interface, the registry of kinds, the shared poll loop
+//!   (`sources::poll`), one folder per adapter: [`sources::wodify`], [`sources::practicehub`]
+//!   (with the PHI allowlist). **Where a page becomes outbox rows**: the poll loop's commit
+//!   calls [`store::Store::commit_page`].
+//! - [`store`]: the state file, split by what it keeps (outbox, customers, failures, history,
+//!   cursors, push events).
+//! - [`config`]: the TOML file, `SYNC_DAEMON__…` overrides, secrets, validation (exit 78); the
+//!   hook through which each adapter owns its keys.
+//! - [`customer`]: the normalized customer, its canonical body and hash, field helpers.
+//! - [`keys`]: idempotency keys, batch keys and bodies.
+//! - `http`: shared HTTP plumbing (clients, send-and-measure, probes, `Retry-After`).
+//! - `limiter`: token buckets, host-wide pauses, full-jitter backoff.
+//! - `health`: loop heartbeats behind `/healthz` and the systemd watchdog.
+//! - [`clock`]: the one clock, pausable in tests.
+//! - `schedule`, `table`, [`exit`]: cron parsing, text tables, exit codes.
 
 pub mod clock;
 pub mod config;

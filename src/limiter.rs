@@ -108,7 +108,7 @@ pub struct Backoff {
 }
 
 impl Default for Backoff {
-    /// DESIGN's policy: base 1 s, cap 10 min.
+    /// The failure policy's backoff (ARCHITECTURE.md): base 1 s, cap 10 min.
     fn default() -> Self {
         Backoff {
             base: Duration::from_secs(1),

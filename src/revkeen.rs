@@ -1,5 +1,5 @@
 //! The RevKeen client: single and batch upserts, idempotency keys, and the mapping of every
-//! answer onto the failure policy in DESIGN.
+//! answer onto the failure policy in ARCHITECTURE.md.
 //!
 //! The client only speaks HTTP and classifies; it never retries or waits. Rate limiting lives in
 //! [`crate::limiter`], and what to do with each [`Answer`] (ack, dead letter, retry, halt) in
@@ -211,7 +211,7 @@ impl RevKeenClient {
     }
 }
 
-/// Classifies an answer per DESIGN's failure policy.
+/// Classifies an answer per the failure policy (ARCHITECTURE.md).
 pub(crate) fn classify(
     status: StatusCode,
     body: &[u8],

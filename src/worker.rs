@@ -2,7 +2,7 @@
 //!
 //! Up to `concurrency` requests are in flight, all drawing from one RevKeen [`Limiter`]. A unit
 //! is claimed only once a rate-limit token is in hand, so batches are filled as late as
-//! possible. Every answer maps onto DESIGN's failure policy: an acknowledgement only on a final
+//! possible. Every answer maps onto the failure policy (ARCHITECTURE.md): an acknowledgement only on a final
 //! answer (invariant 2), retries with full-jitter backoff stored in the outbox (so a restart
 //! does not reset them), a host-wide pause on 429, and an auth halt on 401/403 that stops all
 //! sending with the refused key.
@@ -31,7 +31,7 @@ pub(crate) const REVKEEN: &str = "revkeen";
 /// What happens when a unit runs out of attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Exhausted {
-    /// Daemon mode: dead-letter it as "retries exhausted" and carry on (DESIGN).
+    /// Daemon mode: dead-letter it as "retries exhausted" and carry on.
     DeadLetter,
     /// `--once`: keep it queued for the next run and end this one with "unavailable".
     StopRun,

@@ -1,4 +1,4 @@
-//! Model-based test of the SQLite outbox (DESIGN.md, "Invariants" 2–6).
+//! Model-based test of the SQLite outbox (ARCHITECTURE.md, "Invariants" 2–6).
 //!
 //! The template is vector's disk-buffer model test: proptest generates a random sequence of
 //! operations, the sequence is replayed against the real [`Store`] in a temporary directory and
@@ -19,7 +19,7 @@
 //! The model keeps, per customer: the latest body decided on, the last body RevKeen accepted
 //! (synced), the jobs of its lane in order (queued, in flight, or in a recorded batch, with the
 //! key first seen for each), and its failure row; plus the recorded batches (members, body,
-//! key). Properties, in DESIGN's terms:
+//! key). Properties, in ARCHITECTURE.md's terms:
 //! 1. Invariant 4, one customer one lane: no two in-flight units hold the same customer; a claim
 //!    only returns lane heads that are not already in flight; a batch holds each customer once,
 //!    sorted by external id, and its recorded body is [`keys::batch_body`] of its members and

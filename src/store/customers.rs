@@ -91,7 +91,7 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// What a run would do with this body, decided exactly as [`enqueue`](super::outbox)
+    /// What a run would do with this body, decided exactly as the outbox's `enqueue`
     /// decides it, without writing anything (`--dry-run`).
     pub fn preview(
         &self,

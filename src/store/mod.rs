@@ -1,19 +1,11 @@
 //! The local state file: SQLite in WAL mode, one writer, versioned migrations.
 //!
-//! On-disk invariants (DESIGN's numbering):
-//! 1. A page's jobs and the cursor that moves past the page commit in one transaction
-//!    ([`Store::commit_page`]).
-//! 2. A job leaves `outbox` only when RevKeen gave a final answer for it; `inflight` marks are
-//!    cleared when the state is opened, so whatever was in flight at a crash is sent again.
-//! 3. A job's body and idempotency key are written once, when the job is created or coalesced,
-//!    and sent as stored; a batch is recorded in `batches` before it is sent.
-//! 4. A lane (source, external id) has at most one job in flight: only the lowest outbox id of a
-//!    lane may be claimed, and a newer version replaces a queued one instead of queueing behind.
-//! 5. `customers.latest_hash` makes an unchanged record a no-op.
-//! 6. A record that cannot be sent lives in `failures` with its reason until it changes or is
-//!    replayed. A rejection is the customer's current problem: it drops a version still waiting
-//!    in the queue, clears `latest_hash` (so whatever the record becomes next is queued again),
-//!    and is never overwritten by the dead letter of an older version.
+//! The file is split by what it keeps, each part stating the invariants it holds
+//! (ARCHITECTURE.md numbers them): `outbox` jobs and batches (1 the page and its cursor in one
+//! transaction, 2 ack after a final answer, 3 bodies and keys written once, 4 one lane),
+//! `customers` change detection (5), `failures` rejections and dead letters (6),
+//! `history` runs, polls, delivery totals and halts, `cursors` listing positions, `push`
+//! push-feed events.
 //!
 //! Durability: `synchronous = NORMAL`. In WAL mode that survives a crash of the process at any
 //! point; only a power loss or kernel crash can lose the last commits. That is enough here

@@ -4,9 +4,9 @@
 //! [`PatientRecord`] inside [`Source::fetch`], before it leaves this module: that type has a
 //! field for each allowlisted attribute (email, names, phone, patient number, lifecycle flags)
 //! and nothing else, so notes, dates of birth, addresses and clinical text are dropped with the
-//! raw JSON of the page ([`patient`]). The source-field table ([`config::FIELDS`]) can be
+//! raw JSON of the page (`patient`). The source-field table (`config::FIELDS`) can be
 //! re-pointed by config (`[sources.fields] phone = "home_phone"`), but only for these logical
-//! fields, and never at an attribute whose name says PHI ([`config`]).
+//! fields, and never at an attribute whose name says PHI (`config`).
 //!
 //! Incremental polling: the first listing reads the whole table; later ones ask for
 //! `updated=gte:<mark>`, where the mark is when the previous complete listing *started* (minus

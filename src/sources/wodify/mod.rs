@@ -1,5 +1,5 @@
-//! Wodify clients: a resumable full scan. The client → customer mapping is in [`client`], the
-//! settings in [`config`].
+//! Wodify clients: a resumable full scan. The client → customer mapping is in `client`, the
+//! settings in `config`.
 //!
 //! Wodify has no change feed and no documented updated-since filter, so every poll scans all
 //! clients; change detection in the store makes the rescan cost nothing at RevKeen. The scan is
