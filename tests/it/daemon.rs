@@ -30,7 +30,7 @@ use sync_daemon_sim::revkeen::Rejection;
 use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
-    Harness, ServiceProcess, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
+    DaemonProcess, Harness, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
     expected_wodify, free_listen_addr, invalid_wodify, rename_client, replaced, run_command,
     seed_valid_clients, wait_for_name, wait_until, with_daemon, with_revkeen, yearly_schedules,
 };
@@ -674,10 +674,7 @@ async fn a_second_signal_exits_at_once() {
     daemon.signal(libc::SIGTERM);
     // The first signal is being handled once the daemon says it is draining.
     wait_until("the drain to begin", Duration::from_secs(5), || {
-        daemon
-            .stderr_so_far()
-            .to_lowercase()
-            .contains("shutting down")
+        daemon.log().to_lowercase().contains("shutting down")
     })
     .await;
     let second = Instant::now();
@@ -754,7 +751,7 @@ async fn systemd_gets_ready_watchdog_status_and_stopping() {
     let h = Harness::start().await;
     seed_valid_clients(&h.sims.wodify, 50, 27);
     let notify = NotifySocket::bind();
-    let daemon = h.spawn_daemon_with(&scheduled(&h.config_for("gym"), EVERY_SECOND), |c| {
+    let daemon = h.spawn_daemon(&scheduled(&h.config_for("gym"), EVERY_SECOND), |c| {
         c.env("NOTIFY_SOCKET", notify.path())
             .env("WATCHDOG_USEC", "2000000")
             .env_remove("WATCHDOG_PID");
@@ -825,7 +822,7 @@ async fn no_watchdog_pings_unless_systemd_asks_for_them() {
     // No WATCHDOG_USEC; then WATCHDOG_USEC meant for another process (WATCHDOG_PID).
     for watchdog_pid in [None, Some("1")] {
         let notify = NotifySocket::bind();
-        let daemon = h.spawn_daemon_with(&toml, |c| {
+        let daemon = h.spawn_daemon(&toml, |c| {
             c.env("NOTIFY_SOCKET", notify.path())
                 .env_remove("WATCHDOG_PID");
             match watchdog_pid {
@@ -891,7 +888,7 @@ async fn slow_upstreams_do_not_starve_the_watchdog_or_liveness() {
     h.sims.revkeen.set_faults(slow.clone());
     h.sims.wodify.set_faults(slow);
     let notify = NotifySocket::bind();
-    let daemon = h.spawn_daemon_with(&scheduled(&h.config_for("gym"), EVERY_SECOND), |c| {
+    let daemon = h.spawn_daemon(&scheduled(&h.config_for("gym"), EVERY_SECOND), |c| {
         c.env("NOTIFY_SOCKET", notify.path())
             .env("WATCHDOG_USEC", "2000000")
             .env_remove("WATCHDOG_PID");
@@ -927,7 +924,7 @@ async fn a_short_watchdog_is_fed_in_time_while_the_daemon_is_healthy() {
     seed_valid_clients(&h.sims.wodify, 20, 34);
     let notify = NotifySocket::bind();
     // WatchdogSec=1s: systemd restarts the unit unless a ping arrives every second.
-    let daemon = h.spawn_daemon_with(&scheduled(&h.config_for("gym"), EVERY_SECOND), |c| {
+    let daemon = h.spawn_daemon(&scheduled(&h.config_for("gym"), EVERY_SECOND), |c| {
         c.env("NOTIFY_SOCKET", notify.path())
             .env("WATCHDOG_USEC", "1000000")
             .env_remove("WATCHDOG_PID");
@@ -1050,7 +1047,7 @@ async fn a_config_made_only_of_environment_variables_runs_once_and_as_a_daemon()
     command
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("SYNC_DAEMON__DAEMON__LISTEN", addr.to_string());
-    let mut daemon = ServiceProcess::spawn(command, addr, secrets);
+    let daemon = DaemonProcess::spawn(command, addr, secrets);
     daemon.wait_healthy().await;
     assert_a_change_reaches_revkeen(&h, "FromEnv").await;
     daemon.stop().await.assert_exit(exit::OK);
@@ -1146,7 +1143,7 @@ async fn a_second_process_on_the_same_state_file_is_refused_and_the_daemon_carri
     assert!(out.elapsed < Duration::from_secs(5), "{:?}", out.elapsed);
     // A second daemon on another port, same state file.
     let out = h
-        .spawn_daemon_with(&toml, |_| {})
+        .spawn_daemon(&toml, |_| {})
         .wait_exit(Duration::from_secs(10))
         .await;
     assert_ne!(out.code, Some(0), "{}", out.transcript());
@@ -1192,7 +1189,8 @@ async fn daemon_log(
     toml: &str,
     configure: impl FnOnce(&mut tokio::process::Command),
 ) -> String {
-    let daemon = h.start_daemon_with(toml, configure).await;
+    let daemon = h.spawn_daemon(toml, configure);
+    daemon.wait_healthy().await;
     let want = expected_wodify(&h.sims.wodify).len();
     wait_until("the backfill", Duration::from_secs(20), || {
         delivered(h, "wodify") == want

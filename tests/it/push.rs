@@ -15,9 +15,9 @@ use sync_daemon::server::sign;
 use sync_daemon_sim::Faults;
 
 use crate::support::{
-    Daemon, Harness, at_revkeen, exit, expected_practicehub, expected_wodify, name_at_revkeen,
-    push, rename_client, seed_valid_clients, unix_now, wait_for_name, wait_until, with_source,
-    yearly_schedules,
+    DaemonProcess, Harness, at_revkeen, exit, expected_practicehub, expected_wodify,
+    name_at_revkeen, push, rename_client, seed_valid_clients, unix_now, wait_for_name, wait_until,
+    with_source, yearly_schedules,
 };
 
 /// The gym's push secret in these tests.
@@ -52,7 +52,7 @@ async fn start(
     patients: usize,
     gym_secret: Option<&str>,
     clinic_secret: Option<&str>,
-) -> (Harness, Daemon) {
+) -> (Harness, DaemonProcess) {
     start_with_env(clients, patients, gym_secret, clinic_secret, &[]).await
 }
 
@@ -63,7 +63,7 @@ async fn start_with_env(
     gym_secret: Option<&str>,
     clinic_secret: Option<&str>,
     env: &[(&str, &str)],
-) -> (Harness, Daemon) {
+) -> (Harness, DaemonProcess) {
     let h = Harness::start().await;
     h.unlimited();
     seed_valid_clients(&h.sims.wodify, clients, 5);
@@ -75,7 +75,9 @@ async fn start_with_env(
     if let Some(secret) = clinic_secret {
         config = with_source(&config, "clinic", &format!("push_secret = \"{secret}\""));
     }
-    let mut daemon = h.spawn_daemon(&config, env);
+    let daemon = h.spawn_daemon(&config, |c| {
+        c.envs(env.iter().copied());
+    });
     daemon.wait_ready().await;
     daemon.wait_polls("gym", 1).await;
     daemon.wait_polls("clinic", 1).await;
@@ -206,7 +208,7 @@ async fn a_signed_wodify_event_reaches_revkeen_within_two_seconds() {
     assert!(h.sims.revkeen.customer("wodify", "99999").is_none());
     assert_eq!(h.sims.revkeen.stats().updated, 1);
 
-    let out = daemon.terminate().await;
+    let out = daemon.stop().await;
     out.assert_exit(exit::OK);
 }
 
@@ -361,7 +363,11 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
             .filter(|(_, want, _, _)| *want == status)
             .count();
         let line = format!("sync_daemon_push_refused_total{{status=\"{status}\"}} {count}");
-        assert!(metrics.contains(&line), "no `{line}` in\n{metrics}");
+        assert!(
+            metrics.text.contains(&line),
+            "no `{line}` in\n{}",
+            metrics.text
+        );
     }
     let not_found: Vec<&String> = answers
         .iter()
@@ -429,7 +435,7 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
     }
     assert_eq!(h.sims.revkeen.stats().updated, 3);
 
-    let out = daemon.terminate().await;
+    let out = daemon.stop().await;
     out.assert_exit(exit::OK);
     assert!(
         out.stderr.contains("TRACE"),
@@ -437,9 +443,9 @@ async fn refused_pushes_get_their_status_and_fetch_and_send_nothing() {
         out.stderr
     );
     assert!(
-        !out.stderr.contains("REFUSEDBODYMARKER"),
+        !out.stdout.contains("REFUSEDBODYMARKER") && !out.stderr.contains("REFUSEDBODYMARKER"),
         "a refused body was logged:\n{}",
-        out.stderr
+        out.transcript()
     );
 }
 
@@ -473,7 +479,7 @@ async fn an_event_accepted_just_before_a_crash_is_processed_after_the_restart() 
         .filter(|line| !line.starts_with("listen = "))
         .map(|line| format!("{line}\n"))
         .collect();
-    let mut daemon = h.spawn_daemon(&config, &[]);
+    let daemon = h.spawn_daemon(&config, |_| {});
     daemon.wait_ready().await;
     wait_for_name(&h, "wodify", id, " Survived", Duration::from_secs(10)).await;
     let refetched: Vec<u64> = wodify_fetches(&h, id)
@@ -487,7 +493,7 @@ async fn an_event_accepted_just_before_a_crash_is_processed_after_the_restart() 
         h.sims.wodify.requests()
     );
     assert_eq!(h.sims.revkeen.stats().conflicts, 0);
-    daemon.terminate().await.assert_exit(exit::OK);
+    daemon.stop().await.assert_exit(exit::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,7 +574,7 @@ async fn a_signed_practicehub_event_is_fetched_by_id_and_reaches_revkeen_within_
         "a deleted patient pushed before it was ever synced became a customer"
     );
 
-    let out = daemon.terminate().await;
+    let out = daemon.stop().await;
     out.assert_exit(exit::OK);
     assert!(
         h.sims.practicehub.stats().non_get == 0,
@@ -601,7 +607,7 @@ async fn a_push_while_the_state_file_is_locked_gets_503_and_is_not_lost_once_ret
     let (status, answer) = push(&daemon, "gym", &body, Some(&signed(&body))).await;
     assert_eq!(status, 202, "{answer}");
     wait_for_name(&h, "wodify", id, " Locked", Duration::from_secs(5)).await;
-    daemon.terminate().await.assert_exit(exit::OK);
+    daemon.stop().await.assert_exit(exit::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,7 +647,7 @@ async fn a_second_push_for_a_record_already_read_is_not_lost() {
 
     wait_for_name(&h, "wodify", slow, " Slow", Duration::from_secs(10)).await;
     wait_for_name(&h, "wodify", first, " Two", Duration::from_secs(10)).await;
-    daemon.terminate().await.assert_exit(exit::OK);
+    daemon.stop().await.assert_exit(exit::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,12 +692,8 @@ async fn delivery_resumes_after_the_state_file_was_locked_longer_than_the_busy_t
         }
     })
     .await;
-    let health = reqwest::get(daemon.url("/healthz"))
-        .await
-        .expect("GET /healthz")
-        .status()
-        .as_u16();
-    let out = daemon.terminate().await;
+    let (health, _) = daemon.get("/healthz").await;
+    let out = daemon.stop().await;
     assert!(
         delivered.is_ok(),
         "the change was not delivered {:?} after the lock was released (/healthz {health})\n{}",
