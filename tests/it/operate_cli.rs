@@ -10,14 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     BIN, Harness, Output, exit, free_listen_addr, rename_client, replaced, run_command,
-    seed_valid_clients,
+    seed_valid_clients, wait_until_async,
 };
 
 /// The stderr line `check-config --connect` prints for `target` (`revkeen` or a source).
@@ -227,14 +227,16 @@ async fn self_signed_tls_server(dir: &Path) -> Option<(tokio::process::Child, u1
         .kill_on_drop(true)
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "openssl s_server did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async(
+        "openssl s_server to listen",
+        Duration::from_secs(10),
+        move || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
     Some((server, port))
 }
 

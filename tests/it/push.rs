@@ -16,8 +16,8 @@ use sync_daemon_sim::Faults;
 
 use crate::support::{
     DaemonProcess, Harness, at_revkeen, exit, expected_practicehub, expected_wodify,
-    name_at_revkeen, push, rename_client, seed_valid_clients, unix_now, wait_for_name, wait_until,
-    with_source, yearly_schedules,
+    name_at_revkeen, push, rename_client, seed_valid_clients, unix_now, wait_for, wait_for_name,
+    wait_until, with_source, yearly_schedules,
 };
 
 /// The gym's push secret in these tests.
@@ -88,18 +88,19 @@ async fn start_with_env(
 
 /// Waits until `status --json` shows an empty outbox: every answer acknowledged.
 async fn wait_drained(h: &Harness) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let report = h.status_json().await;
-        if report["outbox_depth"] == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the outbox did not drain within 30 s: {report}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        "the outbox to drain",
+        Duration::from_secs(30),
+        move || async move {
+            let report = h.status_json().await;
+            if report["outbox_depth"] == 0 {
+                Ok(())
+            } else {
+                Err(format!("status --json: {report}"))
+            }
+        },
+    )
+    .await;
 }
 
 /// Waits until RevKeen holds exactly what both sources hold.
@@ -680,25 +681,21 @@ async fn delivery_resumes_after_the_state_file_was_locked_longer_than_the_busy_t
     lock.execute_batch("ROLLBACK").expect("release the lock");
     drop(lock);
 
-    let waited = Instant::now();
-    let revkeen = h.sims.revkeen.clone();
-    let delivered = tokio::time::timeout(Duration::from_secs(15), async {
-        while !revkeen
-            .customer("wodify", &id.to_string())
-            .and_then(|c| c.fields.get("name")?.as_str().map(str::to_string))
-            .is_some_and(|name| name.ends_with(" Later"))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let (health, _) = daemon.get("/healthz").await;
-    let out = daemon.stop().await;
-    assert!(
-        delivered.is_ok(),
-        "the change was not delivered {:?} after the lock was released (/healthz {health})\n{}",
-        waited.elapsed(),
-        out.stderr
-    );
-    out.assert_exit(exit::OK);
+    let (h, d) = (&h, &daemon);
+    daemon
+        .wait_for(
+            "the change to be delivered after the lock was released",
+            Duration::from_secs(15),
+            move || async move {
+                if name_at_revkeen(h, "wodify", &id.to_string())
+                    .is_some_and(|name| name.ends_with(" Later"))
+                {
+                    return Ok(());
+                }
+                let health = d.try_get("/healthz").await.map(|(status, _)| status);
+                Err(format!("/healthz answers {health:?}"))
+            },
+        )
+        .await;
+    daemon.stop().await.assert_exit(exit::OK);
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -103,24 +104,16 @@ impl Running {
     }
 
     /// Kills the process as soon as `condition` holds, unless it exits first (then its output
-    /// says how it ended). The condition is checked every 5 ms.
+    /// says how it ended). The condition is checked every [`WAIT_INTERVAL`].
     pub async fn kill_when(mut self, mut condition: impl FnMut() -> bool) -> Output {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        loop {
-            let exited = self
-                .child
-                .try_wait()
-                .expect("polling sync-daemon")
-                .is_some();
-            if exited || condition() {
-                return self.kill().await;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sync-daemon neither finished nor met the kill condition within {RUN_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let child = &mut self.child;
+        wait_until(
+            "sync-daemon to finish or to meet the kill condition",
+            RUN_TIMEOUT,
+            || child.try_wait().expect("polling sync-daemon").is_some() || condition(),
+        )
+        .await;
+        self.kill().await
     }
 
     /// Waits for the process to finish by itself.
@@ -563,16 +556,57 @@ pub fn rename_client(sim: &WodifySim, id: i64, last_name: &str) {
     );
 }
 
-/// Waits until `condition` holds, polling every 10 ms; fails the test after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+// ---------------------------------------------------------------------------------------------
+// Waiting: every wait of these tests goes through `wait_for`.
+
+/// How often a wait looks at its condition again.
+pub const WAIT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The one poll-until loop: awaits `check` every [`WAIT_INTERVAL`] until it returns
+/// `Ok(value)`, and returns the value. `Err(state)` means "not yet"; after `timeout` the test
+/// fails with `what` and the last `state` (what was seen instead). A check may also panic
+/// itself when waiting on is pointless (a daemon that exited).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    loop {
+        let state = match check().await {
+            Ok(value) => return value,
+            Err(state) => state,
+        };
+        if Instant::now() >= deadline {
+            let separator = if state.is_empty() { "" } else { "\n" };
+            panic!("timed out after {timeout:?} waiting for {what}{separator}{state}");
+        }
+        tokio::time::sleep(WAIT_INTERVAL).await;
     }
+}
+
+/// `Ok(())` when `done`, else "not yet" with nothing more to say.
+fn met(done: bool) -> Result<(), String> {
+    done.then_some(()).ok_or_else(String::new)
+}
+
+/// [`wait_for`] a plain condition; fails the test after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    wait_for(what, timeout, || std::future::ready(met(condition()))).await;
+}
+
+/// [`wait_for`] an async condition (an HTTP answer, a connection); fails the test after
+/// `timeout`.
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, timeout, || {
+        let pending = condition();
+        async move { met(pending.await) }
+    })
+    .await;
 }
 
 /// Waits until RevKeen's name for `source` customer `id` ends with `suffix` (see
@@ -880,6 +914,46 @@ impl DaemonProcess {
         Metrics::parse(&response.text().await.expect("/metrics body"))
     }
 
+    /// [`wait_for`] while the daemon runs: fails at once if it exits before `check` is met,
+    /// and shows its log with the last state if the wait times out.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        wait_for(what, timeout, || {
+            let pending = check();
+            async move {
+                let state = match pending.await {
+                    Ok(value) => return Ok(value),
+                    Err(state) => state,
+                };
+                if let Some(status) = self.exit_status() {
+                    panic!(
+                        "sync-daemon exited ({status}) while waiting for {what}\n{state}\n\
+                         --- stderr ---\n{}",
+                        self.log()
+                    );
+                }
+                Err(format!("{state}\n--- stderr ---\n{}", self.log()))
+            }
+        })
+        .await
+    }
+
+    /// [`DaemonProcess::wait_for`] an async condition (`|| async move { d.get(…).await … }`).
+    pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        self.wait_for(what, timeout, || {
+            let pending = condition();
+            async move { met(pending.await) }
+        })
+        .await;
+    }
+
     /// Waits until `condition(log)` holds; fails with the log if the daemon exits first or
     /// after `timeout`.
     pub async fn wait_for_log(
@@ -888,21 +962,10 @@ impl DaemonProcess {
         timeout: Duration,
         mut condition: impl FnMut(&str) -> bool,
     ) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if condition(&log) {
-                return;
-            }
-            if let Some(status) = self.exit_status() {
-                panic!("sync-daemon exited ({status}) while waiting for {what}\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_for(what, timeout, || {
+            std::future::ready(met(condition(&self.log())))
+        })
+        .await;
     }
 
     /// Waits until `/healthz` answers 200; fails with the daemon's output if it exits first or
@@ -919,24 +982,14 @@ impl DaemonProcess {
     }
 
     async fn wait_for_answer(&self, path: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exit_status() {
-                panic!(
-                    "sync-daemon exited ({status}) before {path} answered 200\n--- stderr ---\n{}",
-                    self.log()
-                );
+        self.wait_for(&format!("{path} to answer 200"), timeout, || async move {
+            match self.try_get(path).await {
+                Some((200, _)) => Ok(()),
+                Some((status, body)) => Err(format!("{path} answered {status}: {body}")),
+                None => Err(format!("nothing answered on {path}")),
             }
-            if let Some((200, _)) = self.try_get(path).await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{path} did not answer 200 within {timeout:?}\n--- stderr ---\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     }
 
     /// Waits until the log shows `count` finished polls of `source`.
