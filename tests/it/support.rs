@@ -327,6 +327,35 @@ fn secret_values(toml: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Host tools a few tests run.
+
+/// Where `tool` is on `PATH`. Fails the test, naming the Debian `package` to install, when it
+/// is not installed: a missing tool never lets a test pass silently (`.ci/run` installs them).
+#[track_caller]
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    match find_on_path(tool) {
+        Some(path) => path,
+        None => panic!(
+            "`{tool}` is not installed (not on PATH) and this test needs it: install the Debian \
+             package `{package}` (apt-get install {package}); .ci/run installs it when missing"
+        ),
+    }
+}
+
+/// The first executable file named `tool` in a `PATH` directory.
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Config editing: tests start from `SimSet::config_toml` and change a few lines.
 
 /// `toml` with every `[[sources]]` block except the one named `name` removed.
