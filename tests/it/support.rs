@@ -639,15 +639,8 @@ where
 }
 
 /// Waits until RevKeen's name for `source` customer `id` ends with `suffix` (see
-/// [`name_at_revkeen`]); fails the test after `within`. Returns how long that took.
-pub async fn wait_for_name(
-    h: &Harness,
-    source: &str,
-    id: i64,
-    suffix: &str,
-    within: Duration,
-) -> Duration {
-    let started = Instant::now();
+/// [`name_at_revkeen`]); fails the test after `within`, a hang guard.
+pub async fn wait_for_name(h: &Harness, source: &str, id: i64, suffix: &str, within: Duration) {
     let external_id = id.to_string();
     wait_until(
         &format!("RevKeen's {source} {id} to be named …{suffix}"),
@@ -655,7 +648,6 @@ pub async fn wait_for_name(
         || name_at_revkeen(h, source, &external_id).is_some_and(|name| name.ends_with(suffix)),
     )
     .await;
-    started.elapsed()
 }
 
 // ---------------------------------------------------------------------------------------------
