@@ -2,8 +2,8 @@
 //! - both systemd units pass `systemd-analyze verify` (pointed at the built binary) and rate an
 //!   exposure of at most 2.0 in `systemd-analyze security --offline=true`, the figure the README
 //!   quotes; the service is `Type=notify` with a watchdog, a dynamic user, credentials, a
-//!   `check-config` before start, no restart on exit 78, and the required hardening. Skipped,
-//!   with a message, where `systemd-analyze` is not installed.
+//!   `check-config` before start, no restart on exit 78, and the required hardening. Where
+//!   `systemd-analyze` is not installed they fail, naming the Debian package (`systemd`).
 //! - `deploy/k8s/sidecar.yaml` is a native sidecar with readiness on `/readyz`, startup and
 //!   liveness on `/healthz`, keys from a Secret, state on a PersistentVolumeClaim and a grace
 //!   period above the drain timeout.
@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::BIN;
+use crate::support::{BIN, require_tool};
 
 fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -34,19 +34,25 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
-/// `systemd-analyze`'s version line, or `None` when it is not installed.
-fn systemd_analyze() -> Option<String> {
-    let out = Command::new("systemd-analyze")
+/// `systemd-analyze` and its version line; fails the test when it is not installed.
+fn systemd_analyze() -> (PathBuf, String) {
+    let tool = require_tool("systemd-analyze", "systemd");
+    let out = Command::new(&tool)
         .arg("--version")
         .output()
-        .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    })
+        .unwrap_or_else(|e| panic!("run {} --version: {e}", tool.display()));
+    assert!(
+        out.status.success(),
+        "{} --version failed:\n{}",
+        tool.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    (tool, version)
 }
 
 const UNITS: [&str; 2] = ["sync-daemon.service", "sync-daemon-backfill.service"];
@@ -74,12 +80,9 @@ fn units_with_built_binary() -> (tempfile::TempDir, Vec<PathBuf>) {
 
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
-    let Some(version) = systemd_analyze() else {
-        eprintln!("skipped: systemd-analyze is not installed");
-        return;
-    };
+    let (tool, version) = systemd_analyze();
     let (_dir, paths) = units_with_built_binary();
-    let out = Command::new("systemd-analyze")
+    let out = Command::new(&tool)
         .arg("verify")
         .args(&paths)
         .output()
@@ -111,14 +114,11 @@ fn exposure(output: &str) -> Option<f64> {
 
 #[test]
 fn systemd_units_rate_an_exposure_of_at_most_2_and_the_readme_says_so() {
-    let Some(version) = systemd_analyze() else {
-        eprintln!("skipped: systemd-analyze is not installed");
-        return;
-    };
+    let (tool, version) = systemd_analyze();
     let (_dir, paths) = units_with_built_binary();
     let mut service_score = None;
     for path in &paths {
-        let out = Command::new("systemd-analyze")
+        let out = Command::new(&tool)
             .args(["security", "--offline=true", "--no-pager"])
             .arg(path)
             .output()

@@ -10,14 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
-    BIN, Harness, Output, exit, free_listen_addr, rename_client, replaced, run_command,
-    seed_valid_clients,
+    BIN, Harness, Output, exit, free_listen_addr, rename_client, replaced, require_tool,
+    run_command, seed_valid_clients, wait_until_async,
 };
 
 /// The stderr line `check-config --connect` prints for `target` (`revkeen` or a source).
@@ -185,10 +185,11 @@ async fn check_config_connect_tls_handshake_failure_is_a_tls_error() {
     assert!(hint_after(&out, "revkeen").contains("certificate"));
 }
 
-/// An `openssl s_server` with a fresh self-signed certificate on a free port, or `None` when
-/// openssl is not installed.
-async fn self_signed_tls_server(dir: &Path) -> Option<(tokio::process::Child, u16)> {
-    let generated = tokio::process::Command::new("openssl")
+/// An `openssl s_server` with a fresh self-signed certificate on a free port; fails the test
+/// when openssl is not installed or cannot make one.
+async fn self_signed_tls_server(dir: &Path) -> (tokio::process::Child, u16) {
+    let openssl = require_tool("openssl", "openssl");
+    let generated = tokio::process::Command::new(&openssl)
         .args([
             "req",
             "-x509",
@@ -206,15 +207,17 @@ async fn self_signed_tls_server(dir: &Path) -> Option<(tokio::process::Child, u1
         .arg(dir.join("key.pem"))
         .arg("-out")
         .arg(dir.join("cert.pem"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    if !generated.is_ok_and(|s| s.success()) {
-        return None;
-    }
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run openssl req");
+    assert!(
+        generated.status.success(),
+        "openssl req could not make a self-signed certificate:\n{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
     let port = free_listen_addr().port();
-    let server = tokio::process::Command::new("openssl")
+    let server = tokio::process::Command::new(&openssl)
         .args(["s_server", "-quiet", "-www", "-accept"])
         .arg(port.to_string())
         .arg("-cert")
@@ -226,25 +229,24 @@ async fn self_signed_tls_server(dir: &Path) -> Option<(tokio::process::Child, u1
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "openssl s_server did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Some((server, port))
+        .expect("start openssl s_server");
+    wait_until_async(
+        "openssl s_server to listen",
+        Duration::from_secs(10),
+        move || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    (server, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_connect_untrusted_certificate_is_a_tls_error_69() {
     let h = Harness::start().await;
-    let Some((_server, port)) = self_signed_tls_server(h.dir()).await else {
-        eprintln!("skipped: openssl is not installed");
-        return;
-    };
+    let (_server, port) = self_signed_tls_server(h.dir()).await;
     h.write_config(&replaced(
         &h.base_config(),
         &h.sims.revkeen_server.url(),
@@ -527,11 +529,11 @@ async fn once_without_a_terminal_prints_the_summary_table_and_no_bars() {
     settings.bind(|| insta::assert_snapshot!("once_summary", out.stdout));
 }
 
-/// Runs `sync-daemon --config <config> <args>` under `script`, which gives it a
-/// pseudo-terminal; returns the terminal transcript and the exit code.
-async fn on_a_terminal(h: &Harness, args: &str) -> (Option<i32>, String) {
+/// Runs `sync-daemon --config <config> <args>` under `script` (util-linux's, at `script`),
+/// which gives it a pseudo-terminal; returns the terminal transcript and the exit code.
+async fn on_a_terminal(script: &Path, h: &Harness, args: &str) -> (Option<i32>, String) {
     let inner = format!("'{BIN}' --config '{}' {args}", h.config.display());
-    let mut command = tokio::process::Command::new("script");
+    let mut command = tokio::process::Command::new(script);
     command
         .args(["-qfec", &inner, "/dev/null"])
         .current_dir(h.dir())
@@ -546,20 +548,12 @@ async fn on_a_terminal(h: &Harness, args: &str) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_on_a_terminal_draws_progress_bars_then_the_summary() {
-    let has_script = std::process::Command::new("script")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_script {
-        eprintln!("skipped: `script` (util-linux) is not installed");
-        return;
-    }
+    // util-linux's `script`, which Debian 12 ships in bsdutils.
+    let script = require_tool("script", "bsdutils");
     let h = gym_for_progress().await;
 
     // First run: the size of the listing is unknown, a spinner counts pages and records.
-    let (code, first) = on_a_terminal(&h, "--once").await;
+    let (code, first) = on_a_terminal(&script, &h, "--once").await;
     assert_eq!(code, Some(exit::OK), "{first}");
     assert!(first.contains('\x1b'), "no terminal drawing:\n{first:?}");
     for expected in [
@@ -580,7 +574,7 @@ async fn once_on_a_terminal_draws_progress_bars_then_the_summary() {
     );
 
     // A later run knows the listing's size: a bar with an ETA.
-    let (code, second) = on_a_terminal(&h, "--once --resync").await;
+    let (code, second) = on_a_terminal(&script, &h, "--once --resync").await;
     assert_eq!(code, Some(exit::OK), "{second}");
     assert!(second.contains("/600 fetched"), "{second:?}");
     assert!(second.contains("ETA"), "{second:?}");

@@ -336,8 +336,9 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
     );
     h.sims.practicehub.seed(40, 73);
     plant_phi_patients(&h);
-    let env = [("RUST_LOG", "trace")];
-    let mut daemon = h.spawn_daemon(&config, &env);
+    let daemon = h.spawn_daemon(&config, |c| {
+        c.env("RUST_LOG", "trace");
+    });
     daemon.wait_ready().await;
     daemon.wait_polls("clinic", 1).await;
     let revkeen = h.sims.revkeen.clone();
@@ -384,8 +385,8 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
     }
     operator_commands_show_no_phi(&h).await;
     let metrics = daemon.metrics().await;
-    assert!(metrics.contains("sync_daemon_"), "{metrics}");
-    assert_no_phi("/metrics", &metrics);
+    assert!(metrics.text.contains("sync_daemon_"), "{}", metrics.text);
+    assert_no_phi("/metrics", &metrics.text);
     for request in h.sims.revkeen.requests() {
         assert_no_phi(
             "a RevKeen request body",
@@ -393,7 +394,7 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
         );
     }
 
-    let out = daemon.terminate().await;
+    let out = daemon.stop().await;
     out.assert_exit(exit::OK);
     assert!(
         out.stderr.lines().count() > 20 && out.stderr.contains("\"level\":\"TRACE\""),
@@ -401,6 +402,7 @@ async fn a_pushed_patients_phi_stays_out_of_the_live_state_file_wal_log_and_metr
         out.stderr
     );
     assert_no_phi("the daemon's TRACE log", &out.stderr);
+    assert_no_phi("the daemon's stdout", &out.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

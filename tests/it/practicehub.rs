@@ -141,10 +141,10 @@ async fn a_daemon_warns_once_per_poll_about_an_ignored_filter() {
         "schedule = \"0 */5 * * * *\"",
         "schedule = \"*/2 * * * * *\"",
     );
-    let mut daemon = h.spawn_daemon(&config, &[]);
+    let daemon = h.spawn_daemon(&config, |_| {});
     daemon.wait_ready().await;
     daemon.wait_polls("clinic", 4).await;
-    let out = daemon.terminate().await;
+    let out = daemon.stop().await;
     out.assert_exit(exit::OK);
 
     // Warnings between consecutive finished polls; polls never overlap.

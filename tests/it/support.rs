@@ -7,9 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -102,24 +104,16 @@ impl Running {
     }
 
     /// Kills the process as soon as `condition` holds, unless it exits first (then its output
-    /// says how it ended). The condition is checked every 5 ms.
+    /// says how it ended). The condition is checked every [`WAIT_INTERVAL`].
     pub async fn kill_when(mut self, mut condition: impl FnMut() -> bool) -> Output {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        loop {
-            let exited = self
-                .child
-                .try_wait()
-                .expect("polling sync-daemon")
-                .is_some();
-            if exited || condition() {
-                return self.kill().await;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sync-daemon neither finished nor met the kill condition within {RUN_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let child = &mut self.child;
+        wait_until(
+            "sync-daemon to finish or to meet the kill condition",
+            RUN_TIMEOUT,
+            || child.try_wait().expect("polling sync-daemon").is_some() || condition(),
+        )
+        .await;
+        self.kill().await
     }
 
     /// Waits for the process to finish by itself.
@@ -330,6 +324,35 @@ fn secret_values(toml: &str) -> Vec<String> {
             (!value.is_empty()).then(|| value.to_string())
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host tools a few tests run.
+
+/// Where `tool` is on `PATH`. Fails the test, naming the Debian `package` to install, when it
+/// is not installed: a missing tool never lets a test pass silently (`.ci/run` installs them).
+#[track_caller]
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    match find_on_path(tool) {
+        Some(path) => path,
+        None => panic!(
+            "`{tool}` is not installed (not on PATH) and this test needs it: install the Debian \
+             package `{package}` (apt-get install {package}); .ci/run installs it when missing"
+        ),
+    }
+}
+
+/// The first executable file named `tool` in a `PATH` directory.
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -562,28 +585,62 @@ pub fn rename_client(sim: &WodifySim, id: i64, last_name: &str) {
     );
 }
 
-/// Waits until `condition` holds, polling every 10 ms; fails the test after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+// ---------------------------------------------------------------------------------------------
+// Waiting: every wait of these tests goes through `wait_for`.
+
+/// How often a wait looks at its condition again.
+pub const WAIT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The one poll-until loop: awaits `check` every [`WAIT_INTERVAL`] until it returns
+/// `Ok(value)`, and returns the value. `Err(state)` means "not yet"; after `timeout` the test
+/// fails with `what` and the last `state` (what was seen instead). A check may also panic
+/// itself when waiting on is pointless (a daemon that exited).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    loop {
+        let state = match check().await {
+            Ok(value) => return value,
+            Err(state) => state,
+        };
+        if Instant::now() >= deadline {
+            let separator = if state.is_empty() { "" } else { "\n" };
+            panic!("timed out after {timeout:?} waiting for {what}{separator}{state}");
+        }
+        tokio::time::sleep(WAIT_INTERVAL).await;
     }
 }
 
+/// `Ok(())` when `done`, else "not yet" with nothing more to say.
+fn met(done: bool) -> Result<(), String> {
+    done.then_some(()).ok_or_else(String::new)
+}
+
+/// [`wait_for`] a plain condition; fails the test after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    wait_for(what, timeout, || std::future::ready(met(condition()))).await;
+}
+
+/// [`wait_for`] an async condition (an HTTP answer, a connection); fails the test after
+/// `timeout`.
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, timeout, || {
+        let pending = condition();
+        async move { met(pending.await) }
+    })
+    .await;
+}
+
 /// Waits until RevKeen's name for `source` customer `id` ends with `suffix` (see
-/// [`name_at_revkeen`]); fails the test after `within`. Returns how long that took.
-pub async fn wait_for_name(
-    h: &Harness,
-    source: &str,
-    id: i64,
-    suffix: &str,
-    within: Duration,
-) -> Duration {
-    let started = Instant::now();
+/// [`name_at_revkeen`]); fails the test after `within`, a hang guard.
+pub async fn wait_for_name(h: &Harness, source: &str, id: i64, suffix: &str, within: Duration) {
     let external_id = id.to_string();
     wait_until(
         &format!("RevKeen's {source} {id} to be named …{suffix}"),
@@ -591,7 +648,6 @@ pub async fn wait_for_name(
         || name_at_revkeen(h, source, &external_id).is_some_and(|name| name.ends_with(suffix)),
     )
     .await;
-    started.elapsed()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -636,208 +692,6 @@ pub fn assert_written_once(h: &Harness) {
         rewritten.is_empty(),
         "customers written more than once: {rewritten:?}"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Daemon mode: `sync-daemon --config …` without `--once`, on a free loopback port.
-
-/// A running daemon-mode `sync-daemon`. Its stdout and stderr go to a file in the test's temp
-/// directory (a pipe nobody reads would fill up and stall a chatty daemon), readable at any
-/// time with [`Daemon::log`]. Dropping it SIGKILLs the process.
-pub struct Daemon {
-    child: Child,
-    /// The `daemon.listen` address it was given.
-    pub addr: std::net::SocketAddr,
-    /// Where its stdout and stderr go.
-    pub log_path: PathBuf,
-    started: Instant,
-    secrets: Vec<String>,
-}
-
-impl Harness {
-    /// Writes `toml` with `daemon.listen` set to a free loopback port and starts the daemon
-    /// on it with the extra environment `env` (e.g. `RUST_LOG`). Returns at once; use
-    /// [`Daemon::wait_ready`].
-    pub fn spawn_daemon(&self, toml: &str, env: &[(&str, &str)]) -> Daemon {
-        assert!(
-            !toml.contains("\nlisten ="),
-            "spawn_daemon sets daemon.listen itself"
-        );
-        let addr = free_listen_addr();
-        self.write_config(&replaced(
-            toml,
-            "[daemon]\n",
-            &format!("[daemon]\nlisten = \"{addr}\"\n"),
-        ));
-        let log_path = (0..)
-            .map(|n| self.dir().join(format!("daemon-{n}.log")))
-            .find(|path| !path.exists())
-            .expect("a free log file name");
-        let log = std::fs::File::create(&log_path).expect("create the daemon log");
-        let mut command = self.command(&[]);
-        command
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log);
-        Daemon {
-            child: command.spawn().expect("spawn sync-daemon"),
-            addr,
-            log_path,
-            started: Instant::now(),
-            secrets: self.secrets(),
-        }
-    }
-}
-
-impl Daemon {
-    /// `http://127.0.0.1:PORT{path}`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// The Prometheus text of `/metrics`.
-    pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text")
-    }
-
-    /// Everything the daemon printed so far.
-    pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log_path).expect("read the daemon log"))
-            .into_owned()
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the daemon has not been reaped")
-    }
-
-    /// Waits until `condition(log)` holds; fails with the log if the daemon exits first or
-    /// after `timeout`.
-    pub async fn wait_for_log(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut condition: impl FnMut(&str) -> bool,
-    ) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if condition(&log) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("polling sync-daemon") {
-                panic!("sync-daemon exited ({status}) while waiting for {what}\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until `GET /readyz` answers 200.
-    pub async fn wait_ready(&mut self) {
-        let client = reqwest::Client::new();
-        let url = self.url("/readyz");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = client.get(&url).send().await
-                && response.status().is_success()
-            {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("polling sync-daemon") {
-                panic!(
-                    "sync-daemon exited ({status}) before /readyz answered\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz did not answer 200 within 30 s\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until the log shows `count` finished polls of `source`.
-    pub async fn wait_polls(&mut self, source: &str, count: usize) {
-        self.wait_for_log(
-            &format!("{count} finished polls of {source}"),
-            Duration::from_secs(60),
-            |log| polls_finished(log, source) >= count,
-        )
-        .await;
-    }
-
-    /// Sends SIGTERM and waits for the process to exit; the log is the output's stderr.
-    pub async fn terminate(self) -> Output {
-        self.signal(libc::SIGTERM).await
-    }
-
-    /// Sends SIGKILL and reaps the process.
-    pub async fn kill(self) -> Output {
-        self.signal(libc::SIGKILL).await
-    }
-
-    async fn signal(mut self, signal: libc::c_int) -> Output {
-        let pid = libc::pid_t::try_from(self.pid()).expect("a pid fits pid_t");
-        // SAFETY: kill(2) on our own child, which has not been reaped (we hold its handle).
-        let sent = unsafe { libc::kill(pid, signal) };
-        assert_eq!(sent, 0, "kill({pid}, {signal}) failed");
-        let status = tokio::time::timeout(RUN_TIMEOUT, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("sync-daemon did not exit within {RUN_TIMEOUT:?}"))
-            .expect("waiting for sync-daemon");
-        let out = Output::new(status, b"", self.log().as_bytes(), self.started.elapsed());
-        assert_no_secrets(&out, &self.secrets);
-        out
-    }
-}
-
-/// Lines of a daemon log (text or JSON) that say a poll of `source` finished.
-pub fn polls_finished(log: &str, source: &str) -> usize {
-    log.lines()
-        .filter(|line| line.contains("Poll finished.") && names_source(line, source))
-        .count()
-}
-
-/// Whether a log line (text or JSON) carries `source = <source>`.
-pub fn names_source(line: &str, source: &str) -> bool {
-    line.contains(&format!("source={source}")) || line.contains(&format!("\"source\":\"{source}\""))
-}
-
-/// Posts `body` to the daemon's push feed for `source`, with `X-Sync-Signature: signature`
-/// if given; returns the status and the body of the answer.
-pub async fn push(
-    daemon: &Daemon,
-    source: &str,
-    body: &[u8],
-    signature: Option<&str>,
-) -> (u16, String) {
-    let mut request = reqwest::Client::new()
-        .post(daemon.url(&format!("/v1/changes/{source}")))
-        .header("content-type", "application/json")
-        .body(body.to_vec());
-    if let Some(signature) = signature {
-        request = request.header("x-sync-signature", signature);
-    }
-    let response = request.send().await.expect("POST to the push feed");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
-}
-
-/// Seconds since the Unix epoch, for push signatures.
-pub fn unix_now() -> i64 {
-    chrono::Utc::now().timestamp()
 }
 
 /// Every text and blob value in every table of the state file, read through a read-only
@@ -913,9 +767,6 @@ pub fn yearly_schedules(toml: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Daemon mode: `sync-daemon --config PATH` without `--once`, on a free loopback port.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 /// How long a daemon may take from spawn to answering `/healthz`.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -930,41 +781,35 @@ pub fn free_listen_addr() -> SocketAddr {
 impl Harness {
     /// Writes `toml` with `daemon.listen` set to a free loopback port, starts the daemon on it
     /// and waits until `/healthz` answers 200.
-    pub async fn start_daemon(&self, toml: &str) -> ServiceProcess {
-        self.start_daemon_with(toml, |_| {}).await
-    }
-
-    /// [`Harness::start_daemon`] after `configure` adjusted the command (environment, …).
-    pub async fn start_daemon_with(
-        &self,
-        toml: &str,
-        configure: impl FnOnce(&mut Command),
-    ) -> ServiceProcess {
-        let mut daemon = self.spawn_daemon_with(toml, configure);
+    pub async fn start_daemon(&self, toml: &str) -> DaemonProcess {
+        let daemon = self.spawn_daemon(toml, |_| {});
         daemon.wait_healthy().await;
         daemon
     }
 
-    /// Writes `toml` with a free `daemon.listen` and spawns the daemon without waiting for it.
-    pub fn spawn_daemon_with(
-        &self,
-        toml: &str,
-        configure: impl FnOnce(&mut Command),
-    ) -> ServiceProcess {
+    /// Writes `toml` with `daemon.listen` set to a free loopback port and spawns the daemon on
+    /// it after `configure` adjusted the command (environment, …). Returns at once; see
+    /// [`DaemonProcess::wait_healthy`] and [`DaemonProcess::wait_ready`].
+    pub fn spawn_daemon(&self, toml: &str, configure: impl FnOnce(&mut Command)) -> DaemonProcess {
+        assert!(
+            !toml.contains("\nlisten ="),
+            "spawn_daemon sets daemon.listen itself"
+        );
         let addr = free_listen_addr();
         self.write_config(&with_daemon(toml, &format!("listen = \"{addr}\"")));
         let mut command = self.command(&[]);
         configure(&mut command);
-        ServiceProcess::spawn(command, addr, self.secrets())
+        DaemonProcess::spawn(command, addr, self.secrets())
     }
 }
 
-/// A daemon running as a child process. Its stdout and stderr are read as they arrive (so a
-/// chatty daemon never blocks on a full pipe) and can be inspected while it runs. Dropping it
-/// SIGKILLs the process.
-pub struct ServiceProcess {
-    child: Child,
-    /// Where its HTTP server listens.
+/// A daemon-mode `sync-daemon` running as a child process. Its stdout and stderr are read as
+/// they arrive (so a chatty daemon never blocks on a full pipe) and can be inspected while it
+/// runs; its log is its stderr. However it ends, its output is checked for the configured API
+/// keys. Dropping it SIGKILLs the process.
+pub struct DaemonProcess {
+    child: Mutex<Child>,
+    /// Where its HTTP server listens (`daemon.listen`).
     pub addr: SocketAddr,
     started: Instant,
     stdout: Arc<Mutex<Vec<u8>>>,
@@ -992,11 +837,12 @@ fn collect(
     })
 }
 
-impl ServiceProcess {
+impl DaemonProcess {
     /// Spawns `command` (a `sync-daemon` invocation without `--once`) whose config listens on
     /// `addr`; `secrets` must never appear in its output.
-    pub fn spawn(mut command: Command, addr: SocketAddr, secrets: Vec<String>) -> ServiceProcess {
+    pub fn spawn(mut command: Command, addr: SocketAddr, secrets: Vec<String>) -> DaemonProcess {
         command
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -1007,8 +853,8 @@ impl ServiceProcess {
             collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
             collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
         ];
-        ServiceProcess {
-            child,
+        DaemonProcess {
+            child: Mutex::new(child),
             addr,
             started: Instant::now(),
             stdout,
@@ -1023,10 +869,12 @@ impl ServiceProcess {
     }
 
     /// The process id.
-    pub fn pid(&self) -> i32 {
+    pub fn pid(&self) -> libc::pid_t {
         self.child
+            .lock()
+            .expect("child lock")
             .id()
-            .and_then(|id| i32::try_from(id).ok())
+            .and_then(|id| libc::pid_t::try_from(id).ok())
             .expect("the daemon has not been reaped")
     }
 
@@ -1035,32 +883,18 @@ impl ServiceProcess {
         format!("http://{}{path}", self.addr)
     }
 
-    /// What the daemon printed to stderr so far.
-    pub fn stderr_so_far(&self) -> String {
+    /// Everything the daemon logged so far (its stderr).
+    pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().expect("output lock")).into_owned()
     }
 
-    /// Waits until `/healthz` answers 200; fails with the daemon's output if it exits first or
-    /// takes longer than [`DAEMON_START_TIMEOUT`].
-    pub async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the daemon exited with {status} before /healthz answered\n--- stderr ---\n{}",
-                    self.stderr_so_far()
-                );
-            }
-            if let Some((200, _)) = self.try_get("/healthz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/healthz did not answer 200 within {DAEMON_START_TIMEOUT:?}\n--- stderr ---\n{}",
-                self.stderr_so_far()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    /// How the process ended, if it has.
+    fn exit_status(&self) -> Option<ExitStatus> {
+        self.child
+            .lock()
+            .expect("child lock")
+            .try_wait()
+            .expect("polling sync-daemon")
     }
 
     /// GET `path`: the status and body, or `None` when nothing answers.
@@ -1074,14 +908,12 @@ impl ServiceProcess {
     pub async fn get(&self, path: &str) -> (u16, String) {
         match self.try_get(path).await {
             Some(answer) => answer,
-            None => panic!(
-                "GET {path} got no answer\n--- stderr ---\n{}",
-                self.stderr_so_far()
-            ),
+            None => panic!("GET {path} got no answer\n--- stderr ---\n{}", self.log()),
         }
     }
 
-    /// `/metrics`, parsed; fails unless it answers 200 with Prometheus text.
+    /// `/metrics`, parsed (the raw text is [`Metrics::text`]); fails unless it answers 200
+    /// with Prometheus text.
     pub async fn metrics(&self) -> Metrics {
         let response = self
             .http
@@ -1103,38 +935,137 @@ impl ServiceProcess {
         Metrics::parse(&response.text().await.expect("/metrics body"))
     }
 
+    /// [`wait_for`] while the daemon runs: fails at once if it exits before `check` is met,
+    /// and shows its log with the last state if the wait times out.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        wait_for(what, timeout, || {
+            let pending = check();
+            async move {
+                let state = match pending.await {
+                    Ok(value) => return Ok(value),
+                    Err(state) => state,
+                };
+                if let Some(status) = self.exit_status() {
+                    panic!(
+                        "sync-daemon exited ({status}) while waiting for {what}\n{state}\n\
+                         --- stderr ---\n{}",
+                        self.log()
+                    );
+                }
+                Err(format!("{state}\n--- stderr ---\n{}", self.log()))
+            }
+        })
+        .await
+    }
+
+    /// [`DaemonProcess::wait_for`] an async condition (`|| async move { d.get(…).await … }`).
+    pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        self.wait_for(what, timeout, || {
+            let pending = condition();
+            async move { met(pending.await) }
+        })
+        .await;
+    }
+
+    /// Waits until `condition(log)` holds; fails with the log if the daemon exits first or
+    /// after `timeout`.
+    pub async fn wait_for_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&str) -> bool,
+    ) {
+        self.wait_for(what, timeout, || {
+            std::future::ready(met(condition(&self.log())))
+        })
+        .await;
+    }
+
+    /// Waits until `/healthz` answers 200; fails with the daemon's output if it exits first or
+    /// takes longer than [`DAEMON_START_TIMEOUT`].
+    pub async fn wait_healthy(&self) {
+        self.wait_for_answer("/healthz", DAEMON_START_TIMEOUT).await;
+    }
+
+    /// Waits until `/readyz` answers 200; fails with the daemon's output if it exits first or
+    /// after 30 s.
+    pub async fn wait_ready(&self) {
+        self.wait_for_answer("/readyz", Duration::from_secs(30))
+            .await;
+    }
+
+    async fn wait_for_answer(&self, path: &str, timeout: Duration) {
+        self.wait_for(&format!("{path} to answer 200"), timeout, || async move {
+            match self.try_get(path).await {
+                Some((200, _)) => Ok(()),
+                Some((status, body)) => Err(format!("{path} answered {status}: {body}")),
+                None => Err(format!("nothing answered on {path}")),
+            }
+        })
+        .await;
+    }
+
+    /// Waits until the log shows `count` finished polls of `source`.
+    pub async fn wait_polls(&self, source: &str, count: usize) {
+        self.wait_for_log(
+            &format!("{count} finished polls of {source}"),
+            Duration::from_secs(60),
+            |log| polls_finished(log, source) >= count,
+        )
+        .await;
+    }
+
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
-    pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) with a child pid we have not reaped yet.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on our own child, which has not been reaped (we hold its handle).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
     }
 
     /// Waits up to `timeout` for the process to exit by itself and returns what it printed
     /// (`elapsed` counts from the spawn). Fails, after SIGKILLing it, if it does not exit.
-    pub async fn wait_exit(mut self, timeout: Duration) -> Output {
-        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
+    pub async fn wait_exit(self, timeout: Duration) -> Output {
+        let DaemonProcess {
+            child,
+            started,
+            stdout,
+            stderr,
+            readers,
+            secrets,
+            ..
+        } = self;
+        let mut child = child.into_inner().expect("child lock");
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(status) => status.expect("waiting for sync-daemon"),
             Err(_) => {
-                let _ = self.child.start_kill();
-                let _ = self.child.wait().await;
+                let _ = child.start_kill();
+                let _ = child.wait().await;
                 panic!(
                     "the daemon did not exit within {timeout:?}\n--- stderr ---\n{}",
-                    self.stderr_so_far()
+                    String::from_utf8_lossy(&stderr.lock().expect("output lock"))
                 );
             }
         };
-        let elapsed = self.started.elapsed();
-        for reader in self.readers.drain(..) {
+        let elapsed = started.elapsed();
+        for reader in readers {
             let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
         let out = Output::new(
             status,
-            &self.stdout.lock().expect("output lock"),
-            &self.stderr.lock().expect("output lock"),
+            &stdout.lock().expect("output lock"),
+            &stderr.lock().expect("output lock"),
             elapsed,
         );
-        assert_no_secrets(&out, &self.secrets);
+        assert_no_secrets(&out, &secrets);
         out
     }
 
@@ -1143,6 +1074,50 @@ impl ServiceProcess {
         self.signal(libc::SIGTERM);
         self.wait_exit(RUN_TIMEOUT).await
     }
+
+    /// SIGKILL, then reaps the process; the output's `code` is `None`.
+    pub async fn kill(self) -> Output {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(RUN_TIMEOUT).await
+    }
+}
+
+/// Lines of a daemon log (text or JSON) that say a poll of `source` finished.
+pub fn polls_finished(log: &str, source: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("Poll finished.") && names_source(line, source))
+        .count()
+}
+
+/// Whether a log line (text or JSON) carries `source = <source>`.
+pub fn names_source(line: &str, source: &str) -> bool {
+    line.contains(&format!("source={source}")) || line.contains(&format!("\"source\":\"{source}\""))
+}
+
+/// Posts `body` to the daemon's push feed for `source`, with `X-Sync-Signature: signature`
+/// if given; returns the status and the body of the answer.
+pub async fn push(
+    daemon: &DaemonProcess,
+    source: &str,
+    body: &[u8],
+    signature: Option<&str>,
+) -> (u16, String) {
+    // No client timeout: some pushes wait out the daemon's busy timeout on purpose.
+    let mut request = reqwest::Client::new()
+        .post(daemon.url(&format!("/v1/changes/{source}")))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("x-sync-signature", signature);
+    }
+    let response = request.send().await.expect("POST to the push feed");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Seconds since the Unix epoch, for push signatures.
+pub fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
 }
 
 /// One sample of a Prometheus text exposition.
