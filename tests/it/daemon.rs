@@ -680,8 +680,8 @@ async fn sigterm_during_a_slow_source_page_exits_0_without_waiting_for_the_page(
 async fn a_second_signal_exits_at_once() {
     let h = Harness::start().await;
     seed_valid_clients(&h.sims.wodify, 60, 26);
-    // Requests of 30 s and a drain of 60 s, both far beyond the 10 s the exit may take.
-    slow_revkeen(&h, 30_000);
+    // Requests of 20 s and a drain of 60 s, both far beyond the 10 s the exit may take.
+    slow_revkeen(&h, 20_000);
     let daemon = h.start_daemon(&burst_config(&h, 5, 60)).await;
     let revkeen = h.sims.revkeen.clone();
     wait_until("requests in flight", Duration::from_secs(10), || {
