@@ -74,6 +74,27 @@ pub enum EmailProblem {
     Invalid,
 }
 
+impl EmailProblem {
+    /// The rejection code `failures` shows.
+    pub fn code(self) -> &'static str {
+        match self {
+            EmailProblem::Missing => "no_email",
+            EmailProblem::Invalid => "invalid_email",
+        }
+    }
+}
+
+impl Rejection {
+    /// A rejection with its code, what is wrong, and what to do about it.
+    pub fn new(code: &'static str, reason: impl Into<String>, hint: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            reason: reason.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
 /// Trims and lower-cases an email; `Err` says why it is not one.
 pub fn normalize_email(raw: Option<&str>) -> Result<String, EmailProblem> {
     let email = raw.map(str::trim).unwrap_or_default().to_ascii_lowercase();

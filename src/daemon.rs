@@ -97,7 +97,6 @@ pub struct Daemon {
     worker: Worker,
     held: Arc<Held>,
     health: Arc<Health>,
-    wake_worker: Arc<Notify>,
     worker_state: Arc<WorkerState>,
     stop_polls: CancellationToken,
 }
@@ -208,7 +207,6 @@ impl Daemon {
             worker,
             held,
             health,
-            wake_worker,
             worker_state,
             stop_polls,
         })
@@ -222,70 +220,53 @@ impl Daemon {
     /// Runs every loop until `shutdown`, then stops them in order: polls at a page boundary,
     /// the worker after its drain, the server last.
     pub async fn run(self, shutdown: CancellationToken) -> Result<ExitStatus, DaemonError> {
-        let Daemon {
-            config,
-            store,
-            reader,
-            metrics,
-            listener,
-            addr,
-            mut scheduler,
-            sources,
-            ticks,
-            push,
-            worker,
-            held,
-            health,
-            wake_worker,
-            worker_state,
-            stop_polls,
-        } = self;
+        let (config, store, health) =
+            (self.config.clone(), self.store.clone(), self.health.clone());
         let run_id = store.call(|s| s.begin_run("daemon")).await?;
         health.beat_scheduler();
         health.beat_worker();
         let mut tasks = JoinSet::new();
         let mut feeds = HashMap::new();
-        for (name, (feed, ctx)) in push {
+        for (name, (feed, ctx)) in self.push {
             tasks.spawn(push_loop(feed.adapter.clone(), ctx, feed.wake.clone()));
             feeds.insert(name, feed);
         }
         let state = AppState {
             health: health.clone(),
             writer: store.clone(),
-            reader,
-            metrics,
+            reader: self.reader,
+            metrics: self.metrics,
             push: Arc::new(feeds),
             sources: Arc::new(config.sources.iter().map(|s| s.name.clone()).collect()),
         };
         let server_stop = CancellationToken::new();
-        let server_task = tokio::spawn(server::serve(listener, state, server_stop.clone()));
-        let worker_task = spawn_worker(worker, shutdown.clone(), &config, health.clone());
+        let server_task = tokio::spawn(server::serve(self.listener, state, server_stop.clone()));
+        let worker_task = spawn_worker(self.worker, shutdown.clone(), &config, health.clone());
         let poll_states: PollStates = Arc::default();
-        for mut task in sources {
+        for mut task in self.sources {
             task.ctx.run_id = Some(run_id);
-            tasks.spawn(source_loop(task, poll_states.clone(), held.clone()));
+            tasks.spawn(source_loop(task, poll_states.clone(), self.held.clone()));
         }
         tasks.spawn(watchdog(
             config.sources.clone(),
-            ticks,
+            self.ticks,
             poll_states.clone(),
             health.clone(),
-            stop_polls.clone(),
+            self.stop_polls.clone(),
         ));
         tasks.spawn(systemd_loop(
             health.clone(),
             poll_states,
-            worker_state,
+            self.worker_state,
             store.clone(),
             shutdown.clone(),
             sd_notify::watchdog_enabled(),
             Arc::new(notify),
         ));
-        drop(wake_worker);
 
         notify(&[sd_notify::NotifyState::Ready]);
         tracing::info!(
-            listen = %addr,
+            listen = %self.addr,
             sources = config.sources.len(),
             state = %config.daemon.state_path.display(),
             "sync-daemon started."
@@ -297,8 +278,9 @@ impl Daemon {
             drain_timeout_secs = config.daemon.drain_timeout_secs,
             "Shutting down: finishing in-flight requests."
         );
+        let mut scheduler = self.scheduler;
         let _ = scheduler.shutdown().await;
-        stop_polls.cancel();
+        self.stop_polls.cancel();
         match worker_task.await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::error!(%error, "The worker stopped on a state file error."),

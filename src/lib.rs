@@ -55,4 +55,6 @@ pub mod server;
 pub mod sources;
 pub mod store;
 mod table;
+#[cfg(test)]
+mod testing;
 mod worker;

@@ -404,10 +404,19 @@ async fn check_config(config: &Config, connect: bool) -> ExitStatus {
 }
 
 fn status(config: &Config, json: bool) -> ExitStatus {
-    match ops::status(config) {
+    print_report(ops::status(config), json, ops::render_status)
+}
+
+/// Prints a read-only command's answer: the documented JSON with `--json`, else the text.
+fn print_report<T: serde::Serialize>(
+    answer: Result<T, sync_daemon::store::StoreError>,
+    json: bool,
+    render: fn(&T) -> String,
+) -> ExitStatus {
+    match answer {
         Ok(report) if json => print_json(&report),
         Ok(report) => {
-            print!("{}", ops::render_status(&report));
+            print!("{}", render(&report));
             ExitStatus::Ok
         }
         Err(error) => {
@@ -430,17 +439,9 @@ fn failures(config: &Config, source: Option<&str>, json: bool) -> ExitStatus {
     if let Err(status) = known_source(config, source) {
         return status;
     }
-    match ops::failures(config, source) {
-        Ok(list) if json => print_json(&list),
-        Ok(list) => {
-            print!("{}", ops::render_failures(&list));
-            ExitStatus::Ok
-        }
-        Err(error) => {
-            eprintln!("sync-daemon: {error}");
-            ExitStatus::Failure
-        }
-    }
+    print_report(ops::failures(config, source), json, |list| {
+        ops::render_failures(list)
+    })
 }
 
 fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> ExitStatus {

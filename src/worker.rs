@@ -803,55 +803,26 @@ fn refusal_hint(code: &str) -> String {
 mod tests {
     //! The worker against a scripted RevKeen on a paused clock: every wait below is exact.
 
-    use std::collections::VecDeque;
-
     use tokio::time::Instant;
 
     use super::*;
     use crate::store::test_support::temp_store;
     use crate::store::{FailureKind, PageItem, PageItemOutcome};
+    use crate::testing::Script;
 
-    /// A RevKeen that answers from a script (the last answer repeats), taking `latency` per
-    /// request, and logs when each request arrived.
-    struct Scripted {
-        answers: Mutex<VecDeque<Answer>>,
-        latency: Duration,
-        arrivals: Mutex<Vec<Duration>>,
-        started: Instant,
-    }
+    /// A RevKeen that answers from a script (the last answer repeats).
+    type Scripted = Script<Answer>;
 
-    impl Scripted {
-        fn new(answers: Vec<Answer>, latency: Duration) -> Arc<Scripted> {
-            Arc::new(Scripted {
-                answers: Mutex::new(answers.into()),
-                latency,
-                arrivals: Mutex::new(Vec::new()),
-                started: Instant::now(),
-            })
-        }
-
-        fn arrivals(&self) -> Vec<Duration> {
-            self.arrivals.lock().expect("lock").clone()
-        }
+    fn scripted(answers: Vec<Answer>, latency: Duration) -> Arc<Scripted> {
+        Arc::new(Script::new(answers, latency))
     }
 
     impl Upstream for Scripted {
         fn send<'a>(&'a self, _unit: &'a Unit) -> BoxFuture<'a, Answer> {
             Box::pin(async move {
-                self.arrivals
-                    .lock()
-                    .expect("lock")
-                    .push(self.started.elapsed());
-                let answer = {
-                    let mut answers = self.answers.lock().expect("lock");
-                    if answers.len() > 1 {
-                        answers.pop_front()
-                    } else {
-                        answers.front().cloned()
-                    }
-                };
-                tokio::time::sleep(self.latency).await;
-                answer.unwrap_or(Answer::Transient("no script".into()))
+                self.next()
+                    .await
+                    .unwrap_or(Answer::Transient("no script".into()))
             })
         }
 
@@ -899,6 +870,32 @@ mod tests {
         }
     }
 
+    /// The daemon's worker: it runs until the returned token is cancelled, then drains.
+    struct Running {
+        task: tokio::task::JoinHandle<Result<WorkerExit, StoreError>>,
+        shutdown: CancellationToken,
+        state: Arc<WorkerState>,
+    }
+
+    impl Running {
+        fn start(worker: Worker, drain: Duration) -> Running {
+            let shutdown = CancellationToken::new();
+            let state = worker.state.clone();
+            let task = tokio::spawn(worker.run(CancellationToken::new(), shutdown.clone(), drain));
+            Running {
+                task,
+                shutdown,
+                state,
+            }
+        }
+
+        /// Signals the shutdown and waits for the worker to end.
+        async fn stop(self) -> WorkerExit {
+            self.shutdown.cancel();
+            self.task.await.expect("joins").expect("the store works")
+        }
+    }
+
     /// `--once`: inputs are done from the start; the worker ends when the outbox is empty.
     async fn run_once(worker: Worker) -> WorkerExit {
         let done = CancellationToken::new();
@@ -916,7 +913,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_429_pauses_every_request_for_its_retry_after() {
         let (store, _dir) = queued(3);
-        let revkeen = Scripted::new(
+        let revkeen = scripted(
             vec![
                 Answer::RateLimited {
                     retry_after: Some(Duration::from_secs(30)),
@@ -943,7 +940,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn transient_failures_back_off_and_end_a_once_run_as_unavailable() {
         let (store, _dir) = queued(1);
-        let revkeen = Scripted::new(vec![Answer::Transient("HTTP 503".into())], Duration::ZERO);
+        let revkeen = scripted(vec![Answer::Transient("HTTP 503".into())], Duration::ZERO);
         let exit = run_once(worker(&store, revkeen.clone(), Exhausted::StopRun)).await;
         assert!(
             matches!(&exit, WorkerExit::Unavailable(reason) if reason.contains("3 attempts")),
@@ -963,18 +960,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn in_the_daemon_retries_run_out_into_a_dead_letter() {
         let (store, _dir) = queued(1);
-        let revkeen = Scripted::new(vec![Answer::Transient("HTTP 503".into())], Duration::ZERO);
-        let shutdown = CancellationToken::new();
-        let task = {
-            let worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
-            let shutdown = shutdown.clone();
-            tokio::spawn(worker.run(CancellationToken::new(), shutdown, Duration::ZERO))
-        };
+        let revkeen = scripted(vec![Answer::Transient("HTTP 503".into())], Duration::ZERO);
+        let running = Running::start(
+            worker(&store, revkeen.clone(), Exhausted::DeadLetter),
+            Duration::ZERO,
+        );
         // Three attempts fit in well under ten minutes of backoff.
         tokio::time::sleep(Duration::from_secs(600)).await;
-        shutdown.cancel();
-        let exit = task.await.expect("joins").expect("the store works");
-        assert_eq!(exit, WorkerExit::Stopped);
+        assert_eq!(running.stop().await, WorkerExit::Stopped);
         assert_eq!(revkeen.arrivals().len(), 3);
         let failures = store.failures(None).expect("failures");
         assert_eq!(failures.len(), 1, "{failures:?}");
@@ -983,59 +976,38 @@ mod tests {
         assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 0);
     }
 
+    /// Three customers queued; a shutdown one second into the first request, which takes
+    /// `latency`, with a 10 s drain. Returns how long the stop took, the customers still
+    /// queued, and the requests RevKeen saw.
+    async fn stop_during_a_request(latency: Duration) -> (Duration, u64, usize) {
+        let (store, _dir) = queued(3);
+        let revkeen = scripted(vec![applied()], latency);
+        let running = Running::start(
+            worker(&store, revkeen.clone(), Exhausted::DeadLetter),
+            Duration::from_secs(10),
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(running.state.in_flight(), 1, "one request on its way");
+        let signalled = Instant::now();
+        assert_eq!(running.stop().await, WorkerExit::Stopped);
+        let queued = store.outstanding(&["gym".to_string()]).expect("count");
+        (signalled.elapsed(), queued, revkeen.arrivals().len())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_waits_for_slow_requests_at_most_the_drain_timeout() {
-        let (store, _dir) = queued(3);
-        let revkeen = Scripted::new(vec![applied()], Duration::from_secs(60));
-        let shutdown = CancellationToken::new();
-        let worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
-        let state = worker.state.clone();
-        let task = {
-            let shutdown = shutdown.clone();
-            tokio::spawn(worker.run(CancellationToken::new(), shutdown, Duration::from_secs(10)))
-        };
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(state.in_flight(), 1, "one request on its way");
-        let signalled = Instant::now();
-        shutdown.cancel();
-        let exit = task.await.expect("joins").expect("the store works");
-        assert_eq!(exit, WorkerExit::Stopped);
-        assert_eq!(
-            signalled.elapsed(),
-            Duration::from_secs(10),
-            "the drain bounds the wait"
-        );
-        assert_eq!(
-            revkeen.arrivals().len(),
-            1,
-            "nothing new is claimed after the signal"
-        );
+        let (took, queued, requests) = stop_during_a_request(Duration::from_secs(60)).await;
+        assert_eq!(took, Duration::from_secs(10), "the drain bounds the wait");
+        assert_eq!(requests, 1, "nothing new is claimed after the signal");
         // The request cut off is re-sent next time: every customer is still queued.
-        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 3);
+        assert_eq!(queued, 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn requests_that_finish_within_the_drain_are_acknowledged() {
-        let (store, _dir) = queued(3);
-        let revkeen = Scripted::new(vec![applied()], Duration::from_secs(2));
-        let shutdown = CancellationToken::new();
-        let worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
-        let state = worker.state.clone();
-        let task = {
-            let shutdown = shutdown.clone();
-            tokio::spawn(worker.run(CancellationToken::new(), shutdown, Duration::from_secs(10)))
-        };
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(state.in_flight(), 1);
-        let signalled = Instant::now();
-        shutdown.cancel();
-        task.await.expect("joins").expect("the store works");
-        assert_eq!(
-            signalled.elapsed(),
-            Duration::from_secs(1),
-            "it ends with its last answer"
-        );
-        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 2);
+        let (took, queued, requests) = stop_during_a_request(Duration::from_secs(2)).await;
+        assert_eq!(took, Duration::from_secs(1), "it ends with its last answer");
+        assert_eq!((queued, requests), (2, 1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1047,7 +1019,7 @@ mod tests {
             message: "no".into(),
             fields: None,
         };
-        let revkeen = Scripted::new(vec![Answer::AuthRefused(refusal)], Duration::ZERO);
+        let revkeen = scripted(vec![Answer::AuthRefused(refusal)], Duration::ZERO);
         let exit = run_once(worker(&store, revkeen.clone(), Exhausted::StopRun)).await;
         assert!(matches!(exit, WorkerExit::AuthHalted(_)), "{exit:?}");
         assert_eq!(revkeen.arrivals().len(), 1);
@@ -1058,14 +1030,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_worker_stays_alive_while_every_slot_waits_on_a_slow_answer() {
         let (store, _dir) = queued(3);
-        let revkeen = Scripted::new(vec![applied()], Duration::from_secs(30));
+        let revkeen = scripted(vec![applied()], Duration::from_secs(30));
         let health = Arc::new(Health::with_beat(Duration::from_millis(500)));
         health.beat_scheduler();
         let mut worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
         worker.health = Some(health.clone());
-        let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(worker.run(CancellationToken::new(), shutdown.clone(), Duration::ZERO));
+        let running = Running::start(worker, Duration::ZERO);
         for _ in 0..40 {
             tokio::time::sleep(Duration::from_millis(500)).await;
             health.beat_scheduler();
@@ -1079,7 +1049,6 @@ mod tests {
             1,
             "concurrency 1: one slow request at a time"
         );
-        shutdown.cancel();
-        task.await.expect("joins").expect("the store works");
+        running.stop().await;
     }
 }

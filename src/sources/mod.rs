@@ -57,11 +57,25 @@ pub trait Kind: SourceKind {
     fn build(&self, source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError>;
 
     /// Whether a complete listing lists every record (a full scan), so that a record missing
-    /// from one has vanished from the source.
-    fn full_scan(&self) -> bool;
+    /// from one has vanished from the source. The default: an incremental listing.
+    fn full_scan(&self) -> bool {
+        false
+    }
 
     /// A saved cursor in words ("Wodify scan at client id 10500"), for `status`.
     fn describe_cursor(&self, cursor: &str, passes: i64) -> String;
+}
+
+/// Builds an adapter from a source's config and its kind's own settings (`O`), which the
+/// config parsed for this kind.
+fn build_with<O: crate::config::SourceOptions, S: Source>(
+    source: &SourceConfig,
+    new: impl FnOnce(&SourceConfig, &O) -> Result<S, reqwest::Error>,
+) -> Result<Arc<dyn Source>, BuildError> {
+    let options = source
+        .options::<O>()
+        .ok_or_else(|| BuildError::Options(source.name.clone()))?;
+    Ok(Arc::new(new(source, options)?))
 }
 
 /// Why an adapter could not be built.
@@ -231,11 +245,11 @@ fn foreign_record(external_id: &str) -> Mapped {
     Mapped {
         item: PageItem {
             external_id: external_id.to_string(),
-            outcome: crate::store::PageItemOutcome::Rejected(crate::customer::Rejection {
-                code: "internal_error",
-                reason: "the record reached the wrong adapter (a bug in sync-daemon)".to_string(),
-                hint: "please report this; the record is read again on the next poll".to_string(),
-            }),
+            outcome: crate::store::PageItemOutcome::Rejected(crate::customer::Rejection::new(
+                "internal_error",
+                "the record reached the wrong adapter (a bug in sync-daemon)",
+                "please report this; the record is read again on the next poll",
+            )),
         },
         warnings: Vec::new(),
     }
@@ -250,10 +264,8 @@ mod tests {
         Config::from_toml(toml, env, &config_kinds())
     }
 
-    #[test]
-    fn the_example_config_is_valid_and_documents_the_defaults() {
-        let example = include_str!("../../config/example.toml");
-        // The example leaves keys to systemd credentials.
+    /// `config/example.toml`, whose keys come from systemd credentials.
+    fn example() -> Config {
         let dir = tempfile::tempdir().expect("tempdir");
         for name in ["revkeen_api_key", "wodify_api_key", "clinic_api_key"] {
             std::fs::write(dir.path().join(name), "k").expect("write");
@@ -264,7 +276,12 @@ mod tests {
                 dir.path().to_str().expect("utf-8").to_string(),
             )],
         };
-        let config = load(example, &env).expect("valid");
+        load(include_str!("../../config/example.toml"), &env).expect("valid")
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_documents_the_defaults() {
+        let config = example();
         let minimal = load(
             "[revkeen]\napi_key='k'\n[[sources]]\nname='g'\nkind='wodify'\n\
              base_url='https://api.wodify.com/v1'\napi_key='w'\n",
@@ -314,17 +331,7 @@ mod tests {
 
     #[test]
     fn every_configured_kind_builds_and_describes_a_fresh_cursor() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for name in ["revkeen_api_key", "wodify_api_key", "clinic_api_key"] {
-            std::fs::write(dir.path().join(name), "k").expect("write");
-        }
-        let env = Environment {
-            vars: vec![(
-                "CREDENTIALS_DIRECTORY".to_string(),
-                dir.path().to_str().expect("utf-8").to_string(),
-            )],
-        };
-        let config = load(include_str!("../../config/example.toml"), &env).expect("valid");
+        let config = example();
         let kinds: Vec<&str> = config.sources.iter().map(|s| s.kind).collect();
         assert_eq!(kinds.len(), KINDS.len(), "the example shows every kind");
         for source in &config.sources {

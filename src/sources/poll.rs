@@ -494,9 +494,6 @@ where
 mod tests {
     //! The poll loop against a scripted source on a paused clock.
 
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-
     use futures_util::future::BoxFuture;
     use tokio::time::Instant;
 
@@ -505,40 +502,20 @@ mod tests {
     use crate::http::Probe;
     use crate::store::test_support::temp_store;
     use crate::store::{PageItem, PageItemOutcome};
+    use crate::testing::Script;
 
-    /// A source whose pages come from a script, each fetch taking `latency`; records are ids.
-    struct Scripted {
-        pages: Mutex<VecDeque<Result<Page, SourceError>>>,
-        latency: Duration,
-        fetches: Mutex<Vec<Duration>>,
-        started: Instant,
+    /// A page of the script: the ids on it and whether it ends the listing, or an error.
+    type Step = Result<(Vec<u32>, bool), SourceError>;
+
+    /// A source whose pages come from a script (the last step repeats); records are ids.
+    type Scripted = Script<Step>;
+
+    fn page(ids: &[u32], pass_complete: bool) -> Step {
+        Ok((ids.to_vec(), pass_complete))
     }
 
-    fn page(ids: &[u32], pass_complete: bool) -> Result<Page, SourceError> {
-        Ok(Page {
-            records: ids.iter().map(|id| Record::new(id.to_string())).collect(),
-            next: if pass_complete {
-                "start".to_string()
-            } else {
-                format!("after {}", ids.last().copied().unwrap_or(0))
-            },
-            pass_complete,
-        })
-    }
-
-    impl Scripted {
-        fn new(pages: Vec<Result<Page, SourceError>>, latency: Duration) -> Arc<Scripted> {
-            Arc::new(Scripted {
-                pages: Mutex::new(pages.into()),
-                latency,
-                fetches: Mutex::new(Vec::new()),
-                started: Instant::now(),
-            })
-        }
-
-        fn fetches(&self) -> Vec<Duration> {
-            self.fetches.lock().expect("lock").clone()
-        }
+    fn scripted(pages: Vec<Step>, latency: Duration) -> Arc<Scripted> {
+        Arc::new(Script::new(pages, latency))
     }
 
     impl Source for Scripted {
@@ -548,20 +525,16 @@ mod tests {
 
         fn fetch<'a>(&'a self, _cursor: &'a str) -> BoxFuture<'a, Result<Page, SourceError>> {
             Box::pin(async move {
-                self.fetches
-                    .lock()
-                    .expect("lock")
-                    .push(self.started.elapsed());
-                tokio::time::sleep(self.latency).await;
-                let mut pages = self.pages.lock().expect("lock");
-                match pages.len() {
-                    0 => page(&[], true),
-                    1 => match pages.front() {
-                        Some(Err(error)) => Err(error.clone()),
-                        _ => pages.pop_front().unwrap_or_else(|| page(&[], true)),
+                let (ids, pass_complete) = self.next().await.unwrap_or(Ok((Vec::new(), true)))?;
+                Ok(Page {
+                    records: ids.iter().map(|id| Record::new(id.to_string())).collect(),
+                    next: if pass_complete {
+                        "start".to_string()
+                    } else {
+                        format!("after {}", ids.last().copied().unwrap_or(0))
                     },
-                    _ => pages.pop_front().unwrap_or_else(|| page(&[], true)),
-                }
+                    pass_complete,
+                })
             })
         }
 
@@ -616,7 +589,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_poll_stops_at_cancellation_without_waiting_for_a_slow_page() {
         let (store, _dir) = temp_store();
-        let source = Scripted::new(vec![page(&[1, 2], true)], Duration::from_secs(60));
+        let source = scripted(vec![page(&[1, 2], true)], Duration::from_secs(60));
         let ctx = context(&store);
         let cancel = ctx.fetch.cancel.clone();
         let adapter: Arc<dyn Source> = source.clone();
@@ -641,7 +614,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_rate_limited_page_waits_out_its_retry_after_and_the_poll_goes_on() {
         let (store, _dir) = temp_store();
-        let source = Scripted::new(
+        let source = scripted(
             vec![
                 page(&[1, 2], false),
                 Err(SourceError::RateLimited(Some(Duration::from_secs(20)))),
@@ -652,7 +625,7 @@ mod tests {
         let adapter: Arc<dyn Source> = source.clone();
         let stats = poll(&adapter, &context(&store)).await.expect("poll");
         assert_eq!((stats.pages, stats.enqueued), (2, 3));
-        let fetches = source.fetches();
+        let fetches = source.arrivals();
         assert_eq!(fetches.len(), 3, "{fetches:?}");
         assert_eq!(
             fetches[2] - fetches[1],
@@ -664,7 +637,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_page_that_stays_unavailable_fails_the_poll_and_keeps_the_cursor() {
         let (store, _dir) = temp_store();
-        let source = Scripted::new(
+        let source = scripted(
             vec![
                 page(&[1, 2], false),
                 Err(SourceError::Transient("HTTP 502".into())),
@@ -678,7 +651,7 @@ mod tests {
             "{result:?}"
         );
         // One page read, then max_attempts = 3 tries of the next with backoff between them.
-        let fetches = source.fetches();
+        let fetches = source.arrivals();
         assert_eq!(fetches.len(), 4, "{fetches:?}");
         for (n, pair) in fetches[1..].windows(2).enumerate() {
             assert!(

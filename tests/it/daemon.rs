@@ -26,14 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sync_daemon_sim::revkeen::Rejection;
+use sync_daemon_sim::revkeen::{Rejection, RevKeenStats};
 use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
-    DaemonProcess, Harness, assert_no_secrets, assert_revkeen_holds, exit, expected_practicehub,
-    expected_wodify, free_listen_addr, invalid_wodify, names_source, polls_finished, rename_client,
-    replaced, run_command, seed_valid_clients, wait_for_name, wait_until, with_daemon,
-    with_revkeen, yearly_schedules,
+    DaemonProcess, Harness, Output, assert_no_secrets, assert_revkeen_holds, exit,
+    expected_practicehub, expected_wodify, free_listen_addr, invalid_wodify, names_source,
+    polls_finished, rename_client, replaced, run_command, seed_valid_clients, wait_for_name,
+    wait_until, with_daemon, with_revkeen, yearly_schedules,
 };
 
 const EVERY_SECOND: &str = "* * * * * *";
@@ -566,6 +566,27 @@ fn slow_revkeen(h: &Harness, latency_ms: u64) {
     });
 }
 
+/// Seeds `(clients, seed)`, starts the daemon with RevKeen answering after `latency_ms` and a
+/// drain of `drain_secs`, waits until RevKeen's counts meet `ready`, then sends SIGTERM.
+/// Returns how it exited and how many requests RevKeen had seen at the signal.
+async fn sigterm_when(
+    h: &Harness,
+    (clients, seed): (usize, u64),
+    latency_ms: u64,
+    drain_secs: u64,
+    what: &str,
+    ready: impl Fn(&RevKeenStats) -> bool,
+) -> (Output, u64) {
+    seed_valid_clients(&h.sims.wodify, clients, seed);
+    slow_revkeen(h, latency_ms);
+    let daemon = h.start_daemon(&burst_config(h, 5, drain_secs)).await;
+    let revkeen = h.sims.revkeen.clone();
+    wait_until(what, Duration::from_secs(30), || ready(&revkeen.stats())).await;
+    let sent_before = h.sims.revkeen.stats().requests;
+    daemon.signal(libc::SIGTERM);
+    (daemon.wait_exit(Duration::from_secs(30)).await, sent_before)
+}
+
 /// After a stop, `--once` delivers the rest: exit 0, an empty outbox, RevKeen holds every
 /// client, and never saw one idempotency key with two bodies.
 async fn rerun_delivers_everything(h: &Harness) {
@@ -590,18 +611,10 @@ async fn rerun_delivers_everything(h: &Harness) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_burst_exits_0_drains_and_loses_nothing() {
     let h = Harness::start().await;
-    seed_valid_clients(&h.sims.wodify, 400, 24);
-    slow_revkeen(&h, 300);
-    let daemon = h.start_daemon(&burst_config(&h, 5, 3)).await;
-    let revkeen = h.sims.revkeen.clone();
-    wait_until("the burst under way", Duration::from_secs(30), || {
-        revkeen.stats().created >= 40
+    let (out, sent_before) = sigterm_when(&h, (400, 24), 300, 3, "the burst under way", |r| {
+        r.created >= 40
     })
     .await;
-
-    let sent_before = h.sims.revkeen.stats().requests;
-    daemon.signal(libc::SIGTERM);
-    let out = daemon.wait_exit(Duration::from_secs(30)).await;
     out.assert_exit(exit::OK);
     assert!(
         delivered(&h, "wodify") < 400,
@@ -626,18 +639,11 @@ async fn sigterm_during_a_burst_exits_0_drains_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_a_shutdown_behind_slow_requests() {
     let h = Harness::start().await;
-    seed_valid_clients(&h.sims.wodify, 60, 25);
     // Every request takes 6 s, longer than the 2 s the drain allows.
-    slow_revkeen(&h, 6_000);
-    let daemon = h.start_daemon(&burst_config(&h, 5, 2)).await;
-    let revkeen = h.sims.revkeen.clone();
-    wait_until("requests in flight", Duration::from_secs(10), || {
-        revkeen.stats().requests >= 1
+    let (out, _) = sigterm_when(&h, (60, 25), 6_000, 2, "requests in flight", |r| {
+        r.requests >= 1
     })
     .await;
-
-    daemon.signal(libc::SIGTERM);
-    let out = daemon.wait_exit(Duration::from_secs(30)).await;
     out.assert_exit(exit::OK);
     assert!(
         unanswered(&h) >= 1,
@@ -695,7 +701,7 @@ async fn a_second_signal_exits_at_once() {
     })
     .await;
     daemon.signal(libc::SIGINT);
-    // A guard, not a stopwatch: waiting for the requests or the drain would take 30 s or more.
+    // A guard, not a stopwatch: waiting for the requests or the drain would take 20 s or more.
     let out = daemon.wait_exit(Duration::from_secs(10)).await;
     assert!(
         out.code.is_some(),

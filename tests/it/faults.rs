@@ -38,21 +38,71 @@ async fn gym_of(clients: usize, revkeen_lines: &[&str]) -> Harness {
     h
 }
 
-/// Runs `--once` with a fault: `set(1.0)` until `injected()` counts one, then `set(rate)`.
+/// The simulator a fault is injected at.
+#[derive(Clone, Copy)]
+enum At {
+    Wodify,
+    RevKeen,
+}
+
+/// Runs `--once` with one fault (`field` of [`Faults`]) at `at`: at rate 1.0 until `served`
+/// counts one, then at `rate`.
 async fn once_with_fault(
     h: &Harness,
+    at: At,
     rate: f64,
-    set: impl Fn(f64),
-    injected: impl Fn() -> u64,
+    field: fn(&mut Faults) -> &mut f64,
+    served: fn(&Harness) -> u64,
 ) -> Output {
+    let set = |rate: f64| {
+        let mut faults = Faults::default();
+        *field(&mut faults) = rate;
+        match at {
+            At::Wodify => h.sims.wodify.set_faults(faults),
+            At::RevKeen => h.sims.revkeen.set_faults(faults),
+        }
+    };
     set(1.0);
     let running = h.spawn_once();
     wait_until("the fault to be injected", Duration::from_secs(30), || {
-        injected() >= 1
+        served(h) >= 1
     })
     .await;
     set(rate);
     running.finish().await
+}
+
+/// A gym (`revkeen_lines` in `[revkeen]`) synced by `--once` through one fault (see
+/// [`once_with_fault`]): everything is delivered.
+async fn delivered_despite(
+    revkeen_lines: &[&str],
+    at: At,
+    rate: f64,
+    field: fn(&mut Faults) -> &mut f64,
+    served: fn(&Harness) -> u64,
+) -> Harness {
+    let h = gym(revkeen_lines).await;
+    let out = once_with_fault(&h, at, rate, field, served).await;
+    assert_all_delivered(&h, &out);
+    h
+}
+
+/// A test that `--once` through one fault delivers everything: name, `[revkeen]` lines, where,
+/// rate, the [`Faults`] field, and the simulator counter that says it was served.
+macro_rules! delivered_despite_test {
+    ($name:ident, [$($line:literal),*], $at:expr, $rate:expr, $field:ident, $sim:ident . $served:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            delivered_despite(
+                &[$($line),*],
+                $at,
+                $rate,
+                |f| &mut f.$field,
+                |h| h.sims.$sim.stats().$served,
+            )
+            .await;
+        }
+    };
 }
 
 /// Every client is at RevKeen with its data, exit 0, and no idempotency conflict.
@@ -68,80 +118,43 @@ fn assert_all_delivered(h: &Harness, out: &Output) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wodify_error_envelope_inside_a_200_is_retried() {
-    let h = gym(&[]).await;
-    let wodify = h.sims.wodify.clone();
-    let out = once_with_fault(
-        &h,
-        0.3,
-        |rate| {
-            wodify.set_faults(Faults {
-                envelope_rate: rate,
-                ..Faults::default()
-            })
-        },
-        || wodify.stats().envelopes,
-    )
-    .await;
-    assert_all_delivered(&h, &out);
-}
+delivered_despite_test!(
+    wodify_error_envelope_inside_a_200_is_retried,
+    [],
+    At::Wodify,
+    0.3,
+    envelope_rate,
+    wodify.envelopes
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wodify_429s_are_waited_out() {
-    let h = gym(&[]).await;
-    let wodify = h.sims.wodify.clone();
-    let out = once_with_fault(
-        &h,
-        0.3,
-        |rate| {
-            wodify.set_faults(Faults {
-                rate_429: rate,
-                ..Faults::default()
-            })
-        },
-        || wodify.stats().rate_limited,
-    )
-    .await;
-    assert_all_delivered(&h, &out);
-}
+delivered_despite_test!(
+    wodify_429s_are_waited_out,
+    [],
+    At::Wodify,
+    0.3,
+    rate_429,
+    wodify.rate_limited
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revkeen_5xx_are_retried() {
-    let h = gym(&["batch_size = 10"]).await;
-    let revkeen = h.sims.revkeen.clone();
-    let out = once_with_fault(
-        &h,
-        0.2,
-        |rate| {
-            revkeen.set_faults(Faults {
-                error_rate: rate,
-                ..Faults::default()
-            })
-        },
-        || revkeen.stats().server_errors,
-    )
-    .await;
-    assert_all_delivered(&h, &out);
-}
+delivered_despite_test!(
+    revkeen_5xx_are_retried,
+    ["batch_size = 10"],
+    At::RevKeen,
+    0.2,
+    error_rate,
+    revkeen.server_errors
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revkeen_429s_are_waited_out() {
-    let h = gym(&["batch_size = 25"]).await;
-    let revkeen = h.sims.revkeen.clone();
-    let out = once_with_fault(
-        &h,
+    let h = delivered_despite(
+        &["batch_size = 25"],
+        At::RevKeen,
         0.2,
-        |rate| {
-            revkeen.set_faults(Faults {
-                rate_429: rate,
-                ..Faults::default()
-            })
-        },
-        || revkeen.stats().rate_limited,
+        |f| &mut f.rate_429,
+        |h| h.sims.revkeen.stats().rate_limited,
     )
     .await;
-    assert_all_delivered(&h, &out);
 
     // A 429 carries `Retry-After: 1`, and the daemon pauses every request to RevKeen for it:
     // apart from requests already on their way, RevKeen sees nothing in the second after.
@@ -162,21 +175,14 @@ async fn revkeen_429s_are_waited_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revkeen_dropped_connections_are_replayed_not_rewritten() {
-    let h = gym(&["batch_size = 10"]).await;
-    let revkeen = h.sims.revkeen.clone();
-    let out = once_with_fault(
-        &h,
+    let h = delivered_despite(
+        &["batch_size = 10"],
+        At::RevKeen,
         0.2,
-        |rate| {
-            revkeen.set_faults(Faults {
-                drop_rate: rate,
-                ..Faults::default()
-            })
-        },
-        || revkeen.stats().dropped,
+        |f| &mut f.drop_rate,
+        |h| h.sims.revkeen.stats().dropped,
     )
     .await;
-    assert_all_delivered(&h, &out);
     let stats = h.sims.revkeen.stats();
     assert!(
         stats.replayed >= 1,
@@ -190,17 +196,12 @@ async fn revkeen_dropped_connections_are_replayed_not_rewritten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revkeen_dropped_single_upserts_are_replayed_not_rewritten() {
     let h = gym_of(150, &["batch_size = 1"]).await;
-    let revkeen = h.sims.revkeen.clone();
     let out = once_with_fault(
         &h,
+        At::RevKeen,
         0.2,
-        |rate| {
-            revkeen.set_faults(Faults {
-                drop_rate: rate,
-                ..Faults::default()
-            })
-        },
-        || revkeen.stats().dropped,
+        |f| &mut f.drop_rate,
+        |h| h.sims.revkeen.stats().dropped,
     )
     .await;
     assert_all_delivered(&h, &out);

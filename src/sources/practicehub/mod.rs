@@ -42,14 +42,7 @@ pub static KIND: PracticeHubKind = PracticeHubKind;
 
 impl Kind for PracticeHubKind {
     fn build(&self, source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError> {
-        let options = source
-            .options::<PracticeHubOptions>()
-            .ok_or_else(|| BuildError::Options(source.name.clone()))?;
-        Ok(Arc::new(PracticeHub::new(source, options)?))
-    }
-
-    fn full_scan(&self) -> bool {
-        false
+        super::build_with(source, PracticeHub::new)
     }
 
     fn describe_cursor(&self, cursor: &str, _passes: i64) -> String {

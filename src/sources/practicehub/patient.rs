@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::config::FIELDS;
-use crate::customer::{self, EmailProblem, Phone, Rejection};
+use crate::customer::{self, Phone, Rejection};
 
 /// The PracticeHub attribute each logical field is read from: [`FIELDS`] with the source's
 /// `[sources.fields]` overrides (validated by the config).
@@ -131,24 +131,19 @@ pub fn map_patient(
     default_country: &str,
 ) -> Result<(PatientBody, Vec<&'static str>), Rejection> {
     if record.id.is_none() {
-        return Err(Rejection {
-            code: "no_id",
-            reason: "PracticeHub returned a patient without an id".to_string(),
-            hint: "check the source's [fields] id mapping".to_string(),
-        });
+        return Err(Rejection::new(
+            "no_id",
+            "PracticeHub returned a patient without an id",
+            "check the source's [fields] id mapping",
+        ));
     }
-    let email =
-        customer::normalize_email(record.email.as_deref()).map_err(|problem| Rejection {
-            code: if problem == EmailProblem::Missing {
-                "no_email"
-            } else {
-                "invalid_email"
-            },
-            reason: format!("{problem} in PracticeHub"),
-            hint:
-                "add a valid email to the patient's PracticeHub record; it syncs on the next poll"
-                    .to_string(),
-        })?;
+    let email = customer::normalize_email(record.email.as_deref()).map_err(|problem| {
+        Rejection::new(
+            problem.code(),
+            format!("{problem} in PracticeHub"),
+            "add a valid email to the patient's PracticeHub record; it syncs on the next poll",
+        )
+    })?;
     let mut warnings = Vec::new();
     let phone = [record.phone.as_deref(), record.phone_fallback.as_deref()]
         .into_iter()

@@ -54,28 +54,25 @@ pub fn map_client(
     default_country: &str,
 ) -> Result<(Customer, Vec<&'static str>), Rejection> {
     if client.id.is_none() {
-        return Err(Rejection {
-            code: "no_id",
-            reason: "Wodify returned a client without an id".to_string(),
-            hint: "report this to Wodify support: every client should have an id".to_string(),
-        });
+        return Err(Rejection::new(
+            "no_id",
+            "Wodify returned a client without an id",
+            "report this to Wodify support: every client should have an id",
+        ));
     }
     let email = customer::normalize_email(client.email.as_deref()).map_err(|problem| {
-        if problem == EmailProblem::Missing {
-            Rejection {
-                code: "no_email",
-                reason: "no email in Wodify".to_string(),
-                hint: "add an email in the client's Wodify profile; it syncs on the next poll"
-                    .to_string(),
-            }
-        } else {
-            Rejection {
-                code: "invalid_email",
-                reason: "the email in Wodify is not a valid address".to_string(),
-                hint: "correct the email in the client's Wodify profile; it syncs on the next poll"
-                    .to_string(),
-            }
-        }
+        let (reason, fix) = match problem {
+            EmailProblem::Missing => ("no email in Wodify", "add an email"),
+            EmailProblem::Invalid => (
+                "the email in Wodify is not a valid address",
+                "correct the email",
+            ),
+        };
+        Rejection::new(
+            problem.code(),
+            reason,
+            format!("{fix} in the client's Wodify profile; it syncs on the next poll"),
+        )
     })?;
     let mut warnings = Vec::new();
     let phone = match customer::normalize_phone(client.phone_number.as_deref(), default_country) {

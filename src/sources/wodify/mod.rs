@@ -33,10 +33,7 @@ pub static KIND: WodifyKind = WodifyKind;
 
 impl Kind for WodifyKind {
     fn build(&self, source: &SourceConfig) -> Result<Arc<dyn Source>, BuildError> {
-        let options = source
-            .options::<WodifyOptions>()
-            .ok_or_else(|| BuildError::Options(source.name.clone()))?;
-        Ok(Arc::new(Wodify::new(source, options)?))
+        super::build_with(source, Wodify::new)
     }
 
     fn full_scan(&self) -> bool {
