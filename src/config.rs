@@ -184,6 +184,25 @@ pub struct SourceDefaults {
     pub base_url_example: &'static str,
 }
 
+impl SourceDefaults {
+    /// `schedule`, `requests_per_second` with `burst`, `default_country`, and the example
+    /// base URL a missing `base_url` is told to look like.
+    pub const fn new(
+        schedule: &'static str,
+        (requests_per_second, burst): (u32, u32),
+        default_country: &'static str,
+        base_url_example: &'static str,
+    ) -> SourceDefaults {
+        SourceDefaults {
+            schedule,
+            requests_per_second,
+            burst,
+            default_country,
+            base_url_example,
+        }
+    }
+}
+
 /// A kind's own settings, parsed and validated. The adapter reads them back with
 /// [`SourceConfig::options`].
 pub trait SourceOptions: std::any::Any + fmt::Debug + Send + Sync {
@@ -972,13 +991,12 @@ mod tests {
             "fake"
         }
         fn defaults(&self) -> SourceDefaults {
-            SourceDefaults {
-                schedule: "0 */15 * * * *",
-                requests_per_second: 5,
-                burst: 20,
-                default_country: "US",
-                base_url_example: "https://api.fake.example/v1",
-            }
+            SourceDefaults::new(
+                "0 */15 * * * *",
+                (5, 20),
+                "US",
+                "https://api.fake.example/v1",
+            )
         }
         fn options(&self, at: &str, keys: Keys) -> Result<Arc<dyn SourceOptions>, ConfigError> {
             parse_options::<NoKeys>(at, "fake", keys)?;

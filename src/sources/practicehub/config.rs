@@ -50,15 +50,14 @@ impl SourceKind for PracticeHubKind {
     }
 
     fn defaults(&self) -> SourceDefaults {
-        SourceDefaults {
-            schedule: "0 */5 * * * *",
-            // PracticeHub documents no limit; integrations see 429s when they burst and none
-            // with ~350 ms between pages, so the default is strictly sequential at 3 a second.
-            requests_per_second: 3,
-            burst: 1,
-            default_country: "GB",
-            base_url_example: "https://{account}.neptune.practicehub.io/api",
-        }
+        // PracticeHub documents no limit; integrations see 429s when they burst and none with
+        // ~350 ms between pages, so the default is strictly sequential at 3 a second.
+        SourceDefaults::new(
+            "0 */5 * * * *",
+            (3, 1),
+            "GB",
+            "https://{account}.neptune.practicehub.io/api",
+        )
     }
 
     fn normalize_base_url(&self, url: Url) -> Url {

@@ -48,13 +48,8 @@ impl SourceKind for WodifyKind {
     }
 
     fn defaults(&self) -> SourceDefaults {
-        SourceDefaults {
-            schedule: "0 */15 * * * *",
-            requests_per_second: 5,
-            burst: 20,
-            default_country: "US",
-            base_url_example: "https://api.wodify.com/v1",
-        }
+        // Wodify's documented limit: 5 requests a second, burst 20.
+        SourceDefaults::new("0 */15 * * * *", (5, 20), "US", "https://api.wodify.com/v1")
     }
 
     fn options(&self, at: &str, keys: Keys) -> Result<Arc<dyn SourceOptions>, ConfigError> {
