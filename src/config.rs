@@ -69,14 +69,46 @@ pub struct UnknownSource {
 }
 
 /// A secret value (API key, push secret). Its `Debug` and `Display` are redacted so that no log
-/// line or error can carry it; [`Secret::expose`] is the one way to read it.
+/// line or error can carry it; [`Secret::expose`] is the one way to read it. Every secret is
+/// also registered for [`redact`], which scrubs it from text an upstream sent back.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
+
+/// Every secret this process has read, for [`redact`].
+static SECRETS: std::sync::RwLock<Vec<Arc<str>>> = std::sync::RwLock::new(Vec::new());
+
+/// Secrets shorter than this are not searched for in text: a value that short is no key, and
+/// scrubbing it would mangle ordinary words.
+const REDACTED_FROM: usize = 6;
+
+/// `text` with every configured secret replaced by `[redacted]`: for anything an upstream
+/// said (an error body may echo the key it was sent) before it is logged, stored or printed.
+pub fn redact(text: &str) -> String {
+    let secrets = SECRETS
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out = text.to_string();
+    for secret in secrets.iter() {
+        if out.contains(secret.as_ref()) {
+            out = out.replace(secret.as_ref(), "[redacted]");
+        }
+    }
+    out
+}
 
 impl Secret {
     /// Wraps a secret value.
     pub fn new(value: impl Into<Arc<str>>) -> Self {
-        Secret(value.into())
+        let value: Arc<str> = value.into();
+        if value.chars().count() >= REDACTED_FROM {
+            let mut secrets = SECRETS
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !secrets.contains(&value) {
+                secrets.push(value.clone());
+            }
+        }
+        Secret(value)
     }
 
     /// The secret itself, for the one header or signature that needs it.
@@ -146,6 +178,8 @@ pub struct RevKeenConfig {
     pub max_attempts: u32,
     /// `RevKeen-Version` header pinning the API version. Default `2026-05-01`.
     pub api_version: String,
+    /// The longest a 429's `Retry-After` may pause sending, in seconds. Default 900.
+    pub max_retry_after_secs: u64,
 }
 
 /// What a kind of source contributes to the configuration: its name, its defaults for the
@@ -256,6 +290,9 @@ pub struct SourceConfig {
     /// Fetch attempts per page (5xx, timeouts, 429s) before a poll gives up; it resumes at
     /// that page next time. Default 8 (about a minute of backoff).
     pub max_attempts: u32,
+    /// The longest a 429's `Retry-After` may pause requests to this source, in seconds.
+    /// Default 900.
+    pub max_retry_after_secs: u64,
     /// Enables `POST /v1/changes/{name}` for this source when set.
     pub push_secret: Option<Secret>,
     /// The kind's own settings.
@@ -308,6 +345,7 @@ struct RawRevKeen {
     timeout_secs: Option<u64>,
     max_attempts: Option<u32>,
     api_version: Option<String>,
+    max_retry_after_secs: Option<u64>,
 }
 
 /// The keys every `[[sources]]` entry may have, whatever its kind (the fields of [`RawSource`]).
@@ -324,6 +362,7 @@ const COMMON_KEYS: &[&str] = &[
     "default_country",
     "timeout_secs",
     "max_attempts",
+    "max_retry_after_secs",
     "push_secret",
     "push_secret_file",
 ];
@@ -343,6 +382,7 @@ struct RawSource {
     default_country: Option<String>,
     timeout_secs: Option<u64>,
     max_attempts: Option<u32>,
+    max_retry_after_secs: Option<u64>,
     push_secret: Option<String>,
     push_secret_file: Option<PathBuf>,
 }
@@ -491,7 +531,8 @@ impl Config {
         let mut out = format!(
             "[daemon]\nstate_path = {}\nlisten = {}\nlog_format = {}\nlog_level = {}\ndrain_timeout_secs = {}\n\n\
              [revkeen]\nbase_url = {}\napi_key = \"[redacted]\"\nrequests_per_minute = {}\nburst = {}\n\
-             batch_size = {}\nconcurrency = {}\ntimeout_secs = {}\nmax_attempts = {}\napi_version = {}\n",
+             batch_size = {}\nconcurrency = {}\ntimeout_secs = {}\nmax_attempts = {}\napi_version = {}\n\
+             max_retry_after_secs = {}\n",
             q(&d.state_path.display().to_string()),
             q(&d.listen.to_string()),
             q(match d.log_format {
@@ -508,12 +549,13 @@ impl Config {
             r.timeout_secs,
             r.max_attempts,
             q(&r.api_version),
+            r.max_retry_after_secs,
         );
         for source in &self.sources {
             out.push_str(&format!(
                 "\n[[sources]]\nname = {}\nkind = {}\nrevkeen_source = {}\nbase_url = {}\napi_key = \"[redacted]\"\n\
                  schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n\
-                 max_attempts = {}\n",
+                 max_attempts = {}\nmax_retry_after_secs = {}\n",
                 q(&source.name),
                 q(source.kind),
                 q(&source.revkeen_source),
@@ -524,6 +566,7 @@ impl Config {
                 q(&source.default_country),
                 source.timeout_secs,
                 source.max_attempts,
+                source.max_retry_after_secs,
             ));
             if source.push_secret.is_some() {
                 out.push_str("push_secret = \"[redacted]\"\n");
@@ -688,6 +731,7 @@ fn revkeen_config(
         timeout_secs,
         max_attempts,
         api_version: raw.api_version.unwrap_or_else(|| "2026-05-01".to_string()),
+        max_retry_after_secs: max_wait("revkeen.max_retry_after_secs", raw.max_retry_after_secs)?,
     })
 }
 
@@ -765,6 +809,7 @@ fn source_config(
         default_country,
         timeout_secs: raw.timeout_secs.unwrap_or(30).max(1),
         max_attempts: positive(&key("max_attempts"), raw.max_attempts, 8)?,
+        max_retry_after_secs: max_wait(&key("max_retry_after_secs"), raw.max_retry_after_secs)?,
         push_secret,
         options,
     })
@@ -835,6 +880,21 @@ fn country(key: &str, code: String) -> Result<String, ConfigError> {
         ));
     }
     Ok(code)
+}
+
+/// The cap on a `Retry-After` wait: default 900 s (15 minutes), at least 1 s, at most a day.
+fn max_wait(key: &str, value: Option<u64>) -> Result<u64, ConfigError> {
+    match value.unwrap_or(900) {
+        0 => Err(ConfigError::new(
+            key,
+            "0 is not allowed: use 1 to 86400 seconds",
+        )),
+        secs @ 1..=86_400 => Ok(secs),
+        secs => Err(ConfigError::new(
+            key,
+            format!("{secs} is more than a day: use 1 to 86400 seconds"),
+        )),
+    }
 }
 
 fn positive(key: &str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {

@@ -101,6 +101,9 @@ pub fn normalize_email(raw: Option<&str>) -> Result<String, EmailProblem> {
     if email.is_empty() {
         return Err(EmailProblem::Missing);
     }
+    if email.chars().count() > MAX_EMAIL_CHARS {
+        return Err(EmailProblem::Invalid);
+    }
     let valid = email.split_once('@').is_some_and(|(local, domain)| {
         !local.is_empty()
             && !domain.contains('@')
@@ -304,20 +307,88 @@ pub fn normalize_timestamp(raw: Option<&str>) -> Option<String> {
 
 /// Trimmed text, or `None` when empty.
 pub fn text(raw: Option<&str>) -> Option<String> {
-    raw.map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+    let cleaned: String = raw?.chars().filter(|c| !is_control(*c)).collect();
+    let trimmed = cleaned.trim();
+    (!trimmed.is_empty()).then(|| trimmed.to_string())
+}
+
+/// C0 controls, DEL and C1 controls: never sent (they reach a terminal or a CRM unchanged).
+fn is_control(c: char) -> bool {
+    c.is_control()
+}
+
+/// The longest text sent in a field (a name, an address line, a metadata value), in
+/// characters. RevKeen documents no limit; 255 is the usual column size, so a longer value is
+/// cut there, at a character boundary, and counted as a `text_truncated` warning: the customer
+/// still syncs, with what fits.
+pub const MAX_TEXT_CHARS: usize = 255;
+/// The most tags a customer carries, and the longest tag; the rest are left out
+/// (`tags_truncated`).
+pub const MAX_TAGS: usize = 50;
+pub const MAX_TAG_CHARS: usize = 64;
+/// The longest email there is (RFC 5321: 254 characters); a longer one is invalid.
+pub const MAX_EMAIL_CHARS: usize = 254;
+
+/// [`text`] cut to [`MAX_TEXT_CHARS`], with a warning when it was longer.
+pub fn bounded(raw: Option<&str>, warnings: &mut Vec<&'static str>) -> Option<String> {
+    let text = text(raw)?;
+    Some(cut(text, MAX_TEXT_CHARS, "text_truncated", warnings))
+}
+
+fn cut(
+    text: String,
+    max: usize,
+    warning: &'static str,
+    warnings: &mut Vec<&'static str>,
+) -> String {
+    match text.char_indices().nth(max) {
+        None => text,
+        Some((at, _)) => {
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+            text[..at].trim_end().to_string()
+        }
+    }
+}
+
+/// Tags as sent: each [`text`], at most [`MAX_TAG_CHARS`], at most [`MAX_TAGS`] of them.
+pub fn bounded_tags(tags: &[String], warnings: &mut Vec<&'static str>) -> Vec<String> {
+    let cleaned: Vec<String> = tags.iter().filter_map(|t| text(Some(t))).collect();
+    let kept = cleaned.len().min(MAX_TAGS);
+    let mut too_long = false;
+    let out: Vec<String> = cleaned
+        .into_iter()
+        .take(kept)
+        .map(|tag| match tag.char_indices().nth(MAX_TAG_CHARS) {
+            None => tag,
+            Some((at, _)) => {
+                too_long = true;
+                tag[..at].to_string()
+            }
+        })
+        .collect();
+    if (too_long || kept < tags.iter().filter(|t| text(Some(t)).is_some()).count())
+        && !warnings.contains(&"tags_truncated")
+    {
+        warnings.push("tags_truncated");
+    }
+    out
 }
 
 /// "First Last" from optional parts; `None` when both are empty.
 pub fn full_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
-    let parts: Vec<&str> = [first, last]
-        .into_iter()
-        .flatten()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let parts: Vec<String> = [first, last].into_iter().filter_map(text).collect();
     (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// [`full_name`] cut to [`MAX_TEXT_CHARS`], with a warning when it was longer.
+pub fn bounded_name(
+    first: Option<&str>,
+    last: Option<&str>,
+    warnings: &mut Vec<&'static str>,
+) -> Option<String> {
+    full_name(first, last).map(|name| cut(name, MAX_TEXT_CHARS, "text_truncated", warnings))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,8 @@ pub enum DaemonError {
     Http(#[from] reqwest::Error),
     #[error("cannot start the metrics recorder: {0}")]
     Metrics(String),
+    #[error("a daemon loop ended unexpectedly: {0}")]
+    LoopDied(String),
 }
 
 impl DaemonError {
@@ -223,6 +225,9 @@ impl Daemon {
         let (config, store, health) =
             (self.config.clone(), self.store.clone(), self.health.clone());
         let run_id = store.call(|s| s.begin_run("daemon")).await?;
+        // Cancelled by a signal, or by a loop that died.
+        let stop = shutdown.child_token();
+        let fatal: Arc<Mutex<Option<String>>> = Arc::default();
         health.beat_scheduler();
         health.beat_worker();
         let mut tasks = JoinSet::new();
@@ -238,10 +243,16 @@ impl Daemon {
             metrics: self.metrics,
             push: Arc::new(feeds),
             sources: Arc::new(config.sources.iter().map(|s| s.name.clone()).collect()),
+            fatal: fatal.clone(),
         };
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server::serve(self.listener, state, server_stop.clone()));
-        let worker_task = spawn_worker(self.worker, shutdown.clone(), &config, health.clone());
+        let mut worker_task = Some(spawn_worker(
+            self.worker,
+            stop.clone(),
+            &config,
+            health.clone(),
+        ));
         let poll_states: PollStates = Arc::default();
         for mut task in self.sources {
             task.ctx.run_id = Some(run_id);
@@ -259,7 +270,7 @@ impl Daemon {
             poll_states,
             self.worker_state,
             store.clone(),
-            shutdown.clone(),
+            stop.clone(),
             sd_notify::watchdog_enabled(),
             Arc::new(notify),
         ));
@@ -272,7 +283,21 @@ impl Daemon {
             "sync-daemon started."
         );
 
-        shutdown.cancelled().await;
+        let died = match supervise(&shutdown, &mut worker_task, &mut tasks).await {
+            Ended::Signal => None,
+            Ended::LoopDied(reason) => {
+                // Not alive, not ready, and gone soon: systemd or Kubernetes restarts it.
+                tracing::error!(
+                    "A daemon loop ended unexpectedly ({reason}); exiting with an error so that the service manager restarts sync-daemon."
+                );
+                *fatal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+                health.failed();
+                Some(reason)
+            }
+        };
+        stop.cancel();
         notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!(
             drain_timeout_secs = config.daemon.drain_timeout_secs,
@@ -281,10 +306,14 @@ impl Daemon {
         let mut scheduler = self.scheduler;
         let _ = scheduler.shutdown().await;
         self.stop_polls.cancel();
-        match worker_task.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::error!(%error, "The worker stopped on a state file error."),
-            Err(error) => tracing::error!(%error, "The worker task failed."),
+        if let Some(worker_task) = worker_task {
+            match worker_task.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "The worker stopped on a state file error.")
+                }
+                Err(error) => tracing::error!(%error, "The worker task failed."),
+            }
         }
         // Polls and push loops stop at their next page boundary; don't wait on a slow source.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -294,10 +323,79 @@ impl Daemon {
         tasks.abort_all();
         server_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
-        let _ = store.call(move |s| s.finish_run(run_id, "stopped")).await;
-        tracing::info!("sync-daemon stopped.");
-        Ok(ExitStatus::Ok)
+        let outcome = if died.is_some() { "failed" } else { "stopped" };
+        let _ = store.call(move |s| s.finish_run(run_id, outcome)).await;
+        match died {
+            None => {
+                tracing::info!("sync-daemon stopped.");
+                Ok(ExitStatus::Ok)
+            }
+            Some(reason) => Err(DaemonError::LoopDied(reason)),
+        }
     }
+}
+
+/// What ended the daemon's watch over its loops.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// SIGTERM or SIGINT: a clean stop.
+    Signal,
+    /// A loop that should run until shutdown ended (a panic, a state file error in the
+    /// worker): the daemon must not live on half-working.
+    LoopDied(String),
+}
+
+/// Waits for a signal, or for a loop to end before one. A worker halted on purpose (a refused
+/// key) is not a death: polling goes on and `/readyz` says why.
+async fn supervise(
+    shutdown: &CancellationToken,
+    worker: &mut Option<JoinHandle<Result<WorkerExit, StoreError>>>,
+    tasks: &mut JoinSet<()>,
+) -> Ended {
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ended::Signal,
+            exit = async {
+                match worker.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                *worker = None;
+                match exit {
+                    Ok(Ok(WorkerExit::Halted(_))) => continue,
+                    Ok(Ok(other)) => {
+                        return Ended::LoopDied(format!("the worker ended ({other:?})"));
+                    }
+                    Ok(Err(error)) => {
+                        return Ended::LoopDied(format!("the worker stopped: {error}"));
+                    }
+                    Err(join) => return Ended::LoopDied(format!("the worker {}", ended(join))),
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                return Ended::LoopDied(match done {
+                    Ok(()) => "a poll or push loop ended".to_string(),
+                    Err(join) => format!("a poll or push loop {}", ended(join)),
+                });
+            }
+        }
+    }
+}
+
+/// How a task that should not have ended did: its panic's message, or a cancellation.
+fn ended(join: tokio::task::JoinError) -> String {
+    if !join.is_panic() {
+        return "was cancelled".to_string();
+    }
+    let payload = join.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string());
+    format!("panicked: {}", crate::config::redact(&message))
 }
 
 /// The cron job that ticks a source's poll. A tick only signals the source's loop through a
@@ -325,7 +423,7 @@ fn spawn_worker(
     tokio::spawn(async move {
         let exit = worker.run(CancellationToken::new(), shutdown, drain).await;
         match &exit {
-            Ok(WorkerExit::AuthHalted(_)) => health.worker_stopped(),
+            Ok(WorkerExit::Halted(_)) => health.worker_stopped(),
             Ok(_) => {}
             Err(error) => {
                 tracing::error!(%error, "Sending stopped: the state file failed. The daemon reports itself unhealthy so that it is restarted.");
@@ -514,8 +612,8 @@ fn status_line(states: &PollStates, worker: &WorkerState, queued: u64) -> String
     let sent: u64 = worker.stats().values().map(|s| s.delivered()).sum();
     let halt = worker
         .halt()
-        .map(|_| "; SENDING HALTED: RevKeen refused the key")
-        .unwrap_or("");
+        .map(|halt| format!("; SENDING HALTED: {}", halt.message))
+        .unwrap_or_default();
     format!("{polls}; queued {queued}; sent {sent}{halt}")
 }
 
@@ -741,5 +839,50 @@ mod tests {
         );
         cancel.cancel();
         task.await.expect("joins");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_dies_ends_the_watch_and_a_halted_worker_does_not() {
+        let shutdown = CancellationToken::new();
+        // A worker halted on purpose: the watch goes on.
+        let mut worker = Some(tokio::spawn(async {
+            Ok(WorkerExit::Halted(crate::worker::Halted {
+                code: "invalid_api_key".into(),
+                message: "refused".into(),
+            }))
+        }));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            panic!("boom in a poll loop");
+        });
+        let started = Instant::now();
+        let ended = supervise(&shutdown, &mut worker, &mut tasks).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert!(
+            matches!(&ended, Ended::LoopDied(reason) if reason.contains("panicked: boom in a poll loop")),
+            "{ended:?}"
+        );
+        // A worker that stops on a state file error is a death too.
+        let mut worker = Some(tokio::spawn(async {
+            Err(StoreError::Open {
+                path: "/state.db".into(),
+                problem: "disk I/O error".into(),
+            })
+        }));
+        let mut none = JoinSet::new();
+        let ended = supervise(&shutdown, &mut worker, &mut none).await;
+        assert!(
+            matches!(&ended, Ended::LoopDied(reason) if reason.contains("disk I/O error")),
+            "{ended:?}"
+        );
+        // A signal is a clean end.
+        shutdown.cancel();
+        let mut idle = JoinSet::new();
+        idle.spawn(std::future::pending::<()>());
+        assert_eq!(
+            supervise(&shutdown, &mut None, &mut idle).await,
+            Ended::Signal
+        );
     }
 }

@@ -41,6 +41,11 @@ pub fn batch_key<'a>(member_keys: impl Iterator<Item = &'a str>) -> String {
     Uuid::new_v5(&key_namespace(), joined.join("\n").as_bytes()).to_string()
 }
 
+/// The largest batch body sent: a batch is closed before its body would pass 1 MB (100
+/// customers of ordinary size are about 40 KB; the cap only bites on bodies bloated by long
+/// fields, which each customer body limits anyway).
+pub const MAX_BATCH_BODY: usize = 1_000_000;
+
 /// The batch body `{"source": …, "customers": [{"external_id": …, <body fields>}, …]}` built
 /// from members' stored bodies, spliced as bytes so each item carries its body exactly.
 pub fn batch_body<'a>(

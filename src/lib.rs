@@ -54,7 +54,7 @@ mod schedule;
 pub mod server;
 pub mod sources;
 pub mod store;
-mod table;
+pub mod table;
 #[cfg(test)]
 mod testing;
 mod worker;

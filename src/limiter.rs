@@ -81,7 +81,12 @@ impl Limiter {
     /// Pauses every request to the host for `wait` (a 429's `Retry-After`). A shorter pause
     /// never cuts a longer one short.
     pub fn pause(&self, wait: Duration) {
-        let until = Instant::now() + wait;
+        // The wait is a server's number (capped by the caller); an instant past the clock's
+        // range is as good as "for the rest of this process".
+        let now = Instant::now();
+        let until = now
+            .checked_add(wait)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let mut paused = self.paused_until.lock().expect("limiter lock poisoned");
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
@@ -97,6 +102,22 @@ impl Limiter {
         paused
             .map(|until| until.saturating_duration_since(Instant::now()))
             .filter(|wait| !wait.is_zero())
+    }
+}
+
+/// A pause at least this long is recorded in the state file, for `status`.
+pub(crate) const REPORTED_PAUSE: Duration = Duration::from_secs(60);
+
+/// Why a host is paused, in words for `status`: what it asked, and the cap when it applied.
+pub(crate) fn pause_reason(api: &str, asked: Duration, wait: Duration, key: &str) -> String {
+    if wait < asked {
+        format!(
+            "{api} answered 429 asking to wait {} s; waiting {} s ({key})",
+            asked.as_secs(),
+            wait.as_secs()
+        )
+    } else {
+        format!("{api} answered 429 asking to wait {} s", asked.as_secs())
     }
 }
 

@@ -10,6 +10,7 @@ use sync_daemon::exit::ExitStatus;
 use sync_daemon::ops;
 use sync_daemon::progress::ProgressUi;
 use sync_daemon::run::{self, OnceOptions};
+use sync_daemon::table::escape;
 use sync_daemon_sim::{Faults, SimPorts, SimSet};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -250,7 +251,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitStatus> {
     Config::load(path.as_deref(), &sync_daemon::sources::config_kinds()).map_err(|error| {
-        eprintln!("sync-daemon: {error}");
+        say(&error);
         ExitStatus::Config
     })
 }
@@ -319,7 +320,7 @@ async fn daemon(config: Config) -> ExitStatus {
     match sync_daemon::daemon::run(config, shutdown).await {
         Ok(status) => status,
         Err(error) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             error.exit_status()
         }
     }
@@ -365,12 +366,12 @@ async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi) -> ExitSt
         Ok(report) => {
             print!("{}", report.summary_table());
             if let Some(reason) = &report.stopped {
-                eprintln!("sync-daemon: run stopped early: {reason}");
+                eprintln!("sync-daemon: run stopped early: {}", escape(reason));
             }
             report.exit
         }
         Err(error) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             error.exit_status()
         }
     }
@@ -393,8 +394,11 @@ async fn check_config(config: &Config, connect: bool) -> ExitStatus {
             format!(": {}", check.detail)
         };
         eprintln!(
-            "{:<12} {:<12} {}{detail}",
-            check.target, check.outcome, check.url
+            "{:<12} {:<12} {}{}",
+            check.target,
+            check.outcome,
+            check.url,
+            escape(&detail)
         );
         if !check.hint.is_empty() {
             eprintln!("{:<12} fix: {}", "", check.hint);
@@ -420,7 +424,7 @@ fn print_report<T: serde::Serialize>(
             ExitStatus::Ok
         }
         Err(error) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             ExitStatus::Failure
         }
     }
@@ -430,7 +434,7 @@ fn print_report<T: serde::Serialize>(
 fn known_source(config: &Config, source: Option<&str>) -> Result<(), ExitStatus> {
     let names: Vec<String> = source.map(str::to_string).into_iter().collect();
     config.selected_sources(&names).map(drop).map_err(|error| {
-        eprintln!("sync-daemon: {error}");
+        say(&error);
         ExitStatus::Usage
     })
 }
@@ -464,11 +468,14 @@ fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> E
             if !outcome.rejected.is_empty() {
                 eprintln!(
                     "Not replayable (rejected before sending; fix them at the source): {}",
-                    outcome.rejected.join(", ")
+                    escape(&outcome.rejected.join(", "))
                 );
             }
             if !outcome.not_found.is_empty() {
-                eprintln!("No failure recorded for: {}", outcome.not_found.join(", "));
+                eprintln!(
+                    "No failure recorded for: {}",
+                    escape(&outcome.not_found.join(", "))
+                );
             }
             if outcome.rejected.is_empty() && outcome.not_found.is_empty() {
                 ExitStatus::Ok
@@ -477,18 +484,23 @@ fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> E
             }
         }
         Err(error @ ops::ReplayError::AuthHalted(_)) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             ExitStatus::AuthRefused
         }
         Err(error @ ops::ReplayError::NoState(_)) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             ExitStatus::Failure
         }
         Err(error) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             ExitStatus::Failure
         }
     }
+}
+
+/// An error on stderr, its control characters escaped (it may carry an upstream's text).
+fn say(error: &dyn std::fmt::Display) {
+    eprintln!("sync-daemon: {}", escape(&error.to_string()));
 }
 
 fn print_json(value: &impl serde::Serialize) -> ExitStatus {
@@ -498,7 +510,7 @@ fn print_json(value: &impl serde::Serialize) -> ExitStatus {
             ExitStatus::Ok
         }
         Err(error) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             ExitStatus::Failure
         }
     }
@@ -524,7 +536,10 @@ async fn dry_run(config: &Config, options: &OnceOptions, json: bool, verbose: bo
         };
         println!(
             "{:<7} {} {}: {}",
-            entry.action, entry.source, entry.external_id, detail
+            entry.action,
+            entry.source,
+            escape(&entry.external_id),
+            escape(&detail)
         );
     })
     .await;
@@ -543,7 +558,7 @@ async fn dry_run(config: &Config, options: &OnceOptions, json: bool, verbose: bo
             ExitStatus::Ok
         }
         Err(error) => {
-            eprintln!("sync-daemon: {error}");
+            say(&error);
             error.exit_status()
         }
     }
@@ -586,6 +601,7 @@ async fn sim(args: SimArgs) -> ExitStatus {
         latency_ms: args.latency_ms,
         drop_rate: args.drop_rate,
         envelope_rate: args.envelope_rate,
+        ..Faults::default()
     };
     sims.revkeen.set_faults(faults.clone());
     sims.wodify.set_faults(faults.clone());

@@ -16,6 +16,7 @@ use crate::http::Probe;
 use crate::revkeen::RevKeenClient;
 use crate::sources;
 use crate::store::{DeliveryCounts, Failure, FailureKind, Halt, PollStats, Store, StoreError};
+use crate::table::escape;
 use crate::worker::REVKEEN;
 
 /// `status --json`.
@@ -33,7 +34,22 @@ pub struct StatusReport {
     pub oldest_pending_age_secs: Option<u64>,
     pub dead_letters: u64,
     pub rejected: u64,
+    /// APIs that refused their key (sending or polling them stops until a fixed key answers).
     pub auth_halts: Vec<HaltStatus>,
+    /// Every halt: the refused keys above, and an address that does not lead to its API (a
+    /// redirect, an untrusted certificate; code `misdirected`).
+    pub halts: Vec<HaltStatus>,
+    /// Hosts paused for a long `Retry-After`, with until when.
+    pub pauses: Vec<PauseStatus>,
+}
+
+/// A host paused for a long `Retry-After`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PauseStatus {
+    pub target: String,
+    /// RFC 3339.
+    pub until: String,
+    pub reason: String,
 }
 
 /// One source in `status`.
@@ -105,17 +121,18 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let running = Store::writer_active(path);
     let store = Store::open_read_only(path)?;
     let now = crate::clock::now_ms();
-    let (queue, halts, mode) = match &store {
+    let (queue, halts, pauses, mode) = match &store {
         Some(store) => (
             store.queue_summary()?,
             store.halts()?,
+            store.pauses(now)?,
             if running {
                 store.open_run_mode()?
             } else {
                 None
             },
         ),
-        None => (Vec::new(), Vec::new(), None),
+        None => (Vec::new(), Vec::new(), Vec::new(), None),
     };
     let daemon = mode.as_deref() == Some("daemon");
     let mut sources = Vec::new();
@@ -177,7 +194,20 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
             .map(|t| age_secs(t, now)),
         dead_letters: queue.iter().map(|q| q.dead_letters).sum(),
         rejected: queue.iter().map(|q| q.rejected).sum(),
-        auth_halts: halts.iter().map(HaltStatus::from).collect(),
+        auth_halts: halts
+            .iter()
+            .filter(|h| h.code != crate::worker::MISDIRECTED)
+            .map(HaltStatus::from)
+            .collect(),
+        halts: halts.iter().map(HaltStatus::from).collect(),
+        pauses: pauses
+            .into_iter()
+            .map(|p| PauseStatus {
+                target: p.target,
+                until: rfc3339(p.until),
+                reason: p.reason,
+            })
+            .collect(),
         sources,
     })
 }
@@ -199,7 +229,7 @@ pub fn render_status(report: &StatusReport) -> String {
     out.push_str(&status_table(report));
     for source in &report.sources {
         if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
-            let _ = writeln!(out, "  {}: last poll error: {error}", source.name);
+            let _ = writeln!(out, "  {}: last poll error: {}", source.name, escape(error));
         }
         if source.vanished > 0 {
             let _ = writeln!(
@@ -227,17 +257,30 @@ pub fn render_status(report: &StatusReport) -> String {
     );
     if report.auth_halts.is_empty() {
         let _ = writeln!(out, "Auth: every API accepted its key.");
-    } else {
-        for halt in &report.auth_halts {
-            let _ = writeln!(
-                out,
-                "AUTH HALT: {} refused the key since {} ({}): {}",
-                halt.target,
-                short_time(&halt.since),
-                halt.code,
-                halt.reason
-            );
+    }
+    for halt in &report.halts {
+        let what = if halt.code == crate::worker::MISDIRECTED {
+            "SENDING HALTED: {} answered wrongly"
+        } else {
+            "AUTH HALT: {} refused the key"
         }
+        .replace("{}", &halt.target);
+        let _ = writeln!(
+            out,
+            "{what} since {} ({}): {}",
+            short_time(&halt.since),
+            escape(&halt.code),
+            escape(&halt.reason)
+        );
+    }
+    for pause in &report.pauses {
+        let _ = writeln!(
+            out,
+            "PAUSED: {} until {}: {}",
+            pause.target,
+            short_time(&pause.until),
+            escape(&pause.reason)
+        );
     }
     out
 }
@@ -337,7 +380,10 @@ pub fn render_failures(failures: &[Failure]) -> String {
         let _ = writeln!(
             out,
             "{} {}  {kind}  {}{status}: {}",
-            failure.source, failure.external_id, failure.code, failure.reason
+            failure.source,
+            escape(&failure.external_id),
+            escape(&failure.code),
+            escape(&failure.reason)
         );
         if let Some(fields) = failure.field_errors.as_ref().and_then(|f| f.as_object()) {
             let fields: Vec<String> = fields
@@ -351,7 +397,7 @@ pub fn render_failures(failures: &[Failure]) -> String {
                     )
                 })
                 .collect();
-            let _ = writeln!(out, "    fields: {}", fields.join("; "));
+            let _ = writeln!(out, "    fields: {}", escape(&fields.join("; ")));
         }
         let attempts = if failure.attempts > 0 {
             format!("attempts {}, ", failure.attempts)
@@ -365,7 +411,7 @@ pub fn render_failures(failures: &[Failure]) -> String {
             short_time(&rfc3339(failure.last_seen))
         );
         if let Some(hint) = &failure.hint {
-            let _ = writeln!(out, "    fix: {hint}");
+            let _ = writeln!(out, "    fix: {}", escape(hint));
         }
     }
     let rejected = failures
@@ -386,7 +432,7 @@ pub fn render_failures(failures: &[Failure]) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(
-        "RevKeen refused the API key ({0}); fix revkeen.api_key first (`sync-daemon check-config --connect` tells when it works), then run sync-daemon once so the halt clears, and replay: replayed records would only be refused again"
+        "sending to RevKeen is halted ({0}): fix that first (`sync-daemon check-config --connect` tells when it works), then run sync-daemon once so the halt clears, and replay: replayed records would only fail again"
     )]
     AuthHalted(String),
     #[error(

@@ -11,8 +11,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 
-use crate::config::{RevKeenConfig, Secret};
-use crate::http::{Probe, probe_request, send_measured};
+use crate::config::{RevKeenConfig, Secret, redact};
+use crate::http::{Probe, Transport, probe_request, send_measured};
 
 /// RevKeen's error object (`{"error": {...}}`), reduced to what the daemon keeps.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +60,12 @@ pub(crate) enum Answer {
     RateLimited { retry_after: Option<Duration> },
     /// 5xx, timeout, connection error, a cut-off answer: retry with backoff.
     Transient(String),
+    /// A 2xx that is not the documented answer: nothing can be marked delivered on it. Retried
+    /// like a 5xx (a batch is split into singles, whose answers are per customer).
+    Unexpected(String),
+    /// The configured address does not lead to RevKeen: a redirect (never followed) or a TLS
+    /// certificate that is not trusted. Sending stops until it is fixed.
+    Misdirected(String),
 }
 
 /// A RevKeen API client bound to one base URL and key.
@@ -92,26 +98,43 @@ struct ErrorDetails {
     fields: Option<serde_json::Value>,
 }
 
+/// A single upsert's 2xx, in either documented shape: applied (`data` with an `id`) or stale.
 #[derive(Deserialize)]
-struct SingleAnswer {
-    #[serde(default)]
-    created: Option<bool>,
-    #[serde(default)]
-    ignored: Option<bool>,
-    #[serde(default)]
-    reason: Option<String>,
+#[serde(untagged)]
+enum SingleAnswer {
+    Applied {
+        data: AppliedCustomer,
+        #[serde(default)]
+        created: Option<bool>,
+    },
+    Stale {
+        ignored: bool,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Deserialize)]
+struct AppliedCustomer {
+    id: String,
+}
+
+/// A batch's 200: every count is required.
+#[derive(Deserialize)]
 struct BatchAnswer {
-    #[serde(default)]
     created: u64,
-    #[serde(default)]
     updated: u64,
-    #[serde(default)]
     skipped: u64,
-    #[serde(default)]
     failed: Vec<BatchFailure>,
+}
+
+/// What a request expects back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// A single upsert's answer.
+    Single,
+    /// A batch answer accounting for this many customers.
+    Batch(usize),
 }
 
 #[derive(Deserialize)]
@@ -166,32 +189,40 @@ impl RevKeenClient {
         idempotency_key: &str,
     ) -> Answer {
         let url = self.url(&["customers", "external", revkeen_source, external_id]);
-        self.put(url, body, idempotency_key, "single").await
+        self.put(url, body, idempotency_key, Expect::Single).await
     }
 
-    /// `PUT /customers/external/batch` with a recorded batch body.
-    pub(crate) async fn upsert_batch(&self, body: &[u8], idempotency_key: &str) -> Answer {
-        let url = self.url(&["customers", "external", "batch"]);
-        self.put(url, body, idempotency_key, "batch").await
-    }
-
-    async fn put(
+    /// `PUT /customers/external/batch` with a recorded batch body of `members` customers.
+    pub(crate) async fn upsert_batch(
         &self,
-        url: Url,
         body: &[u8],
         idempotency_key: &str,
-        kind: &'static str,
+        members: usize,
     ) -> Answer {
+        let url = self.url(&["customers", "external", "batch"]);
+        self.put(url, body, idempotency_key, Expect::Batch(members))
+            .await
+    }
+
+    async fn put(&self, url: Url, body: &[u8], idempotency_key: &str, expect: Expect) -> Answer {
         let request = self
             .http
             .put(url)
             .headers(self.headers(Some(idempotency_key)))
             .body(body.to_vec());
-        match send_measured(request, "revkeen", kind).await {
-            Ok((status, retry_after, bytes)) => {
-                classify(status, &bytes, retry_after, kind == "batch")
+        let endpoint = match expect {
+            Expect::Single => "single",
+            Expect::Batch(_) => "batch",
+        };
+        match send_measured(request, "revkeen", endpoint).await {
+            Ok(reply) => match reply.redirect("RevKeen", BASE_URL_KEY) {
+                Some(problem) => Answer::Misdirected(problem),
+                None => classify(reply.status, &reply.body, reply.retry_after, expect),
+            },
+            Err(transport @ Transport::Untrusted { .. }) => {
+                Answer::Misdirected(transport.describe("RevKeen", BASE_URL_KEY))
             }
-            Err(transport) => Answer::Transient(transport),
+            Err(Transport::Failed(detail)) => Answer::Transient(detail),
         }
     }
 
@@ -201,6 +232,8 @@ impl RevKeenClient {
         url.set_query(Some("limit=1"));
         probe_request(
             self.http.get(url).headers(self.headers(None)),
+            "RevKeen",
+            BASE_URL_KEY,
             |status, body| match status.as_u16() {
                 200..=299 => Probe::Ok,
                 401 | 403 => Probe::KeyRefused(parse_error(status, body).to_string()),
@@ -211,45 +244,30 @@ impl RevKeenClient {
     }
 }
 
-/// Classifies an answer per the failure policy (ARCHITECTURE.md).
+/// The config key a misdirected answer tells the operator to check.
+const BASE_URL_KEY: &str = "revkeen.base_url";
+
+/// Classifies an answer per the failure policy (ARCHITECTURE.md). A 2xx counts only in its
+/// documented shape: a single upsert applied (`data` with an `id`) or stale (`ignored`), a
+/// batch whose counts account for every customer sent. Anything else is
+/// [`Answer::Unexpected`]: nothing is ever marked delivered on an answer that cannot be read.
 pub(crate) fn classify(
     status: StatusCode,
     body: &[u8],
     retry_after: Option<Duration>,
-    batch: bool,
+    expect: Expect,
 ) -> Answer {
     if status.is_success() {
-        if batch {
-            return match serde_json::from_slice::<BatchAnswer>(body) {
-                Ok(answer) => Answer::Batch(BatchResult {
-                    created: answer.created,
-                    updated: answer.updated,
-                    skipped: answer.skipped,
-                    failed: answer
-                        .failed
-                        .into_iter()
-                        .map(|f| (json_text(&f.external_id), json_text(&f.error)))
-                        .collect(),
-                }),
-                // Without the failed[] list the outcome of each item is unknown; a retry with
-                // the same key gets the stored answer again.
-                Err(error) => Answer::Transient(format!("unreadable batch answer: {error}")),
-            };
-        }
-        return match serde_json::from_slice::<SingleAnswer>(body) {
-            Ok(SingleAnswer {
-                ignored: Some(true),
-                reason,
-                ..
-            }) if reason.as_deref().is_none_or(|r| r == "stale_update") => Answer::Stale,
-            Ok(answer) => Answer::Applied {
-                created: answer.created.unwrap_or(status == StatusCode::CREATED),
-            },
-            // A 2xx means the write happened; the body only adds detail.
-            Err(_) => Answer::Applied {
-                created: status == StatusCode::CREATED,
-            },
+        return match expect {
+            Expect::Single => single_answer(status, body),
+            Expect::Batch(members) => batch_answer(status, body, members),
         };
+    }
+    if status.is_redirection() {
+        return Answer::Misdirected(format!(
+            "RevKeen answered {}: sync-daemon does not follow redirects; check {BASE_URL_KEY}",
+            status.as_u16()
+        ));
     }
     let error = parse_error(status, body);
     match status.as_u16() {
@@ -263,6 +281,76 @@ pub(crate) fn classify(
     }
 }
 
+/// A single upsert's 2xx: applied or stale, in the documented shape, or unexpected.
+fn single_answer(status: StatusCode, body: &[u8]) -> Answer {
+    match serde_json::from_slice::<SingleAnswer>(body) {
+        Ok(SingleAnswer::Applied { data, created }) if !data.id.trim().is_empty() => {
+            Answer::Applied {
+                created: created.unwrap_or(status == StatusCode::CREATED),
+            }
+        }
+        Ok(SingleAnswer::Stale {
+            ignored: true,
+            reason,
+        }) if reason.as_deref().is_none_or(|r| r == "stale_update") => Answer::Stale,
+        _ => Answer::Unexpected(format!(
+            "RevKeen answered {} with {}, which is neither an applied upsert (`data` with an \
+             `id`) nor a stale one (`ignored`)",
+            status.as_u16(),
+            excerpt(body)
+        )),
+    }
+}
+
+/// A batch's 200: only when its counts account for every customer sent, each failure naming
+/// one of them once.
+fn batch_answer(status: StatusCode, body: &[u8], members: usize) -> Answer {
+    let answer = match serde_json::from_slice::<BatchAnswer>(body) {
+        Ok(answer) => answer,
+        Err(_) => {
+            return Answer::Unexpected(format!(
+                "RevKeen answered {} to a batch with {}, which is not a batch answer \
+                 (`created`, `updated`, `skipped`, `failed`)",
+                status.as_u16(),
+                excerpt(body)
+            ));
+        }
+    };
+    let counted = answer
+        .created
+        .saturating_add(answer.updated)
+        .saturating_add(answer.skipped)
+        .saturating_add(answer.failed.len() as u64);
+    if counted != members as u64 {
+        return Answer::Unexpected(format!(
+            "RevKeen's batch answer accounts for {counted} customers (created {}, updated {}, \
+             skipped {}, failed {}) where {members} were sent",
+            answer.created,
+            answer.updated,
+            answer.skipped,
+            answer.failed.len()
+        ));
+    }
+    Answer::Batch(BatchResult {
+        created: answer.created,
+        updated: answer.updated,
+        skipped: answer.skipped,
+        failed: answer
+            .failed
+            .into_iter()
+            .map(|f| (json_text(&f.external_id), json_text(&f.error)))
+            .collect(),
+    })
+}
+
+/// The first bytes of an answer, quoted and escaped, for a message.
+pub(crate) fn excerpt(body: &[u8]) -> String {
+    const SHOWN: usize = 120;
+    let text = redact(&String::from_utf8_lossy(&body[..body.len().min(SHOWN)]));
+    let more = if body.len() > SHOWN { "…" } else { "" };
+    format!("{:?}{more} ({} bytes)", text, body.len())
+}
+
 fn json_text(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::String(s) => s.clone(),
@@ -270,6 +358,8 @@ fn json_text(value: &serde_json::Value) -> String {
     }
 }
 
+/// RevKeen's error object, every text in it scrubbed of configured secrets (an error body may
+/// echo the key it was sent).
 fn parse_error(status: StatusCode, body: &[u8]) -> ApiError {
     match serde_json::from_slice::<ErrorEnvelope>(body) {
         Ok(envelope) => ApiError {
@@ -277,15 +367,19 @@ fn parse_error(status: StatusCode, body: &[u8]) -> ApiError {
             code: if envelope.error.code.is_empty() {
                 status_code_name(status)
             } else {
-                envelope.error.code
+                redact(&envelope.error.code)
             },
-            message: envelope.error.message,
-            fields: envelope.error.details.and_then(|d| d.fields),
+            message: redact(&envelope.error.message),
+            fields: envelope
+                .error
+                .details
+                .and_then(|d| d.fields)
+                .and_then(|fields| serde_json::from_str(&redact(&fields.to_string())).ok()),
         },
         Err(_) => ApiError {
             status: status.as_u16(),
             code: status_code_name(status),
-            message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            message: redact(&String::from_utf8_lossy(&body[..body.len().min(200)])),
             fields: None,
         },
     }
@@ -306,15 +400,15 @@ mod tests {
                 StatusCode::from_u16(status).expect("status"),
                 body.as_bytes(),
                 None,
-                false,
+                Expect::Single,
             )
         };
         assert_eq!(
-            ok(201, r#"{"data":{},"created":true}"#),
+            ok(201, r#"{"data":{"id":"c_1"},"created":true}"#),
             Answer::Applied { created: true }
         );
         assert_eq!(
-            ok(200, r#"{"data":{},"created":false}"#),
+            ok(200, r#"{"data":{"id":"c_1"},"created":false}"#),
             Answer::Applied { created: false }
         );
         assert_eq!(
@@ -349,7 +443,7 @@ mod tests {
             StatusCode::OK,
             br#"{"created":2,"updated":1,"skipped":1,"failed":[{"external_id":"9","error":"validation_error: bad"}]}"#,
             None,
-            true,
+            Expect::Batch(5),
         );
         assert_eq!(
             batch,
@@ -360,6 +454,50 @@ mod tests {
                 failed: vec![("9".into(), "validation_error: bad".into())],
             })
         );
+    }
+
+    #[test]
+    fn a_2xx_counts_only_in_its_documented_shape() {
+        let single = |body: &str| classify(StatusCode::OK, body.as_bytes(), None, Expect::Single);
+        for body in [
+            "{}",
+            "OK",
+            "<html>hello</html>",
+            r#"{"data":{}}"#,
+            r#"{"data":{"id":""}}"#,
+            r#"{"created":true}"#,
+            r#"{"ignored":false}"#,
+            r#"{"ignored":true,"reason":"other"}"#,
+        ] {
+            assert!(
+                matches!(single(body), Answer::Unexpected(ref m) if m.contains("200")),
+                "{body}: {:?}",
+                single(body)
+            );
+        }
+        let batch = |body: &str, members| {
+            classify(
+                StatusCode::OK,
+                body.as_bytes(),
+                None,
+                Expect::Batch(members),
+            )
+        };
+        assert!(matches!(batch("{}", 3), Answer::Unexpected(_)));
+        let zero = r#"{"created":0,"updated":0,"skipped":0,"failed":[]}"#;
+        assert!(
+            matches!(batch(zero, 3), Answer::Unexpected(ref m) if m.contains("accounts for 0")),
+            "{:?}",
+            batch(zero, 3)
+        );
+        let all =
+            r#"{"created":2,"updated":0,"skipped":0,"failed":[{"external_id":"3","error":"x"}]}"#;
+        assert!(matches!(batch(all, 3), Answer::Batch(_)));
+        // A redirect is never an answer to act on.
+        assert!(matches!(
+            classify(StatusCode::FOUND, b"", None, Expect::Single),
+            Answer::Misdirected(_)
+        ));
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl RunReport {
         let mut out = crate::table::text_table(&rows, |column| column > 0);
         for s in &self.sources {
             for note in s.notes() {
-                out.push_str(&format!("{}: {note}\n", s.name));
+                out.push_str(&format!("{}: {}\n", s.name, crate::table::escape(&note)));
             }
         }
         out.push_str(&format!(
@@ -483,7 +483,7 @@ fn run_exit(
             _ => 2,
         });
     match (worker_exit, worst_poll) {
-        (WorkerExit::AuthHalted(reason), _) => (ExitStatus::AuthRefused, Some(reason.clone())),
+        (WorkerExit::Halted(halt), _) => (halt.exit_status(), Some(halt.message.clone())),
         (_, Some(ExitStatus::AuthRefused)) => (
             ExitStatus::AuthRefused,
             Some("a source refused its API key".to_string()),

@@ -58,6 +58,8 @@ pub struct AppState {
     pub push: Arc<HashMap<String, PushFeed>>,
     /// Configured source names (an unknown one is a 404 on the push route).
     pub sources: Arc<Vec<String>>,
+    /// Why the daemon is going down, once one of its loops died: not ready from that moment.
+    pub fatal: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// The process-wide Prometheus recorder (installed once; later calls reuse it).
@@ -119,6 +121,17 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
+    let fatal = state
+        .fatal
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if let Some(reason) = fatal {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not_ready", "reason": format!("a daemon loop ended: {reason}; the daemon is exiting")}),
+        );
+    }
     match state.reader.call(|s| s.halts()).await {
         Err(error) => json(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -131,7 +144,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 .collect();
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"status": "not_ready", "reason": format!("auth halt: {}", reasons.join("; "))}),
+                serde_json::json!({"status": "not_ready", "reason": format!("halted: {}", reasons.join("; "))}),
             )
         }
         Ok(_) => json(StatusCode::OK, serde_json::json!({"status": "ready"})),
@@ -243,21 +256,24 @@ async fn push(
             );
         }
     };
-    let ids: Vec<String> = parsed
-        .events
-        .into_iter()
-        .map(|e| e.external_id.into_string())
-        .collect();
-    if let Some(bad) = ids
-        .iter()
-        .position(|id| id.is_empty() || id.len() > 255 || !feed.adapter.valid_id(id))
-    {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "events[{bad}].external_id is not an id this source uses (a positive integer)"
-            ),
-        );
+    // The source's id rule, the one its polls use; ids are stored in canonical form.
+    let mut ids: Vec<String> = Vec::with_capacity(parsed.events.len());
+    for (index, event) in parsed.events.into_iter().enumerate() {
+        let text = event.external_id.into_string();
+        match (text.len() <= 255)
+            .then(|| feed.adapter.external_id(&text))
+            .flatten()
+        {
+            Some(id) => ids.push(id),
+            None => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "events[{index}].external_id is not an id this source uses (a positive integer)"
+                    ),
+                );
+            }
+        }
     }
     let count = ids.len();
     let committed = {

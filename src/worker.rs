@@ -27,6 +27,9 @@ use futures_util::future::BoxFuture;
 const IN_PROGRESS_RETRY: Duration = Duration::from_secs(2);
 /// The halt target name for RevKeen (sources use their own names).
 pub(crate) const REVKEEN: &str = "revkeen";
+/// The halt code of an address that does not lead to RevKeen (a redirect, an untrusted
+/// certificate); any other halt code is RevKeen's refusal of the key.
+pub(crate) const MISDIRECTED: &str = "misdirected";
 
 /// What happens when a unit runs out of attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,10 +47,50 @@ pub(crate) enum WorkerExit {
     Drained,
     /// Shutdown requested.
     Stopped,
-    /// RevKeen refused the key.
-    AuthHalted(String),
+    /// Sending stopped: RevKeen refused the key, or the address does not lead to RevKeen.
+    Halted(Halted),
     /// A unit ran out of attempts in `--once`.
     Unavailable(String),
+}
+
+/// Why sending stopped for the rest of the process: what the state file's halt says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Halted {
+    /// RevKeen's error code for a refused key (`invalid_api_key`, …) or [`MISDIRECTED`].
+    pub code: String,
+    /// What happened and what to fix, for the log, `status` and `/readyz`.
+    pub message: String,
+}
+
+impl Halted {
+    fn refused_key(code: &str, why: &dyn std::fmt::Display) -> Halted {
+        Halted {
+            code: code.to_string(),
+            message: format!(
+                "RevKeen refused the API key ({why}); fix revkeen.api_key / api_key_file and restart"
+            ),
+        }
+    }
+
+    fn misdirected(problem: &str) -> Halted {
+        Halted {
+            code: MISDIRECTED.to_string(),
+            message: format!("{problem}; then restart"),
+        }
+    }
+
+    fn is_auth(&self) -> bool {
+        self.code != MISDIRECTED
+    }
+
+    /// A `--once` run ended by this halt exits 77 for a refused key, 69 otherwise.
+    pub(crate) fn exit_status(&self) -> crate::exit::ExitStatus {
+        if self.is_auth() {
+            crate::exit::ExitStatus::AuthRefused
+        } else {
+            crate::exit::ExitStatus::Unavailable
+        }
+    }
 }
 
 /// Per-source counts of what was sent in this process.
@@ -72,7 +115,7 @@ impl SendStats {
 #[derive(Default)]
 pub(crate) struct WorkerState {
     stats: Mutex<BTreeMap<String, SendStats>>,
-    halt: Mutex<Option<String>>,
+    halt: Mutex<Option<Halted>>,
     unavailable: Mutex<Option<String>>,
     /// Units being sent right now.
     in_flight: std::sync::atomic::AtomicUsize,
@@ -85,8 +128,11 @@ impl WorkerState {
     }
 
     /// Why sending is halted, if it is.
-    pub(crate) fn halt(&self) -> Option<String> {
-        self.halt.lock().expect("halt lock poisoned").clone()
+    pub(crate) fn halt(&self) -> Option<Halted> {
+        self.halt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Why a `--once` run must end (a unit ran out of attempts), if it must.
@@ -102,18 +148,15 @@ impl WorkerState {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Halts sending because RevKeen refused the key (`why`: its answer); returns the halt
-    /// message for the state file. The first refusal's message is the one kept.
-    fn halt_sending(&self, why: &dyn std::fmt::Display) -> String {
-        let message = format!(
-            "RevKeen refused the API key ({why}); fix revkeen.api_key / api_key_file and restart"
-        );
+    /// Halts sending for the rest of the process. The first halt is the one kept.
+    fn halt_sending(&self, halt: Halted) {
+        if halt.is_auth() {
+            metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
+        }
         self.halt
             .lock()
-            .expect("halt lock poisoned")
-            .get_or_insert_with(|| message.clone());
-        metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
-        message
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(halt);
     }
 
     fn add(&self, source: &str, f: impl FnOnce(&mut SendStats)) {
@@ -177,7 +220,10 @@ impl Upstream for RevKeenClient {
                     )
                     .await
                 }
-                Unit::Batch(batch) => self.upsert_batch(&batch.body, &batch.idempotency_key).await,
+                Unit::Batch(batch) => {
+                    self.upsert_batch(&batch.body, &batch.idempotency_key, batch.members.len())
+                        .await
+                }
             }
         })
     }
@@ -195,6 +241,8 @@ pub(crate) struct Worker {
     pub filter: ClaimFilter,
     pub concurrency: usize,
     pub max_attempts: u32,
+    /// The longest a 429 pauses sending (`revkeen.max_retry_after_secs`).
+    pub max_pause: Duration,
     pub backoff: Backoff,
     pub exhausted: Exhausted,
     /// Notified when new work is queued.
@@ -237,6 +285,7 @@ impl Worker {
             },
             concurrency: revkeen.concurrency,
             max_attempts: revkeen.max_attempts,
+            max_pause: Duration::from_secs(revkeen.max_retry_after_secs),
             backoff: Backoff::default(),
             exhausted,
             wake,
@@ -252,6 +301,7 @@ struct Shared {
     upstream: Arc<dyn Upstream>,
     limiter: Arc<Limiter>,
     max_attempts: u32,
+    max_pause: Duration,
     backoff: Backoff,
     exhausted: Exhausted,
     state: Arc<WorkerState>,
@@ -291,6 +341,7 @@ impl Worker {
             upstream: self.upstream,
             limiter: self.limiter,
             max_attempts: self.max_attempts.max(1),
+            max_pause: self.max_pause,
             backoff: self.backoff,
             exhausted: self.exhausted,
             state: self.state,
@@ -383,37 +434,31 @@ impl Worker {
     /// says whether a halt is still recorded (the first authenticated answer clears it);
     /// `Err` is the exit of a worker that must not send.
     async fn check_earlier_halt(&self) -> Result<Result<bool, WorkerExit>, StoreError> {
-        let halted = self
+        let Some(earlier) = self
             .store
             .call(|s| s.halts())
             .await?
-            .iter()
-            .any(|h| h.target == REVKEEN);
-        if !halted {
+            .into_iter()
+            .find(|h| h.target == REVKEEN)
+        else {
             return Ok(Ok(false));
-        }
-        match self.upstream.probe().await {
+        };
+        let still = match self.upstream.probe().await {
             Probe::Ok => {
-                tracing::info!(
-                    "RevKeen accepts the API key again; the earlier auth halt is cleared."
-                );
+                tracing::info!("RevKeen answers again; the earlier halt is cleared.");
                 self.store.call(|s| s.clear_halt(REVKEEN)).await?;
-                Ok(Ok(false))
+                return Ok(Ok(false));
             }
-            Probe::KeyRefused(reason) => {
-                tracing::error!(
-                    "RevKeen still refuses the API key: nothing is sent until the key is fixed and sync-daemon restarted."
-                );
-                let message = self.state.halt_sending(&reason);
-                let stored = message.clone();
-                self.store
-                    .call(move |s| s.set_halt(REVKEEN, "invalid_api_key", &stored))
-                    .await?;
-                Ok(Err(WorkerExit::AuthHalted(message)))
+            Probe::KeyRefused(reason) => Halted::refused_key("invalid_api_key", &reason),
+            Probe::Tls(problem) | Probe::Unexpected(problem) if earlier.code == MISDIRECTED => {
+                Halted::misdirected(&problem)
             }
             // Unreachable or odd: the first send will tell.
-            _ => Ok(Ok(true)),
-        }
+            _ => return Ok(Ok(true)),
+        };
+        tracing::error!(code = %still.code, "Sending stays halted: {}", still.message);
+        record_halt(&self.store, &self.state, still.clone()).await?;
+        Ok(Err(WorkerExit::Halted(still)))
     }
 }
 
@@ -423,8 +468,8 @@ fn stop_reason(shared: &Shared, shutdown: &CancellationToken) -> Option<WorkerEx
     if shutdown.is_cancelled() {
         return Some(WorkerExit::Stopped);
     }
-    if let Some(reason) = shared.state.halt() {
-        return Some(WorkerExit::AuthHalted(reason));
+    if let Some(halt) = shared.state.halt() {
+        return Some(WorkerExit::Halted(halt));
     }
     shared.state.unavailable().map(WorkerExit::Unavailable)
 }
@@ -526,7 +571,10 @@ fn source_of(unit: &Unit) -> String {
 async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
     let source = source_of(&unit);
     shared.state.add(&source, |s| s.requests += 1);
-    if !matches!(answer, Answer::AuthRefused(_) | Answer::Transient(_)) {
+    if !matches!(
+        answer,
+        Answer::AuthRefused(_) | Answer::Transient(_) | Answer::Misdirected(_)
+    ) {
         clear_stale_halt(shared).await?;
     }
     match answer {
@@ -548,7 +596,11 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
         Answer::Batch(result) => finish_batch(shared, unit, result).await,
         Answer::Refused(error) => refused(shared, unit, &error).await,
         Answer::Conflict(error) => conflict(shared, unit, &error).await,
-        Answer::AuthRefused(error) => halt(shared, unit, &error).await,
+        Answer::AuthRefused(error) => {
+            halt(shared, unit, Halted::refused_key(&error.code, &error)).await
+        }
+        Answer::Misdirected(problem) => halt(shared, unit, Halted::misdirected(&problem)).await,
+        Answer::Unexpected(problem) => unexpected(shared, unit, problem).await,
         Answer::InProgress => {
             let at = now_ms() + IN_PROGRESS_RETRY.as_millis() as i64;
             shared
@@ -556,16 +608,8 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
                 .call(move |s| s.retry_later(&unit, at, "idempotency key still in progress", false))
                 .await
         }
-        Answer::RateLimited { retry_after } => {
-            let wait = retry_after.unwrap_or_else(|| shared.backoff.delay(unit.attempts()));
-            shared.limiter.pause(wait);
-            let at = now_ms() + wait.as_millis() as i64;
-            shared
-                .store
-                .call(move |s| s.retry_later(&unit, at, "rate limited (429)", false))
-                .await
-        }
-        Answer::Transient(error) => retry_or_give_up(shared, unit, error).await,
+        Answer::RateLimited { retry_after } => rate_limited(shared, unit, retry_after).await,
+        Answer::Transient(error) => retry_or_give_up(shared, unit, Failed::transient(error)).await,
     }
 }
 
@@ -628,18 +672,75 @@ async fn conflict(shared: &Arc<Shared>, unit: Unit, error: &ApiError) -> SendRes
     finish_all(shared, unit, Finished::DeadLetter(dead), counts).await
 }
 
-/// 401/403: sending stops with this key; the unit goes back untouched.
-async fn halt(shared: &Arc<Shared>, unit: Unit, error: &ApiError) -> SendResult {
-    tracing::error!(status = error.status, code = %error.code, "RevKeen refused the API key: sending stops until the key is fixed and sync-daemon restarted.");
-    let message = shared.state.halt_sending(error);
-    let code = error.code.clone();
+/// Sending stops for the rest of the process (a refused key, an address that does not lead
+/// to RevKeen); the unit goes back untouched.
+async fn halt(shared: &Arc<Shared>, unit: Unit, halt: Halted) -> SendResult {
+    tracing::error!(code = %halt.code, "Sending stops: {}", halt.message);
+    shared.store.call(move |s| s.release(&unit)).await?;
+    record_halt(&shared.store, &shared.state, halt).await
+}
+
+/// Halts this process's sending and records the halt for `status` and `/readyz`.
+async fn record_halt(store: &Store, state: &WorkerState, halt: Halted) -> SendResult {
+    state.halt_sending(halt.clone());
+    store
+        .call(move |s| s.set_halt(REVKEEN, &halt.code, &halt.message))
+        .await
+}
+
+/// A 429: every request to RevKeen waits out `Retry-After` (or backoff), capped at
+/// `revkeen.max_retry_after_secs`; the unit is due again when the pause lifts.
+async fn rate_limited(
+    shared: &Arc<Shared>,
+    unit: Unit,
+    retry_after: Option<Duration>,
+) -> SendResult {
+    let asked = retry_after.unwrap_or_else(|| shared.backoff.delay(unit.attempts()));
+    let wait = asked.min(shared.max_pause);
+    if wait < asked {
+        tracing::warn!(
+            asked_secs = asked.as_secs(),
+            waiting_secs = wait.as_secs(),
+            "RevKeen asked to wait longer than revkeen.max_retry_after_secs; waiting that long instead."
+        );
+    }
+    shared.limiter.pause(wait);
+    let at = now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+    let reason =
+        crate::limiter::pause_reason("RevKeen", asked, wait, "revkeen.max_retry_after_secs");
     shared
         .store
         .call(move |s| {
-            s.release(&unit)?;
-            s.set_halt(REVKEEN, &code, &message)
+            if wait >= crate::limiter::REPORTED_PAUSE {
+                s.set_pause(REVKEEN, at, &reason)?;
+            }
+            s.retry_later(&unit, at, "rate limited (429)", false)
         })
         .await
+}
+
+/// A 2xx that is not the documented answer: a batch is split into singles (whose answers are
+/// per customer); a single is retried like a 5xx and, out of attempts, dead-lettered with
+/// what RevKeen said.
+async fn unexpected(shared: &Arc<Shared>, unit: Unit, problem: String) -> SendResult {
+    if let Unit::Batch(batch) = &unit {
+        tracing::warn!(
+            source = %source_of(&unit),
+            members = batch.members.len(),
+            %problem,
+            "RevKeen's batch answer cannot be read; resending its customers one by one."
+        );
+        let batch = batch.clone();
+        return shared.store.call(move |s| s.split_batch(&batch)).await;
+    }
+    let failed = Failed {
+        code: "unexpected_answer",
+        http_status: Some(200),
+        message: problem,
+        hint: "RevKeen's answer could not be read, so the customer was not counted as sent: \
+               `sync-daemon replay` it once RevKeen answers as documented",
+    };
+    retry_or_give_up(shared, unit, failed).await
 }
 
 async fn clear_stale_halt(shared: &Arc<Shared>) -> SendResult {
@@ -655,14 +756,35 @@ async fn clear_stale_halt(shared: &Arc<Shared>) -> SendResult {
     Ok(())
 }
 
-async fn retry_or_give_up(shared: &Arc<Shared>, unit: Unit, error: String) -> SendResult {
+/// An attempt that got no final answer, and the dead letter it becomes when attempts run out.
+struct Failed {
+    code: &'static str,
+    http_status: Option<u16>,
+    message: String,
+    hint: &'static str,
+}
+
+impl Failed {
+    /// A 5xx, timeout or connection error.
+    fn transient(message: String) -> Failed {
+        Failed {
+            code: "retries_exhausted",
+            http_status: None,
+            message,
+            hint: "RevKeen was unavailable: run `sync-daemon replay --all` once it is back",
+        }
+    }
+}
+
+async fn retry_or_give_up(shared: &Arc<Shared>, unit: Unit, failed: Failed) -> SendResult {
+    let error = failed.message;
     let source = source_of(&unit);
     let attempts = unit.attempts() + 1;
     shared.state.add(&source, |s| s.retries += 1);
     if attempts < shared.max_attempts {
         let delay = shared.backoff.delay(unit.attempts());
         tracing::warn!(source = %source, attempt = attempts, %error, retry_in_ms = delay.as_millis() as u64, "RevKeen request failed; retrying.");
-        let at = now_ms() + delay.as_millis() as i64;
+        let at = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         return shared
             .store
             .call(move |s| s.retry_later(&unit, at, &error, true))
@@ -671,7 +793,11 @@ async fn retry_or_give_up(shared: &Arc<Shared>, unit: Unit, error: String) -> Se
     match shared.exhausted {
         Exhausted::StopRun => {
             tracing::error!(source = %source, attempts, %error, "RevKeen stayed unavailable; ending the run. Queued customers are sent by the next run.");
-            *shared.state.unavailable.lock().expect("lock") = Some(format!(
+            *shared
+                .state
+                .unavailable
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(format!(
                 "RevKeen stayed unavailable after {attempts} attempts: {error}"
             ));
             let at = now_ms();
@@ -683,14 +809,11 @@ async fn retry_or_give_up(shared: &Arc<Shared>, unit: Unit, error: String) -> Se
         Exhausted::DeadLetter => {
             tracing::error!(source = %source, attempts, %error, "RevKeen stayed unavailable; the customer is kept as a dead letter.");
             let dead = DeadLetter {
-                code: "retries_exhausted".to_string(),
+                code: failed.code.to_string(),
                 reason: format!("no final answer after {attempts} attempts; last error: {error}"),
-                http_status: None,
+                http_status: failed.http_status,
                 field_errors: None,
-                hint: Some(
-                    "RevKeen was unavailable: run `sync-daemon replay --all` once it is back"
-                        .to_string(),
-                ),
+                hint: Some(failed.hint.to_string()),
             };
             let counts = DeliveryCounts {
                 dead_lettered: unit.jobs().len() as u64,
@@ -861,6 +984,7 @@ mod tests {
             },
             concurrency: 1,
             max_attempts: 3,
+            max_pause: Duration::from_secs(900),
             backoff: Backoff::default(),
             exhausted,
             wake: Arc::new(Notify::new()),
@@ -1021,7 +1145,7 @@ mod tests {
         };
         let revkeen = scripted(vec![Answer::AuthRefused(refusal)], Duration::ZERO);
         let exit = run_once(worker(&store, revkeen.clone(), Exhausted::StopRun)).await;
-        assert!(matches!(exit, WorkerExit::AuthHalted(_)), "{exit:?}");
+        assert!(matches!(exit, WorkerExit::Halted(_)), "{exit:?}");
         assert_eq!(revkeen.arrivals().len(), 1);
         assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 5);
         assert_eq!(store.halts().expect("halts").len(), 1);

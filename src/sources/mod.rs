@@ -12,6 +12,7 @@
 
 mod poll;
 pub mod practicehub;
+mod raw;
 pub mod wodify;
 
 pub use poll::{FetchContext, PollContext, PollError, fetch_one, poll, record_key_outcome, scan};
@@ -111,6 +112,10 @@ impl Record {
 /// One fetched page.
 pub struct Page {
     pub records: Vec<Record>,
+    /// Each record's external id as the adapter read it (`None`: it has none it can use), in
+    /// the order of `records`: what the poll loop checks progress with and names a record by
+    /// when its mapping fails.
+    pub ids: Vec<Option<String>>,
     /// The cursor after this page (the start of a new pass when `pass_complete`).
     pub next: String,
     /// This page ended the listing.
@@ -140,9 +145,10 @@ pub trait Source: Send + Sync + 'static {
         external_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Record>, SourceError>>;
 
-    /// Whether `external_id` can name a record of this source at all (push events are
-    /// checked before they are accepted).
-    fn valid_id(&self, external_id: &str) -> bool;
+    /// The external id `text` names under this source's id rule, in canonical form, or
+    /// `None` when it cannot name a record (push events are checked before they are accepted,
+    /// by the rule polls use).
+    fn external_id(&self, text: &str) -> Option<String>;
 
     /// Maps one record this adapter fetched to what the outbox takes.
     fn map(&self, record: &Record) -> Mapped;
@@ -183,6 +189,14 @@ pub enum SourceError {
     /// 404 for a single record.
     #[error("not found")]
     NotFound,
+    /// The configured address does not lead to the API: a redirect (never followed, the key
+    /// would go with it) or an untrusted TLS certificate. Not retried.
+    #[error("{0}")]
+    Misdirected(String),
+    /// The listing does not advance (the same page again, a cycle of links, no end): the
+    /// poll stops. Not retried.
+    #[error("{0}")]
+    Pagination(String),
 }
 
 impl SourceError {
@@ -203,6 +217,49 @@ impl SourceError {
     }
 }
 
+/// The id rule of both sources: a positive integer up to `i64::MAX`, given as a JSON integer
+/// or as a string of decimal digits. Anything else (`10000.0`, `-5`, `0`, `abc`, `1.5`, a
+/// number beyond i64) is no id. Polls and push events use the same rule. The canonical form
+/// (no leading zeros) is what RevKeen sees.
+pub fn positive_id(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Number(n) => n.as_i64().filter(|id| *id > 0).map(|id| id.to_string()),
+        serde_json::Value::String(text) => positive_id_text(text),
+        _ => None,
+    }
+}
+
+/// [`positive_id`] of a text (a push event's id, a string id in a record).
+pub fn positive_id_text(text: &str) -> Option<String> {
+    let digits = text.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .map(|id| id.to_string())
+}
+
+/// A record that cannot be read: rejected on its own, the rest of its page goes on. Named by
+/// its id when it has a usable one, else by `digest`, a digest of its text (stable while the
+/// record is unchanged, so a poll that meets it again updates the same failure).
+fn unreadable(id: Option<String>, digest: &str, problem: String, hint: &str) -> Mapped {
+    let external_id = id.unwrap_or_else(|| format!("no-id-{digest}"));
+    Mapped {
+        item: PageItem {
+            external_id,
+            outcome: crate::store::PageItemOutcome::Rejected(crate::customer::Rejection::new(
+                "unreadable",
+                problem,
+                hint,
+            )),
+        },
+        warnings: Vec::new(),
+    }
+}
+
 /// A saved cursor in words, for `status` (`None`: the source was never polled).
 pub fn describe_cursor(source: &SourceConfig, cursor: Option<(&str, i64)>) -> String {
     match (kind_of(source), cursor) {
@@ -212,17 +269,55 @@ pub fn describe_cursor(source: &SourceConfig, cursor: Option<(&str, i64)>) -> St
     }
 }
 
-/// Sends one GET an adapter built (its URL and auth headers), reads the whole answer and records
-/// the request's duration and status under `target`; `read` turns the status, body and
-/// `Retry-After` into a value or an error.
-async fn send_get<T>(
-    request: reqwest::RequestBuilder,
+/// Who an adapter's requests go to, for messages: the API's name (`Wodify`) and what to check
+/// when the address is wrong (`the base_url of source "gym"`).
+#[derive(Debug, Clone)]
+struct Endpoint {
     target: &'static str,
-    read: impl FnOnce(reqwest::StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
-) -> Result<T, SourceError> {
-    match crate::http::send_measured(request, target, "read").await {
-        Ok((status, retry_after, body)) => read(status, &body, retry_after),
-        Err(transport) => Err(SourceError::Transient(transport)),
+    api: &'static str,
+    key: String,
+}
+
+impl Endpoint {
+    fn new(target: &'static str, api: &'static str, source: &SourceConfig) -> Endpoint {
+        Endpoint {
+            target,
+            api,
+            key: format!("the base_url of source {:?}", source.name),
+        }
+    }
+
+    /// Sends one GET an adapter built (its URL and auth headers), reads the whole answer and
+    /// records the request's duration and status; `read` turns the status, body and
+    /// `Retry-After` into a value or an error. A redirect or an untrusted certificate never
+    /// reaches `read`.
+    async fn get<T>(
+        &self,
+        request: reqwest::RequestBuilder,
+        read: impl FnOnce(reqwest::StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        match crate::http::send_measured(request, self.target, "read").await {
+            Ok(reply) => match reply.redirect(self.api, &self.key) {
+                Some(problem) => Err(SourceError::Misdirected(problem)),
+                None => read(reply.status, &reply.body, reply.retry_after),
+            },
+            Err(transport @ crate::http::Transport::Untrusted { .. }) => Err(
+                SourceError::Misdirected(transport.describe(self.api, &self.key)),
+            ),
+            Err(crate::http::Transport::Failed(detail)) => Err(SourceError::Transient(detail)),
+        }
+    }
+
+    /// One authenticated read for `check-config --connect`; `read` judges the answer.
+    async fn probe(
+        &self,
+        request: reqwest::RequestBuilder,
+        read: impl FnOnce(reqwest::StatusCode, &[u8]) -> Result<(), SourceError>,
+    ) -> Probe {
+        crate::http::probe_request(request, self.api, &self.key, |status, body| {
+            SourceError::probe(read(status, body))
+        })
+        .await
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Mapped, Page, Record, Source, SourceError, kind_of};
+use super::{Mapped, Page, Source, SourceError, kind_of};
 use crate::config::SourceConfig;
 use crate::limiter::{Backoff, Limiter};
 use crate::store::{PageOutcome, PollStats, Store, StoreError};
@@ -61,6 +61,8 @@ impl From<SourceError> for PollError {
             SourceError::NotFound => PollError::Failed(SourceError::Permanent(
                 "the listing answered 404 Not Found: check the source's base_url".to_string(),
             )),
+            // Not retried, but an upstream problem like one that stayed down (exit 69).
+            SourceError::Misdirected(_) => PollError::Unavailable(error),
             other => PollError::Unavailable(other),
         }
     }
@@ -75,6 +77,10 @@ pub struct FetchContext {
     pub backoff: Backoff,
     /// Fetch attempts before a request is given up on.
     pub max_attempts: u32,
+    /// The longest a 429 pauses requests to the source (`max_retry_after_secs`).
+    pub max_pause: Duration,
+    /// Where a long pause is recorded for `status` (none for a dry run, which writes nothing).
+    pub pauses: Option<Store>,
     pub cancel: CancellationToken,
 }
 
@@ -90,6 +96,8 @@ impl FetchContext {
             )),
             backoff,
             max_attempts: source.max_attempts,
+            max_pause: Duration::from_secs(source.max_retry_after_secs),
+            pauses: None,
             cancel,
         }
     }
@@ -121,7 +129,10 @@ impl PollContext {
         cancel: CancellationToken,
     ) -> PollContext {
         PollContext {
-            fetch: FetchContext::new(source, backoff, cancel),
+            fetch: FetchContext {
+                pauses: Some(store.clone()),
+                ..FetchContext::new(source, backoff, cancel)
+            },
             source: source.clone(),
             store,
             wake_worker,
@@ -165,14 +176,16 @@ pub async fn scan(
 ) -> Result<PollStats, PollError> {
     let mut stats = PollStats::default();
     let mut cursor = source.start_cursor();
+    let mut progress = Progress::new(FIRST_LISTING_PAGES);
     loop {
         if ctx.cancel.is_cancelled() {
             return Err(PollError::Cancelled);
         }
         let page = with_retries(ctx, || source.fetch(&cursor)).await?;
+        progress.check(&ctx.source, &cursor, &page)?;
         stats.pages += 1;
         stats.fetched += page.records.len() as u64;
-        let mapped: Vec<Mapped> = page.records.iter().map(|r| source.map(r)).collect();
+        let mapped = map_records(source, &page);
         stats.warnings += mapped.iter().map(|m| m.warnings.len() as u64).sum::<u64>();
         on_page(mapped);
         if page.pass_complete {
@@ -233,6 +246,78 @@ pub async fn poll(source: &Arc<dyn Source>, ctx: &PollContext) -> Result<PollSta
     result.map(|()| stats)
 }
 
+/// How many pages a first listing may take (no earlier listing to measure by): 2 million
+/// records. Progress checks stop any loop long before; this stops whatever they cannot see.
+const FIRST_LISTING_PAGES: u64 = 20_000;
+
+/// The most pages a poll may read: three times the largest of its source's recent complete
+/// polls (a resumed poll reads a listing and a bit), and never fewer than 200.
+async fn page_cap(ctx: &PollContext) -> Result<u64, PollError> {
+    let name = ctx.name().to_string();
+    let recent = ctx.store.call(move |s| s.recent_max_pages(&name)).await?;
+    Ok(match recent {
+        None => FIRST_LISTING_PAGES,
+        Some(pages) => pages.saturating_mul(3).saturating_add(10).max(200),
+    })
+}
+
+/// Proof that a listing moves: every page must lead somewhere new. A cursor that does not
+/// change, one already visited in this pass, the same records twice in a row, or more pages
+/// than the cap end the poll with an error that says which (the next poll resumes at the last
+/// committed page, so nothing is lost).
+struct Progress {
+    visited: std::collections::HashSet<String>,
+    previous: Vec<Option<String>>,
+    pages: u64,
+    cap: u64,
+}
+
+impl Progress {
+    fn new(cap: u64) -> Progress {
+        Progress {
+            visited: std::collections::HashSet::new(),
+            previous: Vec::new(),
+            pages: 0,
+            cap,
+        }
+    }
+
+    fn check(&mut self, source: &str, cursor: &str, page: &Page) -> Result<(), SourceError> {
+        self.pages += 1;
+        let pages = self.pages;
+        let stuck = |why: String| {
+            SourceError::Pagination(format!(
+                "{source}'s listing does not advance: {why}; stopped after {pages} pages (the \
+                 next poll resumes at the last page committed)"
+            ))
+        };
+        if self.pages > self.cap {
+            return Err(stuck(format!(
+                "more than {} pages in one poll, three times its largest recent listing",
+                self.cap
+            )));
+        }
+        if page.ids.iter().any(Option::is_some) && page.ids == self.previous {
+            return Err(stuck(
+                "it returned the same records twice in a row".to_string(),
+            ));
+        }
+        if page.pass_complete {
+            // A new pass may legitimately walk the same pages again.
+            self.visited.clear();
+        } else if page.next == cursor {
+            return Err(stuck(format!("the page after {cursor} is {cursor} again")));
+        } else if !self.visited.insert(page.next.clone()) {
+            return Err(stuck(format!(
+                "it led back to a page already read in this listing ({})",
+                page.next
+            )));
+        }
+        self.previous = page.ids.clone();
+        Ok(())
+    }
+}
+
 /// Where a poll starts and when it is done.
 struct Listing {
     cursor: String,
@@ -267,6 +352,7 @@ async fn poll_pages(
     poll_id: i64,
 ) -> Result<(), PollError> {
     let mut listing = start_listing(source.as_ref(), ctx).await?;
+    let mut progress = Progress::new(page_cap(ctx).await?);
     let mut commit: Option<Commit> = None;
     loop {
         if ctx.fetch.cancel.is_cancelled() {
@@ -282,6 +368,7 @@ async fn poll_pages(
         };
         committed?;
         let page = fetched?;
+        progress.check(ctx.name(), &listing.cursor, &page)?;
         let stop = listing.ends_with(source.as_ref(), &page.next, page.pass_complete);
         let pass_complete = page.pass_complete;
         listing.cursor = page.next.clone();
@@ -328,7 +415,7 @@ fn spawn_commit(source: Arc<dyn Source>, ctx: &PollContext, page: Page) -> Commi
     );
     tokio::task::spawn_blocking(move || {
         let fetched = page.records.len();
-        let (items, warnings) = map_page(source.as_ref(), &name, page.records);
+        let (items, warnings) = map_page(source.as_ref(), &name, &page);
         let outcome = store.commit_page(
             &name,
             &revkeen_source,
@@ -345,16 +432,32 @@ fn spawn_commit(source: Arc<dyn Source>, ctx: &PollContext, page: Page) -> Commi
     })
 }
 
+/// Maps every record of a page, each on its own: a mapping that panics (a bug, or a library
+/// tripping over a value) becomes that record's rejection, never a lost page or a dead run.
+fn map_records(source: &dyn Source, page: &Page) -> Vec<Mapped> {
+    page.records
+        .iter()
+        .enumerate()
+        .map(|(i, record)| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| source.map(record)))
+                .unwrap_or_else(|_| {
+                    let id = page.ids.get(i).cloned().flatten();
+                    super::unreadable(
+                        id,
+                        &format!("position-{i}"),
+                        format!("record {} of a page could not be mapped (it made sync-daemon panic)", i + 1),
+                        "a bug in sync-daemon: please report it; the record is read again on every poll",
+                    )
+                })
+        })
+        .collect()
+}
+
 /// Maps every record of a page, counting the fields that had to be left out.
-fn map_page(
-    source: &dyn Source,
-    name: &str,
-    records: Vec<Record>,
-) -> (Vec<crate::store::PageItem>, u64) {
-    let mut items = Vec::with_capacity(records.len());
+fn map_page(source: &dyn Source, name: &str, page: &Page) -> (Vec<crate::store::PageItem>, u64) {
+    let mut items = Vec::with_capacity(page.records.len());
     let mut warnings = 0u64;
-    for record in &records {
-        let mapped = source.map(record);
+    for mapped in map_records(source, page) {
         for warning in &mapped.warnings {
             metrics::counter!("sync_daemon_normalization_warnings_total",
                 "source" => name.to_string(), "warning" => *warning)
@@ -454,6 +557,38 @@ async fn finish_commit(
     Ok(())
 }
 
+/// A 429 with `Retry-After`: every request to the host waits, not just this one, for at most
+/// `max_retry_after_secs`; a long pause is recorded for `status`.
+async fn pause(ctx: &FetchContext, asked: Duration) {
+    let wait = asked.min(ctx.max_pause);
+    if wait < asked {
+        tracing::warn!(
+            source = %ctx.source,
+            asked_secs = asked.as_secs(),
+            waiting_secs = wait.as_secs(),
+            "The source asked to wait longer than its max_retry_after_secs; waiting that long instead."
+        );
+    }
+    ctx.limiter.pause(wait);
+    let Some(store) = ctx
+        .pauses
+        .as_ref()
+        .filter(|_| wait >= crate::limiter::REPORTED_PAUSE)
+    else {
+        return;
+    };
+    let until =
+        crate::clock::now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+    let reason = crate::limiter::pause_reason(&ctx.source, asked, wait, "max_retry_after_secs");
+    let target = ctx.source.clone();
+    if let Err(error) = store
+        .call(move |s| s.set_pause(&target, until, &reason))
+        .await
+    {
+        tracing::warn!(source = %ctx.source, %error, "Cannot record the pause for `status`.");
+    }
+}
+
 /// Sends `request` through the source's rate limiter, retrying what can be retried with
 /// backoff, up to the source's `max_attempts`.
 async fn with_retries<T, F, Fut>(ctx: &FetchContext, mut request: F) -> Result<T, SourceError>
@@ -462,15 +597,13 @@ where
     Fut: Future<Output = Result<T, SourceError>>,
 {
     let name = ctx.source.as_str();
-    let limiter = &ctx.limiter;
     let attempt = || {
         let answer = request();
         async move {
-            limiter.acquire().await;
+            ctx.limiter.acquire().await;
             let result = answer.await;
-            if let Err(SourceError::RateLimited(Some(wait))) = &result {
-                // Every request to the host waits, not just this one.
-                limiter.pause(*wait);
+            if let Err(SourceError::RateLimited(Some(asked))) = &result {
+                pause(ctx, *asked).await;
             }
             result
         }
@@ -500,6 +633,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, Environment};
     use crate::http::Probe;
+    use crate::sources::Record;
     use crate::store::test_support::temp_store;
     use crate::store::{PageItem, PageItemOutcome};
     use crate::testing::Script;
@@ -527,6 +661,7 @@ mod tests {
             Box::pin(async move {
                 let (ids, pass_complete) = self.next().await.unwrap_or(Ok((Vec::new(), true)))?;
                 Ok(Page {
+                    ids: ids.iter().map(|id| Some(id.to_string())).collect(),
                     records: ids.iter().map(|id| Record::new(id.to_string())).collect(),
                     next: if pass_complete {
                         "start".to_string()
@@ -545,8 +680,8 @@ mod tests {
             Box::pin(async { Ok(None) })
         }
 
-        fn valid_id(&self, _id: &str) -> bool {
-            true
+        fn external_id(&self, text: &str) -> Option<String> {
+            Some(text.to_string())
         }
 
         fn map(&self, record: &Record) -> Mapped {

@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
 use super::outbox::{Job, placeholders};
 use super::{Store, StoreError};
+use crate::config::redact;
 use crate::customer::Rejection;
 
 /// A final refusal, as kept for `failures` and `replay`.
@@ -179,7 +180,8 @@ pub(super) fn dead_letter(
     dead: &DeadLetter,
     now: i64,
 ) -> rusqlite::Result<()> {
-    let fields = dead.field_errors.as_ref().map(|v| v.to_string());
+    // What RevKeen said is stored scrubbed of secrets (an error may echo the key it was sent).
+    let fields = dead.field_errors.as_ref().map(|v| redact(&v.to_string()));
     conn.prepare_cached(
         "INSERT INTO failures (source, external_id, kind, code, reason, hint, http_status,
                                field_errors, revkeen_source, body, body_hash, attempts,
@@ -198,8 +200,8 @@ pub(super) fn dead_letter(
     .execute(params![
         job.source,
         job.external_id,
-        dead.code,
-        dead.reason,
+        redact(&dead.code),
+        redact(&dead.reason),
         dead.hint,
         dead.http_status,
         fields,

@@ -6,6 +6,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError, now_ms};
+use crate::config::redact;
 
 /// What a committed page changed, counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,7 +113,49 @@ pub(super) fn add_delivery(
     .map(drop)
 }
 
+/// A host paused for a long `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Pause {
+    /// `revkeen` or a source name.
+    pub target: String,
+    /// Unix ms.
+    pub until: i64,
+    pub reason: String,
+}
+
 impl Store {
+    /// Records that requests to `target` wait until `until` (Unix ms), and why.
+    pub fn set_pause(&self, target: &str, until: i64, reason: &str) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO pauses (target, until, reason, since) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (target) DO UPDATE SET until = excluded.until,
+                     reason = excluded.reason, since = excluded.since",
+            )
+            .and_then(|mut stmt| stmt.execute(params![target, until, redact(reason), now_ms()]))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Pauses that have not ended by `now` (Unix ms).
+    pub fn pauses(&self, now: i64) -> Result<Vec<Pause>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT target, until, reason FROM pauses WHERE until > ?1 ORDER BY target",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([now], |row| {
+            Ok(Pause {
+                target: row.get(0)?,
+                until: row.get(1)?,
+                reason: row.get(2)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
     /// Records that `target` refused our key.
     pub fn set_halt(&self, target: &str, code: &str, message: &str) -> Result<(), StoreError> {
         self.conn()
@@ -120,7 +163,7 @@ impl Store {
                 "INSERT INTO halts (target, code, message, since) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (target) DO UPDATE SET code = excluded.code,
                      message = excluded.message",
-                params![target, code, message, now_ms()],
+                params![target, redact(code), redact(message), now_ms()],
             )
             .map(drop)
             .map_err(|e| self.err(e))
@@ -221,7 +264,7 @@ impl Store {
                     stats.unchanged,
                     stats.rejected,
                     outcome,
-                    error,
+                    error.map(redact),
                     now_ms(),
                     stats.warnings,
                     stats.skipped,
@@ -229,6 +272,17 @@ impl Store {
                 ],
             )
             .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The most pages any of the source's last ten completed polls read, if one completed.
+    pub fn recent_max_pages(&self, source: &str) -> Result<Option<u64>, StoreError> {
+        self.conn()
+            .prepare_cached(
+                "SELECT MAX(pages) FROM (SELECT pages FROM polls
+                  WHERE source = ?1 AND outcome = 'ok' ORDER BY id DESC LIMIT 10)",
+            )
+            .and_then(|mut stmt| stmt.query_row([source], |row| row.get(0)))
             .map_err(|e| self.err(e))
     }
 

@@ -160,12 +160,23 @@ const V4: &str = r#"
 ALTER TABLE push_events ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
 "#;
 
+const V5: &str = r#"
+-- A host the daemon pauses for a long `Retry-After` (capped by max_retry_after_secs): until when
+-- and why, for `status` ("paused until …").
+CREATE TABLE pauses (
+    target  TEXT PRIMARY KEY,
+    until   INTEGER NOT NULL,
+    reason  TEXT NOT NULL,
+    since   INTEGER NOT NULL
+);
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 4;
+pub(super) const LATEST: usize = 5;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)])
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ mod push;
 
 pub use customers::{Decision, Lane, Preview, Queued, decide};
 pub use failures::{DeadLetter, Failure, FailureKind};
-pub use history::{DeliveryCounts, Halt, PageOutcome, PollRecord, PollStats};
+pub use history::{DeliveryCounts, Halt, PageOutcome, Pause, PollRecord, PollStats};
 pub use outbox::{
     Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, QueueSummary, ReplayOutcome, Unit,
 };
@@ -380,8 +380,20 @@ fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     conn.pragma_update(None, "cache_size", -8192)
         .map_err(|e| sqlite(path, e))?;
     conn.set_prepared_statement_cache_capacity(64);
+    // A full disk on demand, for the tests of what a failing state file does: SQLite answers
+    // SQLITE_FULL once the file would grow past this many pages.
+    if let Some(pages) = std::env::var(MAX_PAGES_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        conn.pragma_update(None, "max_page_count", pages)
+            .map_err(|e| sqlite(path, e))?;
+    }
     Ok(())
 }
+
+/// The environment variable that caps the state file's size in pages (see [`configure`]).
+pub const MAX_PAGES_VAR: &str = "SYNC_DAEMON_MAX_PAGES";
 
 fn classify_open_failure(path: &Path, error: rusqlite::Error) -> StoreError {
     match error.sqlite_error_code() {

@@ -126,6 +126,9 @@ impl Unit {
     }
 }
 
+/// What a member adds to a batch body besides its body and id (`{"external_id":"…",` …).
+const BATCH_ITEM_OVERHEAD: usize = 24;
+
 const JOB_COLUMNS: &str = "o.id, o.source, o.external_id, o.revkeen_source, o.body, o.body_hash, o.idempotency_key, o.attempts";
 
 /// Deletes a batch and puts its remaining members back in the queue as singles.
@@ -354,6 +357,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let conn = self.conn();
         let add = i64::from(count);
+        let error = crate::config::redact(error);
         match unit {
             Unit::Single(job) => conn.execute(
                 "UPDATE outbox SET attempts = attempts + ?2, next_attempt_at = ?3, last_error = ?4,
@@ -868,9 +872,19 @@ fn fill_batch(
     args.push(head.id.into());
     args.push(i64::try_from(filter.batch_size - 1).unwrap_or(99).into());
     let mut stmt = tx.prepare_cached(&fill_sql)?;
-    let mut members: Vec<Job> = std::iter::once(Ok(head))
-        .chain(stmt.query_map(params_from_iter(args), job_from_row)?)
-        .collect::<rusqlite::Result<_>>()?;
+    let mut size = 0usize;
+    let mut members: Vec<Job> = Vec::new();
+    for job in
+        std::iter::once(Ok(head)).chain(stmt.query_map(params_from_iter(args), job_from_row)?)
+    {
+        let job = job?;
+        // The batch stops before its body would pass the cap; the rest waits for the next.
+        size += job.body.len() + job.external_id.len() + BATCH_ITEM_OVERHEAD;
+        if !members.is_empty() && size > keys::MAX_BATCH_BODY {
+            break;
+        }
+        members.push(job);
+    }
     drop(stmt);
     if members.len() == 1 {
         let job = members.remove(0);

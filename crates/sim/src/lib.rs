@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -33,14 +33,17 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Faults a simulator injects into the requests it serves. Every rate is a fraction in `0.0..=1.0`
-/// drawn independently per request; all zero (the default) is a healthy service.
+/// drawn independently per request; all zero, `None` and empty (the default) is a healthy service
+/// that behaves as documented. Each field says which simulators honour it; the others ignore it,
+/// so one `Faults` can be given to all three. Fields added after the first five are left out of
+/// the JSON while at their default, so `GET /_sim/faults` of a healthy RevKeen stays the same.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// Fraction of requests answered with a 5xx before any work is done.
     pub error_rate: f64,
     /// Fraction of requests answered 429 regardless of the rate limiter (with `Retry-After: 1`
-    /// where the API documents the header).
+    /// where the API documents the header, or the `retry_after` value when one is set).
     pub rate_429: f64,
     /// Milliseconds added to every request before it is answered.
     pub latency_ms: u64,
@@ -51,6 +54,130 @@ pub struct Faults {
     /// Wodify only: fraction of requests answered HTTP 200 with an error envelope
     /// (`{"HTTPCode": 500, ...}`) instead of data.
     pub envelope_rate: f64,
+    /// All three: the exact `Retry-After` value sent with the 429s `rate_429` injects, instead
+    /// of the computed `1`, e.g. `"18446744073709551615"`, `"86400"` or an HTTP date such as
+    /// `"Fri, 31 Dec 9999 23:59:59 GMT"`. A real gateway may send a huge, far-future or
+    /// date-form value; a test wants to see the daemon cap or ignore it rather than sleep for
+    /// ever. Wodify sends it even when `send_retry_after` is off (setting it means the test wants
+    /// the header). 429s from the rate limiter itself keep their computed value. A value that
+    /// cannot be a header (a control character) is ignored with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
+    /// All three: answer every API request (not `/_sim/…`) with `307 Temporary Redirect` and
+    /// `Location: {redirect_to}{path and query as sent}`, and do nothing else (no auth, no
+    /// fault, no latency, no write, no record served). A moved service or a misconfigured
+    /// proxy does this; a test checks that the daemon does not follow a redirect blindly (a
+    /// PUT replayed to another host, the API key sent along). Counted as `redirected` in the
+    /// stats and logged with status 307. A value that cannot be a header leaves `Location` out,
+    /// with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_to: Option<String>,
+    /// RevKeen only: fraction of customer upserts (single `PUT /customers/external/{source}/{id}`
+    /// and `PUT /customers/external/batch`) answered `200` with `bad_2xx_body` and
+    /// `content-type: application/json` without applying the write: nothing is stored and no
+    /// idempotency record is kept, so a retry under the same key is processed afresh (unless
+    /// it is picked again). The documented API always answers a 2xx with its documented body;
+    /// a proxy, a maintenance page or a regression may not, and a test wants the daemon to
+    /// refuse to count such an answer as delivered. Drawn after faults, auth and the rate
+    /// limit; counted as `bad_answers`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub bad_2xx_rate: f64,
+    /// RevKeen only: the body `bad_2xx_rate` answers, sent as is; `None` is `{}`. Typical test
+    /// bodies: `{}`, `OK`, `<html>…</html>`, or a well-formed batch answer whose counts do not
+    /// match the batch (`{"created":1,"updated":0,"skipped":0,"failed":[]}` for three items).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bad_2xx_body: Option<String>,
+    /// Wodify only: a broken `pagination` on the listings (`GET /clients`, `GET
+    /// /clients/search`), which the documented API always gets right; a test wants the daemon
+    /// to stop paging (a page cap, an empty page, a missing `has_more`) rather than loop or
+    /// stop silently early. See [`PagingFault`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paging: Option<PagingFault>,
+    /// Wodify and PracticeHub: values appended to the records array (`clients`, `data`) of the
+    /// first listing page only: page 1, or for a Wodify keyset search a cursor `id|gt|0` (an `id`
+    /// lower bound of at most 1) or none. Lets a test put `null`, `42`, `"a string"`,
+    /// `{"id": "x"}` or a malformed record among real ones, as a real API with bad rows may;
+    /// they are not in the record table and do not count towards `page_size`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject: Vec<serde_json::Value>,
+    /// Wodify and PracticeHub: raw JSON texts spliced, unparsed and comma-separated, into the
+    /// first page's records array just before its closing `]` (after any `inject` values), so a
+    /// test can send what `inject` cannot express: a lone-surrogate escape
+    /// (`{"id": 999001, "first_name": "\ud800"}`), a duplicate key, a 200-deep nested array
+    /// that `serde_json`'s parser refuses. The rest of the body stays valid JSON; the texts are
+    /// the test's responsibility.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject_raw: Vec<String>,
+    /// Wodify only: client ids whose `last_name` string carries one `0xFF` byte in the
+    /// serialized body (the first byte of the value that is not part of an escape is replaced;
+    /// an empty, non-string or missing `last_name` becomes a one-byte string), in every listing
+    /// that shows the client and in `GET /clients/{id}`. The body is then not valid UTF-8, as
+    /// from a server that stored Latin-1 bytes; a test wants the daemon to skip or repair the
+    /// row, not fail the whole page. The stored client is unchanged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub corrupt_utf8_ids: Vec<i64>,
+    /// PracticeHub only: a broken `links` object on `GET /api/patients`, where the documented
+    /// API gives absolute links that keep the query. A test wants the daemon to detect a link
+    /// that does not advance, resolve a relative one, and keep its filters when the link drops
+    /// them. See [`NextLinkFault`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_link: Option<NextLinkFault>,
+    /// PracticeHub only: every listed patient carries an extra attribute `custom_history`
+    /// holding a JSON array nested 200 levels deep (`[[[…1…]]]`), deeper than `serde_json`'s
+    /// default recursion limit of 128. The daemon never reads that attribute, so a test wants
+    /// it to survive the page (skip the attribute, or the row, not the whole page).
+    #[serde(skip_serializing_if = "is_false")]
+    pub deep_nesting: bool,
+}
+
+/// How the Wodify listings break their `pagination` ([`Faults::paging`]); JSON in snake_case
+/// (`"repeat_page"`, `"empty_has_more"`, `"no_pagination"`, `"no_has_more"`, `"unsorted"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PagingFault {
+    /// Every listing request answers the first page of its query (page 1 whatever `page` says;
+    /// for a keyset search, its `id|gt`/`id|gte` cursor ignored, so the lowest ids) with
+    /// `has_more: true`; `pagination.page` echoes the page asked for.
+    RepeatPage,
+    /// Pages are served normally but `has_more` is always `true`: past the last record (a page
+    /// beyond the end, or a keyset search `id|gt|N` past the last id) the answer is
+    /// `{"clients": [], "pagination": {…, "has_more": true}}` for ever.
+    EmptyHasMore,
+    /// The `pagination` object is left out of every listing answer.
+    NoPagination,
+    /// `pagination` is present but without `has_more`.
+    NoHasMore,
+    /// `GET /clients/search` ignores `sort`: a page holds the clients the query and page select
+    /// but in descending id order, as a search that does not support `sort` would answer.
+    /// `GET /clients` keeps sorting.
+    Unsorted,
+}
+
+/// How PracticeHub breaks `links` on `GET /api/patients` ([`Faults::next_link`]); JSON in
+/// snake_case (`"self_link"`, `"cycle"`, `"relative"`, `"page_only"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NextLinkFault {
+    /// `links.next` equals `links.self` on every page that would have a next.
+    SelfLink,
+    /// Page 1's next is page 2 and page 2's next is page 1 (1 → 2 → 1 → 2 …); with fewer than 2
+    /// pages of data, page 1's next is page 1. Later pages, asked for directly, are normal.
+    Cycle,
+    /// `self`, `previous` and `next` are relative references, `?page=N&…` with the same query
+    /// the absolute link would carry, but no scheme, host or path.
+    Relative,
+    /// `self`, `previous` and `next` are absolute but carry only `?page=N`, without the filters
+    /// or `page_size` of the request, as the documented example links do. Following one
+    /// really applies only what it carries: no filter, the default page size.
+    PageOnly,
+}
+
+fn is_zero(rate: &f64) -> bool {
+    *rate == 0.0
+}
+
+fn is_false(flag: &bool) -> bool {
+    !*flag
 }
 
 impl Faults {
@@ -65,6 +192,52 @@ impl Faults {
             tokio::time::sleep(Duration::from_millis(self.latency_ms)).await;
         }
     }
+
+    /// The `Retry-After` of a 429 the `rate_429` fault injects: [`Faults::retry_after`] when it
+    /// is set and can be a header value, else `computed`.
+    pub(crate) fn injected_retry_after(
+        &self,
+        computed: Option<HeaderValue>,
+    ) -> Option<HeaderValue> {
+        match &self.retry_after {
+            Some(value) => header_value(value, "retry_after").or(computed),
+            None => computed,
+        }
+    }
+
+    /// The headers of the 307 [`Faults::redirect_to`] answers `uri` with (`Location` is the
+    /// target plus the path and query as sent), or `None` when no redirect is asked for.
+    pub(crate) fn redirect_headers(&self, uri: &Uri) -> Option<HeaderMap> {
+        let target = self.redirect_to.as_ref()?;
+        let path_and_query = uri
+            .path_and_query()
+            .map_or_else(|| uri.path(), |pq| pq.as_str());
+        let mut headers = HeaderMap::new();
+        if let Some(location) = header_value(&format!("{target}{path_and_query}"), "redirect_to") {
+            headers.insert(header::LOCATION, location);
+        }
+        Some(headers)
+    }
+}
+
+/// `text` as a header value, or `None` with a warning naming the `field` it came from.
+fn header_value(text: &str, field: &str) -> Option<HeaderValue> {
+    match HeaderValue::from_bytes(text.as_bytes()) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            tracing::warn!("Fault {field} {text:?} cannot be a header value; ignored.");
+            None
+        }
+    }
+}
+
+/// The answer to a request [`Faults::redirect_to`] redirects: `307 Temporary Redirect`, the
+/// given headers, an empty body.
+pub(crate) fn redirect_response(headers: HeaderMap) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// A token bucket for a simulator's documented rate limit (`rate` requests per `per`, `burst`
@@ -300,6 +473,105 @@ mod testing {
         match sent {
             Ok(response) => assert!(response.bytes().await.is_err()),
             Err(error) => assert!(error.status().is_none(), "{error}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn faults_default_is_all_off_and_every_field_has_a_snake_case_json_name() {
+        let default = Faults::default();
+        let healthy = json!({
+            "error_rate": 0.0,
+            "rate_429": 0.0,
+            "latency_ms": 0,
+            "drop_rate": 0.0,
+            "envelope_rate": 0.0,
+        });
+        assert_eq!(serde_json::to_value(&default).expect("JSON"), healthy);
+        let empty: Faults = serde_json::from_value(json!({})).expect("all fields default");
+        assert_eq!(empty, default);
+        assert_eq!(
+            (
+                default.retry_after,
+                default.redirect_to,
+                default.bad_2xx_body
+            ),
+            (None, None, None)
+        );
+        assert_eq!((default.bad_2xx_rate, default.deep_nesting), (0.0, false));
+        assert_eq!((default.paging, default.next_link), (None, None));
+        assert!(default.inject.is_empty() && default.inject_raw.is_empty());
+        assert!(default.corrupt_utf8_ids.is_empty());
+
+        let all = json!({
+            "error_rate": 0.1,
+            "rate_429": 0.2,
+            "latency_ms": 3,
+            "drop_rate": 0.4,
+            "envelope_rate": 0.5,
+            "retry_after": "86400",
+            "redirect_to": "https://moved.example",
+            "bad_2xx_rate": 0.6,
+            "bad_2xx_body": "OK",
+            "paging": "repeat_page",
+            "inject": [null, 42],
+            "inject_raw": ["[[]]"],
+            "corrupt_utf8_ids": [10001],
+            "next_link": "page_only",
+            "deep_nesting": true,
+        });
+        let faults: Faults = serde_json::from_value(all.clone()).expect("every field");
+        let expected = Faults {
+            error_rate: 0.1,
+            rate_429: 0.2,
+            latency_ms: 3,
+            drop_rate: 0.4,
+            envelope_rate: 0.5,
+            retry_after: Some("86400".to_owned()),
+            redirect_to: Some("https://moved.example".to_owned()),
+            bad_2xx_rate: 0.6,
+            bad_2xx_body: Some("OK".to_owned()),
+            paging: Some(PagingFault::RepeatPage),
+            inject: vec![json!(null), json!(42)],
+            inject_raw: vec!["[[]]".to_owned()],
+            corrupt_utf8_ids: vec![10_001],
+            next_link: Some(NextLinkFault::PageOnly),
+            deep_nesting: true,
+        };
+        assert_eq!(faults, expected);
+        assert_eq!(serde_json::to_value(&faults).expect("JSON"), all);
+
+        for (name, paging) in [
+            ("repeat_page", PagingFault::RepeatPage),
+            ("empty_has_more", PagingFault::EmptyHasMore),
+            ("no_pagination", PagingFault::NoPagination),
+            ("no_has_more", PagingFault::NoHasMore),
+            ("unsorted", PagingFault::Unsorted),
+        ] {
+            assert_eq!(serde_json::to_value(paging).expect("JSON"), name);
+        }
+        for (name, next_link) in [
+            ("self_link", NextLinkFault::SelfLink),
+            ("cycle", NextLinkFault::Cycle),
+            ("relative", NextLinkFault::Relative),
+            ("page_only", NextLinkFault::PageOnly),
+        ] {
+            assert_eq!(serde_json::to_value(next_link).expect("JSON"), name);
+        }
+        for wrong in [
+            json!({"paging": "RepeatPage"}),
+            json!({"next_link": "self"}),
+            json!({"redirect": "https://moved.example"}),
+        ] {
+            assert!(
+                serde_json::from_value::<Faults>(wrong.clone()).is_err(),
+                "{wrong}"
+            );
         }
     }
 }

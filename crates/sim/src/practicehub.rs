@@ -24,7 +24,6 @@ use std::cmp::Ordering;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
@@ -37,9 +36,10 @@ use serde_json::{Map, Value, json};
 
 use super::source::{
     self, GENERATED_UNTIL_SECS, Outcome, Source, SourceCore, SourceRequest, SourceStats,
-    capitalized, email_part, json_response, message, page_of, pick, query_pairs, record_rng,
+    capitalized, email_part, injected, listing_body, message, page_of, pick, query_pairs,
+    raw_json_response, record_rng, write_json,
 };
-use super::{Faults, SimServer, dropped_connection, retry_after_secs};
+use super::{Faults, NextLinkFault, SimServer, dropped_connection, retry_after_secs};
 
 /// Settings a [`PracticeHubSim`] starts with; all can be changed later.
 #[derive(Clone, Debug)]
@@ -102,7 +102,7 @@ impl PracticeHubSim {
         SimServer::spawn(self.router(), addr).await
     }
 
-    /// Replaces the injected faults (`envelope_rate` does not apply here).
+    /// Replaces the injected faults (the Wodify- and RevKeen-only ones do not apply here).
     pub fn set_faults(&self, faults: Faults) {
         self.core().set_faults(faults);
     }
@@ -174,8 +174,9 @@ impl PracticeHubSim {
         self.core().clear_log();
     }
 
-    /// One page of patients matching the valid filters, with links to its neighbours.
-    fn list(&self, uri: &Uri, host: &str) -> Response {
+    /// One page of patients matching the valid filters, with links to its neighbours and the
+    /// `next_link`, `inject`, `inject_raw` and `deep_nesting` faults applied.
+    fn list(&self, uri: &Uri, host: &str, faults: &Faults) -> Response {
         // Like the real server, be lenient: a malformed query string or paging value falls
         // back to the defaults instead of failing.
         let pairs = query_pairs(uri).unwrap_or_default();
@@ -218,25 +219,54 @@ impl PracticeHubSim {
             .filter(|segment| segment.split('=').next() != Some("page"))
             .collect();
         let link = |page: u64| {
-            let mut url = format!("http://{host}{PATIENTS_PATH}?page={page}");
-            for segment in &kept {
-                url.push('&');
-                url.push_str(segment);
+            let mut url = match faults.next_link {
+                Some(NextLinkFault::Relative) => format!("?page={page}"),
+                _ => format!("http://{host}{PATIENTS_PATH}?page={page}"),
+            };
+            if faults.next_link != Some(NextLinkFault::PageOnly) {
+                for segment in &kept {
+                    url.push('&');
+                    url.push_str(segment);
+                }
             }
             Value::String(url)
+        };
+        let next = match faults.next_link {
+            Some(NextLinkFault::SelfLink) => has_next.then_some(page),
+            Some(NextLinkFault::Cycle) if page == 1 => Some(if has_next { 2 } else { 1 }),
+            Some(NextLinkFault::Cycle) if page == 2 => Some(1),
+            _ => has_next.then_some(page + 1),
         };
         let mut links = Map::new();
         links.insert("self".to_owned(), link(page));
         if page > 1 {
             links.insert("previous".to_owned(), link(page - 1));
         }
-        if has_next {
-            links.insert("next".to_owned(), link(page + 1));
+        if let Some(next) = next {
+            links.insert("next".to_owned(), link(next));
         }
-        json_response(
-            StatusCode::OK,
-            &json!({"total_entries": total, "data": data, "links": links}),
-        )
+
+        let raw = if page == 1 {
+            injected(faults)
+        } else {
+            Vec::new()
+        };
+        let history = faults.deep_nesting.then(deeply_nested);
+        let members = [
+            ("links", Value::Object(links)),
+            ("total_entries", Value::from(total)),
+        ];
+        let body = listing_body("data", &data, &raw, &members, |out, patient| {
+            match (&history, patient) {
+                (Some(history), Value::Object(object)) => {
+                    let mut patient = object.clone();
+                    patient.insert("custom_history".to_owned(), history.clone());
+                    write_json(out, &Value::Object(patient));
+                }
+                _ => write_json(out, patient),
+            }
+        });
+        raw_json_response(StatusCode::OK, body)
     }
 }
 
@@ -289,10 +319,8 @@ impl Source for PracticeHubSim {
             return (response, Outcome::Error);
         }
         if Faults::roll(faults.rate_429) {
-            return (
-                too_many_requests(Duration::from_secs(1)),
-                Outcome::RateLimited,
-            );
+            let retry_after = faults.injected_retry_after(Some(HeaderValue::from(1u64)));
+            return (too_many_requests(retry_after), Outcome::RateLimited);
         }
         if !key_ok {
             return (
@@ -322,14 +350,15 @@ impl Source for PracticeHubSim {
             return (response, Outcome::Answered);
         }
         if let Err(wait) = self.core().check_rate() {
-            return (too_many_requests(wait), Outcome::RateLimited);
+            let retry_after = HeaderValue::from(retry_after_secs(wait));
+            return (too_many_requests(Some(retry_after)), Outcome::RateLimited);
         }
         faults.delay().await;
         let host = headers
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("127.0.0.1");
-        let response = self.list(uri, host);
+        let response = self.list(uri, host, &faults);
         if Faults::roll(faults.drop_rate) {
             return (dropped_connection(), Outcome::Dropped);
         }
@@ -349,13 +378,23 @@ fn valid_app_details(value: &str) -> bool {
     !name.trim().is_empty() && !local.is_empty() && !domain.is_empty() && !domain.contains('@')
 }
 
-fn too_many_requests(wait: Duration) -> Response {
+/// A 429, with `Retry-After` when one is given (always, unless a fault's value was unusable).
+fn too_many_requests(retry_after: Option<HeaderValue>) -> Response {
     let mut response = message(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(wait)),
-    );
+    if let Some(retry_after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
+    }
     response
+}
+
+/// Arrays nested around the `1` of the `deep_nesting` fault's `custom_history`.
+const DEEP_NESTING_LEVELS: usize = 200;
+
+/// `[[[…1…]]]`, [`DEEP_NESTING_LEVELS`] arrays deep.
+fn deeply_nested() -> Value {
+    (0..DEEP_NESTING_LEVELS).fold(json!(1), |inner, _| Value::Array(vec![inner]))
 }
 
 /// An instant as the API writes it: RFC 3339, UTC, whole seconds, `+00:00`.
@@ -1336,5 +1375,321 @@ mod tests {
         let patients_url = format!("{}/api/patients", server.url());
         let api = async || fetch(&patients_url).await.status().as_u16();
         shared_control_routes(&sim, &server, KEY, api).await;
+    }
+
+    /// Replaces the faults through `PUT /_sim/faults`, as a test against a running simulator
+    /// would.
+    async fn put_faults(server: &SimServer, faults: Value) {
+        let request = reqwest::Client::new()
+            .put(format!("{}/_sim/faults", server.url()))
+            .json(&faults);
+        assert_eq!(send_status(request).await, 204, "{faults}");
+    }
+
+    /// The content type and raw body of a GET that must answer 200.
+    async fn fetch_bytes(url: &str) -> (String, Vec<u8>) {
+        let response = fetch(url).await;
+        assert_eq!(response.status(), 200, "{url}");
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .expect("ASCII")
+            .to_owned();
+        (content_type, response.bytes().await.expect("body").to_vec())
+    }
+
+    async fn fetch_json(url: &str) -> Value {
+        let response = fetch(url).await;
+        assert_eq!(response.status(), 200, "{url}");
+        response.json().await.expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn an_injected_429_sends_the_retry_after_fault() {
+        let (sim, server) = start(unlimited()).await;
+        let url = format!("{}/api/patients", server.url());
+        put_faults(&server, json!({"rate_429": 1.0})).await;
+        let limited = fetch(&url).await;
+        assert_eq!(limited.status(), 429);
+        assert_eq!(
+            limited.headers()[header::RETRY_AFTER],
+            "1",
+            "off by default"
+        );
+
+        for value in [
+            "18446744073709551615",
+            "86400",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            put_faults(&server, json!({"rate_429": 1.0, "retry_after": value})).await;
+            let limited = fetch(&url).await;
+            assert_eq!(limited.status(), 429);
+            assert_eq!(limited.headers()[header::RETRY_AFTER], value);
+            let body: Value = limited.json().await.expect("JSON");
+            assert_eq!(body, json!({"message": "Too many requests"}));
+        }
+
+        // Alone it changes nothing, and the limiter's own 429 keeps its computed value.
+        put_faults(&server, json!({"retry_after": "86400"})).await;
+        sim.set_rate_limit(1, 1);
+        assert_eq!(fetch(&url).await.status(), 200);
+        let limited = fetch(&url).await;
+        assert_eq!(limited.status(), 429);
+        let seconds: u64 = limited.headers()[header::RETRY_AFTER]
+            .to_str()
+            .expect("ASCII")
+            .parse()
+            .expect("whole seconds");
+        assert!((1..=2).contains(&seconds), "{seconds}");
+    }
+
+    #[tokio::test]
+    async fn redirect_to_answers_307_before_routing_and_headers() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(3, 0);
+        let url = format!("{}/api/patients", server.url());
+        assert_eq!(fetch(&url).await.status(), 200, "off by default");
+        sim.clear_log();
+
+        let faults = json!({"redirect_to": "https://moved.example", "rate_429": 1.0});
+        put_faults(&server, faults).await;
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let sent = [
+            (
+                Method::GET,
+                "/api/patients?page=2&updated=gte:2025-01-01T00:00:00Z",
+            ),
+            (Method::GET, "/api/patients"),
+            (Method::GET, "/elsewhere"),
+            (Method::POST, "/api/patients"),
+        ];
+        for (method, path_and_query) in &sent {
+            // Neither key nor app details: nothing is checked.
+            let request = http.request(method.clone(), format!("{}{path_and_query}", server.url()));
+            let response = request.send().await.expect("send");
+            assert_eq!(response.status(), 307, "{path_and_query}");
+            assert_eq!(
+                response.headers()[header::LOCATION],
+                format!("https://moved.example{path_and_query}").as_str()
+            );
+            assert!(response.bytes().await.expect("body").is_empty());
+        }
+        let records = http.get(format!("{}/_sim/patients", server.url()));
+        assert_eq!(send_status(records).await, 200, "the control surface stays");
+
+        let stats = sim.stats();
+        assert_eq!((stats.requests, stats.redirected, stats.non_get), (4, 4, 1));
+        assert_eq!((stats.rate_limited, stats.auth_failures), (0, 0));
+        let log: Vec<(String, u16)> = sim
+            .requests()
+            .into_iter()
+            .map(|r| (r.path_and_query, r.status))
+            .collect();
+        let expected: Vec<(String, u16)> = sent
+            .iter()
+            .map(|(_, path)| ((*path).to_owned(), 307))
+            .collect();
+        assert_eq!(log, expected);
+    }
+
+    #[tokio::test]
+    async fn next_link_self_link_repeats_the_page_itself() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(5, 0);
+        let base = format!("{}/api/patients", server.url());
+        let body = fetch_json(&format!("{base}?page_size=2")).await;
+        let next = format!("{base}?page=2&page_size=2");
+        assert_eq!(body["links"]["next"], next.as_str(), "off by default");
+
+        put_faults(&server, json!({"next_link": "self_link"})).await;
+        for page in 1..=2 {
+            let body = fetch_json(&format!("{base}?page={page}&page_size=2")).await;
+            let own = format!("{base}?page={page}&page_size=2");
+            assert_eq!(body["links"]["self"], own.as_str());
+            assert_eq!(body["links"]["next"], own.as_str());
+        }
+        let last = fetch_json(&format!("{base}?page=3&page_size=2")).await;
+        assert_eq!(ids(&last), vec![5]);
+        assert!(last["links"].get("next").is_none(), "{last}");
+        assert_eq!(
+            last["links"]["previous"],
+            format!("{base}?page=2&page_size=2").as_str()
+        );
+    }
+
+    #[tokio::test]
+    async fn next_link_cycle_goes_from_page_two_back_to_page_one() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(5, 0);
+        let base = format!("{}/api/patients", server.url());
+        let body = fetch_json(&format!("{base}?page=2&page_size=2")).await;
+        let next = format!("{base}?page=3&page_size=2");
+        assert_eq!(body["links"]["next"], next.as_str(), "off by default");
+
+        put_faults(&server, json!({"next_link": "cycle"})).await;
+        let mut url = format!("{base}?page_size=2");
+        let mut visited = Vec::new();
+        for _ in 0..6 {
+            let body = fetch_json(&url).await;
+            visited.push(ids(&body));
+            url = body["links"]["next"].as_str().expect("a next").to_owned();
+        }
+        let (one, two) = (vec![1, 2], vec![3, 4]);
+        assert_eq!(
+            visited,
+            [&one, &two, &one, &two, &one, &two].map(Clone::clone)
+        );
+        assert_eq!(url, format!("{base}?page=1&page_size=2"));
+        // Asked for directly, the last page is normal.
+        let last = fetch_json(&format!("{base}?page=3&page_size=2")).await;
+        assert!(last["links"].get("next").is_none(), "{last}");
+
+        // With a single page, page 1 is its own next.
+        let body = fetch_json(&format!("{base}?page_size=10")).await;
+        assert_eq!(
+            body["links"]["next"],
+            format!("{base}?page=1&page_size=10").as_str()
+        );
+        sim.seed(0, 0);
+        let body = fetch_json(&base).await;
+        assert_eq!(body["links"]["next"], format!("{base}?page=1").as_str());
+    }
+
+    #[tokio::test]
+    async fn next_link_relative_drops_scheme_host_and_path() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(5, 0);
+        let base = format!("{}/api/patients", server.url());
+        let url = format!("{base}?page=2&page_size=2&id=gt:0");
+        let body = fetch_json(&url).await;
+        let next = format!("{base}?page=3&page_size=2&id=gt:0");
+        assert_eq!(body["links"]["next"], next.as_str(), "off by default");
+
+        put_faults(&server, json!({"next_link": "relative"})).await;
+        let body = fetch_json(&url).await;
+        assert_eq!(
+            body["links"],
+            json!({
+                "self": "?page=2&page_size=2&id=gt:0",
+                "previous": "?page=1&page_size=2&id=gt:0",
+                "next": "?page=3&page_size=2&id=gt:0",
+            })
+        );
+        // Resolved against the request's URL, it is the absolute link.
+        let relative = body["links"]["next"].as_str().expect("next");
+        let resolved = reqwest::Url::parse(&url)
+            .and_then(|url| url.join(relative))
+            .expect("a relative reference");
+        assert_eq!(resolved.as_str(), next);
+        let last = fetch_json(resolved.as_str()).await;
+        assert_eq!(ids(&last), vec![5]);
+    }
+
+    #[tokio::test]
+    async fn next_link_page_only_drops_the_query_and_following_it_applies_none() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(150, 0);
+        let base = format!("{}/api/patients", server.url());
+        let url = format!("{base}?page_size=5&id=gt:140");
+        let body = fetch_json(&url).await;
+        let next = format!("{base}?page=2&page_size=5&id=gt:140");
+        assert_eq!(body["links"]["next"], next.as_str(), "off by default");
+
+        put_faults(&server, json!({"next_link": "page_only"})).await;
+        let body = fetch_json(&url).await;
+        assert_eq!(ids(&body), (141..=145).collect::<Vec<_>>());
+        assert_eq!(body["total_entries"], 10);
+        assert_eq!(
+            body["links"],
+            json!({"self": format!("{base}?page=1"), "next": format!("{base}?page=2")})
+        );
+        // The link carries neither the filter nor the page size, and the server honours that.
+        let followed = fetch_json(&format!("{base}?page=2")).await;
+        assert_eq!(ids(&followed), (101..=150).collect::<Vec<_>>());
+        assert_eq!(followed["total_entries"], 150);
+        assert_eq!(
+            followed["links"],
+            json!({"self": format!("{base}?page=2"), "previous": format!("{base}?page=1")})
+        );
+    }
+
+    #[tokio::test]
+    async fn inject_and_inject_raw_land_in_the_first_pages_data() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(3, 0);
+        let base = format!("{}/api/patients", server.url());
+        let first = format!("{base}?page_size=2");
+        let body = fetch_json(&first).await;
+        assert_eq!(ids(&body), vec![1, 2], "off by default");
+
+        let injected = json!([null, 42, "a string", {"id": "x"}]);
+        put_faults(&server, json!({"inject": injected})).await;
+        let body = fetch_json(&first).await;
+        let real = |id| sim.patient(id).expect("seeded");
+        let mut expected = vec![real(1), real(2)];
+        expected.extend(injected.as_array().expect("array").iter().cloned());
+        assert_eq!(body["data"], Value::Array(expected));
+        assert_eq!(body["total_entries"], 3);
+
+        let surrogate = r#"{"id": 999001, "first_name": "\ud800"}"#;
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let faults = json!({"inject": [null], "inject_raw": [surrogate, deep]});
+        put_faults(&server, faults).await;
+        let (content_type, bytes) = fetch_bytes(&first).await;
+        assert_eq!(content_type, "application/json");
+        let patient = |id| serde_json::to_string(&real(id)).expect("JSON");
+        let links = json!({"self": format!("{base}?page=1&page_size=2"),
+                           "next": format!("{base}?page=2&page_size=2")});
+        let expected = format!(
+            r#"{{"data":[{},{},null,{surrogate},{deep}],"links":{links},"total_entries":3}}"#,
+            patient(1),
+            patient(2),
+        );
+        assert_eq!(String::from_utf8(bytes).expect("UTF-8"), expected);
+
+        let later = fetch_json(&format!("{base}?page=2&page_size=2")).await;
+        assert_eq!(later["data"], json!([real(3)]), "the first page only");
+        assert_eq!(sim.patients().len(), 3, "injected values are not stored");
+    }
+
+    #[tokio::test]
+    async fn deep_nesting_gives_every_patient_a_200_deep_custom_history() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(3, 0);
+        let url = format!("{}/api/patients", server.url());
+        let body = fetch_json(&url).await;
+        assert!(
+            body["data"][0].get("custom_history").is_none(),
+            "off by default"
+        );
+
+        put_faults(&server, json!({"deep_nesting": true})).await;
+        let (_, bytes) = fetch_bytes(&url).await;
+        assert!(
+            serde_json::from_slice::<Value>(&bytes).is_err(),
+            "over serde_json's limit"
+        );
+        let text = String::from_utf8(bytes).expect("UTF-8");
+        let nested = format!(
+            r#""custom_history":{}1{}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(text.matches(&nested).count(), 3);
+        assert!(
+            !text.contains(&format!("{}1", "[".repeat(201))),
+            "exactly 200 deep"
+        );
+        let flattened: Value =
+            serde_json::from_str(&text.replace(&nested, r#""custom_history":0"#)).expect("JSON");
+        for (patient, id) in flattened["data"].as_array().expect("data").iter().zip(1..) {
+            let mut expected = sim.patient(id).expect("seeded");
+            assert!(expected.get("custom_history").is_none(), "not stored");
+            expected["custom_history"] = json!(0);
+            assert_eq!(*patient, expected);
+        }
     }
 }

@@ -158,6 +158,10 @@ pub struct RevKeenStats {
     pub batch_requests: u64,
     /// Requests to `PUT /customers/external/{source}/{externalId}`, whatever their outcome.
     pub single_requests: u64,
+    /// Answered 307 by the `redirect_to` fault, without doing anything else.
+    pub redirected: u64,
+    /// Upserts answered 200 with the `bad_2xx_body` of the `bad_2xx_rate` fault, not applied.
+    pub bad_answers: u64,
 }
 
 impl RevKeenStats {
@@ -359,17 +363,17 @@ impl ApiError {
         Answer::json(self.status, &json!({ "error": error }))
     }
 
-    /// A 429 telling the client how many seconds to wait.
-    fn rate_limited(message: &str, retry_after: u64, request_id: &str) -> Answer {
+    /// A 429 telling the client how long to wait (`None` sends no `Retry-After`).
+    fn rate_limited(message: &str, retry_after: Option<HeaderValue>, request_id: &str) -> Answer {
         let error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_exceeded",
             message,
         );
         let mut answer = error.into_answer(request_id);
-        answer
-            .headers
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        if let Some(retry_after) = retry_after {
+            answer.headers.insert(header::RETRY_AFTER, retry_after);
+        }
         answer
     }
 }
@@ -657,6 +661,19 @@ impl RevKeenSim {
             ));
             (state.faults.clone(), log_id)
         };
+        if let Some(headers) = faults.redirect_headers(&parts.uri) {
+            // Before faults, auth and routing: a redirecting front does nothing of the API.
+            let mut state = self.lock();
+            state.stats.redirected += 1;
+            if let Some((_, logged)) = state.log.iter_mut().rev().find(|(id, _)| *id == log_id) {
+                logged.status = StatusCode::TEMPORARY_REDIRECT.as_u16();
+            }
+            return Reply::Answer(Answer {
+                status: StatusCode::TEMPORARY_REDIRECT,
+                headers,
+                body: Bytes::new(),
+            });
+        }
         let ctx = Ctx {
             request_id: new_request_id(),
             method,
@@ -750,7 +767,8 @@ impl RevKeenSim {
                 state.stats.rate_limited += 1;
                 return Err(Box::new(ApiError::rate_limited(
                     "too many requests; retry after the Retry-After delay",
-                    1,
+                    ctx.faults
+                        .injected_retry_after(Some(HeaderValue::from(1u64))),
                     &ctx.request_id,
                 )));
             }
@@ -784,7 +802,7 @@ impl RevKeenSim {
             self.lock().stats.rate_limited += 1;
             return Err(Box::new(ApiError::rate_limited(
                 "rate limit exceeded for this API key; retry after the Retry-After delay",
-                retry_after_secs(wait),
+                Some(HeaderValue::from(retry_after_secs(wait))),
                 &ctx.request_id,
             )));
         }
@@ -799,6 +817,13 @@ impl RevKeenSim {
         write: Write,
         body: Result<Bytes, String>,
     ) -> Outcome {
+        if Faults::roll(ctx.faults.bad_2xx_rate) {
+            // Not processed at all: no key claimed, nothing validated or stored. Not
+            // "admitted" either, since there is nothing a dropped answer could hide.
+            ctx.faults.delay().await;
+            self.lock().stats.bad_answers += 1;
+            return Outcome::refused(bad_2xx_answer(&ctx.faults));
+        }
         let key = match &ctx.idempotency_key {
             None => None,
             Some(Ok(key)) if (1..=MAX_IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count()) => {
@@ -1160,6 +1185,22 @@ impl SimState {
             customer: Box::new(customer),
             created: true,
         }
+    }
+}
+
+/// The `200` of the `bad_2xx_rate` fault: `bad_2xx_body` (default `{}`) as JSON, whatever it
+/// holds.
+fn bad_2xx_answer(faults: &Faults) -> Answer {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = faults.bad_2xx_body.as_deref().unwrap_or("{}");
+    Answer {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::copy_from_slice(body.as_bytes()),
     }
 }
 
@@ -2269,6 +2310,208 @@ mod tests {
             h.sim.customers("s").len(),
             1,
             "customers survive a log reset"
+        );
+    }
+
+    /// Replaces the faults through `PUT /_sim/faults`, as a test against a running simulator
+    /// would.
+    async fn put_faults(h: &Harness, faults: Value) {
+        let request = h.client.put(h.url("/_sim/faults")).json(&faults);
+        assert_eq!(send_status(request).await, 200, "{faults}");
+    }
+
+    /// A PUT's status, headers and raw body.
+    async fn put_raw(
+        h: &Harness,
+        path: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> (u16, HeaderMap, Bytes) {
+        let response = h.put_request(path, body, key).send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (status, headers, response.bytes().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_injected_429_sends_the_retry_after_fault() {
+        let h = Harness::start().await;
+        let path = upsert_path("wodify", "C1");
+        let body = json!({ "email": "a@b.co" });
+        put_faults(&h, json!({ "rate_429": 1.0 })).await;
+        let (status, headers, _) = h.put(&path, &body, Some("k")).await;
+        assert_eq!(status, 429);
+        assert_eq!(headers["retry-after"], "1", "off by default");
+
+        for value in [
+            "18446744073709551615",
+            "86400",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            put_faults(&h, json!({ "rate_429": 1.0, "retry_after": value })).await;
+            let (status, headers, answer) = h.put(&path, &body, Some("k")).await;
+            assert_eq!((status, error_code(&answer)), (429, "rate_limit_exceeded"));
+            assert_eq!(headers["retry-after"], value);
+        }
+        assert!(h.sim.customer("wodify", "C1").is_none());
+
+        // Alone it changes nothing, and the limiter's own 429 keeps its computed value.
+        put_faults(&h, json!({ "retry_after": "86400" })).await;
+        assert_eq!(h.put(&path, &body, Some("k")).await.0, 201);
+        h.sim.set_rate_limit(60, 1);
+        assert_eq!(h.put(&path, &body, None).await.0, 200);
+        let (status, headers, _) = h.put(&path, &body, None).await;
+        assert_eq!(status, 429);
+        let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=2).contains(&retry_after), "{retry_after}");
+    }
+
+    #[tokio::test]
+    async fn redirect_to_answers_307_and_does_nothing_else() {
+        let h = Harness::start().await;
+        let body = json!({ "email": "a@b.co" });
+        assert_eq!(
+            h.put(&upsert_path("wodify", "C0"), &body, None).await.0,
+            201,
+            "off by default"
+        );
+        h.sim.clear_log();
+
+        let faults = json!({ "redirect_to": "https://api.example.com/v2", "error_rate": 1.0 });
+        put_faults(&h, faults).await;
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let batch = json!({ "source": "wodify", "customers": [item("C2", "b@b.co")] });
+        let sent = [
+            ("PUT", "/customers/external/wodify/C1?dry_run=false", &body),
+            ("PUT", "/customers/external/batch", &batch),
+            ("GET", "/customers?limit=5", &Value::Null),
+            ("GET", "/invoices", &Value::Null),
+        ];
+        for (method, path_and_query, body) in sent {
+            // No key: a redirecting front answers before anything is checked.
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let mut request = http.request(method, h.url(path_and_query));
+            if !body.is_null() {
+                request = request.header("idempotency-key", "k").json(body);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 307, "{path_and_query}");
+            assert_eq!(
+                response.headers()[header::LOCATION],
+                format!("https://api.example.com/v2{path_and_query}").as_str()
+            );
+            assert!(response.bytes().await.unwrap().is_empty());
+        }
+        assert!(h.sim.customer("wodify", "C1").is_none());
+        assert!(h.sim.customer("wodify", "C2").is_none());
+        assert!(h.sim.lock().idempotency.is_empty(), "no key claimed");
+        let stats: RevKeenStats = send_json(h.client.get(h.url("/_sim/stats"))).await;
+        assert_eq!((stats.requests, stats.redirected), (4, 4));
+        assert_eq!((stats.single_requests, stats.batch_requests), (1, 1));
+        assert_eq!(
+            (stats.server_errors, stats.auth_failures, stats.writes()),
+            (0, 0, 0)
+        );
+        let log: Vec<(String, u16)> = h
+            .sim
+            .requests()
+            .into_iter()
+            .map(|r| (r.path, r.status))
+            .collect();
+        let paths = ["/customers/external/wodify/C1", "/customers/external/batch"];
+        let expected: Vec<(String, u16)> = paths
+            .into_iter()
+            .chain(["/customers", "/invoices"])
+            .map(|path| (path.to_owned(), 307))
+            .collect();
+        assert_eq!(log, expected);
+
+        // Nothing was claimed: the same key is fresh once the redirect is gone.
+        h.sim.set_faults(Faults::default());
+        let path = upsert_path("wodify", "C1");
+        let (status, headers, _) = h.put(&path, &body, Some("k")).await;
+        assert_eq!(status, 201);
+        assert!(headers.get("idempotency-replayed").is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_2xx_answers_200_without_writing_or_keeping_the_key() {
+        let h = Harness::start().await;
+        let path = upsert_path("wodify", "C1");
+        let body = json!({ "email": "a@b.co", "name": "Ann" });
+        assert_eq!(
+            h.put(&path, &body, Some("k0")).await.0,
+            201,
+            "off by default"
+        );
+
+        put_faults(&h, json!({ "bad_2xx_rate": 1.0 })).await;
+        let update = json!({ "email": "a@b.co", "name": "Ann B" });
+        let (status, headers, answer) = put_raw(&h, &path, &update, Some("k1")).await;
+        assert_eq!((status, &answer[..]), (200, &b"{}"[..]));
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert!(headers.get("idempotency-replayed").is_none());
+        for bad in [
+            "OK",
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            "",
+        ] {
+            put_faults(&h, json!({ "bad_2xx_rate": 1.0, "bad_2xx_body": bad })).await;
+            let (status, headers, answer) = put_raw(&h, &path, &update, Some("k1")).await;
+            assert_eq!((status, &answer[..]), (200, bad.as_bytes()));
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        }
+        // Not even validated: the request is never processed.
+        let invalid = json!({ "nope": 1 });
+        assert_eq!(put_raw(&h, &path, &invalid, None).await.0, 200);
+
+        let stored = h.sim.customer("wodify", "C1").unwrap();
+        assert_eq!((stored.writes, &stored.fields["name"]), (1, &json!("Ann")));
+        let stats = h.sim.stats();
+        assert_eq!((stats.bad_answers, stats.single_requests), (5, 6));
+        assert_eq!((stats.updated, stats.validation_errors), (0, 0));
+        let statuses: Vec<u16> = h.sim.requests().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [201, 200, 200, 200, 200, 200]);
+
+        // No idempotency record was kept, so the retry under the same key is processed afresh.
+        put_faults(&h, json!({})).await;
+        let (status, headers, answer) = h.put(&path, &update, Some("k1")).await;
+        assert_eq!((status, &answer["data"]["name"]), (200, &json!("Ann B")));
+        assert!(headers.get("idempotency-replayed").is_none());
+        assert_eq!(h.sim.customer("wodify", "C1").unwrap().writes, 2);
+    }
+
+    #[tokio::test]
+    async fn bad_2xx_answers_a_batch_with_the_configured_body() {
+        let h = Harness::start().await;
+        let batch = json!({ "source": "wodify", "customers": [
+            item("1", "one@b.co"),
+            item("2", "two@b.co"),
+            item("3", "three@b.co"),
+        ]});
+        let short = r#"{"created":1,"updated":0,"skipped":0,"failed":[]}"#;
+        put_faults(&h, json!({ "bad_2xx_rate": 1.0, "bad_2xx_body": short })).await;
+        let path = "/customers/external/batch";
+        let (status, headers, answer) = put_raw(&h, path, &batch, Some("b")).await;
+        assert_eq!((status, &answer[..]), (200, short.as_bytes()));
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert!(h.sim.customers("wodify").is_empty());
+        // Reads are not upserts and are served as usual.
+        let (status, listed) = h.get("/customers").await;
+        assert_eq!((status, &listed["data"]), (200, &json!([])));
+        let stats = h.sim.stats();
+        assert_eq!((stats.bad_answers, stats.batch_requests), (1, 1));
+
+        put_faults(&h, json!({ "bad_2xx_rate": 0.0 })).await;
+        let (status, headers, answer) = h.put(path, &batch, Some("b")).await;
+        assert_eq!(status, 200);
+        assert!(headers.get("idempotency-replayed").is_none());
+        assert_eq!(
+            answer,
+            json!({ "created": 3, "updated": 0, "skipped": 0, "failed": [] })
         );
     }
 }

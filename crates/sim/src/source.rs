@@ -16,14 +16,14 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{Bucket, Faults};
+use super::{Bucket, Faults, redirect_response};
 
 /// One API request a simulator served (calls to `/_sim` are not recorded).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -55,6 +55,8 @@ pub struct SourceStats {
     pub non_get: u64,
     /// Answered 401 for a missing or wrong key.
     pub auth_failures: u64,
+    /// Answered 307 by the `redirect_to` fault, without doing anything else.
+    pub redirected: u64,
 }
 
 /// Entries a request log keeps; older ones are forgotten (the stats keep counting) so a long
@@ -70,6 +72,7 @@ pub(super) enum Outcome {
     Envelope,
     Dropped,
     AuthFailure,
+    Redirected,
 }
 
 /// The requests a simulator served and their counters.
@@ -93,6 +96,7 @@ impl RequestLog {
             Outcome::Envelope => self.stats.envelopes += 1,
             Outcome::Dropped => self.stats.dropped += 1,
             Outcome::AuthFailure => self.stats.auth_failures += 1,
+            Outcome::Redirected => self.stats.redirected += 1,
         }
         if self.entries.len() == LOG_CAPACITY {
             self.entries.pop_front();
@@ -298,7 +302,12 @@ pub(super) fn router<S: Source>(sim: &S, extra: Router<S>) -> Router {
 async fn serve_api<S: Source>(State(sim): State<S>, request: Request) -> Response {
     let at_ms = now_ms();
     let (parts, _body) = request.into_parts();
-    let (response, outcome) = sim.answer(&parts.method, &parts.uri, &parts.headers).await;
+    let redirect = sim.core().lock().faults.redirect_headers(&parts.uri);
+    let (response, outcome) = match redirect {
+        // Before routing, faults and auth: a redirecting front serves nothing of the API.
+        Some(headers) => (redirect_response(headers), Outcome::Redirected),
+        None => sim.answer(&parts.method, &parts.uri, &parts.headers).await,
+    };
     let entry = SourceRequest {
         method: parts.method.to_string(),
         path_and_query: path_and_query(&parts.uri),
@@ -423,6 +432,71 @@ fn no_such_record<S: Source>() -> Response {
 /// A JSON answer.
 pub(super) fn json_response(status: StatusCode, body: &Value) -> Response {
     (status, Json(body)).into_response()
+}
+
+/// A JSON answer whose body is already serialized (and may be neither valid JSON nor UTF-8,
+/// when a fault says so).
+pub(super) fn raw_json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = Response::new(axum::body::Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The body of a listing answer, `{"<key>": [items…, raw…], "<member>": value, …}`,
+/// serialized compactly as `serde_json` would, with each item written by `write_item` and the
+/// `raw` texts ([`injected`]) spliced unparsed, comma-separated, before the array's closing `]`.
+pub(super) fn listing_body(
+    key: &str,
+    items: &[Value],
+    raw: &[String],
+    members: &[(&str, Value)],
+    mut write_item: impl FnMut(&mut Vec<u8>, &Value),
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.push(b'{');
+    write_json(&mut out, &Value::from(key));
+    out.extend_from_slice(b":[");
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        write_item(&mut out, item);
+    }
+    for (index, text) in raw.iter().enumerate() {
+        if index > 0 || !items.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(text.as_bytes());
+    }
+    out.push(b']');
+    for (name, value) in members {
+        out.push(b',');
+        write_json(&mut out, &Value::from(*name));
+        out.push(b':');
+        write_json(&mut out, value);
+    }
+    out.push(b'}');
+    out
+}
+
+/// The texts the first page of a listing appends to its records array: the `inject` values
+/// serialized, then the `inject_raw` texts as given.
+pub(super) fn injected(faults: &Faults) -> Vec<String> {
+    faults
+        .inject
+        .iter()
+        .map(Value::to_string)
+        .chain(faults.inject_raw.iter().cloned())
+        .collect()
+}
+
+/// Appends `value` serialized compactly.
+pub(super) fn write_json(out: &mut Vec<u8>, value: &Value) {
+    serde_json::to_writer(out, value).expect("a serde_json::Value always serializes");
 }
 
 /// `{"message": …}`: the control surface's error shape, and PracticeHub's.

@@ -14,7 +14,8 @@
 //! `created_on`/`updated` objects, compares their `*_datetime` member, because the real filter
 //! semantics there are unverified; an unknown field in `q` or `sort`, a missing `q` and a
 //! `page`/`page_size` below 1 are 400 envelopes rather than silently ignored; the `rate_429`
-//! fault carries `Retry-After` only when `send_retry_after` is on, as Wodify documents none;
+//! fault carries `Retry-After` only when `send_retry_after` is on or the `retry_after` fault
+//! gives a value, as Wodify documents none;
 //! every non-GET outside `/_sim` counts as `non_get`, not just those on API routes, so a write
 //! anywhere is caught. Generated timestamps lie before a fixed instant (2026-01-01) so a seed
 //! gives the same data on any day.
@@ -26,7 +27,6 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
@@ -36,9 +36,10 @@ use serde_json::{Map, Value, json};
 
 use super::source::{
     self, GENERATED_UNTIL_SECS, Outcome, Source, SourceCore, SourceRequest, SourceStats,
-    capitalized, email_part, json_response, page_of, pick, query_pairs, record_rng,
+    capitalized, email_part, injected, json_response, listing_body, page_of, pick, query_pairs,
+    raw_json_response, record_rng, write_json,
 };
-use super::{Faults, SimServer, dropped_connection, retry_after_secs};
+use super::{Faults, PagingFault, SimServer, dropped_connection, retry_after_secs};
 
 /// Settings a [`WodifySim`] starts with; all can be changed later.
 #[derive(Clone, Debug)]
@@ -169,8 +170,8 @@ impl WodifySim {
         self.core().clear_log();
     }
 
-    /// The answer to an authorised, rate-limited GET.
-    fn respond(&self, route: &Route, uri: &Uri) -> Response {
+    /// The answer to an authorised, rate-limited GET, with the listing `faults` applied.
+    fn respond(&self, route: &Route, uri: &Uri, faults: &Faults) -> Response {
         let Some(pairs) = query_pairs(uri) else {
             return bad_request("The query string is not form-encoded.");
         };
@@ -186,7 +187,11 @@ impl WodifySim {
                     return bad_request(&format!("Client id {raw:?} is not an integer."));
                 };
                 match self.client(id) {
-                    Some(client) => json_response(StatusCode::OK, &detail_shape(client)),
+                    Some(client) => {
+                        let mut body = Vec::new();
+                        write_client(&mut body, &detail_shape(client), faults);
+                        raw_json_response(StatusCode::OK, body)
+                    }
                     None => error_response(
                         StatusCode::NOT_FOUND,
                         "NotFound",
@@ -227,70 +232,115 @@ impl WodifySim {
                 } else {
                     Vec::new()
                 };
-                let shared = self.core().lock();
-                let known = |field: &str| is_known_field(&shared.records, field);
-                if let Some(unknown) = conditions.iter().find(|c| !known(&c.field)) {
-                    let message = format!("Unknown field {:?} in q.", unknown.field);
-                    return bad_request(&message);
-                }
-                let sort = match param("sort").map(parse_sort) {
-                    None => None,
-                    Some(sort) if known(&sort.0) => Some(sort),
-                    Some((field, _)) => return bad_request(&format!("Cannot sort by {field:?}.")),
-                };
-                let by_id = sort
-                    .as_ref()
-                    .is_none_or(|(field, descending)| field == "id" && !descending);
-                let (items, has_more): (Vec<&Value>, bool) = if by_id {
-                    // Clients are kept in id order: walk from the tightest `id` lower bound
-                    // and stop after the page, as the real API's keyset paging does, instead
-                    // of filtering and sorting the whole table on every request.
-                    let from = conditions
-                        .iter()
-                        .filter_map(Condition::id_lower_bound)
-                        .max()
-                        .unwrap_or(i64::MIN);
-                    let skip =
-                        usize::try_from((page - 1).saturating_mul(page_size)).unwrap_or(usize::MAX);
-                    let size = usize::try_from(page_size).unwrap_or(usize::MAX);
-                    let mut items: Vec<&Value> = shared
-                        .records
-                        .range(from..)
-                        .map(|(_, client)| client)
-                        .filter(|client| conditions.iter().all(|c| c.matches(client)))
-                        .skip(skip)
-                        .take(size.saturating_add(1))
-                        .collect();
-                    let has_more = items.len() > size;
-                    items.truncate(size);
-                    (items, has_more)
-                } else {
-                    let mut matching: Vec<&Value> = shared
-                        .records
-                        .values()
-                        .filter(|client| conditions.iter().all(|c| c.matches(client)))
-                        .collect();
-                    if let Some((field, descending)) = &sort {
-                        // Stable, so ties stay in id order.
-                        matching.sort_by(|a, b| {
-                            let order = sort_order(resolve(a, field), resolve(b, field));
-                            if *descending { order.reverse() } else { order }
-                        });
-                    }
-                    let (items, has_more) = page_of(&matching, page, page_size);
-                    (items.to_vec(), has_more)
-                };
-                let clients: Vec<Value> = items.iter().map(|client| (*client).clone()).collect();
-                drop(shared);
-                json_response(
-                    StatusCode::OK,
-                    &json!({
-                        "clients": clients,
-                        "pagination": {"page": page, "page_size": page_size, "has_more": has_more},
-                    }),
-                )
+                self.list(route, page, page_size, conditions, param("sort"), faults)
             }
         }
+    }
+
+    /// One page of a listing (`GET /clients` or `/clients/search` with its `q` parsed), with
+    /// the `paging`, `inject`, `inject_raw` and `corrupt_utf8_ids` faults applied.
+    fn list(
+        &self,
+        route: &Route,
+        page: u64,
+        page_size: u64,
+        mut conditions: Vec<Condition>,
+        sort: Option<&str>,
+        faults: &Faults,
+    ) -> Response {
+        let lower_bound = |conditions: &[Condition]| {
+            conditions
+                .iter()
+                .filter_map(Condition::id_lower_bound)
+                .max()
+                .unwrap_or(i64::MIN)
+        };
+        // Page 1 of a listing, or of a keyset search whose cursor is `id|gt|0` (or absent).
+        let first_page = page == 1 && lower_bound(&conditions) <= 1;
+        let mut served_page = page;
+        if faults.paging == Some(PagingFault::RepeatPage) {
+            // Stuck at the start: the page asked for and the keyset cursor are both ignored.
+            served_page = 1;
+            conditions.retain(|c| !(c.field == "id" && matches!(c.op, Op::Gt | Op::Gte)));
+        }
+        let shared = self.core().lock();
+        let known = |field: &str| is_known_field(&shared.records, field);
+        if let Some(unknown) = conditions.iter().find(|c| !known(&c.field)) {
+            let message = format!("Unknown field {:?} in q.", unknown.field);
+            return bad_request(&message);
+        }
+        let sort = match sort.map(parse_sort) {
+            None => None,
+            Some(sort) if known(&sort.0) => Some(sort),
+            Some((field, _)) => return bad_request(&format!("Cannot sort by {field:?}.")),
+        };
+        let by_id = sort
+            .as_ref()
+            .is_none_or(|(field, descending)| field == "id" && !descending);
+        let (items, has_more): (Vec<&Value>, bool) = if by_id {
+            // Clients are kept in id order: walk from the tightest `id` lower bound and stop
+            // after the page, as the real API's keyset paging does, instead of filtering and
+            // sorting the whole table on every request.
+            let from = lower_bound(&conditions);
+            let skip =
+                usize::try_from((served_page - 1).saturating_mul(page_size)).unwrap_or(usize::MAX);
+            let size = usize::try_from(page_size).unwrap_or(usize::MAX);
+            let mut items: Vec<&Value> = shared
+                .records
+                .range(from..)
+                .map(|(_, client)| client)
+                .filter(|client| conditions.iter().all(|c| c.matches(client)))
+                .skip(skip)
+                .take(size.saturating_add(1))
+                .collect();
+            let has_more = items.len() > size;
+            items.truncate(size);
+            (items, has_more)
+        } else {
+            let mut matching: Vec<&Value> = shared
+                .records
+                .values()
+                .filter(|client| conditions.iter().all(|c| c.matches(client)))
+                .collect();
+            if let Some((field, descending)) = &sort {
+                // Stable, so ties stay in id order.
+                matching.sort_by(|a, b| {
+                    let order = sort_order(resolve(a, field), resolve(b, field));
+                    if *descending { order.reverse() } else { order }
+                });
+            }
+            let (items, has_more) = page_of(&matching, served_page, page_size);
+            (items.to_vec(), has_more)
+        };
+        let mut clients: Vec<Value> = items.iter().map(|client| (*client).clone()).collect();
+        drop(shared);
+
+        if faults.paging == Some(PagingFault::Unsorted) && *route == Route::Search {
+            clients
+                .sort_by_key(|client| std::cmp::Reverse(client.get("id").and_then(Value::as_i64)));
+        }
+        let has_more = match faults.paging {
+            Some(PagingFault::RepeatPage | PagingFault::EmptyHasMore) => true,
+            _ => has_more,
+        };
+        let pagination = match faults.paging {
+            Some(PagingFault::NoPagination) => None,
+            Some(PagingFault::NoHasMore) => Some(json!({"page": page, "page_size": page_size})),
+            _ => Some(json!({"page": page, "page_size": page_size, "has_more": has_more})),
+        };
+        let raw = if first_page {
+            injected(faults)
+        } else {
+            Vec::new()
+        };
+        let members: Vec<(&str, Value)> = pagination
+            .into_iter()
+            .map(|pagination| ("pagination", pagination))
+            .collect();
+        let body = listing_body("clients", &clients, &raw, &members, |out, client| {
+            write_client(out, client, faults);
+        });
+        raw_json_response(StatusCode::OK, body)
     }
 }
 
@@ -359,8 +409,9 @@ impl Source for WodifySim {
             return (response, Outcome::Error);
         }
         if Faults::roll(faults.rate_429) {
-            let wait = send_retry_after.then_some(Duration::from_secs(1));
-            return (too_many_requests(wait), Outcome::RateLimited);
+            let computed = send_retry_after.then(|| HeaderValue::from(1u64));
+            let retry_after = faults.injected_retry_after(computed);
+            return (too_many_requests(retry_after), Outcome::RateLimited);
         }
         if Faults::roll(faults.envelope_rate) {
             let body = envelope(
@@ -390,13 +441,11 @@ impl Source for WodifySim {
             return (response, Outcome::Answered);
         }
         if let Err(wait) = self.core().check_rate() {
-            return (
-                too_many_requests(send_retry_after.then_some(wait)),
-                Outcome::RateLimited,
-            );
+            let retry_after = send_retry_after.then(|| HeaderValue::from(retry_after_secs(wait)));
+            return (too_many_requests(retry_after), Outcome::RateLimited);
         }
         faults.delay().await;
-        let response = self.respond(&route, uri);
+        let response = self.respond(&route, uri, &faults);
         if Faults::roll(faults.drop_rate) {
             return (dropped_connection(), Outcome::Dropped);
         }
@@ -447,6 +496,72 @@ fn parse_sort(raw: &str) -> (String, bool) {
         Some(field) => (field.to_owned(), true),
         None => (raw.trim().to_owned(), false),
     }
+}
+
+/// `client` serialized, with a `0xFF` byte in its `last_name` if its id is one of the
+/// `corrupt_utf8_ids`.
+fn write_client(out: &mut Vec<u8>, client: &Value, faults: &Faults) {
+    let corrupt = client
+        .get("id")
+        .and_then(Value::as_i64)
+        .is_some_and(|id| faults.corrupt_utf8_ids.contains(&id));
+    match client.as_object() {
+        Some(object) if corrupt => write_with_bad_byte(out, object, "last_name"),
+        _ => write_json(out, client),
+    }
+}
+
+/// `object` serialized as `serde_json` would, except that the string value of member `key`
+/// carries one `0xFF` byte: the first byte of the string that is not part of an escape is
+/// replaced, so the JSON structure survives; an empty, all-escapes, non-string or missing value
+/// becomes (or gains) a string holding the byte.
+fn write_with_bad_byte(out: &mut Vec<u8>, object: &Map<String, Value>, key: &str) {
+    let corrupted = |value: Option<&Value>| {
+        let mut text = match value {
+            Some(value @ Value::String(_)) => {
+                serde_json::to_vec(value).expect("a string always serializes")
+            }
+            _ => b"\"\"".to_vec(),
+        };
+        let end = text.len() - 1;
+        let mut at = 1;
+        while at < end {
+            if text[at] == b'\\' {
+                at += if text.get(at + 1) == Some(&b'u') {
+                    6
+                } else {
+                    2
+                };
+            } else {
+                text[at] = 0xFF;
+                return text;
+            }
+        }
+        text.insert(1, 0xFF);
+        text
+    };
+    out.push(b'{');
+    for (index, (name, value)) in object.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        write_json(out, &Value::from(name.as_str()));
+        out.push(b':');
+        if name == key {
+            out.extend_from_slice(&corrupted(Some(value)));
+        } else {
+            write_json(out, value);
+        }
+    }
+    if !object.contains_key(key) {
+        if !object.is_empty() {
+            out.push(b',');
+        }
+        write_json(out, &Value::from(key));
+        out.push(b':');
+        out.extend_from_slice(&corrupted(None));
+    }
+    out.push(b'}');
 }
 
 /// A list item turned into the detail shape: the same fields, but `created_on` is `created`.
@@ -802,18 +917,17 @@ fn bad_request(message: &str) -> Response {
     error_response(StatusCode::BAD_REQUEST, "BadRequest", message)
 }
 
-/// A 429 envelope, with `Retry-After` only when `wait` is given.
-fn too_many_requests(wait: Option<Duration>) -> Response {
+/// A 429 envelope, with `Retry-After` only when one is given.
+fn too_many_requests(retry_after: Option<HeaderValue>) -> Response {
     let mut response = error_response(
         StatusCode::TOO_MANY_REQUESTS,
         "TooManyRequests",
         "Rate limit exceeded.",
     );
-    if let Some(wait) = wait {
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(retry_after_secs(wait)),
-        );
+    if let Some(retry_after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
     }
     response
 }
@@ -1110,6 +1224,7 @@ mod tests {
     use crate::testing::{assert_dropped, send_json, send_status};
     use std::collections::BTreeSet;
     use std::net::Ipv4Addr;
+    use std::time::Duration;
 
     const KEY: &str = "wodify_sim_key";
 
@@ -1751,5 +1866,395 @@ mod tests {
 
         let api = async || get(&server, "/clients", &[]).await.status().as_u16();
         shared_control_routes(&sim, &server, KEY, api).await;
+    }
+
+    /// Replaces the faults through `PUT /_sim/faults`, as a test against a running simulator
+    /// would.
+    async fn put_faults(server: &SimServer, faults: Value) {
+        let request = reqwest::Client::new()
+            .put(format!("{}/_sim/faults", server.url()))
+            .json(&faults);
+        assert_eq!(send_status(request).await, 204, "{faults}");
+    }
+
+    /// The status, content type and raw body of an authorised GET.
+    async fn get_bytes(
+        server: &SimServer,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> (u16, String, Vec<u8>) {
+        let response = get(server, path, query).await;
+        let status = response.status().as_u16();
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .expect("ASCII")
+            .to_owned();
+        let body = response.bytes().await.expect("body").to_vec();
+        (status, content_type, body)
+    }
+
+    fn pagination(page: u64, page_size: u64, has_more: bool) -> Value {
+        json!({"page": page, "page_size": page_size, "has_more": has_more})
+    }
+
+    #[tokio::test]
+    async fn an_injected_429_sends_the_retry_after_fault_even_without_send_retry_after() {
+        let (sim, server) = start(unlimited()).await;
+        put_faults(&server, json!({"rate_429": 1.0})).await;
+        let limited = get(&server, "/clients", &[]).await;
+        assert_eq!(limited.status(), 429);
+        assert!(limited.headers().get(header::RETRY_AFTER).is_none());
+
+        for value in [
+            "18446744073709551615",
+            "86400",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            put_faults(&server, json!({"rate_429": 1.0, "retry_after": value})).await;
+            let limited = get(&server, "/clients", &[]).await;
+            assert_eq!(limited.status(), 429);
+            assert_eq!(limited.headers()[header::RETRY_AFTER], value);
+            assert_envelope(&limited.json().await.expect("JSON"), 429, "TooManyRequests");
+        }
+
+        // Alone it changes nothing, and the limiter's own 429 keeps its (absent) header.
+        put_faults(&server, json!({"retry_after": "86400"})).await;
+        sim.set_rate_limit(1, 1);
+        assert_eq!(get(&server, "/clients", &[]).await.status(), 200);
+        let limited = get(&server, "/clients", &[]).await;
+        assert_eq!(limited.status(), 429);
+        assert!(limited.headers().get(header::RETRY_AFTER).is_none());
+        assert_eq!(sim.stats().rate_limited, 5);
+    }
+
+    #[tokio::test]
+    async fn redirect_to_answers_every_api_request_307_and_nothing_else() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(3, 0);
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let listing = http
+            .get(format!("{}/clients", server.url()))
+            .header("x-api-key", KEY);
+        assert_eq!(send_status(listing).await, 200, "off by default");
+        sim.clear_log();
+
+        put_faults(
+            &server,
+            json!({"redirect_to": "https://moved.example/v2", "error_rate": 1.0}),
+        )
+        .await;
+        let sent = [
+            (Method::GET, "/clients?page=2&page_size=1&sort=desc_id"),
+            (Method::GET, "/clients/search?q=id%7Cgt%7C10001"),
+            (Method::GET, "/clients/10001"),
+            (Method::GET, "/members"),
+            (Method::PUT, "/clients/10001"),
+        ];
+        for (method, path_and_query) in &sent {
+            // No key: a redirecting front answers before anything is checked.
+            let request = http.request(method.clone(), format!("{}{path_and_query}", server.url()));
+            let response = request.send().await.expect("send");
+            assert_eq!(response.status(), 307, "{path_and_query}");
+            assert_eq!(
+                response.headers()[header::LOCATION],
+                format!("https://moved.example/v2{path_and_query}").as_str()
+            );
+            assert!(response.bytes().await.expect("body").is_empty());
+        }
+        // The control surface is never redirected.
+        let records = http.get(format!("{}/_sim/clients", server.url()));
+        assert_eq!(send_status(records).await, 200);
+
+        let stats = sim.stats();
+        assert_eq!((stats.requests, stats.redirected, stats.non_get), (5, 5, 1));
+        assert_eq!((stats.errors, stats.auth_failures), (0, 0));
+        let log: Vec<(String, u16)> = sim
+            .requests()
+            .into_iter()
+            .map(|r| (r.path_and_query, r.status))
+            .collect();
+        let expected: Vec<(String, u16)> = sent
+            .iter()
+            .map(|(_, path)| ((*path).to_owned(), 307))
+            .collect();
+        assert_eq!(log, expected);
+
+        // A client that follows the Location lands on the other server, key and all: why the
+        // daemon must not follow redirects blindly.
+        let (other, other_server) = start(unlimited()).await;
+        other.seed(1, 9);
+        sim.set_faults(Faults {
+            redirect_to: Some(other_server.url()),
+            ..Faults::default()
+        });
+        let (status, body) = get_json(&server, "/clients", &[("page_size", "5")]).await;
+        assert_eq!((status, ids(&body)), (200, vec![10_001]));
+        assert_eq!(body["clients"][0], other.client(10_001).expect("seeded"));
+        assert_eq!(other.requests()[0].path_and_query, "/clients?page_size=5");
+    }
+
+    #[tokio::test]
+    async fn paging_repeat_page_answers_the_first_page_for_ever() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(10, 0);
+        let (_, body) = get_json(&server, "/clients", &[("page", "2"), ("page_size", "3")]).await;
+        assert_eq!(ids(&body), vec![10_004, 10_005, 10_006], "off by default");
+
+        put_faults(&server, json!({"paging": "repeat_page"})).await;
+        for page in [1, 2, 3, 4, 50] {
+            let query = [("page", &*page.to_string()), ("page_size", "3")];
+            let (status, body) = get_json(&server, "/clients", &query).await;
+            assert_eq!(status, 200);
+            assert_eq!(ids(&body), vec![10_001, 10_002, 10_003], "page {page}");
+            assert_eq!(body["pagination"], pagination(page, 3, true));
+        }
+        // A keyset search gets the lowest ids whatever its cursor, its other conditions kept.
+        let active: Vec<i64> = sim
+            .clients()
+            .iter()
+            .filter(|c| c["client_status_id"] == 10)
+            .map(|c| c["id"].as_i64().expect("id"))
+            .take(2)
+            .collect();
+        for cursor in ["id|gt|0", "id|gt|10006", "id|gte|10009"] {
+            let q = format!("{cursor};client_status_id|eq|10");
+            let query = [("q", q.as_str()), ("sort", "id"), ("page_size", "2")];
+            let (_, body) = get_json(&server, "/clients/search", &query).await;
+            assert_eq!(ids(&body), active, "{q}");
+            assert_eq!(body["pagination"], pagination(1, 2, true));
+        }
+    }
+
+    #[tokio::test]
+    async fn paging_empty_has_more_keeps_has_more_true_past_the_end() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(5, 0);
+        let (_, body) = get_json(&server, "/clients", &[("page", "2"), ("page_size", "3")]).await;
+        assert_eq!(body["pagination"]["has_more"], false, "off by default");
+
+        put_faults(&server, json!({"paging": "empty_has_more"})).await;
+        let (_, body) = get_json(&server, "/clients", &[("page", "1"), ("page_size", "3")]).await;
+        assert_eq!(ids(&body), vec![10_001, 10_002, 10_003]);
+        assert_eq!(body["pagination"], pagination(1, 3, true));
+        let (_, body) = get_json(&server, "/clients", &[("page", "2"), ("page_size", "3")]).await;
+        assert_eq!(ids(&body), vec![10_004, 10_005]);
+        assert_eq!(body["pagination"], pagination(2, 3, true));
+        for page in [3, 4, 99] {
+            let query = [("page", &*page.to_string()), ("page_size", "3")];
+            let (status, body) = get_json(&server, "/clients", &query).await;
+            assert_eq!(status, 200);
+            assert_eq!(
+                body,
+                json!({"clients": [], "pagination": pagination(page, 3, true)})
+            );
+        }
+        let query = [("q", "id|gt|10005"), ("sort", "id")];
+        let (_, body) = get_json(&server, "/clients/search", &query).await;
+        assert_eq!(
+            body,
+            json!({"clients": [], "pagination": pagination(1, 100, true)})
+        );
+    }
+
+    #[tokio::test]
+    async fn paging_no_pagination_and_no_has_more_leave_the_fields_out() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(5, 0);
+        let query = [("page_size", "2")];
+        let (_, body) = get_json(&server, "/clients", &query).await;
+        assert_eq!(body["pagination"], pagination(1, 2, true), "off by default");
+
+        put_faults(&server, json!({"paging": "no_pagination"})).await;
+        for path in ["/clients", "/clients/search"] {
+            let query = [("page_size", "2"), ("q", "id|gt|0")];
+            let (_, body) = get_json(&server, path, &query).await;
+            let keys: Vec<&String> = body.as_object().expect("object").keys().collect();
+            assert_eq!(keys, ["clients"], "{path}");
+            assert_eq!(ids(&body), vec![10_001, 10_002]);
+        }
+
+        put_faults(&server, json!({"paging": "no_has_more"})).await;
+        let (_, body) = get_json(&server, "/clients", &query).await;
+        assert_eq!(body["pagination"], json!({"page": 1, "page_size": 2}));
+        let search = [("page_size", "2"), ("q", "id|gt|10003")];
+        let (_, body) = get_json(&server, "/clients/search", &search).await;
+        assert_eq!(body["pagination"], json!({"page": 1, "page_size": 2}));
+        assert_eq!(ids(&body), vec![10_004, 10_005]);
+    }
+
+    #[tokio::test]
+    async fn paging_unsorted_search_answers_descending_ids() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(10, 0);
+        let page = |page: &'static str| {
+            [
+                ("q", "id|gt|10002"),
+                ("sort", "id"),
+                ("page_size", "3"),
+                ("page", page),
+            ]
+        };
+        let (_, body) = get_json(&server, "/clients/search", &page("1")).await;
+        assert_eq!(ids(&body), vec![10_003, 10_004, 10_005], "off by default");
+
+        put_faults(&server, json!({"paging": "unsorted"})).await;
+        let (_, body) = get_json(&server, "/clients/search", &page("1")).await;
+        assert_eq!(ids(&body), vec![10_005, 10_004, 10_003]);
+        assert_eq!(body["pagination"], pagination(1, 3, true));
+        let (_, body) = get_json(&server, "/clients/search", &page("2")).await;
+        assert_eq!(ids(&body), vec![10_008, 10_007, 10_006]);
+        // The plain listing still sorts.
+        let query = [("sort", "id"), ("page_size", "3")];
+        let (_, body) = get_json(&server, "/clients", &query).await;
+        assert_eq!(ids(&body), vec![10_001, 10_002, 10_003]);
+    }
+
+    #[tokio::test]
+    async fn inject_appends_values_to_the_first_page_only() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(4, 0);
+        let first = [("page_size", "2")];
+        let (_, body) = get_json(&server, "/clients", &first).await;
+        assert_eq!(ids(&body), vec![10_001, 10_002], "off by default");
+
+        let injected = json!([null, 42, "a string", {"id": "x"}, {"first_name": "no id"}]);
+        put_faults(&server, json!({"inject": injected})).await;
+        let real = |id| sim.client(id).expect("seeded");
+        let mut expected = vec![real(10_001), real(10_002)];
+        expected.extend(injected.as_array().expect("array").iter().cloned());
+        let (_, body) = get_json(&server, "/clients", &first).await;
+        assert_eq!(body["clients"], Value::Array(expected.clone()));
+        assert_eq!(body["pagination"], pagination(1, 2, true));
+        let (_, body) = get_json(&server, "/clients", &[("page_size", "2"), ("page", "2")]).await;
+        assert_eq!(ids(&body), vec![10_003, 10_004]);
+
+        // A keyset search's first page is the one from `id|gt|0`.
+        let search = |q| [("q", q), ("sort", "id"), ("page_size", "2")];
+        let (_, body) = get_json(&server, "/clients/search", &search("id|gt|0")).await;
+        assert_eq!(body["clients"], Value::Array(expected));
+        let (_, body) = get_json(&server, "/clients/search", &search("id|gt|10002")).await;
+        assert_eq!(ids(&body), vec![10_003, 10_004]);
+        assert_eq!(sim.clients().len(), 4, "injected values are not stored");
+    }
+
+    #[tokio::test]
+    async fn inject_raw_splices_texts_unparsed_into_the_first_page() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(2, 0);
+        let (_, _, plain) = get_bytes(&server, "/clients", &[]).await;
+        let client = |id| serde_json::to_string(&sim.client(id).expect("seeded")).expect("JSON");
+        let pages = |page: u64, has_more| {
+            serde_json::to_string(&pagination(page, 100, has_more)).expect("JSON")
+        };
+        let (one, two) = (client(10_001), client(10_002));
+        let body = format!(
+            r#"{{"clients":[{one},{two}],"pagination":{}}}"#,
+            pages(1, false)
+        );
+        assert_eq!(
+            String::from_utf8(plain).expect("UTF-8"),
+            body,
+            "off by default"
+        );
+
+        let surrogate = r#"{"id": 999001, "first_name": "\ud800"}"#;
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let faults = json!({"inject": [7], "inject_raw": [surrogate, deep]});
+        put_faults(&server, faults).await;
+        let (status, content_type, bytes) = get_bytes(&server, "/clients", &[]).await;
+        assert_eq!((status, content_type.as_str()), (200, "application/json"));
+        let expected = format!(
+            r#"{{"clients":[{one},{two},7,{surrogate},{deep}],"pagination":{}}}"#,
+            pages(1, false)
+        );
+        assert_eq!(String::from_utf8(bytes.clone()).expect("UTF-8"), expected);
+        assert!(
+            serde_json::from_slice::<Value>(&bytes).is_err(),
+            "as serde_json sees it"
+        );
+
+        // No leading comma on an empty page, and nothing on later pages.
+        let query = [("q", "id|gt|0;first_name|eq|'Nobody'")];
+        let (_, _, bytes) = get_bytes(&server, "/clients/search", &query).await;
+        let expected = format!(
+            r#"{{"clients":[7,{surrogate},{deep}],"pagination":{}}}"#,
+            pages(1, false)
+        );
+        assert_eq!(String::from_utf8(bytes).expect("UTF-8"), expected);
+        let query = [("page", "2"), ("page_size", "1")];
+        let (_, body) = get_json(&server, "/clients", &query).await;
+        assert_eq!(
+            body["clients"],
+            json!([sim.client(10_002).expect("seeded")])
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_utf8_ids_put_an_invalid_byte_into_last_name() {
+        let (sim, server) = start(unlimited()).await;
+        sim.seed(4, 0);
+        sim.put_client(client_with(10_002, json!({"last_name": "Zyxwv"})));
+        sim.put_client(client_with(10_003, json!({"last_name": "\"Q\" é"})));
+        sim.put_client(client_with(10_004, json!({"last_name": ""})));
+        let (_, _, plain) = get_bytes(&server, "/clients", &[]).await;
+        let plain = String::from_utf8(plain).expect("valid UTF-8 by default");
+
+        put_faults(
+            &server,
+            json!({"corrupt_utf8_ids": [10_002, 10_003, 10_004]}),
+        )
+        .await;
+        let (status, content_type, bytes) = get_bytes(&server, "/clients", &[]).await;
+        assert_eq!((status, content_type.as_str()), (200, "application/json"));
+        assert!(std::str::from_utf8(&bytes).is_err());
+        // One byte each, in place: the first that is not part of an escape (`\"` is kept);
+        // an empty name gains the byte.
+        let mut expected = plain.into_bytes();
+        for (from, to) in [
+            (
+                r#""last_name":"Zyxwv""#.as_bytes(),
+                b"\"last_name\":\"\xFFyxwv\"".as_slice(),
+            ),
+            (
+                r#""last_name":"\"Q\" é""#.as_bytes(),
+                b"\"last_name\":\"\\\"\xFF\\\" \xC3\xA9\"",
+            ),
+            (r#""last_name":"""#.as_bytes(), b"\"last_name\":\"\xFF\""),
+        ] {
+            let at = expected
+                .windows(from.len())
+                .position(|window| window == from)
+                .expect("present once");
+            expected.splice(at..at + from.len(), to.iter().copied());
+        }
+        assert_eq!(bytes, expected);
+        let lossy: Value = serde_json::from_str(&String::from_utf8_lossy(&bytes)).expect("JSON");
+        assert_eq!(lossy["clients"][1]["last_name"], "\u{FFFD}yxwv");
+        assert_eq!(lossy["clients"][2]["last_name"], "\"\u{FFFD}\" é");
+        assert_eq!(lossy["clients"][3]["last_name"], "\u{FFFD}");
+        assert_eq!(lossy["clients"][0], sim.client(10_001).expect("seeded"));
+
+        // Wherever the client is listed, and in the detail; others stay valid.
+        let query = [
+            ("q", "id|gt|10001"),
+            ("sort", "desc_id"),
+            ("page_size", "3"),
+        ];
+        let (_, _, bytes) = get_bytes(&server, "/clients/search", &query).await;
+        assert_eq!(bytes.iter().filter(|b| **b == 0xFF).count(), 3);
+        let (status, _, bytes) = get_bytes(&server, "/clients/10002", &[]).await;
+        assert_eq!(status, 200);
+        let detail = String::from_utf8_lossy(&bytes);
+        assert!(
+            detail.contains("\"last_name\":\"\u{FFFD}yxwv\""),
+            "{detail}"
+        );
+        assert!(detail.contains("\"created\":"), "still the detail shape");
+        let (_, _, bytes) = get_bytes(&server, "/clients/10001", &[]).await;
+        assert!(std::str::from_utf8(&bytes).is_ok());
+        assert_eq!(sim.client(10_002).expect("stored")["last_name"], "Zyxwv");
     }
 }

@@ -31,6 +31,9 @@ use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use serde_json::value::RawValue;
+
+use super::raw::{self, RawRecord};
 use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
 use crate::config::{Secret, SourceConfig};
 use crate::http::{self, Probe};
@@ -59,6 +62,7 @@ pub const MARK_MARGIN: Duration = Duration::from_secs(120);
 /// A PracticeHub clinic account.
 pub struct PracticeHub {
     http: reqwest::Client,
+    endpoint: super::Endpoint,
     base: Url,
     api_key: Secret,
     app_details: String,
@@ -84,10 +88,11 @@ struct Cursor {
     next: Option<String>,
 }
 
+/// A listing's envelope: every row kept as raw text, cut down on its own.
 #[derive(Deserialize)]
-struct Listing {
-    #[serde(default)]
-    data: Vec<Value>,
+struct Listing<'a> {
+    #[serde(borrow, default)]
+    data: Option<Vec<&'a RawValue>>,
     #[serde(default)]
     links: Option<Links>,
 }
@@ -95,7 +100,23 @@ struct Listing {
 #[derive(Deserialize)]
 struct Links {
     #[serde(default)]
-    next: Option<String>,
+    next: Option<Value>,
+}
+
+/// One listed patient, cut down to the allowlist on its own: its position for messages, a
+/// digest of its row (which names it when it has no usable id), and the record or what is
+/// wrong with the row (never quoting it).
+#[derive(Debug)]
+pub(crate) struct Row {
+    place: String,
+    digest: String,
+    read: Result<PatientRecord, String>,
+}
+
+impl Row {
+    fn id(&self) -> Option<String> {
+        self.read.as_ref().ok().and_then(|r| r.id.clone())
+    }
 }
 
 impl PracticeHub {
@@ -106,6 +127,7 @@ impl PracticeHub {
     ) -> Result<PracticeHub, reqwest::Error> {
         Ok(PracticeHub {
             http: http::client(Duration::from_secs(config.timeout_secs))?,
+            endpoint: super::Endpoint::new("practicehub", "PracticeHub", config),
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
             app_details: options.app_details.clone(),
@@ -141,8 +163,13 @@ impl PracticeHub {
     }
 
     /// GET with both mandatory headers; only ever GET (a PracticeHub key can delete data).
-    pub async fn get(&self, url: Url) -> Result<Value, SourceError> {
-        super::send_get(self.request(url), "practicehub", read_answer).await
+    /// The body, once the status says it is an answer.
+    async fn get(&self, url: Url) -> Result<Vec<u8>, SourceError> {
+        self.endpoint
+            .get(self.request(url), |status, body, retry_after| {
+                read_answer(status, body, retry_after).map(|()| body.to_vec())
+            })
+            .await
     }
 
     /// A GET of `url` with the key and the app details.
@@ -152,11 +179,6 @@ impl PracticeHub {
             .header("x-practicehub-key", self.api_key.expose())
             .header("x-app-details", &self.app_details)
             .header("accept", "application/json")
-    }
-
-    /// Cuts a listed patient down to the allowlist. The raw value is dropped by the caller.
-    fn record(&self, value: &Value) -> PatientRecord {
-        patient::cut(value, &self.attributes)
     }
 
     /// Whether a `links.next` URL points at the configured API (the key goes with it).
@@ -171,10 +193,11 @@ impl PracticeHub {
     /// `GET /patients?page_size=1`: one authenticated read for `check-config --connect`.
     async fn probe(&self) -> Probe {
         let request = self.request(super::probe_url(&self.base, "patients"));
-        http::probe_request(request, |status, body| {
-            SourceError::probe(read_answer(status, body, None))
-        })
-        .await
+        self.endpoint
+            .probe(request, |status, body| {
+                read_answer(status, body, None).map(drop)
+            })
+            .await
     }
 
     /// Describes a saved cursor in words, for `status`.
@@ -194,23 +217,24 @@ impl PracticeHub {
     }
 }
 
+/// Reads an answer's status: a success is for the caller to read; an error becomes a
+/// [`SourceError`], with PracticeHub's `message` when it gave one.
 fn read_answer(
     status: StatusCode,
     body: &[u8],
     retry_after: Option<Duration>,
-) -> Result<Value, SourceError> {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+) -> Result<(), SourceError> {
     if status.is_success() {
-        return parsed.ok_or_else(|| {
-            SourceError::Transient(format!("HTTP {status} with a body that is not JSON"))
-        });
+        return Ok(());
     }
-    let message = parsed
-        .as_ref()
-        .and_then(|v| v.get("message"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let message = crate::config::redact(
+        parsed
+            .as_ref()
+            .and_then(|v| v.get("message"))
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+    );
     let detail = format!("PracticeHub answered HTTP {}: {message}", status.as_u16());
     Err(match status.as_u16() {
         401 | 403 => SourceError::AuthRefused(format!(
@@ -250,18 +274,14 @@ impl PracticeHub {
                 self.first_page(at.mark)
             }
         };
-        let value = self.get(url).await?;
-        let listing: Listing = serde_json::from_value(value).map_err(|e| {
-            SourceError::Transient(format!(
-                "PracticeHub listing is not in the documented shape: {e}"
-            ))
-        })?;
-        // Cut every row down to the allowlist here; the raw page is dropped with `listing`.
-        let records: Vec<PatientRecord> = listing.data.iter().map(|v| self.record(v)).collect();
+        let body = self.get(url.clone()).await?;
+        let (rows, next_link) = self.read_listing(&body, &url, "a page")?;
         if let Some(mark) = at.mark {
-            let ignored = records
-                .iter()
-                .any(|r| r.updated.is_some_and(|updated| updated < mark));
+            let ignored = rows.iter().any(|row| {
+                row.read
+                    .as_ref()
+                    .is_ok_and(|r| r.updated.is_some_and(|updated| updated < mark))
+            });
             if ignored && !self.warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     source = %self.source,
@@ -271,10 +291,6 @@ impl PracticeHub {
                     .increment(1);
             }
         }
-        let next_link = listing
-            .links
-            .and_then(|l| l.next)
-            .filter(|n| !n.trim().is_empty());
         let pass_complete = next_link.is_none();
         let next = if pass_complete {
             Cursor {
@@ -291,10 +307,74 @@ impl PracticeHub {
             }
         };
         Ok(Page {
-            records: records.into_iter().map(Record::new).collect(),
+            ids: rows.iter().map(Row::id).collect(),
+            records: rows.into_iter().map(Record::new).collect(),
             next: render(&next),
             pass_complete,
         })
+    }
+
+    /// Reads a listing answered for `url`: the envelope must hold `data`; each row is cut down
+    /// on its own; `links.next`, if any, is resolved against `url` (a relative link is a page
+    /// of this listing, never "start over").
+    fn read_listing(
+        &self,
+        body: &[u8],
+        url: &Url,
+        where_: &str,
+    ) -> Result<(Vec<Row>, Option<String>), SourceError> {
+        let (text, lossy) = raw::text(body);
+        let listing = serde_json::from_str::<Listing<'_>>(&text).map_err(|e| {
+            SourceError::Transient(format!(
+                "PracticeHub's listing is not JSON ({}); the page is retried",
+                raw::json_problem(&e)
+            ))
+        })?;
+        let data = listing.data.ok_or_else(|| {
+            SourceError::Transient(
+                "PracticeHub's listing has no `data` array: it is not in the documented shape \
+                 ({\"data\": [...], \"links\": {...}}); the page is retried, never taken for \
+                 the end of the listing"
+                    .to_string(),
+            )
+        })?;
+        let rows = data
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let raw = RawRecord::new(row, lossy);
+                let read = if raw.damaged {
+                    Err("holds bytes that are not UTF-8".to_string())
+                } else {
+                    patient::cut_row(raw.text.get(), &self.attributes)
+                };
+                Row {
+                    place: format!("patient {} of {where_}", i + 1),
+                    digest: raw.digest(),
+                    read,
+                }
+            })
+            .collect();
+        let next = match listing.links.and_then(|l| l.next) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(link)) if link.trim().is_empty() => None,
+            Some(Value::String(link)) => Some(
+                url.join(link.trim())
+                    .map_err(|_| {
+                        SourceError::Transient(
+                            "PracticeHub's links.next is not a URL; the page is retried"
+                                .to_string(),
+                        )
+                    })?
+                    .to_string(),
+            ),
+            Some(_) => {
+                return Err(SourceError::Transient(
+                    "PracticeHub's links.next is not a string; the page is retried".to_string(),
+                ));
+            }
+        };
+        Ok((rows, next))
     }
 
     async fn fetch_patient(&self, external_id: &str) -> Result<Option<Record>, SourceError> {
@@ -304,25 +384,19 @@ impl PracticeHub {
         }
         url.query_pairs_mut()
             .append_pair(self.attribute("id"), &format!("eq:{external_id}"));
-        let value = self.get(url).await?;
-        let listing: Listing = serde_json::from_value(value).map_err(|e| {
-            SourceError::Transient(format!(
-                "PracticeHub listing is not in the documented shape: {e}"
-            ))
-        })?;
-        let rows = listing.data.len();
-        let record = listing
-            .data
-            .iter()
-            .map(|v| self.record(v))
-            .find(|r| r.id.as_deref() == Some(external_id));
-        if record.is_none() && rows > 0 {
+        let body = self.get(url.clone()).await?;
+        let (rows, _) = self.read_listing(&body, &url, "the answer to a push fetch")?;
+        let listed = rows.len();
+        let row = rows
+            .into_iter()
+            .find(|row| row.id().as_deref() == Some(external_id));
+        if row.is_none() && listed > 0 {
             tracing::warn!(
                 source = %self.source,
                 "PracticeHub ignored the id filter of a push event; the next poll picks the patient up."
             );
         }
-        Ok(record.map(Record::new))
+        Ok(row.map(Record::new))
     }
 }
 
@@ -346,8 +420,8 @@ impl Source for PracticeHub {
         Box::pin(PracticeHub::probe(self))
     }
 
-    fn valid_id(&self, external_id: &str) -> bool {
-        external_id.parse::<i64>().is_ok_and(|id| id > 0)
+    fn external_id(&self, text: &str) -> Option<String> {
+        super::positive_id_text(text)
     }
 
     /// A listing is interrupted when a `links.next` was saved; a cursor holding only a mark is
@@ -364,10 +438,28 @@ impl Source for PracticeHub {
     }
 
     fn map(&self, record: &Record) -> Mapped {
-        let Some(record) = record.get::<PatientRecord>() else {
+        let Some(row) = record.get::<Row>() else {
             return super::foreign_record("(unknown)");
         };
-        let external_id = record.id.clone().unwrap_or_else(|| "(no id)".to_string());
+        let record = match &row.read {
+            Ok(record) => record,
+            Err(problem) => {
+                return super::unreadable(
+                    None,
+                    &row.digest,
+                    format!("{} {problem}", row.place),
+                    "the row is read again on every poll; check the patient in PracticeHub",
+                );
+            }
+        };
+        let Some(external_id) = record.id.clone() else {
+            return super::unreadable(
+                None,
+                &row.digest,
+                format!("{} has no usable id (a positive integer)", row.place),
+                "check the source's [fields] id mapping",
+            );
+        };
         let (outcome, warnings) = match map_patient(record, &self.default_country) {
             Ok((body, warnings)) => (
                 PageItemOutcome::Customer {
@@ -395,6 +487,22 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    impl PracticeHub {
+        /// A listed patient as the adapter cuts it.
+        fn record(&self, value: &Value) -> PatientRecord {
+            patient::cut_row(&value.to_string(), &self.attributes).expect("a patient")
+        }
+
+        /// A listed patient as the poll loop hands it to `map`.
+        fn row(&self, value: &Value) -> Record {
+            Record::new(Row {
+                place: "patient 1 of a page".to_string(),
+                digest: "0".repeat(12),
+                read: Ok(self.record(value)),
+            })
+        }
+    }
 
     fn adapter(fields: &str) -> PracticeHub {
         let config = crate::config::Config::from_toml(
@@ -443,14 +551,14 @@ mod tests {
         let hub = adapter("");
         let mut value = patient();
         value["deleted"] = Value::Bool(true);
-        let mapped = hub.map(&Record::new(hub.record(&value)));
+        let mapped = hub.map(&hub.row(&value));
         assert!(matches!(
             mapped.item.outcome,
             PageItemOutcome::Customer { update_only: true, ref body } if String::from_utf8_lossy(body).contains("\"deleted\"")
         ));
         value["email"] = Value::Null;
         assert!(matches!(
-            hub.map(&Record::new(hub.record(&value))).item.outcome,
+            hub.map(&hub.row(&value)).item.outcome,
             PageItemOutcome::Ignored
         ));
     }

@@ -4,11 +4,12 @@
 //! attribute and nothing else; [`PatientBody`], the body sent to RevKeen, has typed metadata
 //! with two fields, so there is no map a clinical field could be added to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::config::FIELDS;
 use crate::customer::{self, Phone, Rejection};
@@ -39,11 +40,28 @@ impl Attributes {
     }
 }
 
-/// Cuts a listed patient down to the allowlist. Nothing else of the row is kept.
-pub(super) fn cut(value: &Value, attributes: &Attributes) -> PatientRecord {
-    let text = |field: &str| value.get(attributes.get(field)).and_then(json_text);
-    PatientRecord {
-        id: text("id"),
+/// Cuts a listed patient down to the allowlist; nothing else of the row is kept. Only the
+/// allowlisted attributes are parsed at all, so an attribute the daemon never reads (however
+/// deep, however odd) cannot spoil the row. `Err` says, without quoting the row, why it is
+/// not a patient.
+pub(super) fn cut_row(row: &str, attributes: &Attributes) -> Result<PatientRecord, String> {
+    let attributes_raw: HashMap<&str, &RawValue> = serde_json::from_str(row)
+        .map_err(|e| format!("is not a JSON object of attributes ({})", raw_problem(&e)))?;
+    let value = |field: &str| -> Option<Value> {
+        attributes_raw
+            .get(attributes.get(field))
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    };
+    let id = value("id");
+    if id
+        .as_ref()
+        .is_some_and(|id| crate::sources::positive_id(id).is_none())
+    {
+        return Err("has an id that is not a positive integer".to_string());
+    }
+    let text = |field: &str| value(field).as_ref().and_then(json_text);
+    Ok(PatientRecord {
+        id: id.as_ref().and_then(crate::sources::positive_id),
         email: text("email"),
         first_name: text("first_name"),
         last_name: text("last_name"),
@@ -51,11 +69,13 @@ pub(super) fn cut(value: &Value, attributes: &Attributes) -> PatientRecord {
         phone_fallback: text("phone_fallback"),
         patient_number: text("patient_number"),
         updated: text("updated").and_then(|t| parse_time(&t)),
-        deleted: value.get(attributes.get("deleted")).is_some_and(truthy),
-        inactive: value
-            .get(attributes.get("active"))
-            .is_some_and(|v| !v.is_null() && !truthy(v)),
-    }
+        deleted: value("deleted").is_some_and(|v| truthy(&v)),
+        inactive: value("active").is_some_and(|v| !v.is_null() && !truthy(&v)),
+    })
+}
+
+fn raw_problem(error: &serde_json::Error) -> String {
+    format!("at column {}", error.column())
 }
 
 fn json_text(value: &Value) -> Option<String> {
@@ -164,13 +184,19 @@ pub fn map_patient(
     } else {
         "active"
     };
+    let name = customer::bounded_name(
+        record.first_name.as_deref(),
+        record.last_name.as_deref(),
+        &mut warnings,
+    );
+    let patient_number = customer::bounded(record.patient_number.as_deref(), &mut warnings);
     Ok((
         PatientBody {
             email,
-            name: customer::full_name(record.first_name.as_deref(), record.last_name.as_deref()),
+            name,
             phone,
             metadata: PatientMetadata {
-                patient_number: record.patient_number.clone(),
+                patient_number,
                 source_status,
             },
             external_updated_at: record

@@ -88,27 +88,39 @@ pub fn map_client(
         warnings.push("country_unrecognised");
     }
     let mut metadata = std::collections::BTreeMap::new();
-    if let Some(status) = customer::text(client.client_status.as_deref()) {
+    if let Some(status) = customer::bounded(client.client_status.as_deref(), &mut warnings) {
         metadata.insert("source_status".to_string(), Value::String(status));
     }
-    if let Some(location) = customer::text(client.location.as_deref()) {
+    if let Some(location) = customer::bounded(client.location.as_deref(), &mut warnings) {
         metadata.insert("location".to_string(), Value::String(location));
     }
-    if !client.tags.is_empty() {
+    let tags = customer::bounded_tags(&client.tags, &mut warnings);
+    if !tags.is_empty() {
         metadata.insert(
             "tags".to_string(),
-            Value::Array(client.tags.iter().cloned().map(Value::String).collect()),
+            Value::Array(tags.into_iter().map(Value::String).collect()),
         );
     }
+    let mut field = |raw: &Option<String>| customer::bounded(raw.as_deref(), &mut warnings);
+    let address_line1 = field(&client.street_address_1);
+    let address_line2 = field(&client.street_address_2);
+    let city = field(&client.city);
+    let state = field(&client.state);
+    let postal_code = field(&client.zipcode);
+    let name = customer::bounded_name(
+        client.first_name.as_deref(),
+        client.last_name.as_deref(),
+        &mut warnings,
+    );
     let customer = Customer {
         email,
-        name: customer::full_name(client.first_name.as_deref(), client.last_name.as_deref()),
+        name,
         phone,
-        address_line1: customer::text(client.street_address_1.as_deref()),
-        address_line2: customer::text(client.street_address_2.as_deref()),
-        city: customer::text(client.city.as_deref()),
-        state: customer::text(client.state.as_deref()),
-        postal_code: customer::text(client.zipcode.as_deref()),
+        address_line1,
+        address_line2,
+        city,
+        state,
+        postal_code,
         country,
         metadata,
         external_updated_at: customer::normalize_timestamp(
@@ -134,12 +146,10 @@ pub(crate) mod lenient {
         })
     }
 
+    /// The sources' one id rule ([`crate::sources::positive_id`]); anything else is no id.
     pub(crate) fn id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        Ok(match Value::deserialize(d)? {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        })
+        let value = Value::deserialize(d)?;
+        Ok(crate::sources::positive_id(&value).and_then(|id| id.parse().ok()))
     }
 
     pub(crate) fn tags<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

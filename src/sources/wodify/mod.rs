@@ -23,6 +23,9 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::Value;
 
+use serde_json::value::RawValue;
+
+use super::raw::{self, RawRecord};
 use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
 use crate::config::{Secret, SourceConfig};
 use crate::http::{self, Probe};
@@ -51,16 +54,11 @@ pub const PAGE_SIZE: u32 = 100;
 /// A Wodify account.
 pub struct Wodify {
     http: reqwest::Client,
+    endpoint: super::Endpoint,
     base: Url,
     api_key: Secret,
     scan: Scan,
     default_country: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Pagination {
-    #[serde(default)]
-    has_more: bool,
 }
 
 /// Where a scan stands.
@@ -94,6 +92,7 @@ impl Wodify {
     pub fn new(config: &SourceConfig, options: &WodifyOptions) -> Result<Wodify, reqwest::Error> {
         Ok(Wodify {
             http: http::client(Duration::from_secs(config.timeout_secs))?,
+            endpoint: super::Endpoint::new("wodify", "Wodify", config),
             base: config.base_url.clone(),
             api_key: config.api_key.clone(),
             scan: options.scan,
@@ -135,9 +134,13 @@ impl Wodify {
         url
     }
 
-    /// One GET, with the answer checked for errors (including an envelope inside a 200).
-    pub async fn get(&self, url: Url) -> Result<Value, SourceError> {
-        self.get_with(url, read_answer).await
+    /// One GET, with the answer checked for errors (including an envelope inside a 200); the
+    /// body, for the caller to read.
+    async fn get(&self, url: Url) -> Result<Vec<u8>, SourceError> {
+        self.get_with(url, |status, body, retry_after| {
+            read_answer(status, body, retry_after).map(|_| body.to_vec())
+        })
+        .await
     }
 
     /// One GET whose answer `read` turns into a value or an error.
@@ -146,7 +149,7 @@ impl Wodify {
         url: Url,
         read: impl FnOnce(StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
     ) -> Result<T, SourceError> {
-        super::send_get(self.request(url), "wodify", read).await
+        self.endpoint.get(self.request(url), read).await
     }
 
     /// A GET of `url` with the key.
@@ -158,50 +161,116 @@ impl Wodify {
     }
 }
 
-/// A listing answer read straight into typed clients, with the envelope's keys alongside so an
-/// error inside a 200 is still seen.
-#[derive(Debug, Deserialize)]
-struct ListingAnswer {
+/// A listing answer's envelope: every client kept as raw text, read on its own later, with the
+/// envelope's error keys alongside so an error inside a 200 is still seen.
+#[derive(Deserialize)]
+struct ListingEnvelope<'a> {
     #[serde(rename = "HTTPCode", default)]
-    http_code: Option<Value>,
+    http_code: Option<serde::de::IgnoredAny>,
     #[serde(rename = "ErrorCode", default)]
-    error_code: Option<Value>,
+    error_code: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "APIError", default)]
+    api_error: Option<serde::de::IgnoredAny>,
+    #[serde(borrow, default)]
+    clients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
-    clients: Option<Vec<Client>>,
-    #[serde(default)]
-    pagination: Option<Pagination>,
+    pagination: Option<PaginationEnvelope>,
 }
 
-/// Reads a listing page; anything but a clean listing goes through [`read_answer`] for its
-/// error.
+#[derive(Deserialize)]
+struct PaginationEnvelope {
+    #[serde(default)]
+    has_more: Option<bool>,
+}
+
+/// One listed client, read on its own: its position for messages, a digest of its text (which
+/// names it when it has no usable id), and the client or what is wrong with it.
+#[derive(Debug)]
+pub(crate) struct Row {
+    /// Where it was listed, e.g. `client 3 of the page after client id 10500`.
+    place: String,
+    digest: String,
+    read: Result<Client, String>,
+}
+
+impl Row {
+    fn read(raw: &RawRecord<'_>, place: String) -> Row {
+        let read = if raw.damaged {
+            Err("holds bytes that are not UTF-8".to_string())
+        } else {
+            serde_json::from_str::<Client>(raw.text.get()).map_err(|e| raw::json_problem(&e))
+        };
+        Row {
+            place,
+            digest: raw.digest(),
+            read,
+        }
+    }
+
+    /// The client's id, when it has a usable one.
+    fn id(&self) -> Option<i64> {
+        self.read.as_ref().ok().and_then(|client| client.id)
+    }
+}
+
+/// Reads a listing page: the envelope must be the documented one (`clients` and
+/// `pagination.has_more`); each client is read on its own. Anything but a clean listing goes
+/// through [`read_answer`] for its error.
 fn read_listing(
     status: StatusCode,
     body: &[u8],
     retry_after: Option<Duration>,
-) -> Result<(Vec<Client>, bool), SourceError> {
-    if status.is_success()
-        && let Ok(answer) = serde_json::from_slice::<ListingAnswer>(body)
-        && answer.http_code.is_none()
-        && answer.error_code.is_none()
-        && let Some(clients) = answer.clients
-    {
-        return Ok((clients, answer.pagination.is_some_and(|p| p.has_more)));
+    where_: &str,
+) -> Result<(Vec<Row>, bool), SourceError> {
+    let (text, lossy) = raw::text(body);
+    let envelope = serde_json::from_str::<ListingEnvelope<'_>>(&text);
+    let errors = envelope.as_ref().map_or(true, |e| {
+        e.http_code.is_some() || e.error_code.is_some() || e.api_error.is_some()
+    });
+    if !status.is_success() || errors {
+        read_answer(status, body, retry_after)?;
     }
-    read_answer(status, body, retry_after)?;
-    Err(SourceError::Transient(
-        "Wodify listing is not in the documented shape ({\"clients\": [...], \"pagination\": {...}})"
-            .to_string(),
-    ))
+    let envelope = envelope.map_err(|e| {
+        SourceError::Transient(format!(
+            "Wodify's listing is not JSON ({})",
+            raw::json_problem(&e)
+        ))
+    })?;
+    let missing = |what: &str| {
+        SourceError::Transient(format!(
+            "Wodify's listing has no {what}: it is not in the documented shape \
+             ({{\"clients\": [...], \"pagination\": {{\"has_more\": ...}}}}); the page is \
+             retried, never taken for the end of the listing"
+        ))
+    };
+    let clients = envelope.clients.ok_or_else(|| missing("`clients` array"))?;
+    let has_more = envelope
+        .pagination
+        .ok_or_else(|| missing("`pagination`"))?
+        .has_more
+        .ok_or_else(|| missing("`pagination.has_more`"))?;
+    let rows = clients
+        .iter()
+        .enumerate()
+        .map(|(i, client)| {
+            Row::read(
+                &RawRecord::new(client, lossy),
+                format!("client {} of {where_}", i + 1),
+            )
+        })
+        .collect();
+    Ok((rows, has_more))
 }
 
 impl Wodify {
     /// `GET /clients?page_size=1`: one authenticated read for `check-config --connect`.
     async fn probe(&self) -> Probe {
         let request = self.request(super::probe_url(&self.base, "clients"));
-        http::probe_request(request, |status, body| {
-            SourceError::probe(read_answer(status, body, None))
-        })
-        .await
+        self.endpoint
+            .probe(request, |status, body| {
+                read_answer(status, body, None).map(drop)
+            })
+            .await
     }
 
     /// Describes a saved cursor in words, for `status`.
@@ -234,12 +303,13 @@ fn read_answer(
         return Err(classify(envelope.0, &envelope.1, retry_after));
     }
     if !status.is_success() {
-        let message = parsed
-            .as_ref()
-            .and_then(|v| v.get("message"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        let message = crate::config::redact(
+            parsed
+                .as_ref()
+                .and_then(|v| v.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        );
         if status == StatusCode::FORBIDDEN && message == "Missing Authentication Token" {
             // The gateway's answer to a path it does not know: the key was never looked at.
             return Err(SourceError::Permanent(
@@ -274,9 +344,8 @@ fn envelope_code(value: &Value) -> Option<(u16, String)> {
         .iter()
         .filter_map(|k| object.get(*k).and_then(Value::as_str))
         .find(|m| !m.is_empty())
-        .unwrap_or("")
-        .to_string();
-    Some((code, message))
+        .unwrap_or("");
+    Some((code, crate::config::redact(message)))
 }
 
 fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceError {
@@ -305,18 +374,33 @@ impl Wodify {
             Some(at) => at,
             None => self.start(),
         };
-        let (clients, has_more) = self.get_with(self.url(at), read_listing).await?;
+        let where_ = match at {
+            Cursor::After(0) | Cursor::Page(1) => "the first page".to_string(),
+            Cursor::After(after) => format!("the page after client id {after}"),
+            Cursor::Page(page) => format!("page {page}"),
+        };
+        let (rows, has_more) = self
+            .get_with(self.url(at), |status, body, retry_after| {
+                read_listing(status, body, retry_after, &where_)
+            })
+            .await?;
         let next = match at {
             _ if !has_more => self.start(),
+            // The keyset moves to the highest id read; a page that does not raise it is caught
+            // by the poll loop as a page that does not advance the scan.
             Cursor::After(after) => {
-                Cursor::After(clients.iter().filter_map(|c| c.id).max().unwrap_or(after))
+                Cursor::After(rows.iter().filter_map(Row::id).fold(after, i64::max))
             }
-            Cursor::Page(page) => Cursor::Page(page + 1),
+            Cursor::Page(page) => Cursor::Page(page.saturating_add(1)),
         };
-        // `has_more` with an empty page would loop forever on the same cursor.
-        let pass_complete = !has_more || (clients.is_empty() && next == at);
+        // An empty page ends the listing, whatever `has_more` says (as live integrations do).
+        let pass_complete = !has_more || rows.is_empty();
         Ok(Page {
-            records: clients.into_iter().map(Record::new).collect(),
+            ids: rows
+                .iter()
+                .map(|r| r.id().map(|id| id.to_string()))
+                .collect(),
+            records: rows.into_iter().map(Record::new).collect(),
             next: if pass_complete { self.start() } else { next }.render(),
             pass_complete,
         })
@@ -327,13 +411,21 @@ impl Wodify {
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().extend(["clients", external_id]);
         }
-        let value = self.get(url).await?;
-        let client: Client = serde_json::from_value(value).map_err(|e| {
-            SourceError::Transient(format!("Wodify client is not in the documented shape: {e}"))
+        let body = self.get(url).await?;
+        let (text, lossy) = raw::text(&body);
+        let client: &RawValue = serde_json::from_str(&text).map_err(|e| {
+            SourceError::Transient(format!(
+                "Wodify's client is not JSON ({})",
+                raw::json_problem(&e)
+            ))
         })?;
+        let row = Row::read(
+            &RawRecord::new(client, lossy),
+            format!("client {external_id}"),
+        );
         // The record must be the one asked for: a push can never inject another.
-        let asked_for = client.id.map(|id| id.to_string()).as_deref() == Some(external_id);
-        Ok(asked_for.then(|| Record::new(client)))
+        let asked_for = row.id().map(|id| id.to_string()).as_deref() == Some(external_id);
+        Ok(asked_for.then(|| Record::new(row)))
     }
 }
 
@@ -353,18 +445,34 @@ impl Source for Wodify {
         Box::pin(self.fetch_client(external_id))
     }
 
-    fn valid_id(&self, external_id: &str) -> bool {
-        external_id.parse::<i64>().is_ok_and(|id| id > 0)
+    fn external_id(&self, text: &str) -> Option<String> {
+        super::positive_id_text(text)
     }
 
     fn map(&self, record: &Record) -> Mapped {
-        let Some(client) = record.get::<Client>() else {
+        let Some(row) = record.get::<Row>() else {
             return super::foreign_record("(unknown)");
         };
-        let external_id = client
-            .id
-            .map(|id| id.to_string())
-            .unwrap_or_else(|| "(no id)".to_string());
+        let client = match &row.read {
+            Ok(client) => client,
+            Err(problem) => {
+                return super::unreadable(
+                    None,
+                    &row.digest,
+                    format!("{} {problem}", row.place),
+                    "the record is read again on every poll; report it to Wodify support if it persists",
+                );
+            }
+        };
+        let Some(id) = client.id else {
+            return super::unreadable(
+                None,
+                &row.digest,
+                format!("{} has no usable id (a positive integer)", row.place),
+                "report this to Wodify support: every client should have an id",
+            );
+        };
+        let external_id = id.to_string();
         match map_client(client, &self.default_country) {
             Ok((customer, warnings)) => Mapped {
                 item: PageItem {
