@@ -63,6 +63,7 @@ impl From<SourceError> for PollError {
             )),
             // Not retried, but an upstream problem like one that stayed down (exit 69).
             SourceError::Misdirected(_) => PollError::Unavailable(error),
+            SourceError::Pagination(_) => PollError::Failed(error),
             other => PollError::Unavailable(other),
         }
     }

@@ -23,3 +23,4 @@ mod phi;
 mod practicehub;
 mod push;
 mod support;
+mod untrusted;

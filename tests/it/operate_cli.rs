@@ -10,14 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde_json::{Value, json};
 use sync_daemon_sim::{Faults, PRACTICEHUB_KEY, REVKEEN_KEY, WODIFY_KEY};
 
 use crate::support::{
     BIN, Harness, Output, exit, free_listen_addr, rename_client, replaced, require_tool,
-    run_command, seed_valid_clients, wait_until_async,
+    run_command, seed_valid_clients, self_signed_tls_server,
 };
 
 /// The stderr line `check-config --connect` prints for `target` (`revkeen` or a source).
@@ -183,64 +183,6 @@ async fn check_config_connect_tls_handshake_failure_is_a_tls_error() {
         out.transcript()
     );
     assert!(hint_after(&out, "revkeen").contains("certificate"));
-}
-
-/// An `openssl s_server` with a fresh self-signed certificate on a free port; fails the test
-/// when openssl is not installed or cannot make one.
-async fn self_signed_tls_server(dir: &Path) -> (tokio::process::Child, u16) {
-    let openssl = require_tool("openssl", "openssl");
-    let generated = tokio::process::Command::new(&openssl)
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-        ])
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run openssl req");
-    assert!(
-        generated.status.success(),
-        "openssl req could not make a self-signed certificate:\n{}",
-        String::from_utf8_lossy(&generated.stderr)
-    );
-    let port = free_listen_addr().port();
-    let server = tokio::process::Command::new(&openssl)
-        .args(["s_server", "-quiet", "-www", "-accept"])
-        .arg(port.to_string())
-        .arg("-cert")
-        .arg(dir.join("cert.pem"))
-        .arg("-key")
-        .arg(dir.join("key.pem"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start openssl s_server");
-    wait_until_async(
-        "openssl s_server to listen",
-        Duration::from_secs(10),
-        move || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
-    (server, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1226,3 +1226,136 @@ impl Metrics {
         self.matching(name, labels).next().is_some()
     }
 }
+
+/// An `openssl s_server` with a fresh self-signed certificate on a free port; fails the test
+/// when openssl is not installed or cannot make one.
+pub async fn self_signed_tls_server(dir: &Path) -> (tokio::process::Child, u16) {
+    let openssl = require_tool("openssl", "openssl");
+    let generated = tokio::process::Command::new(&openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run openssl req");
+    assert!(
+        generated.status.success(),
+        "openssl req could not make a self-signed certificate:\n{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let port = free_listen_addr().port();
+    let server = tokio::process::Command::new(&openssl)
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(port.to_string())
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start openssl s_server");
+    wait_until_async(
+        "openssl s_server to listen",
+        Duration::from_secs(10),
+        move || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    (server, port)
+}
+
+/// A server that is not the API: it records every request (method, path and query, headers)
+/// and answers each with `status` and `body`. A trap for what a redirect would carry, or an
+/// upstream that answers what no simulator does.
+pub struct Trap {
+    pub addr: SocketAddr,
+    requests: std::sync::Arc<Mutex<Vec<TrapRequest>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// One request a [`Trap`] received.
+#[derive(Debug, Clone)]
+pub struct TrapRequest {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Trap {
+    /// Listens on a free loopback port.
+    pub async fn start(status: u16, body: &str) -> Trap {
+        let requests: std::sync::Arc<Mutex<Vec<TrapRequest>>> = Default::default();
+        let (log, body) = (requests.clone(), body.to_string());
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (log, body) = (log.clone(), body.clone());
+            async move {
+                log.lock().expect("trap log").push(TrapRequest {
+                    method: request.method().to_string(),
+                    path_and_query: request
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    headers: request
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect(),
+                });
+                (
+                    axum::http::StatusCode::from_u16(status).expect("a status"),
+                    [("content-type", "application/json")],
+                    body,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a trap");
+        let addr = listener.local_addr().expect("trap address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Trap {
+            addr,
+            requests,
+            _task: task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<TrapRequest> {
+        self.requests.lock().expect("trap log").clone()
+    }
+}

@@ -128,6 +128,13 @@ pub struct Faults {
     /// it to survive the page (skip the attribute, or the row, not the whole page).
     #[serde(skip_serializing_if = "is_false")]
     pub deep_nesting: bool,
+    /// RevKeen only: external ids whose body fails RevKeen's schema, as for a constraint the
+    /// daemon cannot know in advance (a length limit, a reserved word). A single upsert of one
+    /// answers `400 validation_error` with `details.fields.name`; a batch carrying one is
+    /// refused whole with a 400 naming the item, as the simulator does for any item failing the
+    /// schema. Counted as `validation_errors`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schema_refuse: Vec<String>,
 }
 
 /// How the Wodify listings break their `pagination` ([`Faults::paging`]); JSON in snake_case
@@ -506,7 +513,7 @@ mod tests {
         assert_eq!((default.bad_2xx_rate, default.deep_nesting), (0.0, false));
         assert_eq!((default.paging, default.next_link), (None, None));
         assert!(default.inject.is_empty() && default.inject_raw.is_empty());
-        assert!(default.corrupt_utf8_ids.is_empty());
+        assert!(default.corrupt_utf8_ids.is_empty() && default.schema_refuse.is_empty());
 
         let all = json!({
             "error_rate": 0.1,
@@ -524,6 +531,7 @@ mod tests {
             "corrupt_utf8_ids": [10001],
             "next_link": "page_only",
             "deep_nesting": true,
+            "schema_refuse": ["10042"],
         });
         let faults: Faults = serde_json::from_value(all.clone()).expect("every field");
         let expected = Faults {
@@ -542,6 +550,7 @@ mod tests {
             corrupt_utf8_ids: vec![10_001],
             next_link: Some(NextLinkFault::PageOnly),
             deep_nesting: true,
+            schema_refuse: vec!["10042".to_owned()],
         };
         assert_eq!(faults, expected);
         assert_eq!(serde_json::to_value(&faults).expect("JSON"), all);

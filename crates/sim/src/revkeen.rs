@@ -1050,6 +1050,11 @@ impl RevKeenSim {
 }
 
 impl SimState {
+    /// Whether [`Faults::schema_refuse`] names `external_id`.
+    fn schema_refuses(&self, external_id: &str) -> bool {
+        self.faults.schema_refuse.iter().any(|id| id == external_id)
+    }
+
     fn rejection_for(&self, external_id: &str, fields: &Map<String, Value>) -> Option<Rejection> {
         let email = fields.get("email").and_then(Value::as_str);
         self.rejections
@@ -1066,6 +1071,10 @@ impl SimState {
                 return error.into_answer(request_id);
             }
         };
+        if self.schema_refuses(external_id) {
+            self.stats.validation_errors += 1;
+            return schema_refusal("name").into_answer(request_id);
+        }
         if let Some(rule) = self.rejection_for(external_id, &fields) {
             self.stats.rejected += 1;
             let status = match rule.status {
@@ -1113,6 +1122,10 @@ impl SimState {
                 return error.into_answer(request_id);
             }
         };
+        if let Some(index) = items.iter().position(|(id, _)| self.schema_refuses(id)) {
+            self.stats.validation_errors += 1;
+            return schema_refusal(&format!("customers[{index}].name")).into_answer(request_id);
+        }
         let (mut created, mut updated, mut skipped) = (0u64, 0u64, 0u64);
         let mut failed = Vec::new();
         for (external_id, fields) in items {
@@ -1314,6 +1327,13 @@ fn parse_batch(body: &[u8]) -> Result<(String, BatchItems), ApiError> {
         Some(source) if errors.is_empty() => Ok((source, parsed)),
         _ => Err(ApiError::fields(errors)),
     }
+}
+
+/// The 400 for a body [`Faults::schema_refuse`] names, pinned on `field`.
+fn schema_refusal(field: &str) -> ApiError {
+    let mut fields = Map::new();
+    fields.insert(field.to_owned(), "is not accepted".into());
+    ApiError::fields(fields)
 }
 
 /// Adds an error per offending field of one customer body to `errors`, keyed `{prefix}{field}`.
@@ -2223,6 +2243,42 @@ mod tests {
         assert!(h.sim.customers("practicehub").is_empty());
         let stats = h.sim.stats();
         assert_eq!((stats.rejected, stats.validation_errors), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_schema_refusal_is_a_400_alone_and_refuses_a_batch_whole() {
+        let h = Harness::start().await;
+        h.sim.set_faults(Faults {
+            schema_refuse: vec!["W-2".into()],
+            ..Faults::default()
+        });
+        let (status, _, answer) = h
+            .put(
+                &upsert_path("wodify", "W-2"),
+                &json!({ "email": "a@b.co" }),
+                None,
+            )
+            .await;
+        assert_eq!((status, error_code(&answer)), (400, "validation_error"));
+        assert_eq!(
+            answer["error"]["details"]["fields"],
+            json!({ "name": "is not accepted" })
+        );
+        let batch = json!({
+            "source": "wodify",
+            "customers": [
+                { "external_id": "W-1", "email": "a@b.co" },
+                { "external_id": "W-2", "email": "b@b.co" },
+            ],
+        });
+        let (status, _, answer) = h.put("/customers/external/batch", &batch, None).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            answer["error"]["details"]["fields"],
+            json!({ "customers[1].name": "is not accepted" })
+        );
+        assert!(h.sim.customers("wodify").is_empty(), "nothing applied");
+        assert_eq!(h.sim.stats().validation_errors, 2);
     }
 
     #[tokio::test]

@@ -47,11 +47,18 @@ impl Attributes {
 pub(super) fn cut_row(row: &str, attributes: &Attributes) -> Result<PatientRecord, String> {
     let attributes_raw: HashMap<&str, &RawValue> = serde_json::from_str(row)
         .map_err(|e| format!("is not a JSON object of attributes ({})", raw_problem(&e)))?;
-    let value = |field: &str| -> Option<Value> {
-        attributes_raw
-            .get(attributes.get(field))
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
-    };
+    // An allowlisted attribute that is there but cannot be read spoils the row: sending the
+    // patient without it would be sending something other than the clinic's record.
+    let mut values: HashMap<&str, Value> = HashMap::new();
+    for (field, _) in FIELDS {
+        let name = attributes.get(field);
+        if let Some(raw) = attributes_raw.get(name) {
+            let parsed = serde_json::from_str(raw.get())
+                .map_err(|_| format!("has a `{name}` attribute that cannot be read"))?;
+            values.insert(field, parsed);
+        }
+    }
+    let value = |field: &str| values.get(field).cloned();
     let id = value("id");
     if id
         .as_ref()

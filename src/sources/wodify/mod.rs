@@ -365,6 +365,24 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
     }
 }
 
+/// A keyset page must list ids above its cursor in ascending order, or moving the cursor to the
+/// highest id would skip clients the search has not shown yet: such a page stops the poll
+/// (before anything of it is queued) rather than lose them silently.
+fn out_of_order(rows: &[Row], after: i64, where_: &str) -> Result<(), SourceError> {
+    let mut last = after;
+    for id in rows.iter().filter_map(Row::id) {
+        if id <= last {
+            return Err(SourceError::Pagination(format!(
+                "Wodify's client search answered {where_} out of id order (client id {id} after \
+                 {last}), so a keyset scan would skip clients; set scan = \"pages\" for this \
+                 source if its search cannot sort by id"
+            )));
+        }
+        last = id;
+    }
+    Ok(())
+}
+
 impl Wodify {
     async fn fetch_page(&self, cursor: &str) -> Result<Page, SourceError> {
         let at = match Cursor::parse(cursor) {
@@ -384,6 +402,9 @@ impl Wodify {
                 read_listing(status, body, retry_after, &where_)
             })
             .await?;
+        if let Cursor::After(after) = at {
+            out_of_order(&rows, after, &where_)?;
+        }
         let next = match at {
             _ if !has_more => self.start(),
             // The keyset moves to the highest id read; a page that does not raise it is caught
