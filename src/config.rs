@@ -12,7 +12,8 @@
 //!
 //! Everything is checked once, at start: a bad value is a [`ConfigError`] naming the key and the
 //! value, which `main` turns into exit code 78 (`EX_CONFIG`) so systemd does not restart-loop on
-//! it. Secrets are read here and wrapped in [`Secret`], whose `Debug` never shows them.
+//! it. Secrets are read here and wrapped in [`Secret`] (`secret.rs`), whose `Debug` never shows
+//! them.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -22,6 +23,8 @@ use std::sync::Arc;
 
 use reqwest::Url;
 use serde::Deserialize;
+
+use crate::secret::Secret;
 
 /// The source kinds a config may name (`sources::KINDS`).
 pub type Kinds<'a> = &'a [&'static dyn SourceKind];
@@ -66,67 +69,6 @@ impl ConfigError {
 pub struct UnknownSource {
     pub name: String,
     pub known: Vec<String>,
-}
-
-/// A secret value (API key, push secret). Its `Debug` and `Display` are redacted so that no log
-/// line or error can carry it; [`Secret::expose`] is the one way to read it. Every secret is
-/// also registered for [`redact`], which scrubs it from text an upstream sent back.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
-
-/// Every secret this process has read, for [`redact`].
-static SECRETS: std::sync::RwLock<Vec<Arc<str>>> = std::sync::RwLock::new(Vec::new());
-
-/// Secrets shorter than this are not searched for in text: a value that short is no key, and
-/// scrubbing it would mangle ordinary words.
-const REDACTED_FROM: usize = 6;
-
-/// `text` with every configured secret replaced by `[redacted]`: for anything an upstream
-/// said (an error body may echo the key it was sent) before it is logged, stored or printed.
-pub fn redact(text: &str) -> String {
-    let secrets = SECRETS
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut out = text.to_string();
-    for secret in secrets.iter() {
-        if out.contains(secret.as_ref()) {
-            out = out.replace(secret.as_ref(), "[redacted]");
-        }
-    }
-    out
-}
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<Arc<str>>) -> Self {
-        let value: Arc<str> = value.into();
-        if value.chars().count() >= REDACTED_FROM {
-            let mut secrets = SECRETS
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !secrets.contains(&value) {
-                secrets.push(value.clone());
-            }
-        }
-        Secret(value)
-    }
-
-    /// The secret itself, for the one header or signature that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
 }
 
 /// The whole validated configuration.

@@ -395,7 +395,7 @@ fn ended(join: tokio::task::JoinError) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_string());
-    format!("panicked: {}", crate::config::redact(&message))
+    format!("panicked: {}", crate::secret::redact(&message))
 }
 
 /// The cron job that ticks a source's poll. A tick only signals the source's loop through a

@@ -91,7 +91,7 @@ pub(crate) enum Transport {
 impl Transport {
     /// The failure in words, for `api` (whose base URL is `key`), scrubbed of secrets.
     pub(crate) fn describe(&self, api: &str, key: &str) -> String {
-        crate::config::redact(&match self {
+        crate::secret::redact(&match self {
             Transport::Untrusted { host, detail } => format!(
                 "{api}'s TLS certificate for {host} is not trusted ({detail}): check {key} and \
                  any TLS-intercepting proxy; sync-daemon does not retry an untrusted certificate"
@@ -224,9 +224,9 @@ pub(crate) fn describe_transport_error(error: &reqwest::Error) -> String {
         return "timed out".to_string();
     }
     if error.is_connect() {
-        return crate::config::redact(&format!("cannot connect: {}", root_cause(error)));
+        return crate::secret::redact(&format!("cannot connect: {}", root_cause(error)));
     }
-    crate::config::redact(&root_cause(error))
+    crate::secret::redact(&root_cause(error))
 }
 
 fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {

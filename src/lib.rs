@@ -30,11 +30,14 @@
 //!   hook through which each adapter owns its keys.
 //! - [`customer`]: the normalized customer, its canonical body and hash, field helpers.
 //! - [`keys`]: idempotency keys, batch keys and bodies.
-//! - `http`: shared HTTP plumbing (clients, send-and-measure, probes, `Retry-After`).
+//! - `http`: shared HTTP plumbing (clients without redirects, bounded bodies, send-and-measure,
+//!   probes, `Retry-After`).
 //! - `limiter`: token buckets, host-wide pauses, full-jitter backoff.
 //! - `health`: loop heartbeats behind `/healthz` and the systemd watchdog.
+//! - [`secret`]: the `Secret` type and `redact`, which scrubs every secret from upstream text.
 //! - [`clock`]: the one clock, pausable in tests.
-//! - `schedule`, `table`, [`exit`]: cron parsing, text tables, exit codes.
+//! - `schedule`, [`table`], [`exit`]: cron parsing, text tables and terminal escaping, exit
+//!   codes.
 
 pub mod clock;
 pub mod config;
@@ -51,6 +54,7 @@ pub mod progress;
 mod revkeen;
 pub mod run;
 mod schedule;
+pub mod secret;
 pub mod server;
 pub mod sources;
 pub mod store;

@@ -11,8 +11,9 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 
-use crate::config::{RevKeenConfig, Secret, redact};
+use crate::config::RevKeenConfig;
 use crate::http::{Probe, Transport, probe_request, send_measured};
+use crate::secret::{Secret, redact};
 
 /// RevKeen's error object (`{"error": {...}}`), reduced to what the daemon keeps.
 #[derive(Debug, Clone, PartialEq)]

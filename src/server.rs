@@ -26,8 +26,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::config::Secret;
 use crate::health::Health;
+use crate::secret::Secret;
 use crate::sources::Source;
 use crate::store::Store;
 

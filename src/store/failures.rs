@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
 use super::outbox::{Job, placeholders};
 use super::{Store, StoreError};
-use crate::config::redact;
 use crate::customer::Rejection;
+use crate::secret::redact;
 
 /// A final refusal, as kept for `failures` and `replay`.
 #[derive(Debug, Clone, PartialEq)]

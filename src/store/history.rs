@@ -6,7 +6,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError, now_ms};
-use crate::config::redact;
+use crate::secret::redact;
 
 /// What a committed page changed, counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -357,7 +357,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let conn = self.conn();
         let add = i64::from(count);
-        let error = crate::config::redact(error);
+        let error = crate::secret::redact(error);
         match unit {
             Unit::Single(job) => conn.execute(
                 "UPDATE outbox SET attempts = attempts + ?2, next_attempt_at = ?3, last_error = ?4,

@@ -35,8 +35,9 @@ use serde_json::value::RawValue;
 
 use super::raw::{self, RawRecord};
 use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
-use crate::config::{Secret, SourceConfig};
+use crate::config::SourceConfig;
 use crate::http::{self, Probe};
+use crate::secret::Secret;
 use crate::store::{PageItem, PageItemOutcome};
 use patient::Attributes;
 
@@ -228,7 +229,7 @@ fn read_answer(
         return Ok(());
     }
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let message = crate::config::redact(
+    let message = crate::secret::redact(
         parsed
             .as_ref()
             .and_then(|v| v.get("message"))
@@ -630,5 +631,81 @@ api_key = "p"
             config.sources[0].base_url.as_str(),
             "https://bayside.neptune.practicehub.io/api/"
         );
+    }
+
+    /// The attributes a patient is read from, and some it never reads.
+    const PATIENT_KEYS: &[&str] = &[
+        "id",
+        "email",
+        "first_name",
+        "last_name",
+        "mobile",
+        "home_phone",
+        "patient_number",
+        "updated",
+        "deleted",
+        "active",
+        "note",
+        "address",
+        "date_of_birth",
+    ];
+
+    /// A listing envelope in the documented shape around `data`.
+    fn listing(data: Vec<Value>, extra: Value) -> Value {
+        let next = if extra.is_string() {
+            extra.clone()
+        } else {
+            Value::Null
+        };
+        serde_json::json!({
+            "data": data,
+            "links": { "self": "https://bayside.neptune.practicehub.io/api/patients?page=1",
+                       "next": next },
+            "meta": { "extra": extra },
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever a listing holds, nothing panics: a documented envelope is read with one row
+        /// per patient, each row becomes a customer that can be sent under its own id, a
+        /// rejection that says why, or nothing (a deleted patient without an email); a damaged
+        /// body is at worst an error for the page.
+        #[test]
+        fn any_listing_is_read_patient_by_patient_without_a_panic(
+            (body, built) in crate::testing::listing_body(
+                crate::testing::json_record(PATIENT_KEYS), listing, PATIENT_KEYS)
+        ) {
+            let adapter = adapter("");
+            let url = Url::parse("https://bayside.neptune.practicehub.io/api/patients?page=1")
+                .expect("URL");
+            match adapter.read_listing(&body, &url, "the first page") {
+                Ok((rows, _)) => {
+                    if let Some(count) = built {
+                        proptest::prop_assert_eq!(rows.len(), count);
+                    }
+                    for row in rows {
+                        let id = row.id();
+                        let mapped = adapter.map(&Record::new(row));
+                        match mapped.item.outcome {
+                            PageItemOutcome::Customer { body, .. } => {
+                                proptest::prop_assert_eq!(
+                                    Some(mapped.item.external_id.clone()),
+                                    id
+                                );
+                                crate::testing::assert_sendable(&body)?;
+                            }
+                            PageItemOutcome::Rejected(rejection) => {
+                                proptest::prop_assert!(!rejection.reason.is_empty());
+                            }
+                            PageItemOutcome::Ignored => {}
+                        }
+                    }
+                }
+                Err(error) => proptest::prop_assert!(
+                    built.is_none(),
+                    "a documented envelope was refused: {error:?}"
+                ),
+            }
+        }
     }
 }

@@ -27,8 +27,9 @@ use serde_json::value::RawValue;
 
 use super::raw::{self, RawRecord};
 use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
-use crate::config::{Secret, SourceConfig};
+use crate::config::SourceConfig;
 use crate::http::{self, Probe};
+use crate::secret::Secret;
 use crate::store::{PageItem, PageItemOutcome};
 
 /// The `wodify` kind, as [`super::KINDS`] lists it.
@@ -303,7 +304,7 @@ fn read_answer(
         return Err(classify(envelope.0, &envelope.1, retry_after));
     }
     if !status.is_success() {
-        let message = crate::config::redact(
+        let message = crate::secret::redact(
             parsed
                 .as_ref()
                 .and_then(|v| v.get("message"))
@@ -345,7 +346,7 @@ fn envelope_code(value: &Value) -> Option<(u16, String)> {
         .filter_map(|k| object.get(*k).and_then(Value::as_str))
         .find(|m| !m.is_empty())
         .unwrap_or("");
-    Some((code, crate::config::redact(message)))
+    Some((code, crate::secret::redact(message)))
 }
 
 fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceError {
@@ -558,8 +559,7 @@ mod tests {
         assert!(matches!(error, SourceError::Permanent(ref m) if m.contains("base_url")));
     }
 
-    #[test]
-    fn keyset_cursor_covers_once_past_the_resume_point() {
+    fn adapter() -> Wodify {
         let config = crate::config::Config::from_toml(
             "[revkeen]\napi_key='k'\n[[sources]]\nname='g'\nkind='wodify'\nbase_url='https://api.wodify.com/v1'\napi_key='w'\n",
             &crate::config::Environment::default(),
@@ -568,7 +568,12 @@ mod tests {
         .expect("config");
         let source = &config.sources[0];
         let options = source.options::<WodifyOptions>().expect("wodify options");
-        let wodify = Wodify::new(source, options).expect("client");
+        Wodify::new(source, options).expect("client")
+    }
+
+    #[test]
+    fn keyset_cursor_covers_once_past_the_resume_point() {
+        let wodify = adapter();
         let at = Cursor::After(500).render();
         assert!(!wodify.covers(&at, &Cursor::After(400).render()));
         assert!(wodify.covers(&at, &Cursor::After(500).render()));
@@ -576,5 +581,75 @@ mod tests {
             wodify.url(Cursor::After(500)).as_str(),
             "https://api.wodify.com/v1/clients/search?q=id%7Cgt%7C500&sort=id&page=1&page_size=100"
         );
+    }
+
+    /// The fields a client is read from, where the generated values go.
+    const CLIENT_KEYS: &[&str] = &[
+        "id",
+        "first_name",
+        "last_name",
+        "email",
+        "phone_number",
+        "client_status",
+        "location",
+        "street_address_1",
+        "street_address_2",
+        "city",
+        "state",
+        "zipcode",
+        "country",
+        "tags",
+        "updated",
+        "updated_on_datetime",
+    ];
+
+    /// A listing envelope in the documented shape around `clients`.
+    fn listing(clients: Vec<Value>, extra: Value) -> Value {
+        let has_more = extra.as_bool().unwrap_or(true);
+        serde_json::json!({
+            "clients": clients,
+            "pagination": { "page": 1, "page_size": 100, "has_more": has_more, "extra": extra },
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever a listing holds, nothing panics: a documented envelope is read with one row
+        /// per client, each row becomes a customer that can be sent under its own id, or a
+        /// rejection that says why; a damaged body is at worst an error for the page.
+        #[test]
+        fn any_listing_is_read_client_by_client_without_a_panic(
+            (body, built) in crate::testing::listing_body(
+                crate::testing::json_record(CLIENT_KEYS), listing, CLIENT_KEYS)
+        ) {
+            let wodify = adapter();
+            match read_listing(StatusCode::OK, &body, None, "the first page") {
+                Ok((rows, _)) => {
+                    if let Some(count) = built {
+                        proptest::prop_assert_eq!(rows.len(), count);
+                    }
+                    for row in rows {
+                        let id = row.id();
+                        let mapped = wodify.map(&Record::new(row));
+                        match mapped.item.outcome {
+                            PageItemOutcome::Customer { body, .. } => {
+                                proptest::prop_assert_eq!(
+                                    Some(mapped.item.external_id.clone()),
+                                    id.map(|id| id.to_string())
+                                );
+                                crate::testing::assert_sendable(&body)?;
+                            }
+                            PageItemOutcome::Rejected(rejection) => {
+                                proptest::prop_assert!(!rejection.reason.is_empty());
+                            }
+                            PageItemOutcome::Ignored => {}
+                        }
+                    }
+                }
+                Err(error) => proptest::prop_assert!(
+                    built.is_none(),
+                    "a documented envelope was refused: {error:?}"
+                ),
+            }
+        }
     }
 }
