@@ -268,22 +268,36 @@ async fn wodify_paging(paging: PagingFault, scan: &str) -> (Harness, crate::supp
     (h, out)
 }
 
+/// A poll stopped by a listing that does not advance (`what`): exit 1 saying `says`, after at
+/// most `most` of the source's `requests` (printed, for the closing figures), and a healthy
+/// rerun then delivers everything.
+async fn assert_poll_stopped(
+    h: &Harness,
+    out: &crate::support::Output,
+    says: &str,
+    requests: u64,
+    most: u64,
+    what: &str,
+) {
+    out.assert_exit(1);
+    assert!(out.stderr.contains(says), "{what}: {}", out.transcript());
+    eprintln!("{what}: the poll was stopped after {requests} requests");
+    assert!(requests <= most, "{what}: {requests} requests");
+    healthy_rerun_delivers_everything(h).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_wodify_page_again_stops_the_poll_in_both_scan_modes() {
     for scan in ["keyset", "pages"] {
         let (h, out) = wodify_paging(PagingFault::RepeatPage, scan).await;
-        out.assert_exit(1);
         // A keyset page of the lowest ids again lists ids below its own cursor.
         let says = if scan == "keyset" {
             "out of id order"
         } else {
             "does not advance"
         };
-        assert!(out.stderr.contains(says), "{scan}: {}", out.transcript());
         let requests = h.sims.wodify.stats().requests;
-        eprintln!("{scan}: the repeated page was stopped after {requests} requests");
-        assert!(requests <= 3, "{scan}: {requests} requests");
-        healthy_rerun_delivers_everything(&h).await;
+        assert_poll_stopped(&h, &out, says, requests, 3, scan).await;
     }
 }
 
@@ -353,16 +367,9 @@ async fn practicehub_links_that_loop_stop_the_poll() {
             ..Faults::default()
         });
         let out = h.once().await;
-        out.assert_exit(1);
-        assert!(
-            out.stderr.contains("does not advance"),
-            "{next_link:?}: {}",
-            out.transcript()
-        );
         let requests = h.sims.practicehub.stats().requests;
-        eprintln!("{next_link:?}: stopped after {requests} requests");
-        assert!(requests <= 4, "{next_link:?}: {requests}");
-        healthy_rerun_delivers_everything(&h).await;
+        let what = format!("{next_link:?}");
+        assert_poll_stopped(&h, &out, "does not advance", requests, 4, &what).await;
     }
 }
 

@@ -1453,10 +1453,6 @@ mod tests {
 
         let faults = json!({"redirect_to": "https://moved.example", "rate_429": 1.0});
         put_faults(&server, faults).await;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("client");
         let sent = [
             (
                 Method::GET,
@@ -1466,33 +1462,14 @@ mod tests {
             (Method::GET, "/elsewhere"),
             (Method::POST, "/api/patients"),
         ];
-        for (method, path_and_query) in &sent {
-            // Neither key nor app details: nothing is checked.
-            let request = http.request(method.clone(), format!("{}{path_and_query}", server.url()));
-            let response = request.send().await.expect("send");
-            assert_eq!(response.status(), 307, "{path_and_query}");
-            assert_eq!(
-                response.headers()[header::LOCATION],
-                format!("https://moved.example{path_and_query}").as_str()
-            );
-            assert!(response.bytes().await.expect("body").is_empty());
-        }
-        let records = http.get(format!("{}/_sim/patients", server.url()));
-        assert_eq!(send_status(records).await, 200, "the control surface stays");
-
-        let stats = sim.stats();
-        assert_eq!((stats.requests, stats.redirected, stats.non_get), (4, 4, 1));
-        assert_eq!((stats.rate_limited, stats.auth_failures), (0, 0));
-        let log: Vec<(String, u16)> = sim
-            .requests()
-            .into_iter()
-            .map(|r| (r.path_and_query, r.status))
-            .collect();
-        let expected: Vec<(String, u16)> = sent
-            .iter()
-            .map(|(_, path)| ((*path).to_owned(), 307))
-            .collect();
-        assert_eq!(log, expected);
+        crate::source::testing::redirects_everything(
+            &sim,
+            &server,
+            "https://moved.example",
+            &sent,
+            "/patients",
+        )
+        .await;
     }
 
     #[tokio::test]

@@ -652,4 +652,60 @@ pub(super) mod testing {
         assert_eq!(sim.core().stats(), SourceStats::default());
         assert!(sim.core().requests().is_empty());
     }
+
+    /// Checks a simulator whose faults redirect to `to` (with another fault set too): each of
+    /// `sent` (method, path and query, without a key) is answered `307` to `{to}{path and
+    /// query}` with an empty body, before routing, auth and any other fault; each is logged
+    /// and counted as redirected; the control surface at `/_sim{control}` is not redirected.
+    /// Wants the log cleared before.
+    pub(crate) async fn redirects_everything<S: Source>(
+        sim: &S,
+        server: &SimServer,
+        to: &str,
+        sent: &[(axum::http::Method, &str)],
+        control: &str,
+    ) {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        for (method, path_and_query) in sent {
+            let request = http.request(method.clone(), format!("{}{path_and_query}", server.url()));
+            let response = request.send().await.expect("send");
+            assert_eq!(response.status(), 307, "{path_and_query}");
+            assert_eq!(
+                response.headers()[axum::http::header::LOCATION],
+                format!("{to}{path_and_query}").as_str()
+            );
+            assert!(response.bytes().await.expect("body").is_empty());
+        }
+        let records = http.get(format!("{}/_sim{control}", server.url()));
+        assert_eq!(send_status(records).await, 200, "the control surface stays");
+
+        let stats = sim.core().stats();
+        let non_get = sent
+            .iter()
+            .filter(|(method, _)| method != axum::http::Method::GET)
+            .count();
+        let n = sent.len() as u64;
+        assert_eq!(
+            (stats.requests, stats.redirected, stats.non_get),
+            (n, n, non_get as u64)
+        );
+        assert_eq!(
+            (stats.errors, stats.rate_limited, stats.auth_failures),
+            (0, 0, 0)
+        );
+        let log: Vec<(String, u16)> = sim
+            .core()
+            .requests()
+            .into_iter()
+            .map(|r| (r.path_and_query, r.status))
+            .collect();
+        let expected: Vec<(String, u16)> = sent
+            .iter()
+            .map(|(_, path)| ((*path).to_owned(), 307))
+            .collect();
+        assert_eq!(log, expected);
+    }
 }

@@ -1953,34 +1953,14 @@ mod tests {
             (Method::GET, "/members"),
             (Method::PUT, "/clients/10001"),
         ];
-        for (method, path_and_query) in &sent {
-            // No key: a redirecting front answers before anything is checked.
-            let request = http.request(method.clone(), format!("{}{path_and_query}", server.url()));
-            let response = request.send().await.expect("send");
-            assert_eq!(response.status(), 307, "{path_and_query}");
-            assert_eq!(
-                response.headers()[header::LOCATION],
-                format!("https://moved.example/v2{path_and_query}").as_str()
-            );
-            assert!(response.bytes().await.expect("body").is_empty());
-        }
-        // The control surface is never redirected.
-        let records = http.get(format!("{}/_sim/clients", server.url()));
-        assert_eq!(send_status(records).await, 200);
-
-        let stats = sim.stats();
-        assert_eq!((stats.requests, stats.redirected, stats.non_get), (5, 5, 1));
-        assert_eq!((stats.errors, stats.auth_failures), (0, 0));
-        let log: Vec<(String, u16)> = sim
-            .requests()
-            .into_iter()
-            .map(|r| (r.path_and_query, r.status))
-            .collect();
-        let expected: Vec<(String, u16)> = sent
-            .iter()
-            .map(|(_, path)| ((*path).to_owned(), 307))
-            .collect();
-        assert_eq!(log, expected);
+        crate::source::testing::redirects_everything(
+            &sim,
+            &server,
+            "https://moved.example/v2",
+            &sent,
+            "/clients",
+        )
+        .await;
 
         // A client that follows the Location lands on the other server, key and all: why the
         // daemon must not follow redirects blindly.

@@ -685,20 +685,7 @@ api_key = "p"
                     }
                     for row in rows {
                         let id = row.id();
-                        let mapped = adapter.map(&Record::new(row));
-                        match mapped.item.outcome {
-                            PageItemOutcome::Customer { body, .. } => {
-                                proptest::prop_assert_eq!(
-                                    Some(mapped.item.external_id.clone()),
-                                    id
-                                );
-                                crate::testing::assert_sendable(&body)?;
-                            }
-                            PageItemOutcome::Rejected(rejection) => {
-                                proptest::prop_assert!(!rejection.reason.is_empty());
-                            }
-                            PageItemOutcome::Ignored => {}
-                        }
+                        crate::testing::assert_mapped(id, adapter.map(&Record::new(row)))?;
                     }
                 }
                 Err(error) => proptest::prop_assert!(

@@ -628,21 +628,8 @@ mod tests {
                         proptest::prop_assert_eq!(rows.len(), count);
                     }
                     for row in rows {
-                        let id = row.id();
-                        let mapped = wodify.map(&Record::new(row));
-                        match mapped.item.outcome {
-                            PageItemOutcome::Customer { body, .. } => {
-                                proptest::prop_assert_eq!(
-                                    Some(mapped.item.external_id.clone()),
-                                    id.map(|id| id.to_string())
-                                );
-                                crate::testing::assert_sendable(&body)?;
-                            }
-                            PageItemOutcome::Rejected(rejection) => {
-                                proptest::prop_assert!(!rejection.reason.is_empty());
-                            }
-                            PageItemOutcome::Ignored => {}
-                        }
+                        let id = row.id().map(|id| id.to_string());
+                        crate::testing::assert_mapped(id, wodify.map(&Record::new(row)))?;
                     }
                 }
                 Err(error) => proptest::prop_assert!(
