@@ -359,6 +359,49 @@ fn signature_mac(secret: &str, t: i64, body: &[u8]) -> Hmac<Sha256> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn once_a_loop_died_readyz_and_healthz_fail_naming_the_cause() {
+        let store = Store::open_in_memory().expect("store");
+        let state = AppState {
+            health: Arc::new(Health::default()),
+            writer: store.clone(),
+            reader: store,
+            metrics: metrics_handle().expect("recorder"),
+            push: Arc::default(),
+            sources: Arc::default(),
+            fatal: Arc::default(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, state.clone(), stop.clone()));
+        let get = |path: &'static str| async move {
+            let answer = reqwest::get(format!("http://{addr}{path}"))
+                .await
+                .expect("answer");
+            let status = answer.status().as_u16();
+            (status, answer.text().await.expect("body"))
+        };
+        state.health.beat_worker();
+        state.health.beat_scheduler();
+        assert_eq!(get("/readyz").await.0, 200);
+        assert_eq!(get("/healthz").await.0, 200);
+
+        // What the daemon does when a loop dies, before it drains and exits 1.
+        *state.fatal.lock().expect("lock") = Some("the worker stopped: disk I/O error".into());
+        state.health.failed();
+        let (status, body) = get("/readyz").await;
+        assert_eq!(status, 503);
+        let reason: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            reason["reason"],
+            "a daemon loop ended: the worker stopped: disk I/O error; the daemon is exiting"
+        );
+        assert_eq!(get("/healthz").await.0, 503);
+        stop.cancel();
+        server.await.expect("joins").expect("served");
+    }
+
     #[test]
     fn signatures_verify_with_tolerance_and_rotation() {
         let body = br#"{"events":[{"external_id":"1"}]}"#;

@@ -34,6 +34,11 @@ async fn clinic(patients: usize) -> Harness {
     h
 }
 
+/// Prints how a faulty run ended, for the figures of the closing note (`--nocapture`).
+fn figure(what: &str, out: &crate::support::Output) {
+    eprintln!("{what}: exit {:?} after {:.1?}", out.code, out.elapsed);
+}
+
 /// Healthy upstreams again: the next `--once` delivers every record, exit 0.
 async fn healthy_rerun_delivers_everything(h: &Harness) {
     h.sims.revkeen.set_faults(Faults::default());
@@ -193,6 +198,7 @@ async fn a_revkeen_redirect_is_refused_and_the_key_goes_nowhere() {
         ..Faults::default()
     });
     let out = h.once().await;
+    figure("RevKeen redirect", &out);
     out.assert_exit(exit::UNAVAILABLE);
     let expected = format!(
         "RevKeen answered 307 to {}: sync-daemon does not follow redirects; check revkeen.base_url",
@@ -232,6 +238,7 @@ async fn source_redirects_are_refused_and_their_keys_go_nowhere() {
     h.sims.wodify.set_faults(redirect.clone());
     h.sims.practicehub.set_faults(redirect);
     let out = h.once().await;
+    figure("source redirects", &out);
     out.assert_exit(exit::UNAVAILABLE);
     for api in ["Wodify", "PracticeHub"] {
         assert!(
@@ -281,7 +288,7 @@ async fn assert_poll_stopped(
 ) {
     out.assert_exit(1);
     assert!(out.stderr.contains(says), "{what}: {}", out.transcript());
-    eprintln!("{what}: the poll was stopped after {requests} requests");
+    figure(&format!("{what}, stopped after {requests} requests"), out);
     assert!(requests <= most, "{what}: {requests} requests");
     healthy_rerun_delivers_everything(h).await;
 }
@@ -305,6 +312,7 @@ async fn the_same_wodify_page_again_stops_the_poll_in_both_scan_modes() {
 async fn an_unsorted_wodify_search_stops_a_keyset_poll_and_page_mode_reads_it_all() {
     // Descending ids: moving the keyset to the page's highest id would skip the rest unseen.
     let (h, out) = wodify_paging(PagingFault::Unsorted, "keyset").await;
+    figure("unsorted keyset search", &out);
     out.assert_exit(1);
     assert!(
         out.stderr.contains("out of id order") && out.stderr.contains("scan = \"pages\""),
@@ -343,6 +351,7 @@ async fn an_empty_wodify_page_ends_the_listing_whatever_has_more_says() {
 async fn a_wodify_listing_without_pagination_is_retried_never_taken_for_the_end() {
     for paging in [PagingFault::NoPagination, PagingFault::NoHasMore] {
         let (h, out) = wodify_paging(paging, "keyset").await;
+        figure(&format!("{paging:?}"), &out);
         out.assert_exit(exit::UNAVAILABLE);
         assert!(
             out.stderr.contains("pagination"),
@@ -417,6 +426,7 @@ async fn an_unreadable_2xx_is_never_counted_as_delivered() {
             ..Faults::default()
         });
         let out = h.once().await;
+        figure(&format!("2xx {body:?}, batch_size {batch_size}"), &out);
         out.assert_exit(exit::UNAVAILABLE);
         assert!(
             out.stderr.contains("200"),
@@ -718,6 +728,7 @@ async fn an_untrusted_revkeen_certificate_ends_the_run_at_once_saying_so() {
         &format!("https://127.0.0.1:{port}"),
     ));
     let out = h.once().await;
+    figure("untrusted certificate", &out);
     out.assert_exit(exit::UNAVAILABLE);
     assert!(
         out.stderr
@@ -731,4 +742,30 @@ async fn an_untrusted_revkeen_certificate_ends_the_run_at_once_saying_so() {
         "an untrusted certificate is not retried: {}",
         out.stderr
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. A dead loop is a dead daemon.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_worker_dies_exits_1_at_once_saying_why() {
+    // A state file capped at a few SQLite pages: the first page of clients still commits, then
+    // the worker's next write fails and the worker ends. (Issue 11 will make a full disk a
+    // wait rather than a death; here it is only the way to make a loop die for real.)
+    let h = gym(400).await;
+    let daemon = h.spawn_daemon(&h.config_for("gym"), |command| {
+        command.env("SYNC_DAEMON_MAX_PAGES", "80");
+    });
+    let out = daemon.wait_exit(Duration::from_secs(60)).await;
+    out.assert_exit(1);
+    assert!(
+        out.stderr.contains(
+            "sync-daemon: a daemon loop ended unexpectedly: the worker stopped: state file"
+        ) && out.stderr.contains("database or disk is full"),
+        "{}",
+        out.transcript()
+    );
+    figure("worker died (daemon)", &out);
+    // Restarted without the cap (as systemd would, with space back): nothing was lost.
+    healthy_rerun_delivers_everything(&h).await;
 }
