@@ -164,27 +164,6 @@ pub(crate) fn listing_body(
         })
 }
 
-/// What a row of a fuzzed listing may become, read by the adapter's `map`: a customer sent
-/// under the row's own id with a [sendable](assert_sendable) body, a rejection that says why,
-/// or nothing.
-pub(crate) fn assert_mapped(
-    id: Option<String>,
-    mapped: crate::sources::Mapped,
-) -> Result<(), TestCaseError> {
-    use crate::store::PageItemOutcome;
-    match mapped.item.outcome {
-        PageItemOutcome::Customer { body, .. } => {
-            prop_assert_eq!(Some(mapped.item.external_id), id);
-            assert_sendable(&body)
-        }
-        PageItemOutcome::Rejected(rejection) => {
-            prop_assert!(!rejection.reason.is_empty());
-            Ok(())
-        }
-        PageItemOutcome::Ignored => Ok(()),
-    }
-}
-
 /// What every customer body must be, whatever the upstream sent: a JSON object whose strings
 /// carry no control character and are at most `MAX_TEXT_CHARS` long (arrays of tags included).
 pub(crate) fn assert_sendable(body: &[u8]) -> Result<(), TestCaseError> {

@@ -130,6 +130,27 @@ pub struct Mapped {
     pub warnings: Vec<&'static str>,
 }
 
+#[cfg(test)]
+/// What a row of a fuzzed listing may become, read by the adapter's `map`: a customer sent
+/// under the row's own id with a sendable (`testing::assert_sendable`) body, a rejection that says why,
+/// or nothing.
+pub(crate) fn assert_mapped(
+    id: Option<String>,
+    mapped: Mapped,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    match mapped.item.outcome {
+        crate::store::PageItemOutcome::Customer { body, .. } => {
+            proptest::prop_assert_eq!(Some(mapped.item.external_id), id);
+            crate::testing::assert_sendable(&body)
+        }
+        crate::store::PageItemOutcome::Rejected(rejection) => {
+            proptest::prop_assert!(!rejection.reason.is_empty());
+            Ok(())
+        }
+        crate::store::PageItemOutcome::Ignored => Ok(()),
+    }
+}
+
 /// A source API, as the poll loop sees it. Object-safe: the daemon holds `Arc<dyn Source>`.
 pub trait Source: Send + Sync + 'static {
     /// The cursor at the start of a fresh listing.

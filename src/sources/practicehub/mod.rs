@@ -685,7 +685,7 @@ api_key = "p"
                     }
                     for row in rows {
                         let id = row.id();
-                        crate::testing::assert_mapped(id, adapter.map(&Record::new(row)))?;
+                        crate::sources::assert_mapped(id, adapter.map(&Record::new(row)))?;
                     }
                 }
                 Err(error) => proptest::prop_assert!(

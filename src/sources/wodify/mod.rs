@@ -629,7 +629,7 @@ mod tests {
                     }
                     for row in rows {
                         let id = row.id().map(|id| id.to_string());
-                        crate::testing::assert_mapped(id, wodify.map(&Record::new(row)))?;
+                        crate::sources::assert_mapped(id, wodify.map(&Record::new(row)))?;
                     }
                 }
                 Err(error) => proptest::prop_assert!(
