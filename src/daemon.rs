@@ -244,6 +244,7 @@ impl Daemon {
             push: Arc::new(feeds),
             sources: Arc::new(config.sources.iter().map(|s| s.name.clone()).collect()),
             fatal: fatal.clone(),
+            refusals: Arc::default(),
         };
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server::serve(self.listener, state, server_stop.clone()));

@@ -32,6 +32,8 @@ pub struct StatusReport {
     pub sources: Vec<SourceStatus>,
     pub outbox_depth: u64,
     pub oldest_pending_age_secs: Option<u64>,
+    /// Push events accepted and waiting to be fetched from their source, all sources.
+    pub push_pending: u64,
     pub dead_letters: u64,
     pub rejected: u64,
     /// APIs that refused their key (sending or polling them stops until a fixed key answers).
@@ -66,6 +68,8 @@ pub struct SourceStatus {
     pub delivered: DeliveryCounts,
     pub queued: u64,
     pub oldest_pending_age_secs: Option<u64>,
+    /// Push events accepted and waiting to be fetched from the source.
+    pub push_pending: u64,
     pub rejected: u64,
     pub dead_letters: u64,
     /// Records the last complete scan no longer listed (deleted at the source, kept in
@@ -121,9 +125,10 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let running = Store::writer_active(path);
     let store = Store::open_read_only(path)?;
     let now = crate::clock::now_ms();
-    let (queue, halts, pauses, mode) = match &store {
+    let (queue, push_pending, halts, pauses, mode) = match &store {
         Some(store) => (
             store.queue_summary()?,
+            store.push_pending()?,
             store.halts()?,
             store.pauses(now)?,
             if running {
@@ -132,7 +137,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 None
             },
         ),
-        None => (Vec::new(), Vec::new(), Vec::new(), None),
+        None => (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None),
     };
     let daemon = mode.as_deref() == Some("daemon");
     let mut sources = Vec::new();
@@ -172,6 +177,10 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
             oldest_pending_age_secs: summary
                 .and_then(|s| s.oldest_enqueued_at)
                 .map(|t| age_secs(t, now)),
+            push_pending: push_pending
+                .iter()
+                .find(|(name, _)| name == &source.name)
+                .map_or(0, |(_, count)| *count),
             rejected: summary.map(|s| s.rejected).unwrap_or(0),
             dead_letters: summary.map(|s| s.dead_letters).unwrap_or(0),
             vanished: if sources::kind_of(source).is_ok_and(|kind| kind.full_scan()) {
@@ -192,6 +201,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
             .filter_map(|q| q.oldest_enqueued_at)
             .min()
             .map(|t| age_secs(t, now)),
+        push_pending: push_pending.iter().map(|(_, count)| count).sum(),
         dead_letters: queue.iter().map(|q| q.dead_letters).sum(),
         rejected: queue.iter().map(|q| q.rejected).sum(),
         auth_halts: halts
@@ -243,9 +253,17 @@ pub fn render_status(report: &StatusReport) -> String {
         .oldest_pending_age_secs
         .map(|s| format!(", oldest waiting {}", human_duration(s)))
         .unwrap_or_default();
+    let push = if report.push_pending > 0 {
+        format!(
+            " Push events waiting to be fetched: {}.",
+            report.push_pending
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "Outbox: {} waiting{oldest}. Dead letters: {}. Rejected records: {}.{}",
+        "Outbox: {} waiting{oldest}.{push} Dead letters: {}. Rejected records: {}.{}",
         report.outbox_depth,
         report.dead_letters,
         report.rejected,

@@ -33,6 +33,7 @@ pub use history::{DeliveryCounts, Halt, PageOutcome, Pause, PollRecord, PollStat
 pub use outbox::{
     Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, QueueSummary, ReplayOutcome, Unit,
 };
+pub use push::PushRecorded;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

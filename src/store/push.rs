@@ -7,11 +7,31 @@ use rusqlite::params;
 use super::outbox::{self, PageItem};
 use super::{PageOutcome, Store, StoreError, cursors, now_ms};
 
+/// What [`Store::record_push`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushRecorded {
+    /// Committed; `added` ids were not pending before.
+    Accepted { added: usize },
+    /// Refused, nothing written: `pending` events of the source already wait.
+    Full { pending: u64 },
+}
+
+fn pending_count(conn: &rusqlite::Connection, source: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT COUNT(*) FROM push_events WHERE source = ?1")?
+        .query_row([source], |row| row.get(0))
+}
+
 impl Store {
     /// Records push events (ids only) for later fetching. An id already pending is not
     /// duplicated, but its event is marked newer, so a fetch already under way for it does not
-    /// consume it. Returns how many ids were new.
-    pub fn record_push(&self, source: &str, external_ids: &[String]) -> Result<usize, StoreError> {
+    /// consume it. Nothing is recorded when the source would then have more than `cap` events
+    /// pending: the answer is [`PushRecorded::Full`] with the count already waiting.
+    pub fn record_push(
+        &self,
+        source: &str,
+        external_ids: &[String],
+        cap: usize,
+    ) -> Result<PushRecorded, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_ms();
@@ -32,8 +52,26 @@ impl Store {
                 added += usize::from(new);
             }
         }
+        let pending = pending_count(&tx, source).map_err(|e| self.err(e))?;
+        if pending > cap as u64 {
+            // Dropping the transaction rolls it back: the file is as it was.
+            return Ok(PushRecorded::Full {
+                pending: pending - added as u64,
+            });
+        }
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(added)
+        Ok(PushRecorded::Accepted { added })
+    }
+
+    /// Push events waiting to be fetched, per source.
+    pub fn push_pending(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT source, COUNT(*) FROM push_events GROUP BY source")
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))
     }
 
     /// The oldest pending push events of a source: `(event id, external id, seq)`.

@@ -192,6 +192,13 @@ fn the_service_unit_has_what_an_operator_relies_on() {
     );
     assert!(!one("ExecStart").contains("--once"));
     assert_eq!(one("Restart"), "on-failure");
+    let descriptors: usize = one("LimitNOFILE")
+        .parse()
+        .expect("LimitNOFILE= is a number");
+    assert!(
+        descriptors >= 4 * sync_daemon::server::MAX_CONNECTIONS,
+        "LimitNOFILE={descriptors} leaves too little beside the server's connection cap"
+    );
     assert!(
         one("RestartPreventExitStatus")
             .split_whitespace()

@@ -6,6 +6,7 @@
 //! observe: exit codes, output, what RevKeen holds and was sent, and what the state file lists.
 //! [`support`] holds the harness.
 
+mod abuse;
 mod auth;
 mod batch;
 mod config_errors;

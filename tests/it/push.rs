@@ -21,7 +21,7 @@ use crate::support::{
 };
 
 /// The gym's push secret in these tests.
-const SECRET: &str = "whsec_gym_push_4711";
+pub(crate) const SECRET: &str = "whsec_gym_push_4711";
 /// The clinic's.
 const CLINIC_SECRET: &str = "whsec_clinic_push_0815";
 
@@ -30,7 +30,7 @@ const CLINIC_SECRET: &str = "whsec_clinic_push_0815";
 const PUSH_GUARD: Duration = Duration::from_secs(30);
 
 /// The documented body for `ids`, ids as strings.
-fn events(ids: &[i64]) -> Vec<u8> {
+pub(crate) fn events(ids: &[i64]) -> Vec<u8> {
     let events: Vec<Value> = ids
         .iter()
         .map(|id| json!({"external_id": id.to_string()}))
@@ -39,7 +39,7 @@ fn events(ids: &[i64]) -> Vec<u8> {
 }
 
 /// `X-Sync-Signature` for `body`, signed now with the gym's secret.
-fn signed(body: &[u8]) -> String {
+pub(crate) fn signed(body: &[u8]) -> String {
     sign(SECRET, body, unix_now())
 }
 
@@ -61,12 +61,63 @@ async fn start(
 }
 
 /// [`start`] with extra environment for the daemon (e.g. `RUST_LOG`).
-async fn start_with_env(
+pub(crate) async fn start_with_env(
     clients: usize,
     patients: usize,
     gym_secret: Option<&str>,
     clinic_secret: Option<&str>,
     env: &[(&str, &str)],
+) -> (Harness, DaemonProcess) {
+    start_configured(clients, patients, gym_secret, clinic_secret, &[], |c| {
+        c.envs(env.iter().copied());
+    })
+    .await
+}
+
+/// [`start`] with the gym's push feed and extra lines in the gym's config section.
+pub(crate) async fn start_with_gym_config(
+    clients: usize,
+    patients: usize,
+    gym_secret: Option<&str>,
+    gym_lines: &[&str],
+) -> (Harness, DaemonProcess) {
+    start_configured(clients, patients, gym_secret, None, gym_lines, |_| {}).await
+}
+
+/// [`start`] with the gym's push feed and a daemon limited to `descriptors` open files.
+pub(crate) async fn start_with_limits(
+    clients: usize,
+    patients: usize,
+    gym_secret: Option<&str>,
+    descriptors: u64,
+) -> (Harness, DaemonProcess) {
+    start_configured(clients, patients, gym_secret, None, &[], |c| {
+        // SAFETY: setrlimit is async-signal-safe and only lowers the child's own limit.
+        unsafe {
+            c.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: descriptors,
+                    rlim_max: descriptors,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    })
+    .await
+}
+
+/// [`start`] after `configure` adjusted the daemon's command.
+async fn start_configured(
+    clients: usize,
+    patients: usize,
+    gym_secret: Option<&str>,
+    clinic_secret: Option<&str>,
+    gym_lines: &[&str],
+    configure: impl FnOnce(&mut tokio::process::Command),
 ) -> (Harness, DaemonProcess) {
     let h = Harness::start().await;
     h.unlimited();
@@ -79,9 +130,10 @@ async fn start_with_env(
     if let Some(secret) = clinic_secret {
         config = with_source(&config, "clinic", &format!("push_secret = \"{secret}\""));
     }
-    let daemon = h.spawn_daemon(&config, |c| {
-        c.envs(env.iter().copied());
-    });
+    for line in gym_lines {
+        config = with_source(&config, "gym", line);
+    }
+    let daemon = h.spawn_daemon(&config, configure);
     daemon.wait_ready().await;
     daemon.wait_polls("gym", 1).await;
     daemon.wait_polls("clinic", 1).await;
@@ -91,7 +143,7 @@ async fn start_with_env(
 }
 
 /// Waits until `status --json` shows an empty outbox: every answer acknowledged.
-async fn wait_drained(h: &Harness) {
+pub(crate) async fn wait_drained(h: &Harness) {
     wait_for(
         "the outbox to drain",
         Duration::from_secs(30),
@@ -108,7 +160,7 @@ async fn wait_drained(h: &Harness) {
 }
 
 /// Waits until RevKeen holds exactly what both sources hold.
-async fn wait_for_revkeen(h: &Harness) {
+pub(crate) async fn wait_for_revkeen(h: &Harness) {
     let (revkeen, wodify, practicehub) = (
         h.sims.revkeen.clone(),
         h.sims.wodify.clone(),
