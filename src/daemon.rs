@@ -412,8 +412,10 @@ fn cron_job(source: &SourceConfig, tx: mpsc::Sender<()>) -> Result<Job, DaemonEr
     .map_err(|e| DaemonError::Scheduler(format!("{}: {e}", source.name)))
 }
 
-/// The worker, sending until shutdown. A refused key stops it on purpose (polling goes on);
-/// a state file error makes the daemon report itself unhealthy so that it is restarted.
+/// The worker, sending until shutdown. A refused key stops it on purpose (polling goes on). A
+/// state file that cannot be written (a full disk) never ends sending for good: the worker
+/// waits — with backoff, or until a write succeeds again — and starts over, re-sending what
+/// was in flight with the same keys; meanwhile `/readyz` answers 503 naming the state file.
 fn spawn_worker(
     worker: Worker,
     shutdown: CancellationToken,
@@ -422,18 +424,50 @@ fn spawn_worker(
 ) -> tokio::task::JoinHandle<Result<WorkerExit, StoreError>> {
     let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
     tokio::spawn(async move {
-        let exit = worker.run(CancellationToken::new(), shutdown, drain).await;
-        match &exit {
-            Ok(WorkerExit::Halted(_)) => health.worker_stopped(),
-            Ok(_) => {}
-            Err(error) => {
-                tracing::error!(%error, "Sending stopped: the state file failed. The daemon reports itself unhealthy so that it is restarted.");
-                health.failed();
+        let store = worker.store.clone();
+        let mut failures = 0u32;
+        loop {
+            let exit = worker
+                .clone()
+                .run(CancellationToken::new(), shutdown.clone(), drain)
+                .await;
+            let error = match exit {
+                Ok(WorkerExit::Halted(halt)) => {
+                    health.worker_stopped();
+                    return Ok(WorkerExit::Halted(halt));
+                }
+                Err(error) if !shutdown.is_cancelled() => error,
+                other => return other,
+            };
+            failures += 1;
+            let wait = STORE_RETRY.delay(failures);
+            tracing::warn!(%error, retry_in_secs = wait.as_secs(), "Sending paused: the state file failed; retrying.");
+            // Alive while it waits: the wait is the plan, not a hang.
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                health.beat_worker();
+                tokio::select! {
+                    () = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + Duration::from_secs(1))) => {
+                        if tokio::time::Instant::now() >= until { break; }
+                    }
+                    () = store.writable_again() => break,
+                    () = shutdown.cancelled() => return Ok(WorkerExit::Stopped),
+                }
+            }
+            // Nothing is in flight any more: what was is claimable again.
+            if let Err(error) = store.call(|s| s.reset_inflight()).await {
+                tracing::warn!(%error, "Cannot clear in-flight marks yet; retrying.");
             }
         }
-        exit
     })
 }
+
+/// How long the worker waits after a state file failure: 1 s doubling to 30 s (a write that
+/// succeeds meanwhile — a poll's, a push's — ends the wait at once).
+const STORE_RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(30),
+};
 
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(error) = sd_notify::notify(states) {

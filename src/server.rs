@@ -367,6 +367,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
             serde_json::json!({"status": "not_ready", "reason": format!("a daemon loop ended: {reason}; the daemon is exiting")}),
         );
     }
+    if let Some(problem) = state.writer.write_problem() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not_ready", "reason": format!("the state file cannot be written: {problem}")}),
+        );
+    }
     match state.reader.call(|s| s.halts()).await {
         Err(error) => json(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -233,7 +233,9 @@ impl Upstream for RevKeenClient {
     }
 }
 
-/// Everything a worker needs.
+/// Everything a worker needs (cheap to clone: a worker that failed on the state file starts
+/// over from a clone).
+#[derive(Clone)]
 pub(crate) struct Worker {
     pub store: Store,
     pub upstream: Arc<dyn Upstream>,
@@ -352,6 +354,7 @@ impl Worker {
         let held = self.held;
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut tasks: JoinSet<SendResult> = JoinSet::new();
+        let driven = async {
         let beat_every = self.health.as_ref().map_or(BEAT, |h| h.beat());
         let beat = || {
             if let Some(health) = &self.health {
@@ -425,8 +428,21 @@ impl Worker {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tasks.spawn(send(shared.clone(), unit, permit));
         };
-        finish_in_flight(tasks, &exit, drain).await?;
-        Ok(exit)
+        Ok::<WorkerExit, StoreError>(exit)
+        }
+        .await;
+        match driven {
+            Ok(exit) => {
+                finish_in_flight(tasks, &exit, drain).await?;
+                Ok(exit)
+            }
+            Err(error) => {
+                // The state file failed: stop every send before saying so, so that nothing is
+                // still writing when the caller starts over.
+                tasks.shutdown().await;
+                Err(error)
+            }
+        }
     }
 
     /// A halt left by an earlier run: one authenticated read tells at once whether the key

@@ -73,9 +73,31 @@ pub enum StoreError {
     },
     #[error("state file {path}: {problem}")]
     Corrupt { path: PathBuf, problem: String },
+    #[error(
+        "state file {path} cannot be written: the disk is full ({free}) or the file reached its size limit; free space there: sync-daemon retries and resumes by itself ({detail})"
+    )]
+    Full {
+        path: PathBuf,
+        /// What the filesystem says is free, in words.
+        free: String,
+        detail: String,
+    },
 }
 
 impl StoreError {
+    /// Whether a write failed for want of space or because the file or disk failed: the
+    /// daemon waits and retries, and `/readyz` says so.
+    pub fn is_write_failure(&self) -> bool {
+        match self {
+            StoreError::Full { .. } => true,
+            StoreError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::ReadOnly)
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether another connection held the file locked past the busy timeout (transient).
     pub fn is_locked(&self) -> bool {
         matches!(self, StoreError::Sqlite { source, .. }
@@ -93,6 +115,12 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Why the last write failed, until a write succeeds again (`/readyz` reads it).
+    write_problem: Mutex<Option<String>>,
+    /// Writes counted by SQLite when the problem was last checked.
+    changes_seen: std::sync::atomic::AtomicU64,
+    /// Woken when writes succeed again after a failure.
+    writable: tokio::sync::Notify,
     // Held for the life of the store: the exclusive flock that makes this the only writer.
     _lock: Option<File>,
 }
@@ -111,6 +139,9 @@ impl Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
+                write_problem: Mutex::default(),
+                changes_seen: Default::default(),
+                writable: Default::default(),
                 _lock: Some(lock),
             }),
         };
@@ -131,6 +162,9 @@ impl Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
+                write_problem: Mutex::default(),
+                changes_seen: Default::default(),
+                writable: Default::default(),
                 _lock: None,
             }),
         })
@@ -173,6 +207,9 @@ impl Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
+                write_problem: Mutex::default(),
+                changes_seen: Default::default(),
+                writable: Default::default(),
                 _lock: None,
             }),
         }))
@@ -212,6 +249,9 @@ impl Store {
             inner: Arc::new(Inner {
                 path,
                 conn: Mutex::new(conn),
+                write_problem: Mutex::default(),
+                changes_seen: Default::default(),
+                writable: Default::default(),
                 _lock: None,
             }),
         })
@@ -267,7 +307,56 @@ impl Store {
     }
 
     fn err(&self, error: rusqlite::Error) -> StoreError {
-        sqlite(&self.inner.path, error)
+        let error = sqlite(&self.inner.path, error);
+        if error.is_write_failure() {
+            let mut problem = self
+                .inner
+                .write_problem
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if problem.is_none() {
+                tracing::error!(%error, "Writing the state file failed; whatever needs it waits and retries.");
+            }
+            *problem = Some(error.to_string());
+        }
+        error
+    }
+
+    /// Commits `tx`; a commit that wrote clears an earlier write failure (and says so).
+    fn commit(&self, tx: rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+        let changes = tx.total_changes();
+        tx.commit().map_err(|e| self.err(e))?;
+        let seen = self
+            .inner
+            .changes_seen
+            .swap(changes, std::sync::atomic::Ordering::Relaxed);
+        if changes != seen {
+            let cleared = self
+                .inner
+                .write_problem
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if cleared.is_some() {
+                tracing::info!("The state file accepts writes again; sending resumes.");
+                self.inner.writable.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// Why writing the state file fails, while it does (a full disk, an I/O error).
+    pub fn write_problem(&self) -> Option<String> {
+        self.inner
+            .write_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Resolves when a write succeeds after a failure.
+    pub async fn writable_again(&self) {
+        self.inner.writable.notified().await;
     }
 }
 
@@ -287,9 +376,71 @@ async fn off_runtime<T: Send + 'static>(
 }
 
 fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
+    let code = source.sqlite_error_code();
+    let full = match code {
+        Some(rusqlite::ErrorCode::DiskFull) => true,
+        // A write that failed for want of space shows as an I/O error in some of SQLite's paths
+        // (growing the WAL index): ask the filesystem.
+        Some(rusqlite::ErrorCode::SystemIoFailure) => {
+            free_bytes(path).is_some_and(|free| free < LOW_SPACE)
+        }
+        _ => false,
+    };
+    if full {
+        return StoreError::Full {
+            path: path.to_path_buf(),
+            free: match free_bytes(path) {
+                Some(free) => format!(
+                    "{} free in {}",
+                    human_bytes(free),
+                    directory_of(path).display()
+                ),
+                None => format!("free space in {} unknown", directory_of(path).display()),
+            },
+            detail: source.to_string(),
+        };
+    }
     StoreError::Sqlite {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// What SQLite said, without the path the error would repeat.
+fn error_text(error: &StoreError) -> String {
+    match error {
+        StoreError::Sqlite { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Below this much free space an I/O error is taken for a full disk.
+const LOW_SPACE: u64 = 1024 * 1024;
+
+/// The directory holding the state file.
+fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Bytes an unprivileged writer may still use on the state file's filesystem.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = std::ffi::CString::new(directory_of(path).as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the struct passed; the path is a valid C string.
+    unsafe {
+        let mut stats: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(dir.as_ptr(), &mut stats) == 0)
+            .then(|| stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b => format!("{} KiB", b / 1024),
     }
 }
 
@@ -428,9 +579,19 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     }
     migrations::migrations()
         .to_latest(conn)
-        .map_err(|e| StoreError::Corrupt {
-            path: path.to_path_buf(),
-            problem: format!("migration failed: {e}"),
+        .map_err(|e| match e {
+            // The statement's text says nothing an operator can act on: the error does.
+            rusqlite_migration::Error::RusqliteError { err, .. } => match sqlite(path, err) {
+                full @ StoreError::Full { .. } => full,
+                other => StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    problem: format!("migrating it failed: {}", error_text(&other)),
+                },
+            },
+            other => StoreError::Corrupt {
+                path: path.to_path_buf(),
+                problem: format!("migrating it failed: {other}"),
+            },
         })
 }
 

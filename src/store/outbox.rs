@@ -205,12 +205,13 @@ impl Store {
             cursors::set(&tx, source, cursor, passes + i64::from(pass_complete), now)
                 .map_err(|e| self.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        self.commit(tx)?;
         Ok(outcome)
     }
 
-    /// Clears in-flight marks: at open nothing can be in flight, so whatever was is re-sent.
-    pub(super) fn reset_inflight(&self) -> Result<(), StoreError> {
+    /// Clears in-flight marks: at open (or when the worker starts over after a state file
+    /// failure) nothing can be in flight, so whatever was is re-sent.
+    pub(crate) fn reset_inflight(&self) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute_batch(
             "UPDATE outbox SET inflight = 0 WHERE inflight <> 0;
@@ -225,7 +226,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let unit = claim_in(&tx, filter, now).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
+        self.commit(tx)?;
         Ok(unit)
     }
 
@@ -343,7 +344,7 @@ impl Store {
             // Members without a result (none today) go back to the queue as singles.
             dissolve_batch(&tx, batch.id).map_err(|e| self.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))
+        self.commit(tx)
     }
 
     /// Schedules another attempt of a unit at `at` (unix ms). `count` is false for retries that
@@ -395,7 +396,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         dissolve_batch(&tx, batch.id).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        self.commit(tx)
     }
 
     /// Resets the attempt count of every queued job and batch among `sources`: a new `--once`
@@ -671,7 +672,7 @@ impl Store {
                 outcome.superseded += 1;
             }
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        self.commit(tx)?;
         Ok(outcome)
     }
 

@@ -59,7 +59,7 @@ impl Store {
                 pending: pending - added as u64,
             });
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        self.commit(tx)?;
         Ok(PushRecorded::Accepted { added })
     }
 
@@ -118,7 +118,7 @@ impl Store {
             )
             .map_err(|e| self.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        self.commit(tx)?;
         Ok(outcome)
     }
 }

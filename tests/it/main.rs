@@ -23,5 +23,6 @@ mod operate_cli;
 mod phi;
 mod practicehub;
 mod push;
+mod state_file;
 mod support;
 mod untrusted;

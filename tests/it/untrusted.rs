@@ -745,27 +745,6 @@ async fn an_untrusted_revkeen_certificate_ends_the_run_at_once_saying_so() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 12. A dead loop is a dead daemon.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_whose_worker_dies_exits_1_at_once_saying_why() {
-    // A state file capped at a few SQLite pages: the first page of clients still commits, then
-    // the worker's next write fails and the worker ends. (Issue 11 will make a full disk a
-    // wait rather than a death; here it is only the way to make a loop die for real.)
-    let h = gym(400).await;
-    let daemon = h.spawn_daemon(&h.config_for("gym"), |command| {
-        command.env("SYNC_DAEMON_MAX_PAGES", "80");
-    });
-    let out = daemon.wait_exit(Duration::from_secs(60)).await;
-    out.assert_exit(1);
-    assert!(
-        out.stderr.contains(
-            "sync-daemon: a daemon loop ended unexpectedly: the worker stopped: state file"
-        ) && out.stderr.contains("database or disk is full"),
-        "{}",
-        out.transcript()
-    );
-    figure("worker died (daemon)", &out);
-    // Restarted without the cap (as systemd would, with space back): nothing was lost.
-    healthy_rerun_delivers_everything(&h).await;
-}
+// 12. A dead loop is a dead daemon: `daemon::tests` kills a loop with a panic and checks the
+// daemon ends saying why; `server::tests` checks `/readyz` and `/healthz` then fail. (A full
+// state file, once the way this test killed the worker, is now a wait: `state_file.rs`.)
