@@ -11,6 +11,9 @@
 //! The same is measured with the writer idle for comparison, and `ops::status` in-process to
 //! separate the query cost from process start-up.
 //!
+//! Last, the cost of the start-up integrity check (`PRAGMA quick_check`) on that file, alone and
+//! as part of a writer's `Store::open`.
+//!
 //! `SYNC_DAEMON_BENCH=smoke` builds a tenth of the state (CI).
 
 use std::path::{Path, PathBuf};
@@ -102,6 +105,28 @@ fn main() {
         during.1.as_secs_f64(),
         during.0 as f64 / during.1.as_secs_f64()
     );
+    // The start-up check (issue 11): `PRAGMA quick_check` alone, and a whole writer open.
+    drop(store);
+    let quick_check: Vec<Duration> = (0..5)
+        .map(|_| {
+            let conn = rusqlite::Connection::open(&state).expect("open");
+            let t = Instant::now();
+            let answer: String = conn
+                .query_row("PRAGMA quick_check", [], |row| row.get(0))
+                .expect("quick_check");
+            assert_eq!(answer, "ok");
+            t.elapsed()
+        })
+        .collect();
+    let opens: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            drop(Store::open(&state).expect("open"));
+            t.elapsed()
+        })
+        .collect();
+    row("start-up quick_check", &quick_check);
+    row("Store::open (lock, checks, migrations)", &opens);
     let worst = human.iter().chain(&json).max().copied().unwrap_or_default();
     println!(
         "goal: every `status` under 100 ms while a sync writes: {} (slowest {:.1} ms)",

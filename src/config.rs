@@ -77,6 +77,9 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub revkeen: RevKeenConfig,
     pub sources: Vec<SourceConfig>,
+    /// What is valid but unsafe (a key file others can read): said at start and by
+    /// `check-config`.
+    pub warnings: Vec<String>,
 }
 
 /// `[daemon]`: the process itself.
@@ -519,6 +522,8 @@ impl Config {
     }
 
     fn from_raw(raw: RawConfig, env: &Environment, kinds: Kinds) -> Result<Config, ConfigError> {
+        // Only what this config reads counts (an earlier load that failed left its own).
+        EXPOSED_KEY_FILES.with(|found| found.borrow_mut().clear());
         let credentials = env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let daemon = daemon_config(raw.daemon, env)?;
         let revkeen = revkeen_config(raw.revkeen, credentials.as_deref())?;
@@ -562,6 +567,7 @@ impl Config {
             daemon,
             revkeen,
             sources,
+            warnings: EXPOSED_KEY_FILES.with(|found| std::mem::take(&mut *found.borrow_mut())),
         })
     }
 }
@@ -895,6 +901,29 @@ fn is_loopback(url: &Url) -> bool {
     }
 }
 
+thread_local! {
+    /// Key files found readable by others while the config being built read its secrets.
+    static EXPOSED_KEY_FILES: std::cell::RefCell<Vec<String>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Notes a key file that group or others may read (as ssh does for a private key).
+fn check_key_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o044 != 0 {
+        let shown = path.display();
+        EXPOSED_KEY_FILES.with(|found| {
+            found.borrow_mut().push(format!(
+                "UNPROTECTED KEY FILE: {shown} is readable by others (mode {mode:04o}): anyone on this host can read the key; run chmod 600 {shown}"
+            ))
+        });
+    }
+}
+
 /// Reads a secret: `<prefix>.api_key_file`, else `<prefix>.api_key`, else the first of
 /// `credential_names` present in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
 fn secret(
@@ -917,6 +946,7 @@ fn secret(
         )
     };
     if let Some(path) = file {
+        check_key_file(&path);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             ConfigError::new(
                 &file_key,
@@ -939,6 +969,7 @@ fn secret(
         for name in credential_names {
             let path = dir.join(name);
             if let Ok(text) = std::fs::read_to_string(&path) {
+                check_key_file(&path);
                 return non_empty(
                     &file_key,
                     text.trim(),

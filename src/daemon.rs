@@ -60,6 +60,7 @@ impl DaemonError {
     pub fn exit_status(&self) -> ExitStatus {
         match self {
             DaemonError::Listen { .. } => ExitStatus::Config,
+            DaemonError::Store(error) => error.exit_status(),
             _ => ExitStatus::Failure,
         }
     }

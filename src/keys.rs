@@ -14,22 +14,25 @@ pub fn key_namespace() -> Uuid {
 }
 
 /// The idempotency key of one job (invariant 3 in ARCHITECTURE.md): a UUIDv5 of
-/// `{revkeen_source}/{external_id}/{hash last synced, or "-"}/{sha256(body)}/{version}`.
+/// `{revkeen_source}/{external_id}/{hash last synced, or "-"}/{sha256(body)}/{version}/{state id}`.
 ///
 /// The last-synced hash keeps A → B → A from replaying the first A. `version` is the
 /// customer's job counter in the state file; it adds what the hash alone cannot: a record that
 /// flips A → B → A → B within RevKeen's 24 h window, or is resent by `--resync` or `replay`,
 /// still gets a key RevKeen has never seen, so a replayed old answer can never stand in for a
-/// new write.
+/// new write. The state id is the state file's random identity: a file moved aside and started
+/// anew counts versions from 1 again, and without it would derive the very keys of the first
+/// sends, which RevKeen would answer with replays.
 pub fn idempotency_key(
     revkeen_source: &str,
     external_id: &str,
     synced_hash: Option<&str>,
     body_hash: &str,
     version: i64,
+    state_id: &str,
 ) -> String {
     let name = format!(
-        "{revkeen_source}/{external_id}/{}/{body_hash}/{version}",
+        "{revkeen_source}/{external_id}/{}/{body_hash}/{version}/{state_id}",
         synced_hash.unwrap_or("-")
     );
     Uuid::new_v5(&key_namespace(), name.as_bytes()).to_string()
@@ -83,12 +86,16 @@ mod tests {
 
     #[test]
     fn keys_are_deterministic_and_distinguish_every_input() {
-        let a = idempotency_key("wodify", "1", None, "h1", 1);
-        assert_eq!(a, idempotency_key("wodify", "1", None, "h1", 1));
-        assert_ne!(a, idempotency_key("wodify", "1", Some("h0"), "h1", 1));
-        assert_ne!(a, idempotency_key("wodify", "1", None, "h1", 2));
-        assert_ne!(a, idempotency_key("wodify", "2", None, "h1", 1));
-        assert_ne!(a, idempotency_key("practicehub", "1", None, "h1", 1));
+        let a = idempotency_key("wodify", "1", None, "h1", 1, "s");
+        assert_eq!(a, idempotency_key("wodify", "1", None, "h1", 1, "s"));
+        assert_ne!(a, idempotency_key("wodify", "1", Some("h0"), "h1", 1, "s"));
+        assert_ne!(a, idempotency_key("wodify", "1", None, "h1", 2, "s"));
+        assert_ne!(a, idempotency_key("wodify", "2", None, "h1", 1, "s"));
+        assert_ne!(a, idempotency_key("practicehub", "1", None, "h1", 1, "s"));
+        assert_ne!(
+            a,
+            idempotency_key("wodify", "1", None, "h1", 1, "another file")
+        );
         assert!(Uuid::parse_str(&a).is_ok());
         assert_ne!(
             batch_key(["a", "b"].into_iter()),

@@ -211,6 +211,13 @@ async fn dispatch(cli: Cli) -> ExitStatus {
         Ok(config) => config,
         Err(status) => return status,
     };
+    // Runs say it in their log (set up below); commands on stderr.
+    let logged = cli.command.is_none();
+    if !logged {
+        for warning in &config.warnings {
+            eprintln!("sync-daemon: warning: {warning}");
+        }
+    }
     match cli.command {
         Some(Command::Demo { .. } | Command::Sim(_)) => unreachable!("handled above"),
         Some(Command::Healthcheck) => healthcheck(&config).await,
@@ -226,6 +233,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
             };
             if cli.dry_run {
                 init_logging(config.daemon.log_format, &config.daemon.log_level);
+                warn_config(&config);
                 dry_run(&config, &options, cli.json, cli.verbose).await
             } else if cli.once {
                 let ui = ProgressUi::new();
@@ -235,6 +243,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
                     Some(ui.log_writer()),
                 );
                 options.progress = Some(ui.callback());
+                warn_config(&config);
                 once(&config, &options, &ui).await
             } else if cli.resync || !cli.sources.is_empty() {
                 eprintln!(
@@ -243,9 +252,17 @@ async fn dispatch(cli: Cli) -> ExitStatus {
                 ExitStatus::Usage
             } else {
                 init_logging(config.daemon.log_format, &config.daemon.log_level);
+                warn_config(&config);
                 daemon(config).await
             }
         }
+    }
+}
+
+/// The config's warnings (a key file others can read), in the run's log.
+fn warn_config(config: &Config) {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -379,6 +396,10 @@ async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi) -> ExitSt
 
 async fn check_config(config: &Config, connect: bool) -> ExitStatus {
     println!("{}", config.to_redacted_toml());
+    if let Err(problem) = ops::check_state_path(&config.daemon.state_path) {
+        eprintln!("sync-daemon: daemon.state_path: {problem}");
+        return ExitStatus::Config;
+    }
     eprintln!(
         "sync-daemon: configuration is valid ({} sources).",
         config.sources.len()
@@ -425,7 +446,7 @@ fn print_report<T: serde::Serialize>(
         }
         Err(error) => {
             say(&error);
-            ExitStatus::Failure
+            error.exit_status()
         }
     }
 }

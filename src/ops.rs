@@ -119,6 +119,44 @@ impl From<&Halt> for HaltStatus {
     }
 }
 
+/// What `check-config` checks of `daemon.state_path`: that this user can create the state file
+/// and its companions (`-wal`, `-shm`, `.lock`) in its directory, and that a file already there
+/// is a sync-daemon state file. `Err` says what is wrong and how to fix it.
+pub fn check_state_path(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    // The nearest directory that exists: the daemon creates the rest.
+    let existing = dir.ancestors().find(|d| d.is_dir()).unwrap_or(dir);
+    let may = |p: &std::path::Path, mode: libc::c_int| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).is_ok_and(|c| {
+            // SAFETY: access only reads the NUL-terminated path.
+            unsafe { libc::access(c.as_ptr(), mode) == 0 }
+        })
+    };
+    if !may(existing, libc::W_OK | libc::X_OK) {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        return Err(format!(
+            "{} is not writable by this user (uid {uid}): the daemon creates {} and its -wal, -shm and .lock files there; give the service user write access (systemd: StateDirectory=) or choose another daemon.state_path",
+            existing.display(),
+            path.display()
+        ));
+    }
+    if path.exists() {
+        if !may(path, libc::W_OK) {
+            return Err(format!(
+                "{} is read-only for this user: the daemon writes it; fix its owner or mode",
+                path.display()
+            ));
+        }
+        Store::check_file(path).map_err(|error| error.to_string())?;
+    }
+    Ok(())
+}
+
 /// Builds `status` from the state file (read-only) and the config.
 pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let path = &config.daemon.state_path;

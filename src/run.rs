@@ -198,7 +198,8 @@ impl RunError {
     pub fn exit_status(&self) -> ExitStatus {
         match self {
             RunError::UnknownSource(_) => ExitStatus::Usage,
-            RunError::Store(_) | RunError::Http(_) => ExitStatus::Failure,
+            RunError::Store(error) => error.exit_status(),
+            RunError::Http(_) => ExitStatus::Failure,
             RunError::Build(_) => ExitStatus::Failure,
             RunError::Poll { error, .. } => error.exit_status(),
         }

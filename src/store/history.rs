@@ -8,6 +8,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{Store, StoreError, now_ms};
 use crate::secret::redact;
 
+/// Polls kept per source, and runs kept, in the history (`status` shows the newest; the page
+/// cap of a listing reads the recent ones). At a poll every 2 s that is the last 33 minutes; at
+/// the default 15 minutes, ten days.
+pub const HISTORY_KEPT: i64 = 1000;
+
 /// What a committed page changed, counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PageOutcome {
@@ -203,7 +208,15 @@ impl Store {
             params![mode, now_ms()],
         )
         .map_err(|e| self.err(e))?;
-        Ok(conn.last_insert_rowid())
+        let run = conn.last_insert_rowid();
+        // A bounded history: the newest runs, and any an old poll still names.
+        conn.prepare_cached(
+            "DELETE FROM runs WHERE id <= ?1 - ?2
+               AND id NOT IN (SELECT run_id FROM polls WHERE run_id IS NOT NULL)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![run, HISTORY_KEPT]))
+        .map_err(|e| self.err(e))?;
+        Ok(run)
     }
 
     /// The mode (`daemon`, `once`) of the newest run not yet finished, if any. Only meaningful
@@ -238,7 +251,15 @@ impl Store {
             params![run_id, source, now_ms()],
         )
         .map_err(|e| self.err(e))?;
-        Ok(conn.last_insert_rowid())
+        let poll = conn.last_insert_rowid();
+        // A bounded history: the newest HISTORY_KEPT polls of the source (an index walk).
+        conn.prepare_cached(
+            "DELETE FROM polls WHERE source = ?1 AND id <= (
+                 SELECT id FROM polls WHERE source = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![source, HISTORY_KEPT]))
+        .map_err(|e| self.err(e))?;
+        Ok(poll)
     }
 
     /// Updates a poll record; `outcome` `Some` closes it.
@@ -336,5 +357,43 @@ impl Store {
             .optional()
             .map(Option::unwrap_or_default)
             .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    fn count(store: &Store, sql: &str) -> i64 {
+        store
+            .conn()
+            .query_row(sql, [], |row| row.get(0))
+            .expect("count")
+    }
+
+    #[test]
+    fn the_history_keeps_the_newest_polls_per_source_and_runs() {
+        let (store, _dir) = temp_store();
+        let mut last = 0;
+        for _ in 0..(HISTORY_KEPT + 150) {
+            let run = store.begin_run("once").expect("run");
+            last = store.begin_poll(Some(run), "gym").expect("poll");
+        }
+        store.begin_poll(None, "clinic").expect("poll");
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM polls WHERE source = 'gym'"),
+            HISTORY_KEPT
+        );
+        assert_eq!(
+            count(&store, "SELECT MAX(id) FROM polls WHERE source = 'gym'"),
+            last,
+            "the newest stay"
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM polls WHERE source = 'clinic'"),
+            1
+        );
+        assert!(count(&store, "SELECT COUNT(*) FROM runs") <= HISTORY_KEPT + 1);
     }
 }

@@ -171,12 +171,34 @@ CREATE TABLE pauses (
 );
 "#;
 
+const V6: &str = r#"
+-- The state file's identity: a random UUID (v4) made when the file is created, or first
+-- migrated to this schema, and joined into every idempotency key. A file moved aside and
+-- started anew (the cure for a damaged one) derives keys RevKeen has never seen, so none of
+-- its writes can be answered with a replay from before the reset.
+CREATE TABLE meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('state_id', lower(
+    hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || substr(hex(randomblob(2)), 2)
+    || '-' || substr('89ab', 1 + abs(random() % 4), 1) || substr(hex(randomblob(2)), 2)
+    || '-' || hex(randomblob(6))));
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 5;
+pub(super) const LATEST: usize = 6;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)])
+    Migrations::new(vec![
+        M::up(V1),
+        M::up(V2),
+        M::up(V3),
+        M::up(V4),
+        M::up(V5),
+        M::up(V6),
+    ])
 }
 
 #[cfg(test)]
@@ -190,5 +212,13 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .expect("version");
         assert_eq!(version, super::LATEST);
+        let id: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'state_id'", [], |row| {
+                row.get(0)
+            })
+            .expect("a state id");
+        let parsed = uuid::Uuid::parse_str(&id).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 4, "{id}");
+        assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{id}");
     }
 }

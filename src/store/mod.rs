@@ -74,6 +74,10 @@ pub enum StoreError {
     #[error("state file {path}: {problem}")]
     Corrupt { path: PathBuf, problem: String },
     #[error(
+        "{path} is not a sync-daemon state file ({what}); it was left untouched: point daemon.state_path at a file of its own (a new one is created on the first run)"
+    )]
+    Foreign { path: PathBuf, what: String },
+    #[error(
         "state file {path} cannot be written: the disk is full ({free}) or the file reached its size limit; free space there: sync-daemon retries and resumes by itself ({detail})"
     )]
     Full {
@@ -85,6 +89,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The exit code of a run that failed on this: another application's file at
+    /// `state_path` is a configuration error (a restart would not help); the rest are 1.
+    pub fn exit_status(&self) -> crate::exit::ExitStatus {
+        match self {
+            StoreError::Foreign { .. } => crate::exit::ExitStatus::Config,
+            _ => crate::exit::ExitStatus::Failure,
+        }
+    }
+
     /// Whether a write failed for want of space or because the file or disk failed: the
     /// daemon waits and retries, and `/readyz` says so.
     pub fn is_write_failure(&self) -> bool {
@@ -121,8 +134,9 @@ struct Inner {
     changes_seen: std::sync::atomic::AtomicU64,
     /// Woken when writes succeed again after a failure.
     writable: tokio::sync::Notify,
-    // Held for the life of the store: the exclusive flock that makes this the only writer.
-    _lock: Option<File>,
+    // Held for the life of the store: the exclusive flocks (on the lock file beside the state
+    // file, and on the state file itself) that make this the only writer.
+    _lock: Option<WriterLock>,
 }
 
 pub(crate) use crate::clock::now_ms;
@@ -133,8 +147,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let lock = create_and_lock(path)?;
         let mut conn = Connection::open(path).map_err(|e| open_error(path, &e))?;
+        check_ours(&conn, path)?;
         configure(&conn, path)?;
+        check_intact(&conn, path)?;
         migrate(&mut conn, path)?;
+        mark_ours(&conn, path)?;
         let store = Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -156,8 +173,10 @@ impl Store {
             create_file(path)?;
         }
         let mut conn = Connection::open(path).map_err(|e| open_error(path, &e))?;
+        check_ours(&conn, path)?;
         configure(&conn, path)?;
         migrate(&mut conn, path)?;
+        mark_ours(&conn, path)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -177,13 +196,15 @@ impl Store {
         if !path.exists() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| open_error(path, &e))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| sqlite(path, e))?;
+        let conn = match read_only(path, false) {
+            // A file this user may read but not write beside (a read-only directory or mount,
+            // another user's state directory) with no WAL: SQLite cannot create the -shm it
+            // wants, but there is nothing outside the main file to read, so read it as is.
+            Err(error) if cannot_share(&error) && !wal_path(path).exists() => {
+                read_only(path, true)?
+            }
+            other => other?,
+        };
         let version: usize = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(|e| sqlite(path, e))?;
@@ -215,15 +236,33 @@ impl Store {
         }))
     }
 
+    /// Checks, without writing, that an existing file is a sync-daemon state file (or empty).
+    pub fn check_file(path: &Path) -> Result<(), StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(path, &e))?;
+        check_ours(&conn, path)
+    }
+
     /// Whether a sending process (daemon or `--once`) holds the state file's writer lock.
     pub fn writer_active(path: &Path) -> bool {
-        let Ok(file) = File::open(path) else {
-            return false;
+        let held = |path: &Path| {
+            File::open(path).is_ok_and(|file| {
+                matches!(
+                    file.try_lock_shared(),
+                    Err(std::fs::TryLockError::WouldBlock)
+                )
+            })
         };
-        matches!(
-            file.try_lock_shared(),
-            Err(std::fs::TryLockError::WouldBlock)
-        )
+        held(&lock_path(path)) || held(path)
+    }
+
+    /// The state file's identity (a random UUID made with the file), joined into every
+    /// idempotency key.
+    pub fn state_id(&self) -> Result<String, StoreError> {
+        state_id(&self.conn()).map_err(|e| self.err(e))
     }
 
     /// Returns SQLite's page cache to the allocator, and the allocator's free memory to the
@@ -473,40 +512,213 @@ fn create_file(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Creates the file with mode 0600 if missing (SQLite gives its -wal and -shm files the same
-/// mode) and takes the exclusive writer lock.
-fn create_and_lock(path: &Path) -> Result<File, StoreError> {
+/// A read-only connection, checked to be ours; `immutable` reads the main file alone (no
+/// -shm, no locks: only for a file with no WAL that nothing writes).
+fn read_only(path: &Path, immutable: bool) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if immutable {
+        let absolute = std::path::absolute(path).map_err(|e| open_error(path, &e))?;
+        let mut uri = url::Url::from_file_path(&absolute).map_err(|()| StoreError::Open {
+            path: path.to_path_buf(),
+            problem: "the path cannot be written as a file: URI".to_string(),
+        })?;
+        uri.set_query(Some("immutable=1"));
+        Connection::open_with_flags(uri.as_str(), flags | OpenFlags::SQLITE_OPEN_URI)
+    } else {
+        Connection::open_with_flags(path, flags)
+    }
+    .map_err(|e| classify_open_failure(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sqlite(path, e))?;
+    check_ours(&conn, path)?;
+    Ok(conn)
+}
+
+/// Whether a read-only open failed only because SQLite could not set up its shared memory.
+fn cannot_share(error: &StoreError) -> bool {
+    match error {
+        StoreError::Open { .. } => true,
+        StoreError::Sqlite { source, .. } => matches!(
+            source.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+        ),
+        _ => false,
+    }
+}
+
+/// `<state file>-wal`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// The writer's locks: on `<state file>.lock`, which stays at the path when the state file is
+/// moved aside while a daemon runs (so a second sender on the path is still refused), and on
+/// the state file itself (which is what older versions lock).
+struct WriterLock {
+    _beside: File,
+    _file: File,
+}
+
+/// `<state file>.lock`, beside the state file.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the exclusive writer lock (the lock file first, before anything is created at the
+/// path), then creates the state file with mode 0600 if missing (SQLite gives its -wal and -shm
+/// files the same mode).
+fn create_and_lock(path: &Path) -> Result<WriterLock, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_error(path, &e))?;
+    }
+    let beside = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock_path(path))
+        .map_err(|e| writable_error(path, &e))?;
+    try_lock(&beside, path)?;
     create_file(path)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                StoreError::Open {
-                    path: path.to_path_buf(),
-                    problem:
-                        "it is read-only for this user: check StateDirectory= or daemon.state_path"
-                            .to_string(),
-                }
-            } else {
-                open_error(path, &e)
-            }
-        })?;
+        .map_err(|e| writable_error(path, &e))?;
     // The state file holds customer emails and phones: keep it private even if it was copied in
-    // with looser permissions.
+    // with looser permissions, and say so.
     if let Ok(meta) = file.metadata()
         && meta.permissions().mode() & 0o077 != 0
     {
-        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+        let was = meta.permissions().mode() & 0o777;
+        match file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => tracing::warn!(
+                path = %path.display(),
+                "The state file was readable by others (mode {was:04o}); its mode is now 0600."
+            ),
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "The state file is readable by others (mode {was:04o}) and its mode cannot be changed: chmod 600 it."
+            ),
+        }
     }
+    try_lock(&file, path)?;
+    Ok(WriterLock {
+        _beside: beside,
+        _file: file,
+    })
+}
+
+fn try_lock(file: &File, path: &Path) -> Result<(), StoreError> {
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => Ok(()),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
             path: path.to_path_buf(),
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(open_error(path, &e)),
     }
+}
+
+fn writable_error(path: &Path, error: &std::io::Error) -> StoreError {
+    if error.kind() == std::io::ErrorKind::PermissionDenied {
+        StoreError::Open {
+            path: path.to_path_buf(),
+            problem: "it (or its directory) is read-only for this user: check StateDirectory= or daemon.state_path".to_string(),
+        }
+    } else {
+        open_error(path, error)
+    }
+}
+
+/// `PRAGMA application_id` of a sync-daemon state file: "SYNC".
+const APPLICATION_ID: i32 = 0x5359_4E43;
+
+/// Refuses, before writing anything, a database that is neither empty nor ours: another
+/// application's file at `state_path` is never migrated or synced into. A file of an older
+/// version (no application id yet, but our schema) is ours.
+fn check_ours(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(|e| classify_open_failure(path, e))?;
+    if application_id == APPLICATION_ID {
+        return Ok(());
+    }
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+        .and_then(|mut stmt| stmt.query_map([], |row| row.get(0))?.collect())
+        .map_err(|e| classify_open_failure(path, e))?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| classify_open_failure(path, e))?;
+    let ours_before_ids = application_id == 0
+        && version >= 1
+        && ["customers", "cursors", "outbox"]
+            .iter()
+            .all(|t| tables.iter().any(|name| name == t));
+    let empty = application_id == 0 && version == 0 && tables.is_empty();
+    if empty || ours_before_ids {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = tables.iter().take(3).map(String::as_str).collect();
+    if tables.len() > 3 {
+        shown.push("…");
+    }
+    Err(StoreError::Foreign {
+        path: path.to_path_buf(),
+        what: format!(
+            "another SQLite database: application_id {application_id:#x}, user_version {version}, {} tables ({})",
+            tables.len(),
+            shown.join(", ")
+        ),
+    })
+}
+
+/// Marks the file as a sync-daemon state file (new files, and files of older versions).
+fn mark_ours(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(|e| sqlite(path, e))?;
+    if application_id != APPLICATION_ID {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(|e| sqlite(path, e))?;
+    }
+    Ok(())
+}
+
+/// `PRAGMA quick_check` at start: a damaged file is refused with the recovery step instead of
+/// being run on (and damaged further). O(file size): about 0.1 s per 100,000 customers.
+fn check_intact(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let problems: Vec<String> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut stmt| stmt.query_map([], |row| row.get(0))?.collect())
+        .map_err(|e| classify_open_failure(path, e))?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    Err(damaged(path, &problems.join("; ")))
+}
+
+fn damaged(path: &Path, detail: &str) -> StoreError {
+    let shown = path.display();
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        problem: format!(
+            "the database is damaged ({}): move it aside with any -wal and -shm beside it (mv {shown} {shown}.damaged) and run again; everything in it is re-derived from the sources, and the new file's own identity means RevKeen replays nothing from before",
+            crate::secret::redact(detail)
+        ),
+    }
+}
+
+/// The state file's identity (migration V6).
+pub(super) fn state_id(conn: &Connection) -> rusqlite::Result<String> {
+    conn.prepare_cached("SELECT value FROM meta WHERE key = 'state_id'")?
+        .query_row([], |row| row.get(0))
 }
 
 fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
@@ -557,10 +769,7 @@ fn classify_open_failure(path: &Path, error: rusqlite::Error) -> StoreError {
             path: path.to_path_buf(),
             problem: "this is not a SQLite database: move it aside; everything in it is re-derived from the sources on the next run".to_string(),
         },
-        Some(rusqlite::ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
-            path: path.to_path_buf(),
-            problem: "the database is corrupt: move it aside; everything in it is re-derived from the sources on the next run".to_string(),
-        },
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) => damaged(path, "SQLite reports it malformed"),
         _ => sqlite(path, error),
     }
 }
@@ -658,6 +867,96 @@ mod tests {
             error.to_string().contains("not a SQLite database"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn another_applications_database_is_refused_untouched_and_an_older_state_file_is_ours() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for version in [0, 7] {
+            let path = dir.path().join(format!("app-{version}.db"));
+            {
+                let other = Connection::open(&path).expect("create");
+                other
+                    .execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+                    .expect("schema");
+                other
+                    .pragma_update(None, "user_version", version)
+                    .expect("version");
+            }
+            let before = std::fs::read(&path).expect("read");
+            let error = Store::open(&path).err().expect("refused");
+            assert!(matches!(error, StoreError::Foreign { .. }), "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains(&path.display().to_string())
+                    && text.contains("not a sync-daemon state file")
+                    && text.contains("invoices")
+                    && text.contains("left untouched"),
+                "{text}"
+            );
+            assert_eq!(error.exit_status(), crate::exit::ExitStatus::Config);
+            assert_eq!(std::fs::read(&path).expect("read"), before, "modified");
+            assert!(!dir.path().join(format!("app-{version}.db-wal")).exists());
+            assert!(
+                Store::open_read_only(&path).is_err(),
+                "status refuses it too"
+            );
+        }
+        // A state file written before application ids: ours, and marked from now on.
+        let path = dir.path().join("older.db");
+        drop(Store::open(&path).expect("open"));
+        Connection::open(&path)
+            .expect("raw")
+            .pragma_update(None, "application_id", 0)
+            .expect("unmark");
+        let store = Store::open(&path).expect("an older state file is ours");
+        let id: i32 = store
+            .conn()
+            .pragma_query_value(None, "application_id", |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(id, APPLICATION_ID);
+    }
+
+    #[test]
+    fn the_lock_guards_the_path_so_a_file_moved_aside_leaves_no_room_for_a_second_sender() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let running = Store::open(&path).expect("open");
+        std::fs::rename(&path, dir.path().join("state.db.moved")).expect("move aside");
+        assert!(Store::writer_active(&path), "status sees the writer");
+        let error = Store::open(&path).err().expect("refused");
+        assert!(matches!(error, StoreError::Locked { .. }), "{error}");
+        assert!(!path.exists(), "nothing was created at the path");
+        drop(running);
+        Store::open(&path).expect("free once the first writer is gone");
+    }
+
+    #[test]
+    fn each_state_file_has_its_own_identity_and_keeps_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let first = Store::open(&path).expect("open").state_id().expect("id");
+        assert_eq!(
+            Store::open(&path).expect("reopen").state_id().expect("id"),
+            first
+        );
+        std::fs::rename(&path, dir.path().join("state.db.old")).expect("reset");
+        let second = Store::open(&path)
+            .expect("new file")
+            .state_id()
+            .expect("id");
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn a_world_readable_state_file_is_made_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        drop(Store::open(&path).expect("open"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        drop(Store::open(&path).expect("open"));
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -537,8 +537,8 @@ struct JobRow<'a> {
 }
 
 impl JobRow<'_> {
-    /// The key of the customer's next version (invariant 3).
-    fn key(&self, lane: &customers::Lane) -> (i64, String) {
+    /// The key of the customer's next version (invariant 3), in this state file.
+    fn key(&self, tx: &Transaction<'_>, lane: &customers::Lane) -> rusqlite::Result<(i64, String)> {
         let version = lane.version + 1;
         let key = keys::idempotency_key(
             self.revkeen_source,
@@ -546,8 +546,9 @@ impl JobRow<'_> {
             lane.synced_hash.as_deref(),
             self.hash,
             version,
+            &super::state_id(tx)?,
         );
-        (version, key)
+        Ok((version, key))
     }
 }
 
@@ -560,7 +561,7 @@ fn insert_job(
     pass: Option<i64>,
     now: i64,
 ) -> rusqlite::Result<()> {
-    let (version, key) = job.key(lane);
+    let (version, key) = job.key(tx, lane)?;
     tx.prepare_cached(
         "INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
                              idempotency_key, enqueued_at, update_only)
@@ -587,7 +588,7 @@ fn replace_job(
     lane: &customers::Lane,
     pass: i64,
 ) -> rusqlite::Result<()> {
-    let (version, key) = job.key(lane);
+    let (version, key) = job.key(tx, lane)?;
     tx.prepare_cached(
         "UPDATE outbox SET body = ?2, body_hash = ?3, idempotency_key = ?4, attempts = 0,
                 next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?5

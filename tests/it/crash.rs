@@ -1,5 +1,6 @@
-//! Crash safety: `--once` SIGKILLed at random moments, with clients changing between kills,
-//! loses nothing. After the last kill a run to completion leaves every valid client at RevKeen
+//! Crash safety: `--once` SIGKILLed at random moments, with both sources synced, faults on at
+//! every upstream (errors and dropped connections) and clients changing between kills, loses
+//! nothing. After the last kill a run to completion leaves every valid client at RevKeen
 //! with its latest name and email, RevKeen never saw one idempotency key with two bodies, and
 //! the only failures listed are the clients without a valid email (exit 65). A kill mid-scan is
 //! followed by a run that resumes the Wodify scan where it stopped instead of starting over, and
@@ -8,7 +9,7 @@
 //!
 //! Environment:
 //! - `SYNC_DAEMON_CRASH_ITERATIONS`: kills before the final run (default 5). Each one costs a
-//!   second or two; raise it for a soak, e.g. `SYNC_DAEMON_CRASH_ITERATIONS=100`.
+//!   second or two; the soak is `SYNC_DAEMON_CRASH_ITERATIONS=200` (about 10 minutes).
 //! - `SYNC_DAEMON_CRASH_SEED`: seed for the kill moments and the changes (random by default;
 //!   the seed in use is printed, so a failure can be replayed).
 
@@ -19,11 +20,14 @@ use sync_daemon::store::FailureKind;
 use sync_daemon_sim::Faults;
 
 use crate::support::{
-    Harness, Output, assert_revkeen_holds, exit, expected_wodify, invalid_wodify, name_at_revkeen,
-    rename_client, seed_valid_patients, wait_until, with_revkeen, with_source,
+    Harness, Output, assert_revkeen_holds, exit, expected_practicehub, expected_wodify,
+    invalid_wodify, name_at_revkeen, rename_client, seed_valid_patients, wait_until, with_revkeen,
+    with_source,
 };
 
 const CLIENTS: usize = 1500;
+/// Clinic patients synced beside the gym in the random-kill test.
+const PATIENTS: usize = 300;
 /// Wodify pages in a full scan (100 clients a page).
 const PAGES: usize = CLIENTS / 100;
 
@@ -117,13 +121,21 @@ async fn killed_runs_lose_nothing_and_a_killed_scan_resumes() {
     let h = Harness::start().await;
     h.unlimited();
     let config = with_revkeen(
-        &with_revkeen(&h.config_for("gym"), "batch_size = 10"),
+        &with_revkeen(&h.base_config(), "batch_size = 10"),
         "concurrency = 2",
     );
     let config = with_source(&config, "gym", "requests_per_second = 1000\nburst = 1000");
+    let config = with_source(&config, "clinic", "requests_per_second = 1000");
     h.write_config(&config);
     h.sims.wodify.seed(CLIENTS, 21);
+    seed_valid_patients(&h.sims.practicehub, PATIENTS, 22);
     slow_down(&h);
+    let faulty = |latency_ms| Faults {
+        latency_ms,
+        error_rate: 0.03,
+        drop_rate: 0.02,
+        ..Faults::default()
+    };
 
     // A deliberate kill mid-scan: at least two pages are committed, the scan is not finished.
     h.sims.wodify.clear_log();
@@ -165,7 +177,10 @@ async fn killed_runs_lose_nothing_and_a_killed_scan_resumes() {
     let killed = running.kill().await;
     assert_ne!(killed.code, Some(exit::OK), "{}", killed.transcript());
 
-    // Random kills, with changes in between.
+    // Random kills with faults on everywhere, with changes in between.
+    h.sims.wodify.set_faults(faulty(60));
+    h.sims.revkeen.set_faults(faulty(30));
+    h.sims.practicehub.set_faults(faulty(20));
     for round in 1..=iterations {
         let out = kill_at_random(&h, &mut rng).await;
         assert!(
@@ -179,10 +194,25 @@ async fn killed_runs_lose_nothing_and_a_killed_scan_resumes() {
     // A run to completion delivers the latest data for everyone.
     h.sims.wodify.set_faults(Faults::default());
     h.sims.revkeen.set_faults(Faults::default());
+    h.sims.practicehub.set_faults(Faults::default());
     let out = h.once().await;
     out.assert_exit(exit::REJECTED);
     assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected_wodify(&h.sims.wodify));
+    assert_revkeen_holds(
+        &h.sims.revkeen,
+        "practicehub",
+        &expected_practicehub(&h.sims.practicehub),
+    );
+    let integrity: String = rusqlite::Connection::open(&h.state)
+        .expect("open the state file")
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .expect("integrity_check");
+    assert_eq!(integrity, "ok");
     let stats = h.sims.revkeen.stats();
+    eprintln!(
+        "crash soak: {iterations} random kills with faults on; RevKeen holds every valid client and all {PATIENTS} patients current; {} idempotency conflicts, {} replays, {} stale answers; integrity_check {integrity}",
+        stats.conflicts, stats.replayed, stats.stale
+    );
     assert_eq!(
         stats.conflicts, 0,
         "RevKeen saw one idempotency key with two bodies"
