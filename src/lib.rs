@@ -16,7 +16,8 @@
 //! - [`daemon`]: daemon mode: built (every fallible step), then run: cron polls and their
 //!   watchdog, push processing, the worker, the HTTP server, systemd, shutdown.
 //! - [`run`]: `--once` (poll everything, drain, report) and `--dry-run`.
-//! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed.
+//! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed, with the limits
+//!   that bound its clients (timeouts, a connection cap, push caps, a refusal log summary).
 //! - `worker`: claims units, sends them, records RevKeen's answers, retries, halts.
 //!   **Where a RevKeen answer is decided**: `revkeen::classify`, then `worker::apply`.
 //! - `revkeen`: the RevKeen client (single and batch upserts, answer classification).

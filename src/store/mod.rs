@@ -14,10 +14,16 @@
 //! RevKeen replays its answer, and a lost job is re-created by the next poll (its record still
 //! differs from the synced hash). `FULL` would buy nothing but an fsync per page.
 //!
-//! One process writes: the daemon (or `--once`) takes an exclusive `flock` on the state file so
-//! a second one fails fast instead of both sending. `status` and `failures` read through a
-//! separate read-only connection and never block the writer; `replay` is a short write that
-//! waits on the busy timeout.
+//! One process writes: the daemon (or `--once`) takes an exclusive `flock` on
+//! `<state file>.lock` (the path: a file moved aside still blocks a second sender) and on the
+//! file, so a second one fails fast instead of both sending. `status` and `failures` read
+//! through a separate read-only connection and never block the writer; `replay` is a short
+//! write that waits on the busy timeout.
+//!
+//! The file is checked before it is used: another application's database is refused untouched
+//! (`application_id`), a damaged one is refused with the recovery step (`quick_check`), and
+//! each file carries a random identity that joins every idempotency key. A write that fails
+//! (a full disk) is remembered until one succeeds, for `/readyz` and the worker's wait.
 
 mod cursors;
 mod customers;
@@ -692,7 +698,8 @@ fn mark_ours(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 }
 
 /// `PRAGMA quick_check` at start: a damaged file is refused with the recovery step instead of
-/// being run on (and damaged further). O(file size): about 0.1 s per 100,000 customers.
+/// being run on (and damaged further). O(file size): 53 ms (median) on a 51 MiB file of 100,000
+/// customers (`cargo bench --bench status`).
 fn check_intact(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let problems: Vec<String> = conn
         .prepare("PRAGMA quick_check(5)")
