@@ -841,6 +841,22 @@ mod tests {
         );
     }
 
+    /// A healthy server on a loopback port: its address, its stop and its task.
+    async fn serving() -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let state = test_state();
+        state.health.beat_worker();
+        state.health.beat_scheduler();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, state, stop.clone()));
+        (addr, stop, server)
+    }
+
     /// Connects and sends the start of a request that never ends.
     async fn half_open(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
         use tokio::io::AsyncWriteExt as _;
@@ -877,13 +893,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_never_finishes_its_headers_or_sits_idle_is_closed_after_5_s() {
-        let state = test_state();
-        state.health.beat_worker();
-        state.health.beat_scheduler();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, state, stop.clone()));
+        let (addr, stop, server) = serving().await;
 
         let started = tokio::time::Instant::now();
         let mut slow = half_open(addr).await;
@@ -916,13 +926,7 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_connection_cap_a_probe_evicts_the_oldest_half_open_connection() {
-        let state = test_state();
-        state.health.beat_worker();
-        state.health.beat_scheduler();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, state, stop.clone()));
+        let (addr, stop, server) = serving().await;
         let mut attackers = Vec::new();
         for _ in 0..MAX_CONNECTIONS + 20 {
             attackers.push(half_open(addr).await);
