@@ -14,6 +14,8 @@ pub enum ExitStatus {
     Rejected = 65,
     /// An upstream stayed unavailable.
     Unavailable = 69,
+    /// The state file is in use by another sync-daemon process: try again later (EX_TEMPFAIL).
+    TempFail = 75,
     /// An API refused its key.
     AuthRefused = 77,
     /// The configuration is invalid.

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand};
 use sync_daemon::config::{Config, LogFormat};
@@ -191,7 +192,42 @@ fn main() -> ExitCode {
         }
     };
     let status = runtime.block_on(dispatch(cli));
+    if STDOUT_FAILED.load(Ordering::Relaxed) {
+        return ExitCode::from(ExitStatus::Failure.code());
+    }
     ExitCode::from(status.code())
+}
+
+/// Set once stdout's reader went away (`… | head`): the rest of the output is dropped quietly
+/// and the command ends as it would have.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+/// Set when stdout failed otherwise (a full disk under a redirect): the command exits 1.
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Writes a command's output to stdout, never panicking (`print!` panics on a closed pipe).
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            STDOUT_FAILED.store(true, Ordering::Relaxed);
+            eprintln!("sync-daemon: cannot write to stdout: {error}");
+        }
+    }
+}
+
+/// `print!` that ends quietly on a closed stdout.
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
+/// `println!` that ends quietly on a closed stdout.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
 async fn dispatch(cli: Cli) -> ExitStatus {
@@ -360,7 +396,7 @@ async fn healthcheck(config: &Config) -> ExitStatus {
     };
     match client.get(format!("http://{addr}/healthz")).send().await {
         Ok(response) if response.status().is_success() => {
-            println!("alive");
+            outln!("alive");
             ExitStatus::Ok
         }
         Ok(response) => {
@@ -381,7 +417,7 @@ async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi) -> ExitSt
     ui.finish();
     match result {
         Ok(report) => {
-            print!("{}", report.summary_table());
+            out!("{}", report.summary_table());
             if let Some(reason) = &report.stopped {
                 eprintln!("sync-daemon: run stopped early: {}", escape(reason));
             }
@@ -395,7 +431,7 @@ async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi) -> ExitSt
 }
 
 async fn check_config(config: &Config, connect: bool) -> ExitStatus {
-    println!("{}", config.to_redacted_toml());
+    outln!("{}", config.to_redacted_toml());
     if let Err(problem) = ops::check_state_path(&config.daemon.state_path) {
         eprintln!("sync-daemon: daemon.state_path: {problem}");
         return ExitStatus::Config;
@@ -441,7 +477,7 @@ fn print_report<T: serde::Serialize>(
     match answer {
         Ok(report) if json => print_json(&report),
         Ok(report) => {
-            print!("{}", render(&report));
+            out!("{}", render(&report));
             ExitStatus::Ok
         }
         Err(error) => {
@@ -476,12 +512,12 @@ fn replay(config: &Config, source: Option<&str>, all: bool, ids: &[String]) -> E
     let ids = (!all).then_some(ids);
     match ops::replay(config, source, ids) {
         Ok(outcome) => {
-            println!(
+            outln!(
                 "Replayed {} dead letters into the outbox; the running daemon or the next `sync-daemon --once` sends them.",
                 outcome.replayed
             );
             if outcome.superseded > 0 {
-                println!(
+                outln!(
                     "{} dropped: a newer version of those customers is already queued.",
                     outcome.superseded
                 );
@@ -527,7 +563,7 @@ fn say(error: &dyn std::fmt::Display) {
 fn print_json(value: &impl serde::Serialize) -> ExitStatus {
     match serde_json::to_string_pretty(value) {
         Ok(text) => {
-            println!("{text}");
+            outln!("{text}");
             ExitStatus::Ok
         }
         Err(error) => {
@@ -545,7 +581,7 @@ async fn dry_run(config: &Config, options: &OnceOptions, json: bool, verbose: bo
                 entry.body = None;
             }
             match serde_json::to_string(&entry) {
-                Ok(line) => println!("{line}"),
+                Ok(line) => outln!("{line}"),
                 Err(error) => eprintln!("sync-daemon: {error}"),
             }
             return;
@@ -555,7 +591,7 @@ async fn dry_run(config: &Config, options: &OnceOptions, json: bool, verbose: bo
             (None, true, Some(body)) => body.to_string(),
             _ => entry.fields.join(", "),
         };
-        println!(
+        outln!(
             "{:<7} {} {}: {}",
             entry.action,
             entry.source,
@@ -593,7 +629,7 @@ async fn demo(clients: usize, patients: usize) -> ExitStatus {
     };
     match sync_daemon::demo::run(options).await {
         Ok(report) => {
-            print!("{}", report.text);
+            out!("{}", report.text);
             ExitStatus::Ok
         }
         Err(error) => {
@@ -634,11 +670,12 @@ async fn sim(args: SimArgs) -> ExitStatus {
     }
     sims.wodify.seed(args.clients, 1);
     sims.practicehub.seed(args.patients, 1);
-    println!(
-        "Simulators running (Ctrl-C stops them). State is inspectable under /_sim/ on each.\n\
-         \n# A config for them:\n{}",
-        sims.config_toml(std::path::Path::new("./state.db"))
+    // The banner on stderr, so that stdout is a config file: `sync-daemon sim > sim.toml`.
+    eprintln!(
+        "Simulators running (Ctrl-C stops them). State is inspectable under /_sim/ on each. \
+         A config for them follows on stdout."
     );
+    out!("{}", sims.config_toml(std::path::Path::new("./state.db")));
     let _ = tokio::signal::ctrl_c().await;
     ExitStatus::Ok
 }

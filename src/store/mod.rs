@@ -96,10 +96,12 @@ pub enum StoreError {
 
 impl StoreError {
     /// The exit code of a run that failed on this: another application's file at
-    /// `state_path` is a configuration error (a restart would not help); the rest are 1.
+    /// `state_path` is a configuration error (a restart would not help), a file in use by
+    /// another process a temporary failure (75: try again later); the rest are 1.
     pub fn exit_status(&self) -> crate::exit::ExitStatus {
         match self {
             StoreError::Foreign { .. } => crate::exit::ExitStatus::Config,
+            StoreError::Locked { .. } => crate::exit::ExitStatus::TempFail,
             _ => crate::exit::ExitStatus::Failure,
         }
     }

@@ -1130,9 +1130,9 @@ async fn a_second_process_on_the_same_state_file_is_refused_and_the_daemon_carri
     let toml = scheduled(&h.config_for("gym"), EVERY_SECOND);
     let daemon = h.start_daemon(&toml).await;
 
-    // A backfill started by mistake beside the running daemon.
+    // A backfill started by mistake beside the running daemon: a temporary failure (75).
     let out = h.once().await;
-    out.assert_exit(1);
+    out.assert_exit(exit::TEMPFAIL);
     assert!(
         out.stderr.contains("another sync-daemon"),
         "the refusal should say another process holds the state file:\n{}",
@@ -1143,7 +1143,7 @@ async fn a_second_process_on_the_same_state_file_is_refused_and_the_daemon_carri
         .spawn_daemon(&toml, |_| {})
         .wait_exit(Duration::from_secs(10))
         .await;
-    assert_ne!(out.code, Some(0), "{}", out.transcript());
+    out.assert_exit(exit::TEMPFAIL);
     assert!(
         out.stderr.contains("another sync-daemon"),
         "{}",

@@ -487,9 +487,10 @@ async fn a_second_process_on_the_same_state_file_is_refused() {
     )
     .await;
     let second = h.once().await;
-    assert!(
-        !matches!(second.code, Some(0) | Some(65)),
-        "a second sender on the same state file must be refused\n{}",
+    assert_eq!(
+        second.code,
+        Some(exit::TEMPFAIL),
+        "a second sender on the same state file must be refused with 75\n{}",
         second.transcript()
     );
     assert!(

@@ -574,3 +574,78 @@ async fn version_names_the_commit_and_every_help_has_an_example() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_printing_command_ends_quietly_on_a_closed_stdout() {
+    let h = Harness::start().await;
+    h.write_config(&h.config_for("gym"));
+    seed_valid_clients(&h.sims.wodify, 30, 91);
+    h.once().await.assert_exit(exit::OK);
+    rename_client(&h.sims.wodify, 10_001, "Piped");
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["failures"],
+        &["failures", "--json"],
+        &["check-config"],
+        &["--dry-run"],
+        &["--dry-run", "--json"],
+    ] {
+        let expected = h.run(args).await.code;
+        // `… | head -c1` whose reader has already gone: every write is EPIPE.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut command = h.command(args);
+        command.stdout(Stdio::from(writer));
+        let out = run_command(command).await;
+        assert_eq!(out.code, expected, "{args:?}\n{}", out.transcript());
+        assert!(
+            !out.stderr.contains("panicked") && !out.stderr.contains("Broken pipe"),
+            "{args:?} did not end quietly\n{}",
+            out.transcript()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_prints_only_a_config_on_stdout() {
+    let ports: Vec<String> = (0..3)
+        .map(|_| free_listen_addr().port().to_string())
+        .collect();
+    let mut command = crate::support::command(Path::new("."));
+    command
+        .args([
+            "sim",
+            "--revkeen-port",
+            &ports[0],
+            "--wodify-port",
+            &ports[1],
+        ])
+        .args(["--practicehub-port", &ports[2]])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().expect("spawn sim");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut text = String::new();
+    let read = async {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 4096];
+        while text.matches("[[sources]]").count() < 2 || !text.ends_with('\n') {
+            let n = stdout.read(&mut buf).await.expect("read");
+            assert!(n > 0, "sim closed stdout early: {text}");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the config within 30 s");
+    child.kill().await.expect("kill");
+    assert!(!text.contains("Simulators running"), "{text}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sim.toml");
+    std::fs::write(&path, &text).expect("write");
+    let mut check = crate::support::command(dir.path());
+    check.args(["check-config", "--config"]).arg(&path);
+    run_command(check).await.assert_exit(exit::OK);
+}

@@ -297,7 +297,7 @@ async fn a_state_file_moved_aside_under_a_running_daemon_leaves_no_room_for_a_se
     daemon.wait_ready().await;
     std::fs::rename(&h.state, h.dir().join("state.db.moved")).expect("move aside");
     let out = h.once().await;
-    assert_ne!(out.code, Some(exit::OK), "{}", out.transcript());
+    out.assert_exit(exit::TEMPFAIL);
     assert!(
         out.stderr.contains("in use by another sync-daemon process"),
         "{}",

@@ -35,6 +35,7 @@ pub mod exit {
     pub const REJECTED: i32 = 65;
     pub const UNAVAILABLE: i32 = 69;
     pub const AUTH_REFUSED: i32 = 77;
+    pub const TEMPFAIL: i32 = 75;
     pub const CONFIG: i32 = 78;
 }
 
