@@ -52,11 +52,11 @@ struct Cli {
     /// Limit the run to this source (repeatable).
     #[arg(long = "source", value_name = "NAME")]
     sources: Vec<String>,
-    /// With --dry-run: one JSON object per line.
-    #[arg(long, requires = "dry_run")]
+    /// With --dry-run: one JSON object per line; with --once: the summary as one JSON object.
+    #[arg(long)]
     json: bool,
     /// With --dry-run: show the values that would be sent, not just the field names.
-    #[arg(long, short, requires = "dry_run")]
+    #[arg(long, short)]
     verbose: bool,
     #[command(subcommand)]
     command: Option<Command>,
@@ -261,6 +261,16 @@ async fn dispatch(cli: Cli) -> ExitStatus {
         Some(Command::Status { json }) => status(&config, json),
         Some(Command::Failures { source, json }) => failures(&config, source.as_deref(), json),
         Some(Command::Replay { source, all, ids }) => replay(&config, source.as_deref(), all, &ids),
+        None if cli.verbose && !cli.dry_run => {
+            eprintln!("sync-daemon: --verbose applies to --dry-run only");
+            ExitStatus::Usage
+        }
+        None if cli.json && !cli.dry_run && !cli.once => {
+            eprintln!(
+                "sync-daemon: --json applies to --once and --dry-run (status and failures take their own --json)"
+            );
+            ExitStatus::Usage
+        }
         None => {
             let mut options = OnceOptions {
                 sources: cli.sources.clone(),
@@ -280,7 +290,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
                 );
                 options.progress = Some(ui.callback());
                 warn_config(&config);
-                once(&config, &options, &ui).await
+                once(&config, &options, &ui, cli.json).await
             } else if cli.resync || !cli.sources.is_empty() {
                 eprintln!(
                     "sync-daemon: --resync and --source apply to a run: add --once or --dry-run"
@@ -412,10 +422,14 @@ async fn healthcheck(config: &Config) -> ExitStatus {
     }
 }
 
-async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi) -> ExitStatus {
+async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi, json: bool) -> ExitStatus {
     let result = run::once(config, options).await;
     ui.finish();
     match result {
+        Ok(report) if json => {
+            outln!("{}", report.to_json());
+            report.exit
+        }
         Ok(report) => {
             out!("{}", report.summary_table());
             if let Some(reason) = &report.stopped {

@@ -130,6 +130,22 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// `--once --json`: the summary as one object (README, "Running it"):
+    /// `{exit_code, elapsed_secs, stopped, sources: [{name, poll: {…}, poll_error, sent: {…},
+    /// rejected_open, dead_letters_open}]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            object.remove("elapsed");
+            object.insert("exit_code".into(), self.exit.code().into());
+            object.insert(
+                "elapsed_secs".into(),
+                ((self.elapsed.as_secs_f64() * 10.0).round() / 10.0).into(),
+            );
+        }
+        value
+    }
+
     /// The summary printed at the end of every run: one row per source, then any notes.
     pub fn summary_table(&self) -> String {
         let header = [

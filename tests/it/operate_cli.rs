@@ -649,3 +649,33 @@ async fn sim_prints_only_a_config_on_stdout() {
     check.args(["check-config", "--config"]).arg(&path);
     run_command(check).await.assert_exit(exit::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_json_prints_the_summary_as_one_object_and_flags_that_do_nothing_are_refused() {
+    let h = Harness::start().await;
+    h.write_config(&h.config_for("gym"));
+    seed_valid_clients(&h.sims.wodify, 20, 92);
+    let out = h.run(&["--once", "--json"]).await;
+    out.assert_exit(exit::OK);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object:\n{}", out.stdout);
+    let summary: Value = serde_json::from_str(lines[0]).expect("JSON");
+    assert_eq!(summary["exit_code"], 0, "{summary}");
+    assert!(summary["elapsed_secs"].is_number(), "{summary}");
+    assert_eq!(summary["stopped"], Value::Null, "{summary}");
+    let gym = &summary["sources"][0];
+    assert_eq!(gym["name"], "gym", "{summary}");
+    assert_eq!(gym["poll"]["fetched"], 20, "{summary}");
+    assert_eq!(gym["sent"]["created"], 20, "{summary}");
+    assert_eq!(gym["rejected_open"], 0, "{summary}");
+
+    for args in [&["--once", "--verbose"][..], &["--verbose"], &["--json"]] {
+        let out = h.run(args).await;
+        out.assert_exit(exit::USAGE);
+        assert!(
+            out.stderr.contains("applies to"),
+            "{args:?}\n{}",
+            out.transcript()
+        );
+    }
+}

@@ -32,6 +32,7 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Exit codes from DESIGN's external interface.
 pub mod exit {
     pub const OK: i32 = 0;
+    pub const USAGE: i32 = 2;
     pub const REJECTED: i32 = 65;
     pub const UNAVAILABLE: i32 = 69;
     pub const AUTH_REFUSED: i32 = 77;
