@@ -20,6 +20,10 @@ pub enum ExitStatus {
     AuthRefused = 77,
     /// The configuration is invalid.
     Config = 78,
+    /// `--once` stopped by SIGINT (128 + 2), after finishing what was in flight.
+    Interrupted = 130,
+    /// `--once` stopped by SIGTERM (128 + 15), after finishing what was in flight.
+    Terminated = 143,
 }
 
 impl ExitStatus {

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand};
@@ -276,6 +277,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
                 sources: cli.sources.clone(),
                 resync: cli.resync,
                 progress: None,
+                stop: None,
             };
             if cli.dry_run {
                 init_logging(config.daemon.log_format, &config.daemon.log_level);
@@ -289,8 +291,10 @@ async fn dispatch(cli: Cli) -> ExitStatus {
                     Some(ui.log_writer()),
                 );
                 options.progress = Some(ui.callback());
+                let (stop, signal) = stop_on_signals(config.daemon.drain_timeout_secs);
+                options.stop = Some(stop);
                 warn_config(&config);
-                once(&config, &options, &ui, cli.json).await
+                once(&config, &options, &ui, cli.json, &signal).await
             } else if cli.resync || !cli.sources.is_empty() {
                 eprintln!(
                     "sync-daemon: --resync and --source apply to a run: add --once or --dry-run"
@@ -422,9 +426,67 @@ async fn healthcheck(config: &Config) -> ExitStatus {
     }
 }
 
-async fn once(config: &Config, options: &OnceOptions, ui: &ProgressUi, json: bool) -> ExitStatus {
-    let result = run::once(config, options).await;
+/// For `--once`: the first SIGTERM or SIGINT cancels the returned token (the run winds down
+/// and prints its summary); a second exits at once. The second value says which came first.
+fn stop_on_signals(
+    drain_secs: u64,
+) -> (
+    tokio_util::sync::CancellationToken,
+    Arc<std::sync::OnceLock<ExitStatus>>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let received: Arc<std::sync::OnceLock<ExitStatus>> = Arc::default();
+    let (token, first) = (stop.clone(), received.clone());
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        let next = async |term: &mut tokio::signal::unix::Signal,
+                          int: &mut tokio::signal::unix::Signal| {
+            tokio::select! {
+                _ = term.recv() => ("SIGTERM", ExitStatus::Terminated),
+                _ = int.recv() => ("SIGINT", ExitStatus::Interrupted),
+            }
+        };
+        let (name, status) = next(&mut term, &mut int).await;
+        let _ = first.set(status);
+        eprintln!(
+            "sync-daemon: {name}: stopping; requests in flight get up to {drain_secs} s, then the summary (a second signal exits at once)."
+        );
+        token.cancel();
+        let (name, status) = next(&mut term, &mut int).await;
+        eprintln!(
+            "sync-daemon: {name} again: exiting now; what was in flight is re-sent next run."
+        );
+        std::process::exit(i32::from(status.code()));
+    });
+    (stop, received)
+}
+
+async fn once(
+    config: &Config,
+    options: &OnceOptions,
+    ui: &ProgressUi,
+    json: bool,
+    signal: &std::sync::OnceLock<ExitStatus>,
+) -> ExitStatus {
+    let mut result = run::once(config, options).await;
     ui.finish();
+    if let (Ok(report), Some(status)) = (&mut result, signal.get()) {
+        report.exit = *status;
+        report.stopped = Some(format!(
+            "stopped by {}; the next run resumes where this one stopped",
+            if *status == ExitStatus::Terminated {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            }
+        ));
+    }
     match result {
         Ok(report) if json => {
             outln!("{}", report.to_json());

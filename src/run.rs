@@ -30,6 +30,9 @@ pub struct OnceOptions {
     pub resync: bool,
     /// Called a few times a second with the run's progress (progress bars).
     pub progress: Option<ProgressFn>,
+    /// Cancelled by SIGTERM or SIGINT: polls stop at their next page, nothing new is claimed,
+    /// requests in flight get up to `drain_timeout_secs`, and the run ends with its summary.
+    pub stop: Option<CancellationToken>,
 }
 
 /// A progress callback for `--once`.
@@ -250,9 +253,19 @@ pub async fn once(config: &Config, options: &OnceOptions) -> Result<RunReport, R
     // What an earlier run left queued waits until this run's poll has seen the record again.
     let held = Held::new(names);
     worker.held = Some(held.clone());
+    let shutdown = CancellationToken::new();
+    if let Some(stop) = options.stop.clone() {
+        let (shutdown, stop_polls) = (shutdown.clone(), stop_polls.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            stop_polls.cancel();
+            shutdown.cancel();
+        });
+    }
     let worker_task = {
-        let (inputs_done, never) = (inputs_done.clone(), CancellationToken::new());
-        tokio::spawn(async move { worker.run(inputs_done, never, Duration::ZERO).await })
+        let (inputs_done, shutdown) = (inputs_done.clone(), shutdown.clone());
+        let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
+        tokio::spawn(async move { worker.run(inputs_done, shutdown, drain).await })
     };
 
     let run = Polls {

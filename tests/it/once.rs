@@ -502,3 +502,66 @@ async fn a_second_process_on_the_same_state_file_is_refused() {
     assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected_wodify(&h.sims.wodify));
     assert_eq!(h.sims.revkeen.stats().conflicts, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_once_finishes_what_is_in_flight_prints_the_summary_and_exits_143_or_130() {
+    let h = Harness::start().await;
+    h.write_config(&h.config_for("gym"));
+    seed_valid_clients(&h.sims.wodify, 300, 54);
+    h.sims.revkeen.set_faults(sync_daemon_sim::Faults {
+        latency_ms: 300,
+        ..Default::default()
+    });
+    for (signal, code) in [
+        (libc::SIGTERM, exit::TERMINATED),
+        (libc::SIGINT, exit::INTERRUPTED),
+    ] {
+        let running = h.spawn_once();
+        let (revkeen, before) = (h.sims.revkeen.clone(), h.sims.revkeen.stats().requests);
+        wait_until(
+            "the run to send",
+            std::time::Duration::from_secs(30),
+            || revkeen.stats().requests > before,
+        )
+        .await;
+        running.signal(signal);
+        let out = running.finish().await;
+        out.assert_exit(code);
+        assert!(
+            out.stdout.contains("SOURCE") && out.stderr.contains("run stopped early: stopped by"),
+            "{}",
+            out.transcript()
+        );
+        eprintln!(
+            "signal {signal}: exit {:?} after {:.1?}",
+            out.code, out.elapsed
+        );
+    }
+    // A second signal does not wait for anything.
+    let running = h.spawn_once();
+    let (revkeen, before) = (h.sims.revkeen.clone(), h.sims.revkeen.stats().requests);
+    wait_until(
+        "the run to send",
+        std::time::Duration::from_secs(30),
+        || revkeen.stats().requests > before,
+    )
+    .await;
+    running.signal(libc::SIGTERM);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    running.signal(libc::SIGTERM);
+    let out = running.finish().await;
+    out.assert_exit(exit::TERMINATED);
+    assert!(
+        out.stderr.contains("SIGTERM again: exiting now"),
+        "{}",
+        out.transcript()
+    );
+
+    // Nothing was lost.
+    h.sims
+        .revkeen
+        .set_faults(sync_daemon_sim::Faults::default());
+    h.once().await.assert_exit(exit::OK);
+    assert_revkeen_holds(&h.sims.revkeen, "wodify", &expected_wodify(&h.sims.wodify));
+    assert_eq!(h.sims.revkeen.stats().conflicts, 0);
+}

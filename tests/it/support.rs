@@ -38,6 +38,8 @@ pub mod exit {
     pub const AUTH_REFUSED: i32 = 77;
     pub const TEMPFAIL: i32 = 75;
     pub const CONFIG: i32 = 78;
+    pub const INTERRUPTED: i32 = 130;
+    pub const TERMINATED: i32 = 143;
 }
 
 /// One finished run of the binary.
@@ -116,6 +118,13 @@ impl Running {
         )
         .await;
         self.kill().await
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("still running") as libc::pid_t;
+        // SAFETY: kill only sends a signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal}");
     }
 
     /// Waits for the process to finish by itself.
