@@ -349,8 +349,12 @@ where
         LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
             builder.with_ansi(false).without_time().try_init()
         }
+        // Colour on a terminal, unless NO_COLOR is set to anything (no-color.org).
         LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(
+                std::io::stderr().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
+            )
             .try_init(),
     };
     // Only fails if a subscriber is already set, which is harmless.

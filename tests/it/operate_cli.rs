@@ -474,6 +474,16 @@ async fn once_without_a_terminal_prints_the_summary_table_and_no_bars() {
 /// Runs `sync-daemon --config <config> <args>` under `script` (util-linux's, at `script`),
 /// which gives it a pseudo-terminal; returns the terminal transcript and the exit code.
 async fn on_a_terminal(script: &Path, h: &Harness, args: &str) -> (Option<i32>, String) {
+    on_a_terminal_with(script, h, args, &[]).await
+}
+
+/// [`on_a_terminal`] with extra environment.
+async fn on_a_terminal_with(
+    script: &Path,
+    h: &Harness,
+    args: &str,
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let inner = format!("'{BIN}' --config '{}' {args}", h.config.display());
     let mut command = tokio::process::Command::new(script);
     command
@@ -482,6 +492,7 @@ async fn on_a_terminal(script: &Path, h: &Harness, args: &str) -> (Option<i32>, 
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("TERM", "xterm-256color")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let out = run_command(command).await;
@@ -677,5 +688,28 @@ async fn once_json_prints_the_summary_as_one_object_and_flags_that_do_nothing_ar
             "{args:?}\n{}",
             out.transcript()
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    let script = require_tool("script", "bsdutils");
+    let h = gym_for_progress().await;
+    // A warning to log: the state file found readable by others.
+    h.once().await.assert_exit(exit::OK);
+    let colour = regex::Regex::new("\x1b\\[[0-9;]*m").expect("regex");
+    let warning = |text: &str| {
+        text.lines()
+            .find(|line| line.contains("its mode is now 0600"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no warning line:\n{text:?}"))
+    };
+    for (env, coloured) in [(&[][..], true), (&[("NO_COLOR", "1")][..], false)] {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&h.state, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let (code, text) = on_a_terminal_with(&script, &h, "--once", env).await;
+        assert_eq!(code, Some(exit::OK), "{text}");
+        let line = warning(&text);
+        assert_eq!(colour.is_match(&line), coloured, "{env:?}: {line:?}");
     }
 }
