@@ -538,6 +538,8 @@ fn read_only(path: &Path, immutable: bool) -> Result<Connection, StoreError> {
     .map_err(|e| classify_open_failure(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| sqlite(path, e))?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(|e| sqlite(path, e))?;
     check_ours(&conn, path)?;
     Ok(conn)
 }
@@ -747,6 +749,12 @@ fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(|e| sqlite(path, e))?;
     conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(|e| sqlite(path, e))?;
+    // Temporary tables, sorts and statement journals in memory, never in a temporary file: a
+    // container with a read-only root filesystem (Kubernetes' readOnlyRootFilesystem) has no
+    // writable temporary directory, and SQLite would fail there with "disk I/O error". They are
+    // small here (a page of records, a batch).
+    conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(|e| sqlite(path, e))?;
     // 8 MiB of page cache (the default is 2): the working set of a large backfill (outbox
     // indexes, the customers table) stays in memory instead of being re-read page by page.

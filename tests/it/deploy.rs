@@ -299,6 +299,12 @@ fn the_kubernetes_manifest_runs_a_native_sidecar() {
     }
     assert!(yaml.contains("secretName:"), "keys from a Secret volume");
     assert!(
+        yaml.contains("readOnlyRootFilesystem: true")
+            && yaml.contains("{name: tmp, mountPath: /tmp}")
+            && yaml.contains("emptyDir:"),
+        "a read-only root filesystem comes with a writable /tmp"
+    );
+    assert!(
         yaml.contains("persistentVolumeClaim:") && yaml.contains("kind: PersistentVolumeClaim"),
         "state on a PersistentVolumeClaim"
     );

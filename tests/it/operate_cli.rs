@@ -713,3 +713,61 @@ async fn log_lines_on_a_terminal_are_coloured_unless_no_color_is_set() {
         assert_eq!(colour.is_match(&line), coloured, "{env:?}: {line:?}");
     }
 }
+
+/// Runs `args` in a mount namespace where no directory SQLite could put a temporary file in is
+/// writable (`/tmp`, `/var/tmp`, the working directory), as under Kubernetes'
+/// `readOnlyRootFilesystem`; only the harness's own directory stays writable. `None` when this
+/// machine cannot make mount namespaces (not root, or no CAP_SYS_ADMIN).
+async fn without_a_temporary_directory(h: &Harness, args: &str) -> Option<Output> {
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: this machine cannot make a mount namespace");
+        return None;
+    }
+    let dir = h.dir().display().to_string();
+    let script = format!(
+        "set -e; mkdir -p /run/keep; mount --bind '{dir}' /run/keep; \
+         mount --bind /tmp /tmp; mount -o remount,bind,ro /tmp; \
+         mount --bind /run/keep '{dir}'; \
+         mount -t tmpfs -o ro tmpfs /var/tmp; \
+         cd /tmp; exec '{BIN}' --config '{}' {args}",
+        h.config.display()
+    );
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    Some(run_command(command).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_and_a_resync_need_no_writable_temporary_directory() {
+    let h = Harness::start().await;
+    h.unlimited();
+    h.write_config(&h.base_config());
+    seed_valid_clients(&h.sims.wodify, 3000, 93);
+    crate::support::seed_valid_patients(&h.sims.practicehub, 500, 93);
+    let Some(first) = without_a_temporary_directory(&h, "--once").await else {
+        return;
+    };
+    first.assert_exit(exit::OK);
+    let resync = without_a_temporary_directory(&h, "--once --resync")
+        .await
+        .expect("namespaces work");
+    resync.assert_exit(exit::OK);
+    crate::support::assert_revkeen_holds(
+        &h.sims.revkeen,
+        "wodify",
+        &crate::support::expected_wodify(&h.sims.wodify),
+    );
+    crate::support::assert_revkeen_holds(
+        &h.sims.revkeen,
+        "practicehub",
+        &crate::support::expected_practicehub(&h.sims.practicehub),
+    );
+}
