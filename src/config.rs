@@ -436,7 +436,21 @@ impl Config {
         let raw: RawConfig = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::new(path.display().to_string(), tidy_config_error(&e)))?;
+            .map_err(|e| {
+                let problem = tidy_config_error(&e);
+                // A bad value that came from the environment is named by its variable: the
+                // file is not where to look.
+                match env
+                    .overrides()
+                    .find(|(key, _, _)| problem.contains(&format!("`{key}`")))
+                {
+                    Some((_, name, _)) => ConfigError::new(
+                        name,
+                        format!("{problem} (from the environment, overriding the file)"),
+                    ),
+                    None => ConfigError::new(path.display().to_string(), problem),
+                }
+            })?;
         Config::from_raw(raw, env, kinds)
     }
 

@@ -516,6 +516,12 @@ async fn check_config(config: &Config, connect: bool) -> ExitStatus {
         eprintln!("sync-daemon: daemon.state_path: {problem}");
         return ExitStatus::Config;
     }
+    if let Some(filter) = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()) {
+        eprintln!(
+            "sync-daemon: RUST_LOG={filter} overrides daemon.log_level ({:?}): the effective log filter is {filter:?}",
+            config.daemon.log_level
+        );
+    }
     eprintln!(
         "sync-daemon: configuration is valid ({} sources).",
         config.sources.len()

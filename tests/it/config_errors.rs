@@ -133,3 +133,33 @@ async fn usage_errors_exit_2_and_a_missing_config_file_exits_78() {
         out.transcript()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_environment_override_is_named_by_its_variable_and_rust_log_is_shown_as_effective() {
+    let h = Harness::start().await;
+    h.write_config(&h.config_for("gym"));
+    // Not through run_with_env, which takes every value it sets for a secret.
+    let mut command = h.command(&["check-config"]);
+    command.env("SYNC_DAEMON__REVKEEN__BATCH_SIZE", "abc");
+    let out = crate::support::run_command(command).await;
+    out.assert_exit(exit::CONFIG);
+    assert!(
+        out.stderr
+            .contains("SYNC_DAEMON__REVKEEN__BATCH_SIZE: invalid type")
+            && out.stderr.contains("from the environment")
+            && !out.stderr.contains("config.toml"),
+        "{}",
+        out.transcript()
+    );
+    let mut command = h.command(&["check-config"]);
+    command.env("RUST_LOG", "sync_daemon=debug");
+    let out = crate::support::run_command(command).await;
+    out.assert_exit(exit::OK);
+    assert!(
+        out.stderr.contains(
+            "RUST_LOG=sync_daemon=debug overrides daemon.log_level (\"info\"): the effective log filter is \"sync_daemon=debug\""
+        ),
+        "{}",
+        out.transcript()
+    );
+}
