@@ -116,6 +116,9 @@ enum Command {
         /// Also make one authenticated read per API.
         #[arg(long)]
         connect: bool,
+        /// The verdict as one JSON object on stdout (instead of the effective config).
+        #[arg(long)]
+        json: bool,
     },
     /// Run the whole pipeline against the bundled simulators and print a summary.
     ///
@@ -244,9 +247,22 @@ async fn dispatch(cli: Cli) -> ExitStatus {
         }
         _ => {}
     }
-    let config = match load_config(&cli.config) {
+    let config = match Config::load(cli.config.as_deref(), &sync_daemon::sources::config_kinds()) {
         Ok(config) => config,
-        Err(status) => return status,
+        Err(error) => {
+            say(&error);
+            if matches!(cli.command, Some(Command::CheckConfig { json: true, .. })) {
+                outln!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": false,
+                        "problem": error.to_string(),
+                        "exit_code": ExitStatus::Config.code(),
+                    })
+                );
+            }
+            return ExitStatus::Config;
+        }
     };
     // Runs say it in their log (set up below); commands on stderr.
     let logged = cli.command.is_none();
@@ -258,7 +274,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
     match cli.command {
         Some(Command::Demo { .. } | Command::Sim(_)) => unreachable!("handled above"),
         Some(Command::Healthcheck) => healthcheck(&config).await,
-        Some(Command::CheckConfig { connect }) => check_config(&config, connect).await,
+        Some(Command::CheckConfig { connect, json }) => check_config(&config, connect, json).await,
         Some(Command::Status { json }) => status(&config, json),
         Some(Command::Failures { source, json }) => failures(&config, source.as_deref(), json),
         Some(Command::Replay { source, all, ids }) => replay(&config, source.as_deref(), all, &ids),
@@ -314,13 +330,6 @@ fn warn_config(config: &Config) {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-}
-
-fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitStatus> {
-    Config::load(path.as_deref(), &sync_daemon::sources::config_kinds()).map_err(|error| {
-        say(&error);
-        ExitStatus::Config
-    })
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -510,13 +519,42 @@ async fn once(
     }
 }
 
-async fn check_config(config: &Config, connect: bool) -> ExitStatus {
-    outln!("{}", config.to_redacted_toml());
-    if let Err(problem) = ops::check_state_path(&config.daemon.state_path) {
-        eprintln!("sync-daemon: daemon.state_path: {problem}");
-        return ExitStatus::Config;
+async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus {
+    let state_problem = ops::check_state_path(&config.daemon.state_path).err();
+    let log_override = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let checks = if connect && state_problem.is_none() {
+        ops::connect(config).await
+    } else {
+        Vec::new()
+    };
+    let status = match &state_problem {
+        Some(_) => ExitStatus::Config,
+        None if connect => ops::connect_status(&checks),
+        None => ExitStatus::Ok,
+    };
+    if json {
+        // `check-config --json` (README): fields are only ever added.
+        outln!(
+            "{}",
+            serde_json::json!({
+                "valid": state_problem.is_none(),
+                "problem": state_problem.as_ref().map(|p| format!("daemon.state_path: {p}")),
+                "state_path": config.daemon.state_path,
+                "sources": config.sources.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "log_filter": log_override.as_deref().unwrap_or(&config.daemon.log_level),
+                "warnings": config.warnings,
+                "connections": checks,
+                "exit_code": status.code(),
+            })
+        );
+        return status;
     }
-    if let Some(filter) = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()) {
+    outln!("{}", config.to_redacted_toml());
+    if let Some(problem) = state_problem {
+        eprintln!("sync-daemon: daemon.state_path: {problem}");
+        return status;
+    }
+    if let Some(filter) = log_override {
         eprintln!(
             "sync-daemon: RUST_LOG={filter} overrides daemon.log_level ({:?}): the effective log filter is {filter:?}",
             config.daemon.log_level
@@ -526,10 +564,6 @@ async fn check_config(config: &Config, connect: bool) -> ExitStatus {
         "sync-daemon: configuration is valid ({} sources).",
         config.sources.len()
     );
-    if !connect {
-        return ExitStatus::Ok;
-    }
-    let checks = ops::connect(config).await;
     for check in &checks {
         let detail = if check.detail.is_empty() {
             String::new()
@@ -547,7 +581,7 @@ async fn check_config(config: &Config, connect: bool) -> ExitStatus {
             eprintln!("{:<12} fix: {}", "", check.hint);
         }
     }
-    ops::connect_status(&checks)
+    status
 }
 
 fn status(config: &Config, json: bool) -> ExitStatus {

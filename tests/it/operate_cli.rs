@@ -771,3 +771,51 @@ async fn a_full_sync_and_a_resync_need_no_writable_temporary_directory() {
         &crate::support::expected_practicehub(&h.sims.practicehub),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_json_gives_the_verdict_as_one_object() {
+    let h = Harness::start().await;
+    h.write_config(&h.config_for("gym"));
+    let out = h.run(&["check-config", "--json"]).await;
+    out.assert_exit(exit::OK);
+    let verdict: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(verdict["valid"], true, "{verdict}");
+    assert_eq!(verdict["sources"], json!(["gym"]), "{verdict}");
+    assert_eq!(verdict["log_filter"], "info", "{verdict}");
+    assert_eq!(verdict["exit_code"], 0, "{verdict}");
+    assert_eq!(verdict["connections"], json!([]), "{verdict}");
+
+    let out = h.run(&["check-config", "--connect", "--json"]).await;
+    out.assert_exit(exit::OK);
+    let verdict: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    let outcomes: Vec<(String, String)> = verdict["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .map(|c| {
+            (
+                c["target"].as_str().unwrap_or_default().to_string(),
+                c["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("revkeen".to_string(), "ok".to_string()),
+            ("gym".to_string(), "ok".to_string())
+        ],
+        "{verdict}"
+    );
+
+    h.write_config("[daemon\\nbroken");
+    let out = h.run(&["check-config", "--json"]).await;
+    out.assert_exit(exit::CONFIG);
+    let verdict: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(verdict["valid"], false, "{verdict}");
+    assert_eq!(verdict["exit_code"], 78, "{verdict}");
+    assert!(
+        verdict["problem"].as_str().is_some_and(|p| !p.is_empty()),
+        "{verdict}"
+    );
+}
