@@ -238,6 +238,26 @@ fn the_service_unit_has_what_an_operator_relies_on() {
 
     let backfill = read("deploy/systemd/sync-daemon-backfill.service");
     assert_eq!(unit_values(&backfill, "Type"), ["oneshot"]);
+    assert_eq!(
+        unit_values(&backfill, "OnSuccess"),
+        ["sync-daemon.service"],
+        "a finished backfill starts the daemon again"
+    );
+    for text in [&unit, &backfill] {
+        assert_eq!(
+            unit_values(text, "EnvironmentFile"),
+            ["-/etc/default/sync-daemon"],
+            "optional overrides without editing the unit"
+        );
+        // Documentation= names a file the install steps put there.
+        for doc in unit_values(text, "Documentation") {
+            let path = doc.trim_start_matches("file://");
+            assert!(
+                unit.contains(&format!("README.md {path}")),
+                "{path} is never installed"
+            );
+        }
+    }
     assert!(
         unit_values(&backfill, "ExecStart")
             .iter()
