@@ -124,10 +124,7 @@ impl From<&Halt> for HaltStatus {
 /// is a sync-daemon state file. `Err` says what is wrong and how to fix it.
 pub fn check_state_path(path: &std::path::Path) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt as _;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
+    let dir = crate::store::directory_of(path);
     // The nearest directory that exists: the daemon creates the rest.
     let existing = dir.ancestors().find(|d| d.is_dir()).unwrap_or(dir);
     let may = |p: &std::path::Path, mode: libc::c_int| {

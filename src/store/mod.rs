@@ -464,8 +464,8 @@ fn error_text(error: &StoreError) -> String {
 /// Below this much free space an I/O error is taken for a full disk.
 const LOW_SPACE: u64 = 1024 * 1024;
 
-/// The directory holding the state file.
-fn directory_of(path: &Path) -> &Path {
+/// The directory holding the state file (`.` for a bare file name).
+pub fn directory_of(path: &Path) -> &Path {
     path.parent()
         .filter(|dir| !dir.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -556,11 +556,16 @@ fn cannot_share(error: &StoreError) -> bool {
     }
 }
 
+/// A companion file of the state file: its name with `suffix` appended (`-wal`, `.lock`).
+fn companion(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// `<state file>-wal`.
 fn wal_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
+    companion(path, "-wal")
 }
 
 /// The writer's locks: on `<state file>.lock`, which stays at the path when the state file is
@@ -573,9 +578,7 @@ struct WriterLock {
 
 /// `<state file>.lock`, beside the state file.
 pub fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+    companion(path, ".lock")
 }
 
 /// Takes the exclusive writer lock (the lock file first, before anything is created at the
