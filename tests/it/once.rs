@@ -537,7 +537,18 @@ async fn a_signal_during_once_finishes_what_is_in_flight_prints_the_summary_and_
             out.code, out.elapsed
         );
     }
-    // A second signal does not wait for anything.
+    // A second signal does not wait for anything. Every client changes first, so this run has
+    // sends to make whatever the interrupted runs delivered.
+    let ids: Vec<i64> = h
+        .sims
+        .wodify
+        .clients()
+        .iter()
+        .filter_map(|c| c["id"].as_i64())
+        .collect();
+    for id in ids {
+        rename_client(&h.sims.wodify, id, "Signalled");
+    }
     let running = h.spawn_once();
     let (revkeen, before) = (h.sims.revkeen.clone(), h.sims.revkeen.stats().requests);
     wait_until(
