@@ -34,6 +34,7 @@
 //! - `http`: shared HTTP plumbing (clients without redirects, bounded bodies, send-and-measure,
 //!   probes, `Retry-After`).
 //! - `limiter`: token buckets, host-wide pauses, full-jitter backoff.
+//! - [`logging`]: text or flat JSON log lines, syslog priorities under journald.
 //! - `health`: loop heartbeats behind `/healthz` and the systemd watchdog.
 //! - [`secret`]: the `Secret` type and `redact`, which scrubs every secret from upstream text.
 //! - [`clock`]: the one clock, pausable in tests.
@@ -50,6 +51,7 @@ mod health;
 mod http;
 pub mod keys;
 mod limiter;
+pub mod logging;
 pub mod ops;
 pub mod progress;
 mod revkeen;

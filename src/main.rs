@@ -1,6 +1,5 @@
 //! The `sync-daemon` command: CLI parsing, telemetry and exit codes. The work is in the library.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -336,38 +335,13 @@ fn init_logging(format: LogFormat, level: &str) {
     init_logging_with(format, level, None::<fn() -> std::io::Stderr>);
 }
 
-/// Logs go to stderr (through `writer` when progress bars are drawn there).
+/// Logs go to stderr (through `writer` when progress bars are drawn there); the format is
+/// `sync_daemon::logging`'s.
 fn init_logging_with<W>(format: LogFormat, level: &str, writer: Option<W>)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    // The scheduler logs every job it creates at INFO: noise for an operator.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},tokio_cron_scheduler=warn"))
-    });
-    let writer = match writer {
-        Some(writer) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(writer),
-        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    let result = match format {
-        LogFormat::Json => builder.json().try_init(),
-        // journald adds its own timestamps.
-        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.with_ansi(false).without_time().try_init()
-        }
-        // Colour on a terminal, unless NO_COLOR is set to anything (no-color.org).
-        LogFormat::Text => builder
-            .with_ansi(
-                std::io::stderr().is_terminal()
-                    && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
-            )
-            .try_init(),
-    };
-    // Only fails if a subscriber is already set, which is harmless.
-    let _ = result;
+    sync_daemon::logging::init(format, level, writer);
 }
 
 async fn daemon(config: Config) -> ExitStatus {

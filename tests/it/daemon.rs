@@ -18,8 +18,9 @@
 //! - a config made of `SYNC_DAEMON__…` variables alone runs `--once` and the daemon, and such a
 //!   variable overrides a file value;
 //! - `sync-daemon healthcheck` exits 0 against a running daemon and 1 when none listens;
-//! - logs: JSON lines with `log_format = "json"`, no timestamps under journald, and the level
-//!   from `log_level` unless `RUST_LOG` says otherwise.
+//! - logs: flat JSON lines with `log_format = "json"` (a bridged `log` record too), syslog
+//!   priorities and no timestamps under journald (only when `JOURNAL_STREAM` is our stderr),
+//!   and the level from `log_level` unless `RUST_LOG` says otherwise.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -1221,7 +1222,8 @@ async fn json_log_format_writes_only_json_lines() {
         assert!(value.is_object() && value.get("level").is_some(), "{line}");
     }
 
-    // --once too.
+    // --once too, with a dependency's `log` records bridged in (reqwest logs each new
+    // connection at debug): every line is one flat object, as a shipper reads it.
     let id: i64 = expected_wodify(&h.sims.wodify)
         .keys()
         .next()
@@ -1229,38 +1231,107 @@ async fn json_log_format_writes_only_json_lines() {
         .parse()
         .expect("id");
     rename_client(&h.sims.wodify, id, "Jsonson");
-    let out = h.once().await;
+    let mut command = h.command(&["--once"]);
+    command.env("RUST_LOG", "info,reqwest=debug");
+    let out = run_command(command).await;
     out.assert_exit(exit::OK);
+    let mut bridged = 0;
     for line in out.stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("--once with log_format = \"json\" wrote a non-JSON line ({e}): {line:?}")
+        });
+        for key in [
+            "timestamp",
+            "level",
+            "severity",
+            "message",
+            "target",
+            "service",
+            "version",
+        ] {
+            assert!(value[key].is_string(), "no top-level {key:?}: {line}");
+        }
+        assert_eq!(value["service"], "sync-daemon", "{line}");
+        assert_eq!(value["version"], env!("CARGO_PKG_VERSION"), "{line}");
+        assert!(value.get("fields").is_none(), "the event nests: {line}");
         assert!(
-            serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),
-            "--once with log_format = \"json\" wrote a non-JSON line: {line:?}"
+            !line.contains("log.file") && !line.contains(".cargo/registry"),
+            "a bridged record's registry path: {line}"
         );
+        if value["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("reqwest"))
+        {
+            bridged += 1;
+        }
     }
+    assert!(
+        bridged > 0,
+        "no bridged reqwest line at debug:\n{}",
+        out.stderr
+    );
+}
+
+/// `--once`'s log as journald would receive it: stderr is a file (standing in for the journal's
+/// stream) and `JOURNAL_STREAM` names that file's device and inode, as systemd sets it.
+async fn once_under_journal(h: &Harness, journal_stream: Option<&str>) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let log = h.dir().join("journal-stream.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let meta = file.metadata().expect("log file metadata");
+    let matching = format!("{}:{}", meta.dev(), meta.ino());
+    let mut command = h.command(&["--once"]);
+    command
+        .env("JOURNAL_STREAM", journal_stream.unwrap_or(&matching))
+        .stdout(std::process::Stdio::null())
+        .stderr(file);
+    let status = tokio::time::timeout(Duration::from_secs(120), command.status())
+        .await
+        .expect("--once finished")
+        .expect("spawned");
+    assert_eq!(status.code(), Some(exit::OK));
+    std::fs::read_to_string(&log).expect("log")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_journald_text_logs_carry_no_timestamp() {
+async fn under_journald_lines_carry_their_syslog_priority_and_no_timestamp() {
     let h = Harness::start().await;
     seed_valid_clients(&h.sims.wodify, 10, 32);
-    let toml = h.config_for("gym");
-    // Without journald, text lines start with a timestamp.
-    let plain = daemon_log(&h, &toml, |_| {}).await;
-    let first = plain.lines().next().unwrap_or_default();
-    assert!(
-        starts_with_timestamp(first),
-        "outside journald, a text line starts with its time: {first:?}"
+    // A key file others can read: a warning in the run's log.
+    let key_file = h.dir().join("wodify.key");
+    std::fs::write(&key_file, WODIFY_KEY).expect("key file");
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let toml = replaced(
+        &h.config_for("gym"),
+        &format!("api_key = \"{WODIFY_KEY}\""),
+        &format!("api_key_file = \"{}\"", key_file.display()),
     );
+    h.write_config(&toml);
 
-    let journal = daemon_log(&h, &toml, |c| {
-        c.env("JOURNAL_STREAM", "8:123456");
-    })
-    .await;
+    let journal = once_under_journal(&h, None).await;
     let lines: Vec<&str> = journal.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty(), "no log lines under journald");
-    for line in lines {
+    let mut warnings = 0;
+    for line in &lines {
+        let (priority, rest) = line
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .unwrap_or_else(|| panic!("no <priority> prefix under journald: {line:?}"));
+        let level = rest.split_whitespace().next().unwrap_or_default();
+        let want = match level {
+            "ERROR" => "3",
+            "WARN" => "4",
+            "INFO" => "6",
+            _ => "7",
+        };
+        assert_eq!(priority, want, "priority of a {level} line: {line:?}");
+        warnings += usize::from(level == "WARN");
         assert!(
-            !starts_with_timestamp(line.trim_start()),
+            !starts_with_timestamp(rest.trim_start()),
             "journald adds its own timestamps; the daemon's line carries one: {line:?}"
         );
         assert!(
@@ -1268,6 +1339,19 @@ async fn under_journald_text_logs_carry_no_timestamp() {
             "ANSI colour under journald: {line:?}"
         );
     }
+    assert!(
+        warnings > 0 && journal.contains("UNPROTECTED KEY FILE"),
+        "the key-file warning at priority 4:\n{journal}"
+    );
+
+    // A JOURNAL_STREAM inherited by a process whose stderr went elsewhere is not journald.
+    let elsewhere = once_under_journal(&h, Some("8:123456")).await;
+    let first = elsewhere.lines().next().unwrap_or_default();
+    assert!(
+        starts_with_timestamp(first),
+        "outside journald, a text line starts with its time: {first:?}"
+    );
+    assert!(!elsewhere.contains("<4>"), "{elsewhere}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
