@@ -24,7 +24,7 @@ use std::sync::Arc;
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretCell};
 
 /// The source kinds a config may name (`sources::KINDS`).
 pub type Kinds<'a> = &'a [&'static dyn SourceKind];
@@ -108,7 +108,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct RevKeenConfig {
     pub base_url: Url,
-    pub api_key: Secret,
+    /// Replaced in place when `SIGHUP` re-reads the key files (every clone shares it).
+    pub api_key: SecretCell,
     /// Client-side limit, requests per minute. Default 1000 (production); staging allows 100.
     pub requests_per_minute: u32,
     /// Requests allowed at once before the per-minute rate applies. Default 2000.
@@ -222,7 +223,8 @@ pub struct SourceConfig {
     /// RevKeen's `{source}` path segment. Default: the kind.
     pub revkeen_source: String,
     pub base_url: Url,
-    pub api_key: Secret,
+    /// Replaced in place when `SIGHUP` re-reads the key files (every clone shares it).
+    pub api_key: SecretCell,
     /// Cron schedule with seconds (`sec min hour day month weekday`).
     pub schedule: String,
     /// Client-side limit on requests to this source.
@@ -239,7 +241,7 @@ pub struct SourceConfig {
     /// Default 900.
     pub max_retry_after_secs: u64,
     /// Enables `POST /v1/changes/{name}` for this source when set.
-    pub push_secret: Option<Secret>,
+    pub push_secret: Option<SecretCell>,
     /// The kind's own settings.
     pub options: Arc<dyn SourceOptions>,
 }
@@ -685,7 +687,7 @@ fn revkeen_config(
     )?);
     Ok(RevKeenConfig {
         base_url,
-        api_key,
+        api_key: SecretCell::new(api_key),
         requests_per_minute,
         burst,
         batch_size,
@@ -754,7 +756,13 @@ fn source_config(
     )?;
     let push_secret = match (raw.push_secret, raw.push_secret_file) {
         (None, None) => None,
-        (inline, file) => Some(secret(&format!("{at}.push"), inline, file, None, &[])?),
+        (inline, file) => Some(SecretCell::new(secret(
+            &format!("{at}.push"),
+            inline,
+            file,
+            None,
+            &[],
+        )?)),
     };
     let options = kind.options(&at, keys)?;
     Ok(SourceConfig {
@@ -764,7 +772,7 @@ fn source_config(
         name,
         kind: kind.name(),
         base_url,
-        api_key,
+        api_key: SecretCell::new(api_key),
         schedule,
         requests_per_second,
         burst,
@@ -1216,8 +1224,11 @@ api_key = "wodify-secret"
         );
         let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
         let config = Config::from_toml(&toml, &env, KINDS).expect("valid");
-        assert_eq!(config.revkeen.api_key.expose(), "rk_from_credential");
-        assert_eq!(config.sources[0].api_key.expose(), "from_file");
+        assert_eq!(
+            config.revkeen.api_key.current().expose(),
+            "rk_from_credential"
+        );
+        assert_eq!(config.sources[0].api_key.current().expose(), "from_file");
     }
 
     #[test]

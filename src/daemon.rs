@@ -28,6 +28,7 @@ use crate::config::{Config, SourceConfig};
 use crate::exit::ExitStatus;
 use crate::health::Health;
 use crate::limiter::Backoff;
+use crate::reload::{Loader, Rereader, Trigger};
 use crate::server::{self, AppState, PushFeed};
 use crate::sources::{self, PollContext, PollError, Source};
 use crate::store::{PageItem, Store, StoreError};
@@ -102,11 +103,19 @@ pub struct Daemon {
     health: Arc<Health>,
     worker_state: Arc<WorkerState>,
     stop_polls: CancellationToken,
+    /// How `SIGHUP` reads the keys again (`None`: it only says there is nothing to re-read).
+    reload: Option<Loader>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<ExitStatus, DaemonError> {
-    Daemon::build(config).await?.run(shutdown).await
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    reload: Option<Loader>,
+) -> Result<ExitStatus, DaemonError> {
+    let mut daemon = Daemon::build(config).await?;
+    daemon.reload = reload;
+    daemon.run(shutdown).await
 }
 
 impl Daemon {
@@ -212,6 +221,7 @@ impl Daemon {
             health,
             worker_state,
             stop_polls,
+            reload: None,
         })
     }
 
@@ -249,11 +259,23 @@ impl Daemon {
         };
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server::serve(self.listener, state, server_stop.clone()));
+        let worker = self.worker;
         let mut worker_task = Some(spawn_worker(
-            self.worker,
+            worker.clone(),
             stop.clone(),
             &config,
             health.clone(),
+        ));
+        // A re-read key lifts a RevKeen halt: the supervisor starts the worker again.
+        let (resume_tx, mut resume_rx) = mpsc::channel::<()>(1);
+        tasks.spawn(reread_loop(
+            self.reload
+                .map(|load| Rereader::new(config.clone(), load, store.clone())),
+            self.ticks.clone(),
+            self.worker_state.clone(),
+            store.clone(),
+            resume_tx,
+            stop.clone(),
         ));
         let poll_states: PollStates = Arc::default();
         for mut task in self.sources {
@@ -285,7 +307,19 @@ impl Daemon {
             "sync-daemon started."
         );
 
-        let died = match supervise(&shutdown, &mut worker_task, &mut tasks).await {
+        let respawn = || {
+            health.worker_started();
+            spawn_worker(worker.clone(), stop.clone(), &config, health.clone())
+        };
+        let died = match supervise(
+            &shutdown,
+            &mut worker_task,
+            &mut tasks,
+            &mut resume_rx,
+            respawn,
+        )
+        .await
+        {
             Ended::Signal => None,
             Ended::LoopDied(reason) => {
                 // Not alive, not ready, and gone soon: systemd or Kubernetes restarts it.
@@ -348,16 +382,25 @@ enum Ended {
 }
 
 /// Waits for a signal, or for a loop to end before one. A worker halted on purpose (a refused
-/// key) is not a death: polling goes on and `/readyz` says why.
+/// key) is not a death: polling goes on, `/readyz` says why, and a re-read key (`resume`)
+/// starts it again through `respawn`.
 async fn supervise(
     shutdown: &CancellationToken,
     worker: &mut Option<JoinHandle<Result<WorkerExit, StoreError>>>,
     tasks: &mut JoinSet<()>,
+    resume: &mut mpsc::Receiver<()>,
+    respawn: impl Fn() -> JoinHandle<Result<WorkerExit, StoreError>>,
 ) -> Ended {
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ended::Signal,
+            Some(()) = resume.recv() => {
+                if worker.is_none() {
+                    tracing::info!("Sending resumes with the re-read RevKeen key: one authenticated read first.");
+                    *worker = Some(respawn());
+                }
+            }
             exit = async {
                 match worker.as_mut() {
                     Some(task) => task.await,
@@ -398,6 +441,76 @@ fn ended(join: tokio::task::JoinError) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_string());
     format!("panicked: {}", crate::secret::redact(&message))
+}
+
+/// Re-reads the keys on `SIGHUP`, and every [`reload::RECHECK`] while an API refuses its key;
+/// a changed key is tried at once: the source polls now, a halted worker starts again.
+/// Without a `rereader` a `SIGHUP` only says so (it never ends the process).
+async fn reread_loop(
+    rereader: Option<Rereader>,
+    ticks: HashMap<String, mpsc::Sender<()>>,
+    worker_state: Arc<WorkerState>,
+    store: Store,
+    resume: mpsc::Sender<()>,
+    stop: CancellationToken,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(error) => {
+            tracing::error!(%error, "Cannot handle SIGHUP; restart sync-daemon to apply a new key.");
+            None
+        }
+    };
+    let mut recheck = tokio::time::interval(crate::reload::RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            () = stop.cancelled() => {
+                // Supervised: ending before the stop would be a death, so wait for it.
+                return;
+            }
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => Trigger::Signal,
+            _ = recheck.tick() => Trigger::Recheck,
+        };
+        let revkeen_halted = worker_state.halt().is_some_and(|halt| halt.is_auth());
+        if trigger == Trigger::Recheck && !revkeen_halted {
+            let sources_halted = store
+                .call(|s| s.halts())
+                .await
+                .map(|halts| halts.iter().any(|h| ticks.contains_key(&h.target)))
+                .unwrap_or(false);
+            if !sources_halted {
+                continue;
+            }
+        }
+        let Some(rereader) = &rereader else {
+            tracing::warn!("SIGHUP: this daemon has no config file to re-read the keys from.");
+            continue;
+        };
+        let changed = match rereader.reread(trigger).await {
+            Ok(changed) => changed,
+            Err(error) => {
+                tracing::warn!(%error, "Keys re-read, but recording it in the state file failed.");
+                continue;
+            }
+        };
+        // SIGHUP retries a refused RevKeen key even if unchanged (it may have been re-enabled).
+        if revkeen_halted && (changed.revkeen || trigger == Trigger::Signal) {
+            worker_state.resume();
+            let _ = resume.try_send(());
+        }
+        for name in &changed.sources {
+            if let Some(tick) = ticks.get(name) {
+                // Full: a poll is already due, which will use the new key.
+                let _ = tick.try_send(());
+            }
+        }
+    }
 }
 
 /// The cron job that ticks a source's poll. A tick only signals the source's loop through a
@@ -877,23 +990,71 @@ mod tests {
         task.await.expect("joins");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_loop_that_dies_ends_the_watch_and_a_halted_worker_does_not() {
-        let shutdown = CancellationToken::new();
-        // A worker halted on purpose: the watch goes on.
-        let mut worker = Some(tokio::spawn(async {
+    fn no_respawn() -> JoinHandle<Result<WorkerExit, StoreError>> {
+        unreachable!("no resume was sent")
+    }
+
+    fn halted_worker() -> JoinHandle<Result<WorkerExit, StoreError>> {
+        tokio::spawn(async {
             Ok(WorkerExit::Halted(crate::worker::Halted {
                 code: "invalid_api_key".into(),
                 message: "refused".into(),
             }))
-        }));
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_starts_a_halted_worker_again_and_leaves_a_running_one_alone() {
+        let shutdown = CancellationToken::new();
+        let (resume, mut resumes) = mpsc::channel(1);
+        let respawned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = respawned.clone();
+        // The respawned worker ends on a state file error after 5 s: the watch ends with it.
+        let respawn = move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Err(StoreError::Open {
+                    path: "/state.db".into(),
+                    problem: "the respawned worker".into(),
+                })
+            })
+        };
+        let mut worker = Some(halted_worker());
+        let mut idle = JoinSet::new();
+        idle.spawn(std::future::pending::<()>());
+        let sender = tokio::spawn(async move {
+            // The worker halts at once; the key is re-read a minute later, twice.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            resume.send(()).await.expect("send");
+            resume.send(()).await.expect("send");
+            resume
+        });
+        let started = Instant::now();
+        let ended = supervise(&shutdown, &mut worker, &mut idle, &mut resumes, respawn).await;
+        assert!(
+            matches!(&ended, Ended::LoopDied(reason) if reason.contains("the respawned worker")),
+            "{ended:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(65));
+        // The second resume came while the respawned worker ran: no second worker.
+        assert_eq!(respawned.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(sender.await.expect("sender"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_dies_ends_the_watch_and_a_halted_worker_does_not() {
+        let shutdown = CancellationToken::new();
+        // A worker halted on purpose: the watch goes on.
+        let mut worker = Some(halted_worker());
         let mut tasks = JoinSet::new();
         tasks.spawn(async {
             tokio::time::sleep(Duration::from_secs(30)).await;
             panic!("boom in a poll loop");
         });
         let started = Instant::now();
-        let ended = supervise(&shutdown, &mut worker, &mut tasks).await;
+        let (_resume, mut resumes) = mpsc::channel(1);
+        let ended = supervise(&shutdown, &mut worker, &mut tasks, &mut resumes, no_respawn).await;
         assert_eq!(started.elapsed(), Duration::from_secs(30));
         assert!(
             matches!(&ended, Ended::LoopDied(reason) if reason.contains("panicked: boom in a poll loop")),
@@ -907,7 +1068,7 @@ mod tests {
             })
         }));
         let mut none = JoinSet::new();
-        let ended = supervise(&shutdown, &mut worker, &mut none).await;
+        let ended = supervise(&shutdown, &mut worker, &mut none, &mut resumes, no_respawn).await;
         assert!(
             matches!(&ended, Ended::LoopDied(reason) if reason.contains("disk I/O error")),
             "{ended:?}"
@@ -917,7 +1078,7 @@ mod tests {
         let mut idle = JoinSet::new();
         idle.spawn(std::future::pending::<()>());
         assert_eq!(
-            supervise(&shutdown, &mut None, &mut idle).await,
+            supervise(&shutdown, &mut None, &mut idle, &mut resumes, no_respawn).await,
             Ended::Signal
         );
     }

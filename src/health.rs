@@ -65,6 +65,12 @@ impl Health {
         self.worker_stopped.store(true, Ordering::Relaxed);
     }
 
+    /// The worker runs again (a re-read key lifted its halt): its beats count again.
+    pub fn worker_started(&self) {
+        self.beat_worker();
+        self.worker_stopped.store(false, Ordering::Relaxed);
+    }
+
     /// A loop ended on an error it cannot recover from (the state file failed): the daemon is
     /// not alive, so `/healthz` fails and systemd or Kubernetes restarts it.
     pub fn failed(&self) {

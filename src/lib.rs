@@ -15,6 +15,8 @@
 //! - [`ops`]: operator commands: `status`, `failures`, `replay`, `check-config --connect`.
 //! - [`daemon`]: daemon mode: built (every fallible step), then run: cron polls and their
 //!   watchdog, push processing, the worker, the HTTP server, systemd, shutdown.
+//! - [`reload`]: `SIGHUP` re-reads the keys; so does a key file changed while its API refuses
+//!   the old key.
 //! - [`run`]: `--once` (poll everything, drain, report) and `--dry-run`.
 //! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed, with the limits
 //!   that bound its clients (timeouts, a connection cap, push caps, a refusal log summary).
@@ -54,6 +56,7 @@ mod limiter;
 pub mod logging;
 pub mod ops;
 pub mod progress;
+pub mod reload;
 mod revkeen;
 pub mod run;
 mod schedule;

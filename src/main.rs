@@ -318,7 +318,7 @@ async fn dispatch(cli: Cli) -> ExitStatus {
             } else {
                 init_logging(config.daemon.log_format, &config.daemon.log_level);
                 warn_config(&config);
-                daemon(config).await
+                daemon(config, cli.config.clone()).await
             }
         }
     }
@@ -344,7 +344,7 @@ where
     sync_daemon::logging::init(format, level, writer);
 }
 
-async fn daemon(config: Config) -> ExitStatus {
+async fn daemon(config: Config, path: Option<PathBuf>) -> ExitStatus {
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
@@ -371,7 +371,10 @@ async fn daemon(config: Config) -> ExitStatus {
             std::process::exit(0);
         });
     }
-    match sync_daemon::daemon::run(config, shutdown).await {
+    // SIGHUP reads the config the way this start did (the same path and environment).
+    let reload: sync_daemon::reload::Loader =
+        Arc::new(move || Config::load(path.as_deref(), &sync_daemon::sources::config_kinds()));
+    match sync_daemon::daemon::run(config, shutdown, Some(reload)).await {
         Ok(status) => status,
         Err(error) => {
             say(&error);

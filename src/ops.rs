@@ -43,6 +43,22 @@ pub struct StatusReport {
     pub halts: Vec<HaltStatus>,
     /// Hosts paused for a long `Retry-After`, with until when.
     pub pauses: Vec<PauseStatus>,
+    /// The last re-read of each key: on `SIGHUP`, or a key file that changed while its API
+    /// refused the old key.
+    pub keys_reread: Vec<KeyRereadStatus>,
+}
+
+/// The last re-read of one key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyRereadStatus {
+    /// `revkeen.api_key`, `sources.<name>.api_key` or `sources.<name>.push_secret`.
+    pub key: String,
+    /// RFC 3339.
+    pub at: String,
+    /// `SIGHUP` or `key file changed`.
+    pub trigger: String,
+    /// Whether the value differed from the one in use.
+    pub changed: bool,
 }
 
 /// A host paused for a long `Retry-After`.
@@ -160,19 +176,27 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let running = Store::writer_active(path);
     let store = Store::open_read_only(path)?;
     let now = crate::clock::now_ms();
-    let (queue, push_pending, halts, pauses, mode) = match &store {
+    let (queue, push_pending, halts, pauses, rereads, mode) = match &store {
         Some(store) => (
             store.queue_summary()?,
             store.push_pending()?,
             store.halts()?,
             store.pauses(now)?,
+            store.key_rereads()?,
             if running {
                 store.open_run_mode()?
             } else {
                 None
             },
         ),
-        None => (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None),
+        None => (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            None,
+        ),
     };
     let daemon = mode.as_deref() == Some("daemon");
     let mut sources = Vec::new();
@@ -251,6 +275,15 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 target: p.target,
                 until: rfc3339(p.until),
                 reason: p.reason,
+            })
+            .collect(),
+        keys_reread: rereads
+            .into_iter()
+            .map(|r| KeyRereadStatus {
+                key: r.key,
+                at: rfc3339(r.at),
+                trigger: r.trigger,
+                changed: r.changed,
             })
             .collect(),
         sources,
@@ -333,6 +366,20 @@ pub fn render_status(report: &StatusReport) -> String {
             pause.target,
             short_time(&pause.until),
             escape(&pause.reason)
+        );
+    }
+    for reread in &report.keys_reread {
+        let _ = writeln!(
+            out,
+            "Key re-read: {} at {} ({}; {}).",
+            reread.key,
+            short_time(&reread.at),
+            reread.trigger,
+            if reread.changed {
+                "changed"
+            } else {
+                "unchanged"
+            }
         );
     }
     out

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::config::RevKeenConfig;
 use crate::http::{Probe, Transport, probe_request, send_measured};
-use crate::secret::{Secret, redact};
+use crate::secret::{SecretCell, redact};
 
 /// RevKeen's error object (`{"error": {...}}`), reduced to what the daemon keeps.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +74,7 @@ pub(crate) enum Answer {
 pub(crate) struct RevKeenClient {
     http: reqwest::Client,
     base: Url,
-    api_key: Secret,
+    api_key: SecretCell,
     api_version: String,
 }
 
@@ -167,7 +167,7 @@ impl RevKeenClient {
 
     fn headers(&self, idempotency_key: Option<&str>) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        if let Ok(mut key) = HeaderValue::from_str(self.api_key.expose()) {
+        if let Ok(mut key) = HeaderValue::from_str(self.api_key.current().expose()) {
             key.set_sensitive(true);
             headers.insert("x-api-key", key);
         }
@@ -506,7 +506,7 @@ mod tests {
         let client = RevKeenClient {
             http: reqwest::Client::new(),
             base: Url::parse("https://api.revkeen.com/v2/").expect("url"),
-            api_key: Secret::new("k"),
+            api_key: SecretCell::new(crate::secret::Secret::new("k")),
             api_version: "2026-05-01".into(),
         };
         let url = client.url(&["customers", "external", "wodify", "a/b c?"]);

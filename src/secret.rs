@@ -56,6 +56,43 @@ impl Secret {
     }
 }
 
+/// A secret that can be replaced while the process runs: `SIGHUP` (or a key file that changed
+/// while its API refused the old key) re-reads the key files, and every clone — the config's,
+/// each client's — sees the new value at its next request. Redacted like [`Secret`].
+#[derive(Clone)]
+pub struct SecretCell(Arc<std::sync::RwLock<Secret>>);
+
+impl SecretCell {
+    pub fn new(secret: Secret) -> Self {
+        SecretCell(Arc::new(std::sync::RwLock::new(secret)))
+    }
+
+    /// The value now.
+    pub fn current(&self) -> Secret {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `secret` in place of the value; says whether it differs from the one it replaced.
+    pub fn replace(&self, secret: Secret) -> bool {
+        let mut value = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *value != secret;
+        *value = secret;
+        changed
+    }
+}
+
+impl fmt::Debug for SecretCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")

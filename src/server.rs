@@ -30,7 +30,7 @@ use tower::ServiceExt as _;
 
 use crate::clock::now_ms;
 use crate::health::Health;
-use crate::secret::Secret;
+use crate::secret::SecretCell;
 use crate::sources::Source;
 use crate::store::{PushRecorded, Store};
 
@@ -70,7 +70,7 @@ pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A source's push feed.
 pub struct PushFeed {
-    pub secret: Secret,
+    pub secret: SecretCell,
     pub adapter: Arc<dyn Source>,
     /// Woken when events are committed.
     pub wake: Arc<Notify>,
@@ -521,7 +521,7 @@ async fn push(
     };
     // An HMAC over up to 1 MiB per candidate: off the runtime's reactor threads.
     let verified = {
-        let (secret, body) = (feed.secret.clone(), body.clone());
+        let (secret, body) = (feed.secret.current(), body.clone());
         tokio::task::spawn_blocking(move || {
             verify_parsed(secret.expose(), &signature, &body, now_ms() / 1000)
         })

@@ -67,7 +67,7 @@ impl Halted {
         Halted {
             code: code.to_string(),
             message: format!(
-                "RevKeen refused the API key ({why}); fix revkeen.api_key / api_key_file and restart"
+                "RevKeen refused the API key ({why}); fix revkeen.api_key / api_key_file (a running daemon notices a changed key file, or reload it: SIGHUP)"
             ),
         }
     }
@@ -79,7 +79,7 @@ impl Halted {
         }
     }
 
-    fn is_auth(&self) -> bool {
+    pub(crate) fn is_auth(&self) -> bool {
         self.code != MISDIRECTED
     }
 
@@ -157,6 +157,15 @@ impl WorkerState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get_or_insert(halt);
+    }
+
+    /// Lifts the halt so that a new worker run may start (after a key was re-read); that run
+    /// first makes one authenticated read, which clears the recorded halt or halts again.
+    pub(crate) fn resume(&self) -> Option<Halted> {
+        self.halt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     fn add(&self, source: &str, f: impl FnOnce(&mut SendStats)) {
@@ -462,6 +471,7 @@ impl Worker {
         let still = match self.upstream.probe().await {
             Probe::Ok => {
                 tracing::info!("RevKeen answers again; the earlier halt is cleared.");
+                metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(0.0);
                 self.store.call(|s| s.clear_halt(REVKEEN)).await?;
                 return Ok(Ok(false));
             }

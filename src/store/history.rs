@@ -52,6 +52,18 @@ pub struct Halt {
     pub since: i64,
 }
 
+/// The last re-read of one key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyReread {
+    /// `revkeen.api_key`, `sources.<name>.api_key` or `sources.<name>.push_secret`.
+    pub key: String,
+    pub at: i64,
+    /// `SIGHUP`, or `key file changed` (noticed while its API refused the old key).
+    pub trigger: String,
+    /// Whether the value read differs from the one in use before.
+    pub changed: bool,
+}
+
 /// Counts kept for one poll.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PollStats {
@@ -194,6 +206,43 @@ impl Store {
                 code: row.get(1)?,
                 message: row.get(2)?,
                 since: row.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
+    /// Records that the key named `key` (`revkeen.api_key`, `sources.gym.push_secret`) was
+    /// re-read, on `trigger` (`SIGHUP`, `key file changed`), and whether its value changed.
+    pub fn record_key_reread(
+        &self,
+        key: &str,
+        trigger: &str,
+        changed: bool,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO key_rereads (key, at, trigger, changed) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (key) DO UPDATE SET at = excluded.at, trigger = excluded.trigger,
+                     changed = excluded.changed",
+                params![key, now_ms(), trigger, changed],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The last re-read of every key re-read since the state file was made, by key.
+    pub fn key_rereads(&self) -> Result<Vec<KeyReread>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key, at, trigger, changed FROM key_rereads ORDER BY key")
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |row| {
+            Ok(KeyReread {
+                key: row.get(0)?,
+                at: row.get(1)?,
+                trigger: row.get(2)?,
+                changed: row.get(3)?,
             })
         })
         .and_then(|rows| rows.collect())

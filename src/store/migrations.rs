@@ -186,8 +186,19 @@ INSERT INTO meta (key, value) VALUES ('state_id', lower(
     || '-' || hex(randomblob(6))));
 "#;
 
+const V7: &str = r#"
+-- The last re-read of each key (SIGHUP, or a changed key file noticed while its API refused the
+-- old key): when, why, and whether the value changed, for `status`.
+CREATE TABLE key_rereads (
+    key      TEXT PRIMARY KEY,
+    at       INTEGER NOT NULL,
+    trigger  TEXT NOT NULL,
+    changed  INTEGER NOT NULL
+);
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 6;
+pub(super) const LATEST: usize = 7;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -198,6 +209,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V4),
         M::up(V5),
         M::up(V6),
+        M::up(V7),
     ])
 }
 

@@ -35,7 +35,7 @@ mod push;
 
 pub use customers::{Decision, Lane, Preview, Queued, decide};
 pub use failures::{DeadLetter, Failure, FailureKind};
-pub use history::{DeliveryCounts, Halt, PageOutcome, Pause, PollRecord, PollStats};
+pub use history::{DeliveryCounts, Halt, KeyReread, PageOutcome, Pause, PollRecord, PollStats};
 pub use outbox::{
     Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, QueueSummary, ReplayOutcome, Unit,
 };

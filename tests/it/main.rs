@@ -23,6 +23,7 @@ mod operate_cli;
 mod phi;
 mod practicehub;
 mod push;
+mod reload;
 mod state_file;
 mod support;
 mod untrusted;

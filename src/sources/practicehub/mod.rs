@@ -37,7 +37,7 @@ use super::raw::{self, RawRecord};
 use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
 use crate::config::SourceConfig;
 use crate::http::{self, Probe};
-use crate::secret::Secret;
+use crate::secret::SecretCell;
 use crate::store::{PageItem, PageItemOutcome};
 use patient::Attributes;
 
@@ -65,7 +65,7 @@ pub struct PracticeHub {
     http: reqwest::Client,
     endpoint: super::Endpoint,
     base: Url,
-    api_key: Secret,
+    api_key: SecretCell,
     app_details: String,
     default_country: String,
     /// Attribute name for each logical field, after config overrides.
@@ -177,7 +177,7 @@ impl PracticeHub {
     fn request(&self, url: Url) -> reqwest::RequestBuilder {
         self.http
             .get(url)
-            .header("x-practicehub-key", self.api_key.expose())
+            .header("x-practicehub-key", self.api_key.current().expose())
             .header("x-app-details", &self.app_details)
             .header("accept", "application/json")
     }

@@ -29,7 +29,7 @@ use super::raw::{self, RawRecord};
 use super::{BoxFuture, BuildError, Kind, Mapped, Page, Record, Source, SourceError};
 use crate::config::SourceConfig;
 use crate::http::{self, Probe};
-use crate::secret::Secret;
+use crate::secret::SecretCell;
 use crate::store::{PageItem, PageItemOutcome};
 
 /// The `wodify` kind, as [`super::KINDS`] lists it.
@@ -57,7 +57,7 @@ pub struct Wodify {
     http: reqwest::Client,
     endpoint: super::Endpoint,
     base: Url,
-    api_key: Secret,
+    api_key: SecretCell,
     scan: Scan,
     default_country: String,
 }
@@ -157,7 +157,7 @@ impl Wodify {
     fn request(&self, url: Url) -> reqwest::RequestBuilder {
         self.http
             .get(url)
-            .header("x-api-key", self.api_key.expose())
+            .header("x-api-key", self.api_key.current().expose())
             .header("accept", "application/json")
     }
 }
