@@ -191,6 +191,8 @@ fn the_service_unit_has_what_an_operator_relies_on() {
             .any(|v| v.contains("sync-daemon") && v.contains("check-config"))
     );
     assert!(!one("ExecStart").contains("--once"));
+    // `systemctl reload` re-reads the keys (SIGHUP, which no longer ends the daemon).
+    assert!(one("ExecReload").contains("kill -HUP $MAINPID"));
     assert_eq!(one("Restart"), "on-failure");
     let descriptors: usize = one("LimitNOFILE")
         .parse()
