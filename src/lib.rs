@@ -35,6 +35,8 @@
 //!   probes, `Retry-After`).
 //! - `limiter`: token buckets, host-wide pauses, full-jitter backoff.
 //! - `health`: loop heartbeats behind `/healthz` and the systemd watchdog.
+//! - [`metrics`]: every exported metric family (name, type, unit, HELP text), the Prometheus
+//!   recorder, the label sets registered at zero at start.
 //! - [`secret`]: the `Secret` type and `redact`, which scrubs every secret from upstream text.
 //! - [`clock`]: the one clock, pausable in tests.
 //! - `schedule`, [`table`], [`exit`]: cron parsing, text tables and terminal escaping, exit
@@ -50,6 +52,7 @@ mod health;
 mod http;
 pub mod keys;
 mod limiter;
+pub mod metrics;
 pub mod ops;
 pub mod progress;
 mod revkeen;

@@ -1,0 +1,381 @@
+//! What an operator's Prometheus sees of a running daemon:
+//! - a scrape after a sync passes `promtool check metrics` (HELP text on every family, names
+//!   as Prometheus expects) and carries `sync_daemon_build_info{version,commit}` = 1 for the
+//!   binary's own version and commit;
+//! - the label sets the config makes known are exported at zero from the first scrape, before
+//!   their first event (auth halts, 429 pauses, the push feed, the scheduler watchdog, polls
+//!   and upserts by outcome), and with every upstream down the polls are still counted
+//!   (`sync_daemon_polls_total{outcome="unavailable"}`);
+//! - a poll that finds nothing new moves `sync_daemon_last_successful_poll_timestamp_seconds`
+//!   while the last upsert's time stays; the time stays while the source is down, and a
+//!   refused source key is counted as `auth_refused` and shows as `sync_daemon_auth_halted`
+//!   for that source until the key is accepted again.
+//!
+//! Where `promtool` is not installed the tests that run it fail, naming the Debian package
+//! (`prometheus`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sync_daemon_sim::{Faults, WODIFY_KEY};
+
+use crate::support::{
+    DaemonProcess, Harness, Metrics, command, exit, replaced, require_tool, run_command,
+    seed_valid_clients, with_source, yearly_schedules,
+};
+
+/// `promtool` and its version line; fails the test when it is not installed.
+fn promtool() -> (PathBuf, String) {
+    let tool = require_tool("promtool", "prometheus");
+    let out = Command::new(&tool)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("run {} --version: {e}", tool.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = text.lines().next().unwrap_or_default().to_string();
+    (tool, version)
+}
+
+/// `promtool check metrics` on `text` (its stdin): the exit code and everything it printed.
+fn check_metrics(tool: &Path, text: &str) -> (Option<i32>, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool check metrics");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("write the scrape to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), printed)
+}
+
+/// The default config (`gym` and `clinic`) with a push feed on `gym`, polling only at start.
+fn config_with_push(h: &Harness) -> String {
+    with_source(
+        &yearly_schedules(&h.base_config()),
+        "gym",
+        "push_secret = \"monitoring-push-secret\"",
+    )
+}
+
+/// A daemon that has polled both sources and delivered what they hold: seeded records
+/// include invalid emails (rejections) and unusable phones (normalization warnings), so most
+/// families have samples.
+async fn synced_daemon(h: &Harness) -> DaemonProcess {
+    h.sims.wodify.seed(60, 51);
+    h.sims.practicehub.seed(20, 51);
+    let daemon = h.start_daemon(&config_with_push(h)).await;
+    daemon.wait_polls("gym", 1).await;
+    daemon.wait_polls("clinic", 1).await;
+    let d = &daemon;
+    d.wait_until(
+        "the polled customers delivered",
+        Duration::from_secs(30),
+        || async move {
+            let m = d.metrics().await;
+            m.sum("sync_daemon_upserts_total", &[]) > 0.0
+                && m.sum("sync_daemon_queue_depth", &[]) == 0.0
+        },
+    )
+    .await;
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_passes_promtool_check_metrics_and_names_the_build() {
+    let (tool, version) = promtool();
+    let h = Harness::start().await;
+    let daemon = synced_daemon(&h).await;
+    let m = daemon.metrics().await;
+
+    let (code, printed) = check_metrics(&tool, &m.text);
+    assert!(
+        code == Some(0) && printed.trim().is_empty(),
+        "promtool check metrics ({version}) exited {code:?}:\n{printed}\n--- scrape ---\n{}",
+        m.text
+    );
+
+    // build_info names the running binary: the version and commit `--version` prints.
+    let mut version_command = command(h.dir());
+    version_command.arg("--version");
+    let out = run_command(version_command).await;
+    out.assert_exit(exit::OK);
+    let commit = out
+        .stdout
+        .split("(commit ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no commit in --version: {}", out.stdout));
+    assert_eq!(
+        m.sum(
+            "sync_daemon_build_info",
+            &[("version", env!("CARGO_PKG_VERSION")), ("commit", commit)]
+        ),
+        1.0,
+        "build_info for {} {commit}\n{}",
+        env!("CARGO_PKG_VERSION"),
+        m.text
+    );
+    daemon.stop().await.assert_exit(exit::OK);
+}
+
+/// The value of the one sample of `name` with `labels`; fails when there is none.
+#[track_caller]
+fn sample(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<f64> = m.matching(name, labels).map(|s| s.value).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one sample of {name}{labels:?} expected, found {found:?}\n{}",
+        m.text
+    );
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_sets_known_at_start_are_exported_at_zero_and_polls_count_with_every_upstream_down() {
+    let h = Harness::start().await;
+    h.sims.wodify.seed(10, 52);
+    h.sims.practicehub.seed(10, 52);
+    let down = Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    };
+    h.sims.revkeen.set_faults(down.clone());
+    h.sims.wodify.set_faults(down.clone());
+    h.sims.practicehub.set_faults(down);
+    let mut toml = config_with_push(&h);
+    for source in ["gym", "clinic"] {
+        toml = with_source(&toml, source, "max_attempts = 1");
+    }
+    let daemon = h.start_daemon(&toml).await;
+
+    // The first scrape: nothing of this has happened yet, and all of it is there at 0.
+    let m = daemon.metrics().await;
+    for target in ["revkeen", "gym", "clinic"] {
+        assert_eq!(
+            sample(&m, "sync_daemon_auth_halted", &[("target", target)]),
+            0.0
+        );
+        assert_eq!(
+            sample(&m, "sync_daemon_rate_limited_total", &[("target", target)]),
+            0.0
+        );
+    }
+    assert_eq!(
+        sample(&m, "sync_daemon_push_events_total", &[("source", "gym")]),
+        0.0
+    );
+    assert_eq!(
+        sample(&m, "sync_daemon_push_pending", &[("source", "gym")]),
+        0.0
+    );
+    assert!(
+        !m.has("sync_daemon_push_events_total", &[("source", "clinic")]),
+        "clinic has no push feed\n{}",
+        m.text
+    );
+    for status in ["400", "401", "404", "413", "503"] {
+        assert_eq!(
+            sample(&m, "sync_daemon_push_refused_total", &[("status", status)]),
+            0.0
+        );
+    }
+    for source in ["gym", "clinic"] {
+        assert_eq!(
+            sample(
+                &m,
+                "sync_daemon_scheduler_overdue_total",
+                &[("source", source)]
+            ),
+            0.0
+        );
+        for outcome in ["ok", "unavailable", "auth_refused", "failed"] {
+            sample(
+                &m,
+                "sync_daemon_polls_total",
+                &[("source", source), ("outcome", outcome)],
+            );
+        }
+        for outcome in ["created", "updated", "stale", "dead_lettered"] {
+            assert_eq!(
+                sample(
+                    &m,
+                    "sync_daemon_upserts_total",
+                    &[("source", source), ("outcome", outcome)]
+                ),
+                0.0
+            );
+        }
+    }
+
+    // Every upstream down: the failed polls are what moves.
+    let d = &daemon;
+    let m = d
+        .wait_for(
+            "a poll of each source counted as unavailable",
+            Duration::from_secs(30),
+            || async move {
+                let m = d.metrics().await;
+                let both = ["gym", "clinic"].iter().all(|source| {
+                    m.sum(
+                        "sync_daemon_polls_total",
+                        &[("source", source), ("outcome", "unavailable")],
+                    ) >= 1.0
+                });
+                if both { Ok(m) } else { Err(m.text) }
+            },
+        )
+        .await;
+    for source in ["gym", "clinic"] {
+        assert_eq!(
+            sample(
+                &m,
+                "sync_daemon_polls_total",
+                &[("source", source), ("outcome", "ok")]
+            ),
+            0.0
+        );
+        assert!(
+            !m.has(
+                "sync_daemon_last_successful_poll_timestamp_seconds",
+                &[("source", source)]
+            ),
+            "no poll of {source} has succeeded\n{}",
+            m.text
+        );
+    }
+    daemon.stop().await.assert_exit(exit::OK);
+}
+
+/// Scrapes until `condition` holds for a scrape, and returns that scrape.
+async fn scrape_until(
+    daemon: &DaemonProcess,
+    what: &str,
+    condition: impl Fn(&Metrics) -> bool,
+) -> Metrics {
+    let condition = &condition;
+    daemon
+        .wait_for(what, Duration::from_secs(30), || async move {
+            let m = daemon.metrics().await;
+            if condition(&m) { Ok(m) } else { Err(m.text) }
+        })
+        .await
+}
+
+fn polls(m: &Metrics, outcome: &str) -> f64 {
+    m.sum(
+        "sync_daemon_polls_total",
+        &[("source", "gym"), ("outcome", outcome)],
+    )
+}
+
+fn gym_gauge(m: &Metrics, name: &str) -> f64 {
+    sample(m, name, &[("source", "gym")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_with_nothing_new_is_a_success_and_a_source_that_is_down_or_refuses_its_key_is_not()
+{
+    const POLL_TIME: &str = "sync_daemon_last_successful_poll_timestamp_seconds";
+    const UPSERT_TIME: &str = "sync_daemon_last_success_timestamp_seconds";
+    let h = Harness::start().await;
+    seed_valid_clients(&h.sims.wodify, 20, 53);
+    let toml = replaced(
+        &h.config_for("gym"),
+        "schedule = \"0 */15 * * * *\"",
+        "schedule = \"* * * * * *\"",
+    );
+    let toml = with_source(&toml, "gym", "max_attempts = 1");
+    let daemon = h.start_daemon(&toml).await;
+    let revkeen = h.sims.revkeen.clone();
+
+    // Backfilled, then polled again with nothing new.
+    let m = scrape_until(&daemon, "the backfill and a second poll", |m| {
+        revkeen.customers("wodify").len() == 20 && polls(m, "ok") >= 2.0
+    })
+    .await;
+    let (upserted, polled, ok) = (
+        gym_gauge(&m, UPSERT_TIME),
+        gym_gauge(&m, POLL_TIME),
+        polls(&m, "ok"),
+    );
+    let m = scrape_until(&daemon, "two more quiet polls", |m| {
+        polls(m, "ok") >= ok + 2.0
+    })
+    .await;
+    assert_eq!(
+        gym_gauge(&m, UPSERT_TIME),
+        upserted,
+        "nothing new was sent\n{}",
+        m.text
+    );
+    let quiet = gym_gauge(&m, POLL_TIME);
+    assert!(
+        quiet > polled && quiet > upserted,
+        "a quiet poll is a successful poll: {quiet} after {polled} (last upsert {upserted})"
+    );
+
+    // Wodify down: polls are counted as unavailable and the success time stays.
+    h.sims.wodify.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    let m = scrape_until(&daemon, "a poll counted as unavailable", |m| {
+        polls(m, "unavailable") >= 1.0
+    })
+    .await;
+    let (down_since, ok, unavailable) = (
+        gym_gauge(&m, POLL_TIME),
+        polls(&m, "ok"),
+        polls(&m, "unavailable"),
+    );
+    let m = scrape_until(&daemon, "two more unavailable polls", |m| {
+        polls(m, "unavailable") >= unavailable + 2.0
+    })
+    .await;
+    assert_eq!(gym_gauge(&m, POLL_TIME), down_since, "{}", m.text);
+    assert_eq!(polls(&m, "ok"), ok, "{}", m.text);
+
+    // Up again but refusing the key: counted as such, and an auth halt for the source.
+    h.sims.wodify.set_faults(Faults::default());
+    h.sims.wodify.set_api_key("wodify_rotated_key");
+    let m = scrape_until(&daemon, "an auth halt for gym", |m| {
+        polls(m, "auth_refused") >= 1.0
+            && m.sum("sync_daemon_auth_halted", &[("target", "gym")]) == 1.0
+    })
+    .await;
+    assert_eq!(
+        m.sum("sync_daemon_auth_halted", &[("target", "revkeen")]),
+        0.0,
+        "RevKeen accepts its key\n{}",
+        m.text
+    );
+    let ok = polls(&m, "ok");
+
+    // Accepted again: the halt clears and polls succeed.
+    h.sims.wodify.set_api_key(WODIFY_KEY);
+    let m = scrape_until(&daemon, "the halt cleared by a successful poll", |m| {
+        polls(m, "ok") > ok && m.sum("sync_daemon_auth_halted", &[("target", "gym")]) == 0.0
+    })
+    .await;
+    assert!(gym_gauge(&m, POLL_TIME) > down_since);
+    daemon.stop().await.assert_exit(exit::OK);
+}
