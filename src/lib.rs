@@ -36,7 +36,7 @@
 //! - `limiter`: token buckets, host-wide pauses, full-jitter backoff.
 //! - `health`: loop heartbeats behind `/healthz` and the systemd watchdog.
 //! - [`metrics`]: every exported metric family (name, type, unit, HELP text), the Prometheus
-//!   recorder, the label sets registered at zero at start.
+//!   recorder, the label sets registered at zero at start, the process metrics.
 //! - [`secret`]: the `Secret` type and `redact`, which scrubs every secret from upstream text.
 //! - [`clock`]: the one clock, pausable in tests.
 //! - `schedule`, [`table`], [`exit`]: cron parsing, text tables and terminal escaping, exit

@@ -7,7 +7,9 @@
 //! as a daemon that never exported it. So everything whose labels follow from the config (the
 //! source names, RevKeen, the push feeds, the poll outcomes) exists from the first scrape.
 //! Labels that only the wire decides (an HTTP status from an upstream, a normalization
-//! warning) appear with their first event.
+//! warning) appear with their first event. The process metrics (`process_*`, the names every
+//! Prometheus client library uses) come from the `metrics-process` crate, collected on each
+//! scrape ([`collect_on_scrape`]).
 //!
 //! Emitting code names a family through the constants here, so a name without HELP text
 //! cannot be exported by a typo. This module is a leaf (every layer records metrics): the
@@ -112,7 +114,7 @@ const fn family(
 
 use Type::{Counter, Gauge, Histogram};
 
-/// Every `sync_daemon_*` family.
+/// Every `sync_daemon_*` family (the `process_*` ones are described by `metrics-process`).
 pub const FAMILIES: &[Family] = &[
     family(
         FETCHED,
@@ -311,7 +313,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
-/// HELP text and units for every family.
+/// HELP text and units for every family, ours and the process collector's.
 fn describe() {
     for family in FAMILIES {
         match family.kind {
@@ -320,6 +322,18 @@ fn describe() {
             Histogram => describe_histogram!(family.name, family.unit, family.help),
         }
     }
+    process().describe();
+}
+
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process figures (CPU, memory, descriptors, threads) for the scrape being
+/// answered.
+pub fn collect_on_scrape() {
+    process().collect();
 }
 
 /// A configured source, as far as its metrics go.

@@ -416,6 +416,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             metrics::gauge!(m::PUSH_PENDING, "source" => source.clone()).set(count as f64);
         }
     }
+    m::collect_on_scrape();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -1,7 +1,7 @@
 //! What an operator's Prometheus sees of a running daemon:
 //! - a scrape after a sync passes `promtool check metrics` (HELP text on every family, names
-//!   as Prometheus expects) and carries `sync_daemon_build_info{version,commit}` = 1 for the
-//!   binary's own version and commit;
+//!   as Prometheus expects), carries `sync_daemon_build_info{version,commit}` = 1 for the
+//!   binary's own version and commit, and the process metrics (`process_*`);
 //! - the label sets the config makes known are exported at zero from the first scrape, before
 //!   their first event (auth halts, 429 pauses, the push feed, the scheduler watchdog, polls
 //!   and upserts by outcome), and with every upstream down the polls are still counted
@@ -22,7 +22,7 @@ use sync_daemon_sim::{Faults, WODIFY_KEY};
 
 use crate::support::{
     DaemonProcess, Harness, Metrics, command, exit, replaced, require_tool, run_command,
-    seed_valid_clients, with_source, yearly_schedules,
+    seed_valid_clients, unix_now, with_source, yearly_schedules,
 };
 
 /// `promtool` and its version line; fails the test when it is not installed.
@@ -99,7 +99,7 @@ async fn synced_daemon(h: &Harness) -> DaemonProcess {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scrape_passes_promtool_check_metrics_and_names_the_build() {
+async fn a_scrape_passes_promtool_check_metrics_and_names_the_build_and_the_process() {
     let (tool, version) = promtool();
     let h = Harness::start().await;
     let daemon = synced_daemon(&h).await;
@@ -133,6 +133,24 @@ async fn a_scrape_passes_promtool_check_metrics_and_names_the_build() {
         env!("CARGO_PKG_VERSION"),
         m.text
     );
+
+    // The process metrics every Prometheus client library exports.
+    let resident = m.sum("process_resident_memory_bytes", &[]);
+    assert!(
+        resident > 1024.0 * 1024.0,
+        "resident memory {resident}\n{}",
+        m.text
+    );
+    let open = m.sum("process_open_fds", &[]);
+    let max = m.sum("process_max_fds", &[]);
+    assert!(open >= 3.0 && open <= max, "open fds {open} of {max}");
+    let started = m.sum("process_start_time_seconds", &[]);
+    let now = unix_now() as f64;
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "process start {started}, now {now}"
+    );
+    assert!(m.has("process_cpu_seconds_total", &[]), "{}", m.text);
     daemon.stop().await.assert_exit(exit::OK);
 }
 
