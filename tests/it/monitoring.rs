@@ -9,7 +9,9 @@
 //! - a poll that finds nothing new moves `sync_daemon_last_successful_poll_timestamp_seconds`
 //!   while the last upsert's time stays; the time stays while the source is down, and a
 //!   refused source key is counted as `auth_refused` and shows as `sync_daemon_auth_halted`
-//!   for that source until the key is accepted again.
+//!   for that source until the key is accepted again;
+//! - the Kubernetes example scrapes through a `PodMonitor`, not `prometheus.io/*` annotations
+//!   that would take over the merchant app's own scrape settings.
 //!
 //! Where `promtool` is not installed the tests that run it fail, naming the Debian package
 //! (`prometheus`).
@@ -24,6 +26,14 @@ use crate::support::{
     DaemonProcess, Harness, Metrics, command, exit, replaced, require_tool, run_command,
     seed_valid_clients, unix_now, with_source, yearly_schedules,
 };
+
+fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo_file(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
 
 /// `promtool` and its version line; fails the test when it is not installed.
 fn promtool() -> (PathBuf, String) {
@@ -396,4 +406,31 @@ async fn a_poll_with_nothing_new_is_a_success_and_a_source_that_is_down_or_refus
     .await;
     assert!(gym_gauge(&m, POLL_TIME) > down_since);
     daemon.stop().await.assert_exit(exit::OK);
+}
+
+#[test]
+fn kubernetes_scrapes_the_sidecar_through_a_pod_monitor_not_the_apps_annotations() {
+    let sidecar = read("deploy/k8s/sidecar.yaml");
+    assert!(
+        !sidecar
+            .lines()
+            .any(|line| line.trim_start().starts_with("prometheus.io/")),
+        "prometheus.io/* pod annotations take over the merchant app's own scrape settings"
+    );
+    let monitor = read("deploy/k8s/podmonitor.yaml");
+    assert!(monitor.contains("kind: PodMonitor"), "{monitor}");
+    assert!(
+        monitor.contains("app: merchant-app") && sidecar.contains("app: merchant-app"),
+        "the PodMonitor selects the pods of deploy/k8s/sidecar.yaml"
+    );
+    assert!(
+        monitor.contains("port: sync-http") && sidecar.contains("name: sync-http"),
+        "the PodMonitor scrapes the sidecar's named port"
+    );
+    assert!(monitor.contains("path: /metrics"));
+    // The alerts select job="sync-daemon": the PodMonitor sets it.
+    assert!(
+        monitor.contains("targetLabel: job") && monitor.contains("replacement: sync-daemon"),
+        "{monitor}"
+    );
 }
