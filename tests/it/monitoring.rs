@@ -10,6 +10,8 @@
 //!   while the last upsert's time stays; the time stays while the source is down, and a
 //!   refused source key is counted as `auth_refused` and shows as `sync_daemon_auth_halted`
 //!   for that source until the key is accepted again;
+//! - `deploy/prometheus/alerts.yaml` passes `promtool check rules` and its unit tests
+//!   (`promtool test rules`);
 //! - the Kubernetes example scrapes through a `PodMonitor`, not `prometheus.io/*` annotations
 //!   that would take over the merchant app's own scrape settings.
 //!
@@ -406,6 +408,32 @@ async fn a_poll_with_nothing_new_is_a_success_and_a_source_that_is_down_or_refus
     .await;
     assert!(gym_gauge(&m, POLL_TIME) > down_since);
     daemon.stop().await.assert_exit(exit::OK);
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_check_rules_and_their_unit_tests() {
+    let (tool, version) = promtool();
+    for args in [
+        ["check", "rules", "deploy/prometheus/alerts.yaml"],
+        ["test", "rules", "deploy/prometheus/tests/alerts_test.yaml"],
+    ] {
+        let out = Command::new(&tool)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap_or_else(|e| panic!("run promtool {args:?}: {e}"));
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && printed.contains("SUCCESS"),
+            "promtool {} ({version}) exited {:?}:\n{printed}",
+            args.join(" "),
+            out.status.code()
+        );
+    }
 }
 
 #[test]
