@@ -1,4 +1,4 @@
-//! What an operator's Prometheus sees of a running daemon:
+//! What an operator's Prometheus, Alertmanager and Grafana see of a running daemon:
 //! - a scrape after a sync passes `promtool check metrics` (HELP text on every family, names
 //!   as Prometheus expects), carries `sync_daemon_build_info{version,commit}` = 1 for the
 //!   binary's own version and commit, and the process metrics (`process_*`);
@@ -12,12 +12,14 @@
 //!   for that source until the key is accepted again;
 //! - `deploy/prometheus/alerts.yaml` passes `promtool check rules` and its unit tests
 //!   (`promtool test rules`);
+//! - every metric the Grafana dashboard and the alerts name is one a running daemon exports;
 //! - the Kubernetes example scrapes through a `PodMonitor`, not `prometheus.io/*` annotations
 //!   that would take over the merchant app's own scrape settings.
 //!
 //! Where `promtool` is not installed the tests that run it fail, naming the Debian package
 //! (`prometheus`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -434,6 +436,102 @@ fn the_alert_rules_pass_promtool_check_rules_and_their_unit_tests() {
             out.status.code()
         );
     }
+}
+
+/// The metric names in a PromQL expression or a rules file: identifiers that start with
+/// `sync_daemon_` or `process_` (functions, labels and `up` are not ours).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let pattern = regex::Regex::new(r"\b(?:sync_daemon|process)_[a-z0-9_]+\b").expect("regex");
+    pattern
+        .find_iter(text)
+        .map(|m| m.as_str().to_string())
+        .collect()
+}
+
+/// Every PromQL expression in a Grafana dashboard: each panel target's `expr` and each
+/// templating variable's query, however deeply nested.
+fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", serde_json::Value::String(expr)) => out.push(expr.clone()),
+                    ("query" | "definition", serde_json::Value::String(query)) => {
+                        out.push(query.clone())
+                    }
+                    _ => dashboard_queries(value, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                dashboard_queries(item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_the_alerts_query_is_one_the_daemon_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/sync-daemon.json"))
+            .expect("the dashboard is JSON");
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard, &mut queries);
+    let exprs = queries
+        .iter()
+        .filter(|q| q.contains("sync_daemon_") || q.contains("process_"))
+        .count();
+    assert!(exprs >= 20, "the dashboard has {exprs} queries of ours");
+    let mut wanted: Vec<(String, String)> = queries
+        .iter()
+        .flat_map(|q| metric_names(q))
+        .map(|name| ("deploy/grafana/sync-daemon.json".to_string(), name))
+        .collect();
+    for file in [
+        "deploy/prometheus/alerts.yaml",
+        "deploy/prometheus/tests/alerts_test.yaml",
+    ] {
+        wanted.extend(
+            metric_names(&read(file))
+                .into_iter()
+                .map(|name| (file.to_string(), name)),
+        );
+    }
+
+    let h = Harness::start().await;
+    let daemon = synced_daemon(&h).await;
+    let m = daemon.metrics().await;
+    daemon.stop().await.assert_exit(exit::OK);
+    let exported: BTreeSet<&str> = m.samples.iter().map(|s| s.name.as_str()).collect();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(_, name)| !exported.contains(name.as_str()))
+        .map(|(file, name)| format!("{file}: {name}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queries name metrics the daemon does not export:\n{}\n--- scrape ---\n{}",
+        missing.join("\n"),
+        m.text
+    );
+    // The alerts cover what the issue asks of them.
+    let alerts = read("deploy/prometheus/alerts.yaml");
+    for name in [
+        "sync_daemon_auth_halted",
+        "sync_daemon_oldest_pending_age_seconds",
+        "sync_daemon_dead_letters",
+        "sync_daemon_polls_total",
+        "sync_daemon_last_successful_poll_timestamp_seconds",
+        "sync_daemon_rate_limited_total",
+    ] {
+        assert!(alerts.contains(name), "no alert on {name}");
+    }
+    assert!(
+        alerts.contains("up{job=\"sync-daemon\"}"),
+        "no daemon-down alert"
+    );
 }
 
 #[test]
