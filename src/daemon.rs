@@ -129,7 +129,21 @@ impl Daemon {
                 path,
                 problem: "it vanished right after it was created".to_string(),
             })?;
-        let metrics = server::metrics_handle().map_err(DaemonError::Metrics)?;
+        let metrics = crate::metrics::install().map_err(DaemonError::Metrics)?;
+        let known: Vec<crate::metrics::KnownSource<'_>> = config
+            .sources
+            .iter()
+            .map(|s| crate::metrics::KnownSource {
+                name: &s.name,
+                push_feed: s.push_secret.is_some(),
+            })
+            .collect();
+        crate::metrics::register_known(&known);
+        // The last complete poll of each source survives a restart: a source that stays down
+        // after one keeps its real age.
+        for (source, finished_at) in store.call(|s| s.last_successful_polls()).await? {
+            crate::metrics::poll_succeeded_at(&source, finished_at);
+        }
         let listener = TcpListener::bind(config.daemon.listen)
             .await
             .map_err(|error| DaemonError::Listen {
@@ -677,7 +691,7 @@ async fn watchdog(
                 last_poll = %last.to_rfc3339(),
                 "Scheduled poll is overdue by more than one interval (the scheduler stopped firing); polling anyway."
             );
-            metrics::counter!("sync_daemon_scheduler_overdue_total", "source" => source.name.clone())
+            metrics::counter!(crate::metrics::SCHEDULER_OVERDUE, "source" => source.name.clone())
                 .increment(1);
             if let Some(tx) = ticks.get(&source.name) {
                 let _ = tx.try_send(());

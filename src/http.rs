@@ -118,9 +118,9 @@ pub(crate) async fn send_measured(
             read(response).await
         }
     };
-    metrics::histogram!("sync_daemon_request_duration_seconds", "target" => target)
+    metrics::histogram!(crate::metrics::REQUEST_DURATION, "target" => target)
         .record(started.elapsed().as_secs_f64());
-    metrics::counter!("sync_daemon_http_requests_total", "target" => target,
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "target" => target,
         "endpoint" => endpoint, "status" => status_label)
     .increment(1);
     result

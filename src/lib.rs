@@ -38,6 +38,8 @@
 //! - `limiter`: token buckets, host-wide pauses, full-jitter backoff.
 //! - [`logging`]: text or flat JSON log lines, syslog priorities under journald.
 //! - `health`: loop heartbeats behind `/healthz` and the systemd watchdog.
+//! - [`metrics`]: every exported metric family (name, type, unit, HELP text), the Prometheus
+//!   recorder, the label sets registered at zero at start, the process metrics.
 //! - [`secret`]: the `Secret` type and `redact`, which scrubs every secret from upstream text.
 //! - [`clock`]: the one clock, pausable in tests.
 //! - `schedule`, [`table`], [`exit`]: cron parsing, text tables and terminal escaping, exit
@@ -54,6 +56,7 @@ mod http;
 pub mod keys;
 mod limiter;
 pub mod logging;
+pub mod metrics;
 pub mod ops;
 pub mod progress;
 pub mod reload;

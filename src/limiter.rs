@@ -91,7 +91,7 @@ impl Limiter {
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
             tracing::warn!(host = %self.name, wait_ms = wait.as_millis() as u64, "Rate limited: pausing requests to this host.");
-            metrics::counter!("sync_daemon_rate_limited_total", "target" => self.name.clone())
+            metrics::counter!(crate::metrics::RATE_LIMITED, "target" => self.name.clone())
                 .increment(1);
         }
     }

@@ -7,8 +7,8 @@
 //! rejected body is never logged.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, KeyInit, Mac};
 use hyper::body::Incoming;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use sha2::Sha256;
 use tokio::net::TcpListener;
@@ -92,25 +92,6 @@ pub struct AppState {
     pub fatal: Arc<std::sync::Mutex<Option<String>>>,
     /// Refused requests, summarised in the log once a minute at most.
     pub refusals: Arc<RefusalLog>,
-}
-
-/// The process-wide Prometheus recorder (installed once; later calls reuse it).
-pub fn metrics_handle() -> Result<PrometheusHandle, String> {
-    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("sync_daemon_request_duration_seconds".to_string()),
-                    &[
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    ],
-                )
-                .map_err(|e| e.to_string())?
-                .install_recorder()
-                .map_err(|e| e.to_string())
-        })
-        .clone()
 }
 
 /// The router (exposed for tests that drive it without a socket).
@@ -393,7 +374,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    // Queue figures live in the state file; read them at scrape time so they are exact.
+    use crate::metrics as m;
+    // Queue figures and halts live in the state file; read them at scrape time so they are
+    // exact (and agree with `status` and `/readyz`).
     if let Ok(summaries) = state.reader.call(|s| s.queue_summary()).await {
         let now = now_ms();
         for source in state.sources.iter() {
@@ -404,14 +387,24 @@ async fn metrics(State(state): State<AppState>) -> Response {
             let age = oldest
                 .map(|t| (now - t).max(0) as f64 / 1000.0)
                 .unwrap_or(0.0);
-            metrics::gauge!("sync_daemon_queue_depth", "source" => source.clone())
-                .set(depth as f64);
-            metrics::gauge!("sync_daemon_oldest_pending_age_seconds", "source" => source.clone())
-                .set(age);
-            metrics::gauge!("sync_daemon_dead_letters", "source" => source.clone())
-                .set(dead as f64);
-            metrics::gauge!("sync_daemon_rejected_records", "source" => source.clone())
-                .set(rejected as f64);
+            metrics::gauge!(m::QUEUE_DEPTH, "source" => source.clone()).set(depth as f64);
+            metrics::gauge!(m::OLDEST_PENDING_AGE, "source" => source.clone()).set(age);
+            metrics::gauge!(m::DEAD_LETTERS, "source" => source.clone()).set(dead as f64);
+            metrics::gauge!(m::REJECTED_RECORDS, "source" => source.clone()).set(rejected as f64);
+        }
+    }
+    if let Ok(halts) = state.reader.call(|s| s.halts()).await {
+        let targets = std::iter::once(m::REVKEEN).chain(state.sources.iter().map(String::as_str));
+        for target in targets {
+            // A halt for a misdirected RevKeen address is not a refused key.
+            let refused = halts
+                .iter()
+                .any(|h| h.target == target && h.code != crate::worker::MISDIRECTED);
+            metrics::gauge!(m::AUTH_HALTED, "target" => target.to_string()).set(if refused {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
     if let Ok(pending) = state.reader.call(|s| s.push_pending()).await {
@@ -420,10 +413,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 .iter()
                 .find(|(name, _)| name == source)
                 .map_or(0, |(_, count)| *count);
-            metrics::gauge!("sync_daemon_push_pending", "source" => source.clone())
-                .set(count as f64);
+            metrics::gauge!(m::PUSH_PENDING, "source" => source.clone()).set(count as f64);
         }
     }
+    m::collect_on_scrape();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -473,7 +466,7 @@ async fn push(
         "-"
     };
     let refuse = |status: StatusCode, message: &str| {
-        metrics::counter!("sync_daemon_push_refused_total", "status" => status.as_u16().to_string())
+        metrics::counter!(crate::metrics::PUSH_REFUSED, "status" => status.as_u16().to_string())
             .increment(1);
         refusals.record(
             feed_name,
@@ -589,7 +582,7 @@ async fn push(
     match committed {
         Ok(PushRecorded::Accepted { .. }) => {
             feed.wake.notify_one();
-            metrics::counter!("sync_daemon_push_events_total", "source" => source.clone())
+            metrics::counter!(crate::metrics::PUSH_EVENTS, "source" => source.clone())
                 .increment(count as u64);
             tracing::info!(source = %source, events = count, "Push events accepted.");
             json(StatusCode::ACCEPTED, serde_json::json!({"accepted": count}))
@@ -772,7 +765,7 @@ mod tests {
             health: Arc::new(Health::default()),
             writer: store.clone(),
             reader: store,
-            metrics: metrics_handle().expect("recorder"),
+            metrics: crate::metrics::install().expect("recorder"),
             push: Arc::default(),
             sources: Arc::default(),
             fatal: Arc::default(),

@@ -26,7 +26,7 @@ use futures_util::future::BoxFuture;
 /// How long to wait before retrying a key RevKeen is still processing.
 const IN_PROGRESS_RETRY: Duration = Duration::from_secs(2);
 /// The halt target name for RevKeen (sources use their own names).
-pub(crate) const REVKEEN: &str = "revkeen";
+pub(crate) const REVKEEN: &str = crate::metrics::REVKEEN;
 /// The halt code of an address that does not lead to RevKeen (a redirect, an untrusted
 /// certificate); any other halt code is RevKeen's refusal of the key.
 pub(crate) const MISDIRECTED: &str = "misdirected";
@@ -150,9 +150,6 @@ impl WorkerState {
 
     /// Halts sending for the rest of the process. The first halt is the one kept.
     fn halt_sending(&self, halt: Halted) {
-        if halt.is_auth() {
-            metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(1.0);
-        }
         self.halt
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -776,7 +773,6 @@ async fn clear_stale_halt(shared: &Arc<Shared>) -> SendResult {
     );
     if was_halted {
         tracing::info!("RevKeen accepted the API key again; the earlier auth halt is cleared.");
-        metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(0.0);
         shared.store.call(|s| s.clear_halt(REVKEEN)).await?;
     }
     Ok(())
@@ -916,12 +912,12 @@ async fn finish(
         ("dead_lettered", counts.dead_lettered),
     ] {
         if n > 0 {
-            metrics::counter!("sync_daemon_upserts_total", "source" => source.clone(), "outcome" => outcome)
+            metrics::counter!(crate::metrics::UPSERTS, "source" => source.clone(), "outcome" => outcome)
                 .increment(n);
         }
     }
     if counts.created + counts.updated + counts.stale > 0 {
-        metrics::gauge!("sync_daemon_last_success_timestamp_seconds", "source" => source.clone())
+        metrics::gauge!(crate::metrics::LAST_SUCCESS, "source" => source.clone())
             .set(now_ms() as f64 / 1000.0);
     }
     shared

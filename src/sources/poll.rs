@@ -225,6 +225,9 @@ pub async fn poll(source: &Arc<dyn Source>, ctx: &PollContext) -> Result<PollSta
         Err(PollError::AuthRefused(e)) => ("auth_refused", Some(e.clone())),
         Err(e) => ("failed", Some(e.to_string())),
     };
+    // Counted before it is recorded: a poll that failed on the state file is counted even
+    // when recording it fails too.
+    count_poll(&name, &result);
     store
         .call(move |s| s.update_poll(poll_id, &stats, Some(outcome), error.as_deref()))
         .await?;
@@ -245,6 +248,24 @@ pub async fn poll(source: &Arc<dyn Source>, ctx: &PollContext) -> Result<PollSta
         Err(error) => tracing::error!(source = %name, %error, "Poll failed."),
     }
     result.map(|()| stats)
+}
+
+/// Counts a finished poll in `sync_daemon_polls_total` by outcome (a poll stopped by a
+/// shutdown is not counted); a complete one, changes or not, also moves the last successful
+/// poll's time.
+fn count_poll(source: &str, result: &Result<(), PollError>) {
+    use crate::metrics::{POLL_AUTH_REFUSED, POLL_FAILED, POLL_OK, POLL_UNAVAILABLE, POLLS};
+    let outcome = match result {
+        Ok(()) => POLL_OK,
+        Err(PollError::Cancelled) => return,
+        Err(PollError::AuthRefused(_)) => POLL_AUTH_REFUSED,
+        Err(PollError::Unavailable(_)) => POLL_UNAVAILABLE,
+        Err(PollError::Failed(_) | PollError::Store(_)) => POLL_FAILED,
+    };
+    metrics::counter!(POLLS, "source" => source.to_string(), "outcome" => outcome).increment(1);
+    if result.is_ok() {
+        crate::metrics::poll_succeeded_at(source, crate::clock::now_ms());
+    }
 }
 
 /// How many pages a first listing may take (no earlier listing to measure by): 2 million
@@ -460,7 +481,7 @@ fn map_page(source: &dyn Source, name: &str, page: &Page) -> (Vec<crate::store::
     let mut warnings = 0u64;
     for mapped in map_records(source, page) {
         for warning in &mapped.warnings {
-            metrics::counter!("sync_daemon_normalization_warnings_total",
+            metrics::counter!(crate::metrics::NORMALIZATION_WARNINGS,
                 "source" => name.to_string(), "warning" => *warning)
             .increment(1);
         }
@@ -488,7 +509,7 @@ async fn report_vanished(ctx: &PollContext, stats: &mut PollStats) -> Result<(),
             .await?
     };
     stats.vanished = total;
-    metrics::gauge!("sync_daemon_vanished_records", "source" => name.clone()).set(total as f64);
+    metrics::gauge!(crate::metrics::VANISHED_RECORDS, "source" => name.clone()).set(total as f64);
     if !new.is_empty() {
         let shown: Vec<&str> = new.iter().take(50).map(String::as_str).collect();
         let more = if new.len() > shown.len() {
@@ -543,15 +564,13 @@ async fn finish_commit(
         .await?;
     let name = ctx.name().to_string();
     let page = done.outcome;
-    metrics::counter!("sync_daemon_fetched_total", "source" => name.clone())
+    metrics::counter!(crate::metrics::FETCHED, "source" => name.clone())
         .increment(done.fetched as u64);
-    metrics::counter!("sync_daemon_enqueued_total", "source" => name.clone())
-        .increment(page.enqueued);
-    metrics::counter!("sync_daemon_unchanged_total", "source" => name.clone())
+    metrics::counter!(crate::metrics::ENQUEUED, "source" => name.clone()).increment(page.enqueued);
+    metrics::counter!(crate::metrics::UNCHANGED, "source" => name.clone())
         .increment(page.unchanged);
-    metrics::counter!("sync_daemon_skipped_total", "source" => name.clone())
-        .increment(page.skipped);
-    metrics::counter!("sync_daemon_rejected_total", "source" => name).increment(page.rejected);
+    metrics::counter!(crate::metrics::SKIPPED, "source" => name.clone()).increment(page.skipped);
+    metrics::counter!(crate::metrics::REJECTED, "source" => name).increment(page.rejected);
     if page.enqueued > 0 {
         ctx.wake_worker.notify_one();
     }

@@ -356,6 +356,20 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// When each source's last complete poll (outcome `ok`) finished, Unix ms.
+    pub fn last_successful_polls(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT source, MAX(finished_at) FROM polls
+                  WHERE outcome = 'ok' AND finished_at IS NOT NULL GROUP BY source ORDER BY source",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))
+    }
+
     /// The most recent poll of a source.
     pub fn last_poll(&self, source: &str) -> Result<Option<PollRecord>, StoreError> {
         self.conn()

@@ -17,6 +17,7 @@ mod deploy;
 mod failures;
 mod faults;
 mod lifecycle;
+mod monitoring;
 mod once;
 mod operate;
 mod operate_cli;

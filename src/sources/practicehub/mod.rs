@@ -126,6 +126,9 @@ impl PracticeHub {
         config: &SourceConfig,
         options: &PracticeHubOptions,
     ) -> Result<PracticeHub, reqwest::Error> {
+        // Exported at zero from the start, so the first fallback is an increase.
+        metrics::counter!(crate::metrics::FILTER_IGNORED, "source" => config.name.clone())
+            .increment(0);
         Ok(PracticeHub {
             http: http::client(Duration::from_secs(config.timeout_secs))?,
             endpoint: super::Endpoint::new("practicehub", "PracticeHub", config),
@@ -288,7 +291,7 @@ impl PracticeHub {
                     source = %self.source,
                     "PracticeHub ignored the updated filter; this poll reads the whole patient list (unchanged patients are not sent)."
                 );
-                metrics::counter!("sync_daemon_filter_ignored_total", "source" => self.source.clone())
+                metrics::counter!(crate::metrics::FILTER_IGNORED, "source" => self.source.clone())
                     .increment(1);
             }
         }
