@@ -468,7 +468,7 @@ impl Worker {
         let still = match self.upstream.probe().await {
             Probe::Ok => {
                 tracing::info!("RevKeen answers again; the earlier halt is cleared.");
-                metrics::gauge!("sync_daemon_auth_halted", "target" => REVKEEN).set(0.0);
+                metrics::gauge!(crate::metrics::AUTH_HALTED, "target" => REVKEEN).set(0.0);
                 self.store.call(|s| s.clear_halt(REVKEEN)).await?;
                 return Ok(Ok(false));
             }
