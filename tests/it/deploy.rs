@@ -4,6 +4,8 @@
 //!   quotes; the service is `Type=notify` with a watchdog, a dynamic user, credentials, a
 //!   `check-config` before start, no restart on exit 78, and the required hardening. Where
 //!   `systemd-analyze` is not installed they fail, naming the Debian package (`systemd`).
+//! - the units load the credentials directory, so they start with the key files of the
+//!   configured sources only, and the daemon reads its keys from what systemd makes of it.
 //! - `deploy/k8s/sidecar.yaml` is a native sidecar with readiness on `/readyz`, startup and
 //!   liveness on `/healthz`, keys from a Secret, state on a PersistentVolumeClaim and a grace
 //!   period above the drain timeout.
@@ -179,11 +181,10 @@ fn the_service_unit_has_what_an_operator_relies_on() {
     assert!(!one("WatchdogSec").is_empty());
     assert_eq!(one("DynamicUser"), "yes");
     assert_eq!(one("StateDirectory"), "sync-daemon");
-    assert!(
-        unit_values(&unit, "LoadCredential")
-            .iter()
-            .any(|v| v.starts_with("revkeen_api_key:")),
-        "RevKeen's key comes in as a credential"
+    assert_eq!(
+        unit_values(&unit, "LoadCredential"),
+        [CREDENTIALS_LINE],
+        "the keys come in as credentials, loaded from their directory"
     );
     assert!(
         unit_values(&unit, "ExecStartPre")
@@ -263,6 +264,89 @@ fn the_service_unit_has_what_an_operator_relies_on() {
             .iter()
             .any(|v| v.contains("--once"))
     );
+}
+
+/// The `LoadCredential=` of both units: every file of the directory, none named one by one.
+const CREDENTIALS_LINE: &str = "sync-daemon:/etc/sync-daemon/credentials";
+
+/// What systemd makes of a unit's `LoadCredential=ID:PATH` lines (systemd.exec(5)), with
+/// `/etc/sync-daemon/credentials` at `host`: a file becomes the credential `ID`, every regular
+/// file of a directory becomes `ID_<file name>`, and a path that does not exist fails the unit
+/// before it starts. The credentials are written into `into`; `Err` names what fails the unit.
+fn load_credentials(unit: &str, host: &Path, into: &Path) -> Result<(), String> {
+    for value in unit_values(unit, "LoadCredential") {
+        let (id, path) = value
+            .split_once(':')
+            .ok_or_else(|| format!("LoadCredential={value}: no path"))?;
+        let relative = Path::new(path)
+            .strip_prefix("/etc/sync-daemon/credentials")
+            .unwrap_or_else(|_| {
+                panic!("LoadCredential={value}: outside the credentials directory")
+            });
+        let source = host.join(relative);
+        if source.is_dir() {
+            for entry in std::fs::read_dir(&source).expect("read the credentials directory") {
+                let entry = entry.expect("directory entry");
+                if entry.file_type().expect("file type").is_file() {
+                    let name = format!("{id}_{}", entry.file_name().to_string_lossy());
+                    std::fs::copy(entry.path(), into.join(name)).expect("copy credential");
+                }
+            }
+        } else if source.is_file() {
+            std::fs::copy(&source, into.join(id)).expect("copy credential");
+        } else {
+            return Err(format!(
+                "LoadCredential={value}: {path} does not exist, so the unit fails to start"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A merchant with one Wodify gym writes two key files, RevKeen's and the gym's, and nothing
+/// about PracticeHub: both units start (no `LoadCredential=` names a missing file) and the
+/// daemon finds both keys in `$CREDENTIALS_DIRECTORY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_units_start_with_the_keys_of_the_configured_sources_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = dir.path().join("etc-credentials");
+    std::fs::create_dir(&host).expect("mkdir");
+    std::fs::write(host.join("revkeen_api_key"), "rk_live_unit_test\n").expect("write");
+    std::fs::write(host.join("gym_api_key"), "wodify_unit_test\n").expect("write");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_path = \"{}\"\n\n[revkeen]\nbase_url = \"http://127.0.0.1:9/v2\"\n\n\
+             [[sources]]\nname = \"gym\"\nkind = \"wodify\"\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+            dir.path().join("state.db").display()
+        ),
+    )
+    .expect("write config");
+    for name in UNITS {
+        let unit = read(&format!("deploy/systemd/{name}"));
+        let credentials = tempfile::tempdir().expect("temp dir");
+        if let Err(problem) = load_credentials(&unit, &host, credentials.path()) {
+            panic!("{name}: {problem}");
+        }
+        let mut command = crate::support::command(dir.path());
+        command
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .env("CREDENTIALS_DIRECTORY", credentials.path());
+        let out = crate::support::run_command(command).await;
+        assert_eq!(
+            out.code,
+            Some(0),
+            "{name}: the daemon did not find its keys among the credentials\n{}",
+            out.transcript()
+        );
+        assert!(
+            !out.stdout.contains("unit_test") && !out.stderr.contains("unit_test"),
+            "a key was printed\n{}",
+            out.transcript()
+        );
+    }
 }
 
 /// The indented block under the first line containing `header`, up to the next line indented
