@@ -9,6 +9,7 @@
 //! - `deploy/k8s/sidecar.yaml` is a native sidecar with readiness on `/readyz`, startup and
 //!   liveness on `/healthz`, keys from a Secret, state on a PersistentVolumeClaim and a grace
 //!   period above the drain timeout.
+//! - the declared `MIT OR Apache-2.0` has both license texts in the repository.
 //! - `deploy/docker/Dockerfile` is a multi-stage release build on a distroless non-root base with
 //!   an exec-form entrypoint, a `HEALTHCHECK` through `sync-daemon healthcheck` and a state volume.
 
@@ -480,5 +481,27 @@ fn the_dockerfile_builds_a_distroless_nonroot_image_with_a_healthcheck() {
             !user.contains("root") || user.contains("nonroot"),
             "runs as a non-root user: {user}"
         );
+    }
+}
+
+/// `license = "MIT OR Apache-2.0"` ships both texts, and cargo-deny's policy allows the
+/// licenses our own crates declare.
+#[test]
+fn the_declared_licenses_have_their_texts_beside_the_code() {
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("license = \"MIT OR Apache-2.0\""),
+        "Cargo.toml declares another license: update the texts and this test"
+    );
+    let mit = read("LICENSE-MIT");
+    assert!(mit.starts_with("MIT License"), "LICENSE-MIT:\n{mit}");
+    assert!(mit.contains("Copyright (c) The sync-daemon authors"));
+    assert!(mit.contains("THE SOFTWARE IS PROVIDED \"AS IS\""));
+    let apache = read("LICENSE-APACHE");
+    assert!(apache.contains("Apache License") && apache.contains("Version 2.0, January 2004"));
+    assert!(apache.contains("END OF TERMS AND CONDITIONS"));
+    let deny = read("deny.toml");
+    for license in ["\"MIT\"", "\"Apache-2.0\""] {
+        assert!(deny.contains(license), "deny.toml does not allow {license}");
     }
 }
