@@ -10,8 +10,9 @@
 //!   liveness on `/healthz`, keys from a Secret, state on a PersistentVolumeClaim and a grace
 //!   period above the drain timeout.
 //! - the declared `MIT OR Apache-2.0` has both license texts in the repository.
-//! - `deploy/docker/Dockerfile` is a multi-stage release build on a distroless non-root base with
-//!   an exec-form entrypoint, a `HEALTHCHECK` through `sync-daemon healthcheck` and a state volume.
+//! - `deploy/docker/Dockerfile` is a multi-stage release build (debuginfo stripped) on a
+//!   distroless non-root base with an exec-form entrypoint, a `HEALTHCHECK` through
+//!   `sync-daemon healthcheck` and a state volume.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -450,6 +451,19 @@ fn the_dockerfile_builds_a_distroless_nonroot_image_with_a_healthcheck() {
         "the final stage should be a distroless non-root base: {last}"
     );
     assert!(dockerfile.contains("--release"), "a release build");
+    // The image's binary leaves its line tables behind (23 MiB instead of 44 MiB).
+    let strip = instructions
+        .iter()
+        .find_map(|l| l.strip_prefix("ARG STRIP="))
+        .expect("ARG STRIP= (the release profile's strip for the image)");
+    assert!(
+        ["debuginfo", "symbols"].contains(&strip),
+        "the image strips debuginfo by default: STRIP={strip}"
+    );
+    assert!(
+        dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=\"$STRIP\" cargo build --release"),
+        "the release build uses STRIP"
+    );
     let entrypoint = instructions
         .iter()
         .find(|l| l.starts_with("ENTRYPOINT"))
