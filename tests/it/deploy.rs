@@ -9,6 +9,8 @@
 //! - `deploy/k8s/sidecar.yaml` is a native sidecar with readiness on `/readyz`, startup and
 //!   liveness on `/healthz`, keys from a Secret, state on a PersistentVolumeClaim and a grace
 //!   period above the drain timeout.
+//! - the Debian package (`[package.metadata.deb]`) installs the binary, config and README where
+//!   the units name them, installs both units disabled, and ships what deploy/deb/build makes.
 //! - the declared `MIT OR Apache-2.0` has both license texts in the repository.
 //! - `deploy/docker/Dockerfile` is a multi-stage release build (debuginfo stripped) on a
 //!   distroless non-root base with an exec-form entrypoint, a `HEALTHCHECK` through
@@ -61,7 +63,7 @@ fn systemd_analyze() -> (PathBuf, String) {
 
 const UNITS: [&str; 2] = ["sync-daemon.service", "sync-daemon-backfill.service"];
 
-/// Both units copied into a temp dir with `/usr/local/bin/sync-daemon` replaced by the built
+/// Both units copied into a temp dir with `/usr/bin/sync-daemon` replaced by the built
 /// binary (verify checks that every Exec…= program exists).
 fn units_with_built_binary() -> (tempfile::TempDir, Vec<PathBuf>) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -70,12 +72,11 @@ fn units_with_built_binary() -> (tempfile::TempDir, Vec<PathBuf>) {
         .map(|name| {
             let text = read(&format!("deploy/systemd/{name}"));
             assert!(
-                text.contains("/usr/local/bin/sync-daemon"),
-                "{name} should start /usr/local/bin/sync-daemon"
+                text.contains("/usr/bin/sync-daemon"),
+                "{name} should start /usr/bin/sync-daemon"
             );
             let path = dir.path().join(name);
-            std::fs::write(&path, text.replace("/usr/local/bin/sync-daemon", BIN))
-                .expect("write unit");
+            std::fs::write(&path, text.replace("/usr/bin/sync-daemon", BIN)).expect("write unit");
             path
         })
         .collect();
@@ -347,6 +348,104 @@ async fn the_units_start_with_the_keys_of_the_configured_sources_only() {
             !out.stdout.contains("unit_test") && !out.stderr.contains("unit_test"),
             "a key was printed\n{}",
             out.transcript()
+        );
+    }
+}
+
+/// `[package.metadata.deb]` in Cargo.toml, read as TOML.
+fn deb_metadata() -> config::Config {
+    config::Config::builder()
+        .add_source(config::File::from_str(
+            &read("Cargo.toml"),
+            config::FileFormat::Toml,
+        ))
+        .build()
+        .expect("Cargo.toml is TOML")
+}
+
+/// The package installs the binary, the config and the README where both units look for
+/// them, installs both units disabled, and ships every file deploy/deb/build generates.
+#[test]
+fn the_debian_package_installs_what_the_units_start() {
+    let metadata = deb_metadata();
+    let assets: Vec<Vec<String>> = metadata
+        .get("package.metadata.deb.assets")
+        .expect("[package.metadata.deb] assets");
+    // Where an asset lands, as cargo-deb resolves it: a destination ending in / is a directory.
+    let installed = |source: &str| -> String {
+        let asset = assets
+            .iter()
+            .find(|a| a[0] == source)
+            .unwrap_or_else(|| panic!("no asset {source}: {assets:?}"));
+        let dest = &asset[1];
+        let name = Path::new(source)
+            .file_name()
+            .expect("a file")
+            .to_string_lossy();
+        let path = if dest.ends_with('/') {
+            format!("/{dest}{name}")
+        } else {
+            format!("/{dest}")
+        };
+        path.replace("//", "/")
+    };
+    let binary = installed("target/release/sync-daemon");
+    assert_eq!(binary, "/usr/bin/sync-daemon");
+    let config = installed("config/example.toml");
+    let readme = installed("README.md");
+    for name in UNITS {
+        let unit = read(&format!("deploy/systemd/{name}"));
+        for key in ["ExecStartPre", "ExecStart"] {
+            for line in unit_values(&unit, key) {
+                let program = line.split_whitespace().next().unwrap_or_default();
+                assert_eq!(program, binary, "{name}: {key}={line}");
+                assert!(
+                    line.contains(&format!("--config {config}")),
+                    "{name}: {key}={line}"
+                );
+            }
+        }
+        assert_eq!(
+            unit_values(&unit, "Documentation"),
+            [format!("file://{readme}")],
+            "{name}"
+        );
+    }
+
+    let units: Vec<std::collections::HashMap<String, config::Value>> = metadata
+        .get("package.metadata.deb.systemd-units")
+        .expect("[package.metadata.deb] systemd-units");
+    for name in UNITS {
+        let stem = name.trim_end_matches(".service");
+        let entry = units
+            .iter()
+            .find(|u| u.get("unit-name").map(ToString::to_string).as_deref() == Some(stem))
+            .unwrap_or_else(|| panic!("systemd-units has no entry for {name}"));
+        for (key, expected) in [
+            ("unit-scripts", "deploy/systemd"),
+            ("enable", "false"),
+            ("start", "false"),
+        ] {
+            assert_eq!(
+                entry.get(key).map(ToString::to_string).as_deref(),
+                Some(expected),
+                "{name}: {key} (a merchant configures before the daemon may start)"
+            );
+        }
+    }
+
+    // Every generated asset is written by deploy/deb/build (a glob: into its directory).
+    let build = read("deploy/deb/build");
+    for asset in assets.iter().filter(|a| a[0].starts_with("target/assets/")) {
+        let relative = asset[0].trim_start_matches("target/assets/");
+        let written = match relative.rsplit_once('/') {
+            Some((dir, file)) if file.contains('*') => dir,
+            _ => relative,
+        };
+        assert!(
+            build.contains(&format!("\"$assets/{written}\"")),
+            "deploy/deb/build does not write {}",
+            asset[0]
         );
     }
 }
