@@ -550,7 +550,7 @@ fn the_dockerfile_builds_a_distroless_nonroot_image_with_a_healthcheck() {
         "the final stage should be a distroless non-root base: {last}"
     );
     assert!(dockerfile.contains("--release"), "a release build");
-    // The image's binary leaves its line tables behind (23 MiB instead of 44 MiB).
+    // The image's binary leaves its line tables behind (24 MiB instead of 45 MiB).
     let strip = instructions
         .iter()
         .find_map(|l| l.strip_prefix("ARG STRIP="))
