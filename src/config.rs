@@ -946,8 +946,14 @@ fn check_key_file(path: &Path) {
     }
 }
 
+/// The ID of the units' `LoadCredential=` of a whole directory: systemd names each file's
+/// credential `<ID>_<file name>` (systemd.exec(5)), so `revkeen_api_key` in
+/// `/etc/sync-daemon/credentials` arrives as `sync-daemon_revkeen_api_key`.
+const CREDENTIAL_DIRECTORY_ID: &str = "sync-daemon";
+
 /// Reads a secret: `<prefix>.api_key_file`, else `<prefix>.api_key`, else the first of
-/// `credential_names` present in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+/// `credential_names` present in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), as
+/// itself or as loaded from a directory (`sync-daemon_<name>`).
 fn secret(
     prefix: &str,
     inline: Option<String>,
@@ -988,8 +994,16 @@ fn secret(
         return non_empty(&inline_key, value.trim(), "is empty");
     }
     if let Some(dir) = credentials {
-        for name in credential_names {
-            let path = dir.join(name);
+        // `LoadCredential=revkeen_api_key:/path` names the credential itself; the units load
+        // the whole directory (`LoadCredential=sync-daemon:/etc/sync-daemon/credentials`),
+        // which systemd names `sync-daemon_<file name>`.
+        let paths = credential_names.iter().flat_map(|name| {
+            [
+                dir.join(name),
+                dir.join(format!("{CREDENTIAL_DIRECTORY_ID}_{name}")),
+            ]
+        });
+        for path in paths {
             // systemd makes credentials private to the service: no mode to check.
             if let Ok(text) = std::fs::read_to_string(&path) {
                 return non_empty(
@@ -1229,6 +1243,26 @@ api_key = "wodify-secret"
             "rk_from_credential"
         );
         assert_eq!(config.sources[0].api_key.current().expose(), "from_file");
+    }
+
+    #[test]
+    fn credentials_loaded_from_a_directory_are_found_under_the_units_prefix() {
+        // What `LoadCredential=sync-daemon:/etc/sync-daemon/credentials` makes of the files
+        // `revkeen_api_key` and `main-gym_api_key` in that directory.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, key) in [
+            ("sync-daemon_revkeen_api_key", "rk_from_directory\n"),
+            ("sync-daemon_main-gym_api_key", "gym_from_directory"),
+        ] {
+            std::fs::write(dir.path().join(name), key).expect("write");
+        }
+        let toml = MINIMAL
+            .replace("api_key = \"rk_sandbox_abc\"", "")
+            .replace("api_key = \"wodify-secret\"", "");
+        let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
+        let config = Config::from_toml(&toml, &env, KINDS).expect("valid");
+        assert_eq!(config.revkeen.api_key.expose(), "rk_from_directory");
+        assert_eq!(config.sources[0].api_key.expose(), "gym_from_directory");
     }
 
     #[test]

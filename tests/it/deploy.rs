@@ -4,11 +4,17 @@
 //!   quotes; the service is `Type=notify` with a watchdog, a dynamic user, credentials, a
 //!   `check-config` before start, no restart on exit 78, and the required hardening. Where
 //!   `systemd-analyze` is not installed they fail, naming the Debian package (`systemd`).
+//! - the units load the credentials directory, so they start with the key files of the
+//!   configured sources only, and the daemon reads its keys from what systemd makes of it.
 //! - `deploy/k8s/sidecar.yaml` is a native sidecar with readiness on `/readyz`, startup and
 //!   liveness on `/healthz`, keys from a Secret, state on a PersistentVolumeClaim and a grace
 //!   period above the drain timeout.
-//! - `deploy/docker/Dockerfile` is a multi-stage release build on a distroless non-root base with
-//!   an exec-form entrypoint, a `HEALTHCHECK` through `sync-daemon healthcheck` and a state volume.
+//! - the Debian package (`[package.metadata.deb]`) installs the binary, config and README where
+//!   the units name them, installs both units disabled, and ships what deploy/deb/build makes.
+//! - the declared `MIT OR Apache-2.0` has both license texts in the repository.
+//! - `deploy/docker/Dockerfile` is a multi-stage release build (debuginfo stripped) on a
+//!   distroless non-root base with an exec-form entrypoint, a `HEALTHCHECK` through
+//!   `sync-daemon healthcheck` and a state volume.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,7 +63,7 @@ fn systemd_analyze() -> (PathBuf, String) {
 
 const UNITS: [&str; 2] = ["sync-daemon.service", "sync-daemon-backfill.service"];
 
-/// Both units copied into a temp dir with `/usr/local/bin/sync-daemon` replaced by the built
+/// Both units copied into a temp dir with `/usr/bin/sync-daemon` replaced by the built
 /// binary (verify checks that every Exec…= program exists).
 fn units_with_built_binary() -> (tempfile::TempDir, Vec<PathBuf>) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -66,12 +72,11 @@ fn units_with_built_binary() -> (tempfile::TempDir, Vec<PathBuf>) {
         .map(|name| {
             let text = read(&format!("deploy/systemd/{name}"));
             assert!(
-                text.contains("/usr/local/bin/sync-daemon"),
-                "{name} should start /usr/local/bin/sync-daemon"
+                text.contains("/usr/bin/sync-daemon"),
+                "{name} should start /usr/bin/sync-daemon"
             );
             let path = dir.path().join(name);
-            std::fs::write(&path, text.replace("/usr/local/bin/sync-daemon", BIN))
-                .expect("write unit");
+            std::fs::write(&path, text.replace("/usr/bin/sync-daemon", BIN)).expect("write unit");
             path
         })
         .collect();
@@ -179,11 +184,10 @@ fn the_service_unit_has_what_an_operator_relies_on() {
     assert!(!one("WatchdogSec").is_empty());
     assert_eq!(one("DynamicUser"), "yes");
     assert_eq!(one("StateDirectory"), "sync-daemon");
-    assert!(
-        unit_values(&unit, "LoadCredential")
-            .iter()
-            .any(|v| v.starts_with("revkeen_api_key:")),
-        "RevKeen's key comes in as a credential"
+    assert_eq!(
+        unit_values(&unit, "LoadCredential"),
+        [CREDENTIALS_LINE],
+        "the keys come in as credentials, loaded from their directory"
     );
     assert!(
         unit_values(&unit, "ExecStartPre")
@@ -265,6 +269,187 @@ fn the_service_unit_has_what_an_operator_relies_on() {
             .iter()
             .any(|v| v.contains("--once"))
     );
+}
+
+/// The `LoadCredential=` of both units: every file of the directory, none named one by one.
+const CREDENTIALS_LINE: &str = "sync-daemon:/etc/sync-daemon/credentials";
+
+/// What systemd makes of a unit's `LoadCredential=ID:PATH` lines (systemd.exec(5)), with
+/// `/etc/sync-daemon/credentials` at `host`: a file becomes the credential `ID`, every regular
+/// file of a directory becomes `ID_<file name>`, and a path that does not exist fails the unit
+/// before it starts. The credentials are written into `into`; `Err` names what fails the unit.
+fn load_credentials(unit: &str, host: &Path, into: &Path) -> Result<(), String> {
+    for value in unit_values(unit, "LoadCredential") {
+        let (id, path) = value
+            .split_once(':')
+            .ok_or_else(|| format!("LoadCredential={value}: no path"))?;
+        let relative = Path::new(path)
+            .strip_prefix("/etc/sync-daemon/credentials")
+            .unwrap_or_else(|_| {
+                panic!("LoadCredential={value}: outside the credentials directory")
+            });
+        let source = host.join(relative);
+        if source.is_dir() {
+            for entry in std::fs::read_dir(&source).expect("read the credentials directory") {
+                let entry = entry.expect("directory entry");
+                if entry.file_type().expect("file type").is_file() {
+                    let name = format!("{id}_{}", entry.file_name().to_string_lossy());
+                    std::fs::copy(entry.path(), into.join(name)).expect("copy credential");
+                }
+            }
+        } else if source.is_file() {
+            std::fs::copy(&source, into.join(id)).expect("copy credential");
+        } else {
+            return Err(format!(
+                "LoadCredential={value}: {path} does not exist, so the unit fails to start"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A merchant with one Wodify gym writes two key files, RevKeen's and the gym's, and nothing
+/// about PracticeHub: both units start (no `LoadCredential=` names a missing file) and the
+/// daemon finds both keys in `$CREDENTIALS_DIRECTORY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_units_start_with_the_keys_of_the_configured_sources_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = dir.path().join("etc-credentials");
+    std::fs::create_dir(&host).expect("mkdir");
+    std::fs::write(host.join("revkeen_api_key"), "rk_live_unit_test\n").expect("write");
+    std::fs::write(host.join("gym_api_key"), "wodify_unit_test\n").expect("write");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_path = \"{}\"\n\n[revkeen]\nbase_url = \"http://127.0.0.1:9/v2\"\n\n\
+             [[sources]]\nname = \"gym\"\nkind = \"wodify\"\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+            dir.path().join("state.db").display()
+        ),
+    )
+    .expect("write config");
+    for name in UNITS {
+        let unit = read(&format!("deploy/systemd/{name}"));
+        let credentials = tempfile::tempdir().expect("temp dir");
+        if let Err(problem) = load_credentials(&unit, &host, credentials.path()) {
+            panic!("{name}: {problem}");
+        }
+        let mut command = crate::support::command(dir.path());
+        command
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .env("CREDENTIALS_DIRECTORY", credentials.path());
+        let out = crate::support::run_command(command).await;
+        assert_eq!(
+            out.code,
+            Some(0),
+            "{name}: the daemon did not find its keys among the credentials\n{}",
+            out.transcript()
+        );
+        assert!(
+            !out.stdout.contains("unit_test") && !out.stderr.contains("unit_test"),
+            "a key was printed\n{}",
+            out.transcript()
+        );
+    }
+}
+
+/// `[package.metadata.deb]` in Cargo.toml, read as TOML.
+fn deb_metadata() -> config::Config {
+    config::Config::builder()
+        .add_source(config::File::from_str(
+            &read("Cargo.toml"),
+            config::FileFormat::Toml,
+        ))
+        .build()
+        .expect("Cargo.toml is TOML")
+}
+
+/// The package installs the binary, the config and the README where both units look for
+/// them, installs both units disabled, and ships every file deploy/deb/build generates.
+#[test]
+fn the_debian_package_installs_what_the_units_start() {
+    let metadata = deb_metadata();
+    let assets: Vec<Vec<String>> = metadata
+        .get("package.metadata.deb.assets")
+        .expect("[package.metadata.deb] assets");
+    // Where an asset lands, as cargo-deb resolves it: a destination ending in / is a directory.
+    let installed = |source: &str| -> String {
+        let asset = assets
+            .iter()
+            .find(|a| a[0] == source)
+            .unwrap_or_else(|| panic!("no asset {source}: {assets:?}"));
+        let dest = &asset[1];
+        let name = Path::new(source)
+            .file_name()
+            .expect("a file")
+            .to_string_lossy();
+        let path = if dest.ends_with('/') {
+            format!("/{dest}{name}")
+        } else {
+            format!("/{dest}")
+        };
+        path.replace("//", "/")
+    };
+    let binary = installed("target/release/sync-daemon");
+    assert_eq!(binary, "/usr/bin/sync-daemon");
+    let config = installed("config/example.toml");
+    let readme = installed("README.md");
+    for name in UNITS {
+        let unit = read(&format!("deploy/systemd/{name}"));
+        for key in ["ExecStartPre", "ExecStart"] {
+            for line in unit_values(&unit, key) {
+                let program = line.split_whitespace().next().unwrap_or_default();
+                assert_eq!(program, binary, "{name}: {key}={line}");
+                assert!(
+                    line.contains(&format!("--config {config}")),
+                    "{name}: {key}={line}"
+                );
+            }
+        }
+        assert_eq!(
+            unit_values(&unit, "Documentation"),
+            [format!("file://{readme}")],
+            "{name}"
+        );
+    }
+
+    let units: Vec<std::collections::HashMap<String, config::Value>> = metadata
+        .get("package.metadata.deb.systemd-units")
+        .expect("[package.metadata.deb] systemd-units");
+    for name in UNITS {
+        let stem = name.trim_end_matches(".service");
+        let entry = units
+            .iter()
+            .find(|u| u.get("unit-name").map(ToString::to_string).as_deref() == Some(stem))
+            .unwrap_or_else(|| panic!("systemd-units has no entry for {name}"));
+        for (key, expected) in [
+            ("unit-scripts", "deploy/systemd"),
+            ("enable", "false"),
+            ("start", "false"),
+        ] {
+            assert_eq!(
+                entry.get(key).map(ToString::to_string).as_deref(),
+                Some(expected),
+                "{name}: {key} (a merchant configures before the daemon may start)"
+            );
+        }
+    }
+
+    // Every generated asset is written by deploy/deb/build (a glob: into its directory).
+    let build = read("deploy/deb/build");
+    for asset in assets.iter().filter(|a| a[0].starts_with("target/assets/")) {
+        let relative = asset[0].trim_start_matches("target/assets/");
+        let written = match relative.rsplit_once('/') {
+            Some((dir, file)) if file.contains('*') => dir,
+            _ => relative,
+        };
+        assert!(
+            build.contains(&format!("\"$assets/{written}\"")),
+            "deploy/deb/build does not write {}",
+            asset[0]
+        );
+    }
 }
 
 /// The indented block under the first line containing `header`, up to the next line indented
@@ -367,6 +552,19 @@ fn the_dockerfile_builds_a_distroless_nonroot_image_with_a_healthcheck() {
         "the final stage should be a distroless non-root base: {last}"
     );
     assert!(dockerfile.contains("--release"), "a release build");
+    // The image's binary leaves its line tables behind (24 MiB instead of 45 MiB).
+    let strip = instructions
+        .iter()
+        .find_map(|l| l.strip_prefix("ARG STRIP="))
+        .expect("ARG STRIP= (the release profile's strip for the image)");
+    assert!(
+        ["debuginfo", "symbols"].contains(&strip),
+        "the image strips debuginfo by default: STRIP={strip}"
+    );
+    assert!(
+        dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=\"$STRIP\" cargo build --release"),
+        "the release build uses STRIP"
+    );
     let entrypoint = instructions
         .iter()
         .find(|l| l.starts_with("ENTRYPOINT"))
@@ -398,5 +596,27 @@ fn the_dockerfile_builds_a_distroless_nonroot_image_with_a_healthcheck() {
             !user.contains("root") || user.contains("nonroot"),
             "runs as a non-root user: {user}"
         );
+    }
+}
+
+/// `license = "MIT OR Apache-2.0"` ships both texts, and cargo-deny's policy allows the
+/// licenses our own crates declare.
+#[test]
+fn the_declared_licenses_have_their_texts_beside_the_code() {
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("license = \"MIT OR Apache-2.0\""),
+        "Cargo.toml declares another license: update the texts and this test"
+    );
+    let mit = read("LICENSE-MIT");
+    assert!(mit.starts_with("MIT License"), "LICENSE-MIT:\n{mit}");
+    assert!(mit.contains("Copyright (c) The sync-daemon authors"));
+    assert!(mit.contains("THE SOFTWARE IS PROVIDED \"AS IS\""));
+    let apache = read("LICENSE-APACHE");
+    assert!(apache.contains("Apache License") && apache.contains("Version 2.0, January 2004"));
+    assert!(apache.contains("END OF TERMS AND CONDITIONS"));
+    let deny = read("deny.toml");
+    for license in ["\"MIT\"", "\"Apache-2.0\""] {
+        assert!(deny.contains(license), "deny.toml does not allow {license}");
     }
 }

@@ -9,6 +9,7 @@
 mod abuse;
 mod auth;
 mod batch;
+mod completions;
 mod config_errors;
 mod crash;
 mod daemon;

@@ -572,6 +572,7 @@ async fn version_names_the_commit_and_every_help_has_an_example() {
         Some("healthcheck"),
         Some("demo"),
         Some("sim"),
+        Some("completions"),
     ] {
         let mut help = crate::support::command(Path::new("."));
         help.args(sub).arg("--help");
@@ -601,6 +602,8 @@ async fn every_printing_command_ends_quietly_on_a_closed_stdout() {
         &["check-config"],
         &["--dry-run"],
         &["--dry-run", "--json"],
+        &["completions", "bash"],
+        &["man"],
     ] {
         let expected = h.run(args).await.code;
         // `… | head -c1` whose reader has already gone: every write is EPIPE.
