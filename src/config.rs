@@ -1261,8 +1261,14 @@ api_key = "wodify-secret"
             .replace("api_key = \"wodify-secret\"", "");
         let env = env(&[("CREDENTIALS_DIRECTORY", dir.path().to_str().expect("utf-8"))]);
         let config = Config::from_toml(&toml, &env, KINDS).expect("valid");
-        assert_eq!(config.revkeen.api_key.expose(), "rk_from_directory");
-        assert_eq!(config.sources[0].api_key.expose(), "gym_from_directory");
+        assert_eq!(
+            config.revkeen.api_key.current().expose(),
+            "rk_from_directory"
+        );
+        assert_eq!(
+            config.sources[0].api_key.current().expose(),
+            "gym_from_directory"
+        );
     }
 
     #[test]
