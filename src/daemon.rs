@@ -34,6 +34,9 @@ use crate::sources::{self, PollContext, PollError, Source};
 use crate::store::{PageItem, Store, StoreError};
 use crate::worker::{Exhausted, Held, Worker, WorkerExit, WorkerState};
 
+/// A poll's outcome in [`PollState`] when the source refused its key.
+const AUTH_REFUSED: &str = "auth refused";
+
 /// How often the scheduler watchdog looks at the sources.
 const WATCHDOG_TICK: Duration = Duration::from_secs(2);
 
@@ -280,6 +283,7 @@ impl Daemon {
             &config,
             health.clone(),
         ));
+        let poll_states: PollStates = Arc::default();
         // A re-read key lifts a RevKeen halt: the supervisor starts the worker again.
         let (resume_tx, mut resume_rx) = mpsc::channel::<()>(1);
         tasks.spawn(reread_loop(
@@ -287,11 +291,10 @@ impl Daemon {
                 .map(|load| Rereader::new(config.clone(), load, store.clone())),
             self.ticks.clone(),
             self.worker_state.clone(),
-            store.clone(),
+            poll_states.clone(),
             resume_tx,
             stop.clone(),
         ));
-        let poll_states: PollStates = Arc::default();
         for mut task in self.sources {
             task.ctx.run_id = Some(run_id);
             tasks.spawn(source_loop(task, poll_states.clone(), self.held.clone()));
@@ -464,7 +467,7 @@ async fn reread_loop(
     rereader: Option<Rereader>,
     ticks: HashMap<String, mpsc::Sender<()>>,
     worker_state: Arc<WorkerState>,
-    store: Store,
+    poll_states: PollStates,
     resume: mpsc::Sender<()>,
     stop: CancellationToken,
 ) {
@@ -479,10 +482,8 @@ async fn reread_loop(
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
-            () = stop.cancelled() => {
-                // Supervised: ending before the stop would be a death, so wait for it.
-                return;
-            }
+            // The only way out: the supervisor counts any other end as a death.
+            () = stop.cancelled() => return,
             Some(()) = async {
                 match hangup.as_mut() {
                     Some(hangup) => hangup.recv().await,
@@ -492,15 +493,17 @@ async fn reread_loop(
             _ = recheck.tick() => Trigger::Recheck,
         };
         let revkeen_halted = worker_state.halt().is_some_and(|halt| halt.is_auth());
-        if trigger == Trigger::Recheck && !revkeen_halted {
-            let sources_halted = store
-                .call(|s| s.halts())
-                .await
-                .map(|halts| halts.iter().any(|h| ticks.contains_key(&h.target)))
-                .unwrap_or(false);
-            if !sources_halted {
-                continue;
-            }
+        // A source refusing its key is one whose last poll ended so (every source polls at
+        // start, so a halt an earlier process recorded shows here too).
+        let source_refused = || {
+            poll_states
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .values()
+                .any(|state| state.last_outcome.as_deref() == Some(AUTH_REFUSED))
+        };
+        if trigger == Trigger::Recheck && !revkeen_halted && !source_refused() {
+            continue;
         }
         let Some(rereader) = &rereader else {
             tracing::warn!("SIGHUP: this daemon has no config file to re-read the keys from.");
@@ -630,7 +633,7 @@ async fn source_loop(task: SourceTask, states: PollStates, held: Arc<Held>) {
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(PollError::Cancelled) => return,
-            Err(PollError::AuthRefused(_)) => "auth refused".to_string(),
+            Err(PollError::AuthRefused(_)) => AUTH_REFUSED.to_string(),
             Err(error) => format!("failed: {error}"),
         };
         let _ = sources::record_key_outcome(&ctx.store, &name, &result).await;

@@ -468,7 +468,6 @@ impl Worker {
         let still = match self.upstream.probe().await {
             Probe::Ok => {
                 tracing::info!("RevKeen answers again; the earlier halt is cleared.");
-                metrics::gauge!(crate::metrics::AUTH_HALTED, "target" => REVKEEN).set(0.0);
                 self.store.call(|s| s.clear_halt(REVKEEN)).await?;
                 return Ok(Ok(false));
             }
