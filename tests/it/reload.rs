@@ -60,7 +60,14 @@ async fn sighup_rereads_the_keys_and_a_fixed_revkeen_key_resumes_sending_without
             |log| log.contains("Sending stops"),
         )
         .await;
-    assert_eq!(daemon.get("/readyz").await.0, 503);
+    // The halt is logged before it is recorded: /readyz follows a moment later.
+    daemon
+        .wait_until(
+            "/readyz to say not ready",
+            Duration::from_secs(10),
+            || async { daemon.get("/readyz").await.0 == 503 },
+        )
+        .await;
 
     // SIGHUP with the key still wrong: the daemon lives, says the key is unchanged, tries it
     // once more (one authenticated read) and stays halted.
