@@ -323,6 +323,17 @@ impl Daemon {
             state = %config.daemon.state_path.display(),
             "sync-daemon started."
         );
+        // RevKeen's own hosted sync, the other writer: a warning if it is active (`hosted`).
+        {
+            let (config, store) = (config.clone(), store.clone());
+            tokio::spawn(async move {
+                if let Err(error) =
+                    crate::hosted::check_and_record(&config, &config.sources, &store).await
+                {
+                    tracing::warn!(%error, "Could not record RevKeen's built-in syncs for status.");
+                }
+            });
+        }
 
         let respawn = || {
             health.worker_started();

@@ -18,6 +18,8 @@
 //! - [`reload`]: `SIGHUP` re-reads the keys; so does a key file changed while its API refuses
 //!   the old key.
 //! - [`run`]: `--once` (poll everything, drain, report) and `--dry-run`.
+//! - `hosted`: RevKeen's own hosted sync (the other writer): read at start and by
+//!   `check-config --connect`, a warning when it is active.
 //! - [`server`]: `/healthz`, `/readyz`, `/metrics` and the signed push feed, with the limits
 //!   that bound its clients (timeouts, a connection cap, push caps, a refusal log summary).
 //! - `worker`: claims units, sends them, records RevKeen's answers, retries, halts.
@@ -52,6 +54,7 @@ pub mod daemon;
 pub mod demo;
 pub mod exit;
 mod health;
+mod hosted;
 mod http;
 pub mod keys;
 mod limiter;

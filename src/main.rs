@@ -31,7 +31,7 @@ Examples:
   sync-daemon                            run as a daemon: poll on schedule, send continuously
   sync-daemon --once                     backfill: poll every source to the end, send, exit
   sync-daemon --once --source main-gym   the same for one source
-  sync-daemon --dry-run                  show what a run would send, write nothing
+  sync-daemon --once --dry-run           show what a run would send, write nothing
   sync-daemon demo                       the whole pipeline against the bundled simulators
 
 Exit codes: 0 all delivered, 65 some records rejected or dead-lettered, 69 an upstream stayed
@@ -43,8 +43,9 @@ struct Cli {
     /// Poll every source to the end of its listing, drain the outbox, exit.
     #[arg(long)]
     once: bool,
-    /// Fetch and diff; print what would be sent; write nothing anywhere.
-    #[arg(long, conflicts_with = "once")]
+    /// Fetch and diff; print what would be sent; write nothing anywhere. The pinned form is
+    /// `--once --dry-run`; `--dry-run` alone is the same.
+    #[arg(long)]
     dry_run: bool,
     /// Ignore what was synced before and send every record again (a full backfill).
     #[arg(long)]
@@ -187,6 +188,10 @@ struct SimArgs {
     /// Switch off the simulated rate limits (load testing).
     #[arg(long)]
     no_rate_limits: bool,
+    /// Simulate RevKeen's own hosted sync active for this provider (wodify, practicehub;
+    /// repeatable): the daemon's warning about the other writer.
+    #[arg(long, value_name = "PROVIDER")]
+    hosted_sync: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -580,6 +585,9 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
         if !check.hint.is_empty() {
             eprintln!("{:<12} fix: {}", "", check.hint);
         }
+        for warning in &check.warnings {
+            eprintln!("{:<12} WARNING: {}", "", escape(warning));
+        }
     }
     status
 }
@@ -757,6 +765,7 @@ async fn dry_run(config: &Config, options: &OnceOptions, json: bool, verbose: bo
             let mut entry = entry;
             if !verbose {
                 entry.body = None;
+                entry.revkeen_id = None;
             }
             match serde_json::to_string(&entry) {
                 Ok(line) => outln!("{line}"),
@@ -764,11 +773,14 @@ async fn dry_run(config: &Config, options: &OnceOptions, json: bool, verbose: bo
             }
             return;
         }
-        let detail = match (&entry.reason, verbose, &entry.body) {
+        let mut detail = match (&entry.reason, verbose, &entry.body) {
             (Some(reason), _, _) => reason.clone(),
             (None, true, Some(body)) => body.to_string(),
             _ => entry.fields.join(", "),
         };
+        if let Some(id) = entry.revkeen_id.as_deref().filter(|_| verbose) {
+            detail = format!("{detail} (RevKeen customer {id})");
+        }
         outln!(
             "{:<7} {} {}: {}",
             entry.action,
@@ -845,6 +857,12 @@ async fn sim(args: SimArgs) -> ExitStatus {
         sims.revkeen.set_rate_limit(0, 0);
         sims.wodify.set_rate_limit(0, 0);
         sims.practicehub.set_rate_limit(0, 0);
+    }
+    for provider in &args.hosted_sync {
+        sims.revkeen.set_hosted_sync(
+            provider,
+            Some(sync_daemon_sim::revkeen::HostedSync::active()),
+        );
     }
     sims.wodify.seed(args.clients, 1);
     sims.practicehub.seed(args.patients, 1);

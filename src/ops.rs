@@ -46,6 +46,20 @@ pub struct StatusReport {
     /// The last re-read of each key: on `SIGHUP`, or a key file that changed while its API
     /// refused the old key.
     pub keys_reread: Vec<KeyRereadStatus>,
+    /// RevKeen's own hosted sync found active for a provider this config also syncs (the
+    /// other writer), as last read at a start or a run.
+    pub hosted_syncs: Vec<HostedSyncStatus>,
+}
+
+/// RevKeen's own hosted sync, found active.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostedSyncStatus {
+    /// `wodify` or `practicehub`.
+    pub provider: String,
+    /// RFC 3339: when it was read.
+    pub checked_at: String,
+    /// What it means and what to do ("RevKeen's built-in wodify sync is active …").
+    pub warning: String,
 }
 
 /// The last re-read of one key.
@@ -176,13 +190,14 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let running = Store::writer_active(path);
     let store = Store::open_read_only(path)?;
     let now = crate::clock::now_ms();
-    let (queue, push_pending, halts, pauses, rereads, mode) = match &store {
+    let (queue, push_pending, halts, pauses, rereads, hosted, mode) = match &store {
         Some(store) => (
             store.queue_summary()?,
             store.push_pending()?,
             store.halts()?,
             store.pauses(now)?,
             store.key_rereads()?,
+            store.hosted_syncs()?,
             if running {
                 store.open_run_mode()?
             } else {
@@ -190,6 +205,7 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
             },
         ),
         None => (
+            Vec::new(),
             Vec::new(),
             Vec::new(),
             Vec::new(),
@@ -286,6 +302,15 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
                 changed: r.changed,
             })
             .collect(),
+        hosted_syncs: hosted
+            .into_iter()
+            .filter(|(provider, _, _)| config.sources.iter().any(|s| s.kind == provider))
+            .map(|(provider, warning, at)| HostedSyncStatus {
+                provider,
+                checked_at: rfc3339(at),
+                warning,
+            })
+            .collect(),
         sources,
     })
 }
@@ -366,6 +391,14 @@ pub fn render_status(report: &StatusReport) -> String {
             pause.target,
             short_time(&pause.until),
             escape(&pause.reason)
+        );
+    }
+    for hosted in &report.hosted_syncs {
+        let _ = writeln!(
+            out,
+            "WARNING (read {}): {}",
+            short_time(&hosted.checked_at),
+            escape(&hosted.warning)
         );
     }
     for reread in &report.keys_reread {
@@ -504,9 +537,14 @@ pub fn render_failures(failures: &[Failure]) -> String {
         } else {
             String::new()
         };
+        let revkeen = failure
+            .revkeen_id
+            .as_deref()
+            .map(|id| format!(", RevKeen customer {}", escape(id)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "    {attempts}first seen {}, last seen {}",
+            "    {attempts}first seen {}, last seen {}{revkeen}",
             short_time(&rfc3339(failure.first_seen)),
             short_time(&rfc3339(failure.last_seen))
         );
@@ -574,21 +612,38 @@ pub struct Connection {
     pub outcome: &'static str,
     pub detail: String,
     pub hint: String,
+    /// What the check found worth knowing besides the outcome: for RevKeen, its own hosted
+    /// sync active for a provider this config syncs too.
+    pub warnings: Vec<String>,
 }
 
 /// Makes one authenticated read per API.
 pub async fn connect(config: &Config) -> Vec<Connection> {
     let mut checks = Vec::new();
-    let revkeen = match RevKeenClient::new(&config.revkeen) {
-        Ok(client) => client.probe().await,
-        Err(error) => Probe::Unexpected(error.to_string()),
+    let (revkeen, warnings) = match RevKeenClient::new(&config.revkeen) {
+        Ok(client) => {
+            let probe = client.probe().await;
+            let warnings = if matches!(probe, Probe::Ok) {
+                crate::hosted::check(&client, &config.sources)
+                    .await
+                    .into_iter()
+                    .filter_map(|finding| finding.warning)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (probe, warnings)
+        }
+        Err(error) => (Probe::Unexpected(error.to_string()), Vec::new()),
     };
-    checks.push(connection(
+    let mut check = connection(
         "revkeen",
         config.revkeen.base_url.as_str(),
         revkeen,
         "revkeen.api_key / api_key_file (a sandbox key works only against staging)",
-    ));
+    );
+    check.warnings = warnings;
+    checks.push(check);
     for source in &config.sources {
         let probe = match sources::build(source) {
             Ok(adapter) => adapter.probe().await,
@@ -634,6 +689,7 @@ fn connection(target: &str, url: &str, probe: Probe, key_hint: &str) -> Connecti
         outcome,
         detail,
         hint,
+        warnings: Vec::new(),
     }
 }
 

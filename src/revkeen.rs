@@ -43,8 +43,10 @@ pub(crate) struct BatchResult {
 /// Every answer RevKeen can give, classified for the failure policy.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Answer {
-    /// 2xx, written. `created` tells a new customer from an update.
-    Applied { created: bool },
+    /// 2xx, written. `created` tells a new customer from an update; `id` is RevKeen's id for
+    /// the customer (`data.id`), kept when it is a plausible id (at most 128 printable
+    /// characters).
+    Applied { created: bool, id: Option<String> },
     /// 2xx `stale_update`: RevKeen already holds newer data. Success.
     Stale,
     /// 200 answer to a batch.
@@ -245,6 +247,86 @@ impl RevKeenClient {
     }
 }
 
+impl RevKeenClient {
+    /// `GET /integrations/{provider}`: whether RevKeen's own hosted sync for `provider`
+    /// (`wodify`, `practicehub`) is writing this merchant's customers too. Never writes
+    /// anything (in particular never `sync-state`, that sync's own cursor store).
+    pub(crate) async fn hosted_sync(&self, provider: &str) -> HostedSync {
+        let request = self
+            .http
+            .get(self.url(&["integrations", provider]))
+            .headers(self.headers(None));
+        match send_measured(request, "revkeen", "integration").await {
+            Ok(reply) if reply.status.is_redirection() => {
+                HostedSync::Unknown(format!("HTTP {}: a redirect, not followed", reply.status))
+            }
+            Ok(reply) => hosted_sync_answer(reply.status, &reply.body),
+            Err(transport) => HostedSync::Unknown(transport.describe("RevKeen", BASE_URL_KEY)),
+        }
+    }
+}
+
+/// What RevKeen says of its own hosted sync for one provider.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum HostedSync {
+    /// Active with sync enabled: it and this daemon upsert the same customers.
+    Active {
+        status: Option<String>,
+        last_sync_at: Option<String>,
+    },
+    /// Configured but not syncing (inactive or sync disabled).
+    Off,
+    /// Not known: a 403 (a key without `integrations:read`), a 404 (none configured, or an
+    /// older API), an error or an answer in no documented shape. Changes nothing.
+    Unknown(String),
+}
+
+/// The integration read's answer: `{"success": true, "data": {...}}` or the object itself,
+/// with `isActive` and `syncEnabled` (camelCase, or snake_case as later specs write them).
+fn hosted_sync_answer(status: StatusCode, body: &[u8]) -> HostedSync {
+    let text = || redact(&String::from_utf8_lossy(&body[..body.len().min(300)]));
+    if !status.is_success() {
+        return HostedSync::Unknown(format!("HTTP {}: {}", status.as_u16(), text()));
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return HostedSync::Unknown(format!("HTTP {}: not JSON", status.as_u16()));
+    };
+    if value.get("success") == Some(&serde_json::Value::Bool(false)) {
+        return HostedSync::Unknown(format!("HTTP {}: {}", status.as_u16(), text()));
+    }
+    let integration = value
+        .get("data")
+        .filter(|d| d.is_object())
+        .unwrap_or(&value);
+    let flag = |camel: &str, snake: &str| {
+        integration
+            .get(camel)
+            .or_else(|| integration.get(snake))
+            .and_then(serde_json::Value::as_bool)
+    };
+    let text_of = |camel: &str, snake: &str| {
+        integration
+            .get(camel)
+            .or_else(|| integration.get(snake))
+            .and_then(serde_json::Value::as_str)
+            .map(|s| redact(&s.chars().take(100).collect::<String>()))
+    };
+    match (
+        flag("isActive", "is_active"),
+        flag("syncEnabled", "sync_enabled"),
+    ) {
+        (Some(true), Some(true)) => HostedSync::Active {
+            status: text_of("status", "status"),
+            last_sync_at: text_of("lastSyncAt", "last_sync_at"),
+        },
+        (Some(_), Some(_)) => HostedSync::Off,
+        _ => HostedSync::Unknown(format!(
+            "HTTP {}: no isActive/syncEnabled in the answer",
+            status.as_u16()
+        )),
+    }
+}
+
 /// The config key a misdirected answer tells the operator to check.
 const BASE_URL_KEY: &str = "revkeen.base_url";
 
@@ -286,8 +368,11 @@ pub(crate) fn classify(
 fn single_answer(status: StatusCode, body: &[u8]) -> Answer {
     match serde_json::from_slice::<SingleAnswer>(body) {
         Ok(SingleAnswer::Applied { data, created }) if !data.id.trim().is_empty() => {
+            let id = data.id.trim();
+            let plausible = id.len() <= 128 && !id.chars().any(char::is_control);
             Answer::Applied {
                 created: created.unwrap_or(status == StatusCode::CREATED),
+                id: plausible.then(|| id.to_string()),
             }
         }
         Ok(SingleAnswer::Stale {
@@ -395,6 +480,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_hosted_sync_is_active_only_when_both_flags_say_so_in_either_shape() {
+        let answer = |status: u16, body: &str| {
+            hosted_sync_answer(
+                StatusCode::from_u16(status).expect("status"),
+                body.as_bytes(),
+            )
+        };
+        let wrapped = r#"{"success": true, "data": {"isActive": true, "syncEnabled": true,
+            "status": "connected", "lastSyncAt": "2026-12-01T09:00:00Z"}}"#;
+        assert_eq!(
+            answer(200, wrapped),
+            HostedSync::Active {
+                status: Some("connected".into()),
+                last_sync_at: Some("2026-12-01T09:00:00Z".into())
+            }
+        );
+        let flat = r#"{"is_active": true, "sync_enabled": true}"#;
+        assert!(matches!(answer(200, flat), HostedSync::Active { .. }));
+        let paused = r#"{"success": true, "data": {"isActive": true, "syncEnabled": false}}"#;
+        assert_eq!(answer(200, paused), HostedSync::Off);
+        for (status, body) in [
+            (403, r#"{"success": false, "error": "Insufficient scope"}"#),
+            (404, r#"{"success": false, "error": "not found"}"#),
+            (200, r#"{"success": false, "error": "odd"}"#),
+            (200, r#"{"data": {"isActive": "yes"}}"#),
+            (200, "<html>"),
+            (500, ""),
+        ] {
+            assert!(
+                matches!(answer(status, body), HostedSync::Unknown(_)),
+                "{status} {body}"
+            );
+        }
+    }
+
+    #[test]
     fn answers_follow_the_failure_policy() {
         let ok = |status: u16, body: &str| {
             classify(
@@ -406,11 +527,29 @@ mod tests {
         };
         assert_eq!(
             ok(201, r#"{"data":{"id":"c_1"},"created":true}"#),
-            Answer::Applied { created: true }
+            Answer::Applied {
+                created: true,
+                id: Some("c_1".into())
+            }
         );
         assert_eq!(
             ok(200, r#"{"data":{"id":"c_1"},"created":false}"#),
-            Answer::Applied { created: false }
+            Answer::Applied {
+                created: false,
+                id: Some("c_1".into())
+            }
+        );
+        // Delivered, but an id no RevKeen would give is not kept (nor ever shown).
+        let long = format!(
+            r#"{{"data":{{"id":"{}"}},"created":false}}"#,
+            "x".repeat(300)
+        );
+        assert_eq!(
+            ok(200, &long),
+            Answer::Applied {
+                created: false,
+                id: None
+            }
         );
         assert_eq!(
             ok(200, r#"{"ignored":true,"reason":"stale_update"}"#),

@@ -237,6 +237,13 @@ pub async fn once(config: &Config, options: &OnceOptions) -> Result<RunReport, R
         store.call(move |s| s.reset_attempts(&names)).await?;
     }
     let run_id = store.call(|s| s.begin_run("once")).await?;
+    // RevKeen's own hosted sync, the other writer, read beside the run (`hosted`).
+    let hosted = {
+        let (config, selected, store) = (config.clone(), selected.clone(), store.clone());
+        tokio::spawn(
+            async move { crate::hosted::check_and_record(&config, &selected, &store).await },
+        )
+    };
 
     let wake = Arc::new(Notify::new());
     let state = Arc::new(WorkerState::default());
@@ -305,6 +312,18 @@ pub async fn once(config: &Config, options: &OnceOptions) -> Result<RunReport, R
         ExitStatus::Unavailable => "unavailable",
         _ => "failed",
     };
+    // Bounded: a RevKeen too slow to answer this read does not hold the summary back.
+    let abort = hosted.abort_handle();
+    match tokio::time::timeout(HOSTED_SYNC_WAIT, hosted).await {
+        Ok(Ok(Err(error))) => {
+            tracing::warn!(%error, "Could not record RevKeen's built-in syncs for status.");
+        }
+        Ok(_) => {}
+        Err(_) => {
+            abort.abort();
+            tracing::debug!("RevKeen did not answer the read of its built-in syncs in time.");
+        }
+    }
     store.call(move |s| s.finish_run(run_id, outcome)).await?;
     Ok(RunReport {
         sources: reports,
@@ -313,6 +332,9 @@ pub async fn once(config: &Config, options: &OnceOptions) -> Result<RunReport, R
         elapsed: started.elapsed(),
     })
 }
+
+/// How long a finished run waits for the read of RevKeen's built-in syncs.
+const HOSTED_SYNC_WAIT: Duration = Duration::from_secs(5);
 
 /// A poll's source name and result.
 type PollResult = (String, Result<PollStats, PollError>);
@@ -558,6 +580,10 @@ pub struct DryRunEntry {
     /// Why a record cannot be sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// RevKeen's id for the customer, when an earlier single upsert's answer named it (shown
+    /// with `--verbose`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revkeen_id: Option<String>,
 }
 
 /// Fetches every selected source and reports what a run would send, writing nothing: not to
@@ -624,6 +650,7 @@ fn preview_item(
                 fields: Vec::new(),
                 body: None,
                 reason: Some(rejection.reason),
+                revkeen_id: None,
             });
             return Ok(());
         }
@@ -639,6 +666,7 @@ fn preview_item(
         None => Preview {
             decision: decide(&Lane::default(), &hash, update_only, resync),
             synced_body: None,
+            revkeen_id: None,
         },
     };
     let create = match preview.decision {
@@ -665,6 +693,7 @@ fn preview_item(
         fields: changed_fields(old.as_ref(), &new),
         body: Some(new),
         reason: None,
+        revkeen_id: preview.revkeen_id,
     });
     Ok(())
 }

@@ -600,13 +600,17 @@ async fn apply(shared: &Arc<Shared>, unit: Unit, answer: Answer) -> SendResult {
         clear_stale_halt(shared).await?;
     }
     match answer {
-        Answer::Applied { created } => {
+        Answer::Applied { created, id } => {
             let counts = DeliveryCounts {
                 created: u64::from(created),
                 updated: u64::from(!created),
                 ..DeliveryCounts::default()
             };
-            finish_all(shared, unit, Finished::Delivered, counts).await
+            let result = match id {
+                Some(revkeen_id) => Finished::Applied { revkeen_id },
+                None => Finished::Delivered,
+            };
+            finish_all(shared, unit, result, counts).await
         }
         Answer::Stale => {
             let counts = DeliveryCounts {
@@ -1052,7 +1056,10 @@ mod tests {
     }
 
     fn applied() -> Answer {
-        Answer::Applied { created: true }
+        Answer::Applied {
+            created: true,
+            id: Some("c_1".into()),
+        }
     }
 
     #[tokio::test(start_paused = true)]

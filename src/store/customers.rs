@@ -81,6 +81,8 @@ pub fn decide(lane: &Lane, hash: &str, update_only: bool, resync: bool) -> Decis
 pub struct Preview {
     pub decision: Decision,
     pub synced_body: Option<Vec<u8>>,
+    /// RevKeen's id for the customer, when a single upsert's answer named it.
+    pub revkeen_id: Option<String>,
 }
 
 impl Store {
@@ -101,10 +103,21 @@ impl Store {
         update_only: bool,
         resync: bool,
     ) -> Result<Preview, StoreError> {
-        let (_, lane) = read(&self.conn(), source, external_id, true).map_err(|e| self.err(e))?;
+        let conn = self.conn();
+        let (known, lane) = read(&conn, source, external_id, true).map_err(|e| self.err(e))?;
+        let revkeen_id = if known {
+            conn.prepare_cached(
+                "SELECT revkeen_id FROM customers WHERE source = ?1 AND external_id = ?2",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![source, external_id], |row| row.get(0)))
+            .map_err(|e| self.err(e))?
+        } else {
+            None
+        };
         Ok(Preview {
             decision: decide(&lane, body_hash, update_only, resync),
             synced_body: lane.synced_body,
+            revkeen_id,
         })
     }
 
@@ -262,10 +275,18 @@ pub(super) fn reject(
     .map(drop)
 }
 
-/// RevKeen accepted `job`'s body: it is the customer's synced body now.
-pub(super) fn mark_synced(conn: &Connection, job: &Job, now: i64) -> rusqlite::Result<()> {
+/// RevKeen accepted `job`'s body: it is the customer's synced body now. `revkeen_id` is
+/// RevKeen's id for the customer when the answer named one; an answer without one keeps the
+/// id known before.
+pub(super) fn mark_synced(
+    conn: &Connection,
+    job: &Job,
+    revkeen_id: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "UPDATE customers SET synced_hash = ?3, synced_body = ?4, synced_at = ?5
+        "UPDATE customers SET synced_hash = ?3, synced_body = ?4, synced_at = ?5,
+                revkeen_id = COALESCE(?6, revkeen_id)
           WHERE source = ?1 AND external_id = ?2",
     )?
     .execute(params![
@@ -273,7 +294,8 @@ pub(super) fn mark_synced(conn: &Connection, job: &Job, now: i64) -> rusqlite::R
         job.external_id,
         job.body_hash,
         job.body,
-        now
+        now,
+        revkeen_id
     ])
     .map(drop)
 }

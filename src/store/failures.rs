@@ -51,23 +51,30 @@ pub struct Failure {
     /// Unix ms.
     pub first_seen: i64,
     pub last_seen: i64,
+    /// RevKeen's id for the customer, when an earlier single upsert of it was answered with
+    /// one (a customer that was synced before this failure).
+    pub revkeen_id: Option<String>,
 }
 
 impl Store {
     /// Every failure, optionally of some sources only, oldest first.
     pub fn failures(&self, sources: Option<&[String]>) -> Result<Vec<Failure>, StoreError> {
         let conn = self.conn();
-        let columns = "source, external_id, kind, code, reason, hint, http_status, field_errors, \
-                       attempts, first_seen, last_seen";
+        let columns = "f.source, f.external_id, f.kind, f.code, f.reason, f.hint, f.http_status, \
+                       f.field_errors, f.attempts, f.first_seen, f.last_seen, c.revkeen_id";
+        let from = "failures f LEFT JOIN customers c \
+                    ON c.source = f.source AND c.external_id = f.external_id";
         let (sql, args): (String, Vec<String>) = match sources {
             None => (
-                format!("SELECT {columns} FROM failures ORDER BY first_seen, source, external_id"),
+                format!(
+                    "SELECT {columns} FROM {from} ORDER BY f.first_seen, f.source, f.external_id"
+                ),
                 vec![],
             ),
             Some(list) => (
                 format!(
-                    "SELECT {columns} FROM failures WHERE source IN ({})
-                      ORDER BY first_seen, source, external_id",
+                    "SELECT {columns} FROM {from} WHERE f.source IN ({})
+                      ORDER BY f.first_seen, f.source, f.external_id",
                     placeholders(list.len())
                 ),
                 list.to_vec(),
@@ -126,6 +133,7 @@ fn failure_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Failure> {
         attempts: row.get(8)?,
         first_seen: row.get(9)?,
         last_seen: row.get(10)?,
+        revkeen_id: row.get(11)?,
     })
 }
 

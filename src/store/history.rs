@@ -231,6 +231,39 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Records (`Some(message)`) or clears (`None`) the finding that RevKeen's own hosted sync
+    /// for `provider` is active.
+    pub fn record_hosted_sync(
+        &self,
+        provider: &str,
+        message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match message {
+            Some(message) => conn.execute(
+                "INSERT INTO hosted_syncs (provider, message, checked_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (provider) DO UPDATE SET message = excluded.message,
+                     checked_at = excluded.checked_at",
+                params![provider, redact(message), now_ms()],
+            ),
+            None => conn.execute("DELETE FROM hosted_syncs WHERE provider = ?1", [provider]),
+        }
+        .map(drop)
+        .map_err(|e| self.err(e))
+    }
+
+    /// Every provider whose hosted sync was last found active: `(provider, message, checked
+    /// at)`, by provider.
+    pub fn hosted_syncs(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT provider, message, checked_at FROM hosted_syncs ORDER BY provider")
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))
+    }
+
     /// The last re-read of every key re-read since the state file was made, by key.
     pub fn key_rereads(&self) -> Result<Vec<KeyReread>, StoreError> {
         let conn = self.conn();

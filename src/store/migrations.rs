@@ -197,8 +197,21 @@ CREATE TABLE key_rereads (
 );
 "#;
 
+const V8: &str = r#"
+-- RevKeen's customer id from a single upsert's answer (`data.id`), beside the synced hash;
+-- batch answers carry none, so it stays NULL for a customer only ever sent in batches.
+ALTER TABLE customers ADD COLUMN revkeen_id TEXT;
+-- RevKeen's own hosted sync found active for a provider (the other writer), at start or by
+-- a run: the warning `status` repeats. Removed when a later read finds it off.
+CREATE TABLE hosted_syncs (
+    provider    TEXT PRIMARY KEY,
+    message     TEXT NOT NULL,
+    checked_at  INTEGER NOT NULL
+);
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 7;
+pub(super) const LATEST: usize = 8;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -210,6 +223,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V5),
         M::up(V6),
         M::up(V7),
+        M::up(V8),
     ])
 }
 

@@ -290,10 +290,12 @@ impl Store {
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_ms();
         let result_of = |job: &Job| results.iter().find(|(id, _)| *id == job.id).map(|(_, r)| r);
-        let all_delivered = unit
-            .jobs()
-            .iter()
-            .all(|job| matches!(result_of(job), Some(Finished::Delivered)));
+        let all_delivered = unit.jobs().iter().all(|job| {
+            matches!(
+                result_of(job),
+                Some(Finished::Delivered | Finished::Applied { .. })
+            )
+        });
         match unit {
             // The common case, a whole batch accepted: three statements instead of three per
             // member.
@@ -311,8 +313,12 @@ impl Store {
                         continue;
                     };
                     match result {
-                        Finished::Delivered => {
-                            customers::mark_synced(&tx, job, now).and_then(|()| {
+                        Finished::Delivered | Finished::Applied { .. } => {
+                            let revkeen_id = match result {
+                                Finished::Applied { revkeen_id } => Some(revkeen_id.as_str()),
+                                _ => None,
+                            };
+                            customers::mark_synced(&tx, job, revkeen_id, now).and_then(|()| {
                                 failures::clear_dead_letter(&tx, &job.source, &job.external_id)
                             })
                         }
@@ -428,6 +434,8 @@ impl Store {
 pub enum Finished {
     /// RevKeen accepted it.
     Delivered,
+    /// RevKeen accepted it and named the customer (a single upsert's `data.id`).
+    Applied { revkeen_id: String },
     /// RevKeen's final refusal.
     DeadLetter(DeadLetter),
     /// Refused inside a batch, whose answer carries only a free-text error: send it again on

@@ -117,7 +117,7 @@ async fn a_typo_on_the_key_line_does_not_print_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2_and_a_missing_config_file_exits_78() {
     let h = Harness::start().await;
-    for args in [&["--bogus"][..], &["--once", "--dry-run"][..]] {
+    for args in [&["--bogus"][..], &["--once", "--bogus"][..]] {
         let out = h.run(args).await;
         out.assert_exit(2);
         assert!(out.stderr.contains("Usage"), "{}", out.transcript());

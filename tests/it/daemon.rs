@@ -414,7 +414,8 @@ async fn metrics_are_prometheus_text_and_match_what_the_simulators_saw() {
     );
     assert_eq!(
         m.sum("sync_daemon_http_requests_total", &[("target", "revkeen")]),
-        revkeen.requests as f64,
+        // The customer API's requests and the read of RevKeen's own hosted syncs at start.
+        (revkeen.requests + revkeen.integration_reads) as f64,
         "requests to RevKeen vs what RevKeen counted\n{context}"
     );
     assert_eq!(
@@ -464,7 +465,11 @@ async fn metrics_are_prometheus_text_and_match_what_the_simulators_saw() {
         "sync_daemon_request_duration_seconds_count",
         &[("target", "revkeen")],
     );
-    assert_eq!(count, revkeen.requests as f64, "{context}");
+    assert_eq!(
+        count,
+        (revkeen.requests + revkeen.integration_reads) as f64,
+        "{context}"
+    );
     assert_eq!(buckets.last().map(|b| b.1), Some(count));
 
     // Gauges: queue depth, oldest pending age, open failures, per source.

@@ -17,6 +17,7 @@ mod demo;
 mod deploy;
 mod failures;
 mod faults;
+mod hosted;
 mod lifecycle;
 mod monitoring;
 mod once;

@@ -408,17 +408,20 @@ async fn dry_run_sends_and_writes_nothing() {
     let h = Harness::start().await;
     h.write_config(&h.config_for("gym"));
     h.sims.wodify.seed(150, 41);
-    let out = h.run(&["--dry-run"]).await;
-    out.assert_exit(exit::OK);
     let expected = expected_wodify(&h.sims.wodify);
-    let creates = out
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("create"))
-        .count();
-    assert_eq!(creates, expected.len(), "{}", out.transcript());
-    assert_eq!(h.sims.revkeen.stats().requests, 0);
-    assert!(!h.state.exists(), "--dry-run created a state file");
+    // The pinned form and the short one.
+    for args in [&["--once", "--dry-run"][..], &["--dry-run"]] {
+        let out = h.run(args).await;
+        out.assert_exit(exit::OK);
+        let creates = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("create"))
+            .count();
+        assert_eq!(creates, expected.len(), "{args:?}: {}", out.transcript());
+        assert_eq!(h.sims.revkeen.stats().requests, 0, "{args:?}");
+        assert!(!h.state.exists(), "{args:?} created a state file");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

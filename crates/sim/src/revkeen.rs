@@ -14,8 +14,15 @@
 //! refused for string and object fields because the schema does not mark them nullable; a
 //! different body under a key still in progress is a conflict rather than "in progress".
 //!
+//! RevKeen's own hosted sync (`GET /integrations/{provider}`, the other writer) is off for every
+//! provider unless a test switches it on with [`RevKeenSim::set_hosted_sync`] (or
+//! `PUT /_sim/integrations/{provider}`); the answer is `{"success": true, "data": {…}}` in
+//! camelCase, an unknown provider a 404 and, with [`RevKeenSim::set_integrations_readable`]
+//! off, a 403, both as `{"success": false, "error": "…"}`.
+//!
 //! Deliberate differences from the real service: only the customer endpoints the daemon uses
-//! exist; keys carry no scopes or environment (so there is no 403); a 5xx is only ever injected
+//! and the integration read exist; keys carry no scopes or environment (so there is no 403
+//! except the integration read's); a 5xx is only ever injected
 //! before any work, so no 5xx is ever stored for replay. The fault latency is spent with the
 //! idempotency key already claimed, and a dropped connection happens after the write is applied
 //! and stored, because those are the windows that make retries interesting. Requests run in
@@ -106,6 +113,29 @@ impl Default for RevKeenOptions {
     }
 }
 
+/// RevKeen's own hosted sync for one provider, as `GET /integrations/{provider}` answers it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostedSync {
+    pub is_active: bool,
+    pub sync_enabled: bool,
+    pub status: String,
+    #[serde(default)]
+    pub last_sync_at: Option<String>,
+}
+
+impl HostedSync {
+    /// Connected and syncing every few minutes, as right after a merchant activates it.
+    pub fn active() -> HostedSync {
+        HostedSync {
+            is_active: true,
+            sync_enabled: true,
+            status: "connected".into(),
+            last_sync_at: Some("2026-12-01T09:00:00.000Z".into()),
+        }
+    }
+}
+
 /// A customer as the simulator stores it, keyed by (`source`, `external_id`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SimCustomer {
@@ -128,7 +158,7 @@ pub struct SimCustomer {
 /// Counters since the simulator started or since [`RevKeenSim::clear_log`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct RevKeenStats {
-    /// Every request to the API routes (not `/_sim`).
+    /// Every request to the customer API (not `/_sim`, not the integration read).
     pub requests: u64,
     /// Customers created (batch items count individually).
     pub created: u64,
@@ -162,6 +192,11 @@ pub struct RevKeenStats {
     pub redirected: u64,
     /// Upserts answered 200 with the `bad_2xx_body` of the `bad_2xx_rate` fault, not applied.
     pub bad_answers: u64,
+    /// Reads of `GET /integrations/{provider}` (RevKeen's own hosted sync). Counted here only:
+    /// not in `requests` nor the request log, which are the customer API's, and never faulted
+    /// or rate limited.
+    #[serde(default)]
+    pub integration_reads: u64,
 }
 
 impl RevKeenStats {
@@ -250,6 +285,10 @@ struct SimState {
     /// later arrival) updates its own line and keeps the log in arrival order.
     log: Vec<(u64, LoggedRequest)>,
     next_log_id: u64,
+    /// Providers with RevKeen's own hosted sync configured; others answer 404.
+    hosted_sync: BTreeMap<String, HostedSync>,
+    /// Whether the integration read is allowed (off: a key without `integrations:read`, 403).
+    integrations_readable: bool,
 }
 
 struct StoredCustomer {
@@ -422,6 +461,17 @@ impl Route {
     }
 }
 
+/// The provider of `GET /integrations/{provider}` (RevKeen's own hosted sync), which is
+/// answered apart from the customer API.
+fn integration_path(method: &str, path: &str) -> Option<String> {
+    match (method, path.strip_prefix("/integrations/")) {
+        ("GET", Some(provider)) if !provider.is_empty() && !provider.contains('/') => {
+            percent_decode(provider)
+        }
+        _ => None,
+    }
+}
+
 /// Per-request facts the processing steps share.
 struct Ctx {
     request_id: String,
@@ -501,6 +551,8 @@ impl RevKeenSim {
             stats: RevKeenStats::default(),
             log: Vec::new(),
             next_log_id: 0,
+            hosted_sync: BTreeMap::new(),
+            integrations_readable: true,
         };
         RevKeenSim {
             inner: Arc::new(Inner {
@@ -522,6 +574,7 @@ impl RevKeenSim {
             .route("/_sim/faults", put(sim_set_faults).get(sim_get_faults))
             .route("/_sim/keys", put(sim_set_keys))
             .route("/_sim/rate-limit", put(sim_set_rate_limit))
+            .route("/_sim/integrations/{provider}", put(sim_set_integration))
             .route(
                 "/_sim/rejections",
                 put(sim_set_rejections).get(sim_get_rejections),
@@ -560,6 +613,22 @@ impl RevKeenSim {
         for bucket in state.buckets.values() {
             bucket.set(requests_per_minute, Duration::from_secs(60), burst);
         }
+    }
+
+    /// Switches RevKeen's own hosted sync for `provider` (`wodify`, `practicehub`) on, or with
+    /// `None` removes it (its read answers 404).
+    pub fn set_hosted_sync(&self, provider: &str, sync: Option<HostedSync>) {
+        let mut state = self.lock();
+        match sync {
+            Some(sync) => state.hosted_sync.insert(provider.to_owned(), sync),
+            None => state.hosted_sync.remove(provider),
+        };
+    }
+
+    /// Whether keys may read `GET /integrations/{provider}` (off: 403, a key without the
+    /// `integrations:read` scope).
+    pub fn set_integrations_readable(&self, readable: bool) {
+        self.lock().integrations_readable = readable;
     }
 
     /// Replaces the business-rule rejections; an empty list refuses nothing.
@@ -622,6 +691,9 @@ impl RevKeenSim {
     async fn handle(&self, parts: Parts, body: Result<Bytes, String>) -> Reply {
         let method = parts.method.as_str().to_owned();
         let path = parts.uri.path().to_owned();
+        if let Some(provider) = integration_path(&method, &path) {
+            return Reply::Answer(self.integration_read(&provider, &parts.headers));
+        }
         let route = Route::parse(&method, &path);
         let idempotency_key = parts
             .headers
@@ -960,6 +1032,54 @@ impl RevKeenSim {
                     admitted: true,
                 })
             }
+        }
+    }
+
+    /// `GET /integrations/{provider}` from arrival: counted on its own, the key checked.
+    fn integration_read(&self, provider: &str, headers: &HeaderMap) -> Answer {
+        let known = {
+            let mut state = self.lock();
+            state.stats.integration_reads += 1;
+            headers
+                .get("x-api-key")
+                .and_then(|key| key.to_str().ok())
+                .is_some_and(|key| state.api_keys.contains(key))
+        };
+        if !known {
+            return Answer::json(
+                StatusCode::UNAUTHORIZED,
+                &json!({ "success": false, "error": "Invalid API key" }),
+            );
+        }
+        self.integration(provider)
+    }
+
+    /// `GET /integrations/{provider}`, in the integration endpoints' own envelope.
+    fn integration(&self, provider: &str) -> Answer {
+        let state = self.lock();
+        if !state.integrations_readable {
+            return Answer::json(
+                StatusCode::FORBIDDEN,
+                &json!({ "success": false, "error": "Insufficient scope: integrations:read" }),
+            );
+        }
+        match state.hosted_sync.get(provider) {
+            Some(sync) => Answer::json(
+                StatusCode::OK,
+                &json!({ "success": true, "data": {
+                    "provider": provider,
+                    "isActive": sync.is_active,
+                    "syncEnabled": sync.sync_enabled,
+                    "status": sync.status,
+                    "lastSyncAt": sync.last_sync_at,
+                    "syncHealth": "healthy",
+                    "syncInterval": { "intervalMs": 300_000, "nextRun": null },
+                }}),
+            ),
+            None => Answer::json(
+                StatusCode::NOT_FOUND,
+                &json!({ "success": false, "error": format!("Integration {provider} not found") }),
+            ),
         }
     }
 
@@ -1507,6 +1627,22 @@ struct RateLimit {
     burst: u32,
 }
 
+/// `PUT /_sim/integrations/{provider}`: a [`HostedSync`] (camelCase) switches RevKeen's own
+/// sync for the provider on; `null` removes it.
+async fn sim_set_integration(
+    State(sim): State<RevKeenSim>,
+    axum::extract::Path(provider): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    match sim_body::<Option<HostedSync>>(&body) {
+        Ok(sync) => {
+            sim.set_hosted_sync(&provider, sync);
+            axum::Json(json!({ "ok": true })).into_response()
+        }
+        Err(response) => *response,
+    }
+}
+
 async fn sim_stats(State(sim): State<RevKeenSim>) -> Response {
     axum::Json(sim.stats()).into_response()
 }
@@ -1670,6 +1806,42 @@ mod tests {
             let (status, _, body) = read(response).await;
             (status, body)
         }
+    }
+
+    #[tokio::test]
+    async fn the_hosted_sync_read_answers_404_until_switched_on_and_403_without_the_scope() {
+        let h = Harness::start().await;
+        let (status, body) = h.get("/integrations/wodify").await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["success"], false);
+
+        h.sim.set_hosted_sync("wodify", Some(HostedSync::active()));
+        let (status, body) = h.get("/integrations/wodify").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["isActive"], true);
+        assert_eq!(body["data"]["syncEnabled"], true);
+        let (status, _) = h.get("/integrations/practicehub").await;
+        assert_eq!(status, 404);
+
+        // The /_sim switch is the same as the method.
+        let response = h
+            .client
+            .put(h.url("/_sim/integrations/wodify"))
+            .body("null")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(h.get("/integrations/wodify").await.0, 404);
+
+        h.sim.set_integrations_readable(false);
+        let (status, body) = h.get("/integrations/wodify").await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["success"], false);
+        // Counted apart from the customer API.
+        let stats = h.sim.stats();
+        assert_eq!((stats.requests, stats.integration_reads), (0, 5));
+        assert!(h.sim.requests().is_empty());
     }
 
     async fn read(response: reqwest::Response) -> (u16, HeaderMap, Value) {
