@@ -197,8 +197,18 @@ CREATE TABLE key_rereads (
 );
 "#;
 
+const V8: &str = r#"
+-- Every acknowledged batch asks whether any dead letter exists (to skip clearing them when
+-- none does): without this index that question scanned every open failure, about 4 % of a
+-- gym's clients, on every batch, which made a 1M-client first sync superlinear.
+CREATE INDEX failures_kind ON failures (kind, source);
+-- Recorded batches are claimed in due order; during a RevKeen outage the backlog turns into
+-- recorded batches waiting for their retry, so their claim walks this index, not the table.
+CREATE INDEX batches_due ON batches (next_attempt_at, id);
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 7;
+pub(super) const LATEST: usize = 8;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -210,6 +220,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V5),
         M::up(V6),
         M::up(V7),
+        M::up(V8),
     ])
 }
 
