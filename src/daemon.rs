@@ -39,6 +39,9 @@ const AUTH_REFUSED: &str = "auth refused";
 
 /// How often the scheduler watchdog looks at the sources.
 const WATCHDOG_TICK: Duration = Duration::from_secs(2);
+/// How often the daemon looks for work another process queued (`replay`): the idle worker
+/// never looks on a timer.
+const OUTSIDE_WRITES_TICK: Duration = Duration::from_secs(5);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +298,11 @@ impl Daemon {
             resume_tx,
             stop.clone(),
         ));
+        tasks.spawn(outside_writes_loop(
+            store.clone(),
+            worker.wake.clone(),
+            stop.clone(),
+        ));
         for mut task in self.sources {
             task.ctx.run_id = Some(run_id);
             tasks.spawn(source_loop(task, poll_states.clone(), self.held.clone()));
@@ -474,6 +482,31 @@ fn ended(join: tokio::task::JoinError) -> String {
 /// Re-reads the keys on `SIGHUP`, and every [`reload::RECHECK`] while an API refuses its key;
 /// a changed key is tried at once: the source polls now, a halted worker starts again.
 /// Without a `rereader` a `SIGHUP` only says so (it never ends the process).
+/// Wakes the worker when another process committed to the state file (`sync-daemon replay`
+/// put dead letters back while the daemon runs): every [`OUTSIDE_WRITES_TICK`] one pragma on
+/// the writer connection, whose `data_version` moves only for other connections' commits.
+async fn outside_writes_loop(store: Store, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(OUTSIDE_WRITES_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<i64> = None;
+    loop {
+        tokio::select! {
+            // The only way out: the supervisor counts any other end as a death.
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.call(|s| s.data_version()).await {
+            Ok(version) => {
+                if seen.is_some_and(|seen| seen != version) {
+                    wake.notify_one();
+                }
+                seen = Some(version);
+            }
+            Err(error) => tracing::debug!(%error, "Cannot read the state file's data version."),
+        }
+    }
+}
+
 async fn reread_loop(
     rereader: Option<Rereader>,
     ticks: HashMap<String, mpsc::Sender<()>>,

@@ -1,10 +1,11 @@
 //! Heartbeats of the daemon's loops, behind `/healthz` and the systemd watchdog.
 //!
 //! Each long-running loop beats when it makes progress (the worker once per iteration, at least
-//! every second even when idle; the scheduler watchdog every few seconds). A loop that stops
+//! every second while it has work; the scheduler watchdog every few seconds). A loop that stops
 //! beating is wedged, and only then does `/healthz` fail and the systemd watchdog go unfed, so
-//! a restart happens for a real hang, never for a quiet hour. A worker stopped on purpose by
-//! an auth halt is not wedged: that shows in `/readyz`, not in liveness.
+//! a restart happens for a real hang, never for a quiet hour. A worker parked with nothing to
+//! do (waiting to be woken, no timer) is not wedged, nor is one stopped on purpose by an auth
+//! halt: that shows in `/readyz`, not in liveness.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,9 +17,24 @@ pub struct Health {
     started: Instant,
     beat: Duration,
     worker: AtomicU64,
+    /// Worker beats since start: how often its loop went round.
+    worker_beats: AtomicU64,
     scheduler: AtomicU64,
     worker_stopped: AtomicBool,
+    /// The worker is parked: nothing queued or due, it waits to be woken.
+    worker_parked: AtomicBool,
     failed: AtomicBool,
+}
+
+/// While held, the worker is parked (see [`Health::worker_parked`]); dropping it un-parks the
+/// worker and counts as a beat.
+pub struct Parked<'a>(&'a Health);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.worker_parked.store(false, Ordering::Relaxed);
+        self.0.beat_worker();
+    }
 }
 
 impl Default for Health {
@@ -35,8 +51,10 @@ impl Health {
             started: Instant::now(),
             beat,
             worker: AtomicU64::new(0),
+            worker_beats: AtomicU64::new(0),
             scheduler: AtomicU64::new(0),
             worker_stopped: AtomicBool::new(false),
+            worker_parked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         }
     }
@@ -53,11 +71,25 @@ impl Health {
     /// The worker loop made progress.
     pub fn beat_worker(&self) {
         self.worker.store(self.now(), Ordering::Relaxed);
+        self.worker_beats.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times the worker loop went round since start.
+    #[cfg(test)]
+    pub(crate) fn worker_beats(&self) -> u64 {
+        self.worker_beats.load(Ordering::Relaxed)
     }
 
     /// The scheduler loop made progress.
     pub fn beat_scheduler(&self) {
         self.scheduler.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The worker waits to be woken with nothing queued or due: it need not beat until the
+    /// returned guard is dropped.
+    pub fn worker_parked(&self) -> Parked<'_> {
+        self.worker_parked.store(true, Ordering::Relaxed);
+        Parked(self)
     }
 
     /// The worker ended on purpose (auth halt): it no longer needs to beat.
@@ -85,7 +117,9 @@ impl Health {
         let now = self.now();
         let window = window.as_millis() as u64;
         let fresh = |beat: &AtomicU64| now.saturating_sub(beat.load(Ordering::Relaxed)) <= window;
-        (self.worker_stopped.load(Ordering::Relaxed) || fresh(&self.worker))
+        (self.worker_stopped.load(Ordering::Relaxed)
+            || self.worker_parked.load(Ordering::Relaxed)
+            || fresh(&self.worker))
             && fresh(&self.scheduler)
     }
 }
@@ -108,6 +142,21 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         health.beat_scheduler();
         assert!(!health.alive(Duration::from_secs(5)), "the worker is stale");
+        // A parked worker (nothing to do, waiting to be woken) does not need to beat; once
+        // woken it beats again.
+        let parked = health.worker_parked();
+        assert!(health.alive(Duration::from_secs(5)));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        health.beat_scheduler();
+        assert!(health.alive(Duration::from_secs(5)), "parked for a minute");
+        drop(parked);
+        assert!(health.alive(Duration::from_secs(5)), "woken: a fresh beat");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        health.beat_scheduler();
+        assert!(
+            !health.alive(Duration::from_secs(5)),
+            "awake and not beating"
+        );
         // A worker stopped on purpose (an auth halt) does not need to beat.
         health.worker_stopped();
         assert!(health.alive(Duration::from_secs(5)));

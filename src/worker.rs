@@ -325,8 +325,9 @@ type SendResult = Result<(), StoreError>;
 enum Next {
     /// Claim and send a unit now.
     Send,
-    /// Nothing is due; look again in a while (or when woken).
-    Wait(Duration),
+    /// Nothing is due: look again after this long (a retry comes due), or, with `None`, only
+    /// when woken (new work queued, an answer in, a stop).
+    Wait(Option<Duration>),
     /// `--once`: nothing is left to send.
     Drained,
 }
@@ -397,13 +398,17 @@ impl Worker {
                 Next::Drained => break WorkerExit::Drained,
                 Next::Wait(sleep) => {
                     drop(permit);
+                    // Parked: an idle worker sleeps until something wakes it (no timer while
+                    // nothing is queued or due), and is not wedged while it does.
+                    let parked = self.health.as_ref().map(|health| health.worker_parked());
                     tokio::select! {
-                        () = tokio::time::sleep(sleep) => {}
+                        () = sleep_for(sleep) => {}
                         () = shared.wake.notified() => {}
                         () = inputs_done.cancelled(), if !inputs_done.is_cancelled() => {}
                         () = shutdown.cancelled() => {}
                         Some(done) = tasks.join_next(), if !tasks.is_empty() => join_result(done)?,
                     }
+                    drop(parked);
                     continue;
                 }
                 Next::Send => {}
@@ -518,17 +523,24 @@ async fn next(
             Ok(if left == 0 {
                 Next::Drained
             } else {
-                Next::Wait(beat_every)
+                // `--once`: work held back or in another lane's flight; look again soon.
+                Next::Wait(Some(beat_every))
             })
         }
-        // Idle: a periodic look (at least every beat) also catches work another process
-        // (`replay`) queued.
-        other => Ok(Next::Wait(
-            other
-                .map(|at| Duration::from_millis(u64::try_from(at - now).unwrap_or(0)))
-                .unwrap_or(beat_every)
-                .min(beat_every),
-        )),
+        // Until the next retry is due; with nothing queued, until woken. Work another process
+        // (`replay`) queues wakes the worker through the daemon's watch of the state file.
+        Some(at) => Ok(Next::Wait(Some(Duration::from_millis(
+            u64::try_from(at - now).unwrap_or(0),
+        )))),
+        None => Ok(Next::Wait(None)),
+    }
+}
+
+/// Sleeps for `wait`, or for ever with `None`.
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1177,6 +1189,51 @@ mod tests {
         assert_eq!(revkeen.arrivals().len(), 1);
         assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 5);
         assert_eq!(store.halts().expect("halts").len(), 1);
+    }
+
+    /// Idle means asleep: with nothing queued the worker makes no round (so no read of the
+    /// state file) for an hour; new work wakes it at once, and a retry wakes it when due.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_worker_sleeps_until_work_is_queued_or_a_retry_is_due() {
+        let (store, _dir) = queued(0);
+        let revkeen = scripted(
+            vec![Answer::Transient("HTTP 503".into()), applied()],
+            Duration::ZERO,
+        );
+        let health = Arc::new(Health::with_beat(Duration::from_secs(1)));
+        let mut worker = worker(&store, revkeen.clone(), Exhausted::DeadLetter);
+        worker.health = Some(health.clone());
+        let wake = worker.wake.clone();
+        let running = Running::start(worker, Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let settled = health.worker_beats();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            health.worker_beats(),
+            settled,
+            "an idle hour woke the worker"
+        );
+        health.beat_scheduler();
+        assert!(health.alive(Duration::from_secs(5)), "parked is alive");
+
+        let item = PageItem {
+            external_id: "late".to_string(),
+            outcome: PageItemOutcome::Customer {
+                body: br#"{"email":"late@example.com"}"#.to_vec(),
+                update_only: false,
+            },
+        };
+        store
+            .commit_page("gym", "wodify", &[item], None, false, false)
+            .expect("commit");
+        wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(revkeen.arrivals().len(), 1, "woken at once by the new work");
+        // The 503's retry is due after the backoff: the worker wakes for it, unprompted.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(revkeen.arrivals().len(), 2, "the retry was sent when due");
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 0);
+        running.stop().await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,13 +5,14 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::Cached;
 use super::{Store, StoreError};
 
 impl Store {
     /// The saved cursor of a source and its number of complete passes.
     pub fn cursor(&self, source: &str) -> Result<Option<(String, i64)>, StoreError> {
         self.conn()
-            .query_row(
+            .row_cached(
                 "SELECT cursor, passes FROM cursors WHERE source = ?1",
                 [source],
                 |row| Ok((row.get(0)?, row.get(1)?)),

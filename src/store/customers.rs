@@ -12,6 +12,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::Cached;
 use super::outbox::Job;
 use super::{Store, StoreError, cursors};
 
@@ -157,7 +158,7 @@ impl Store {
         if cursors::passes_of(&conn, source).map_err(|e| self.err(e))? == 0 {
             return Ok(None);
         }
-        conn.query_row(
+        conn.row_cached(
             "SELECT COUNT(*) FROM customers WHERE source = ?1",
             [source],
             |row| row.get(0),
@@ -168,7 +169,7 @@ impl Store {
 }
 
 fn vanished_count(conn: &Connection, source: &str, pass: i64) -> rusqlite::Result<u64> {
-    conn.query_row(
+    conn.row_cached(
         "SELECT COUNT(*) FROM customers WHERE source = ?1 AND seen_pass < ?2",
         params![source, pass],
         |row| row.get(0),

@@ -8,6 +8,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
+use super::Cached;
 use super::outbox::{Job, placeholders};
 use super::{Store, StoreError};
 use crate::customer::Rejection;
@@ -94,7 +95,7 @@ impl Store {
             placeholders(sources.len())
         );
         self.conn()
-            .query_row(&sql, params_from_iter(sources), |row| {
+            .row_cached(&sql, params_from_iter(sources), |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .map_err(|e| self.err(e))
@@ -104,7 +105,7 @@ impl Store {
     /// source has nothing left to fix. (Dead letters stay: their body can still be replayed.)
     pub fn clear_vanished_rejections(&self, source: &str, pass: i64) -> Result<u64, StoreError> {
         self.conn()
-            .execute(
+            .exec_cached(
                 "DELETE FROM failures WHERE source = ?1 AND kind = 'rejected' AND external_id IN
                    (SELECT external_id FROM customers WHERE source = ?1 AND seen_pass < ?2)",
                 params![source, pass],
@@ -257,7 +258,7 @@ pub(super) fn kind_of(
     source: &str,
     external_id: &str,
 ) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
+    conn.row_cached(
         "SELECT kind FROM failures WHERE source = ?1 AND external_id = ?2",
         params![source, external_id],
         |row| row.get(0),
@@ -288,12 +289,12 @@ pub(super) fn take(
     source: &str,
     external_id: &str,
 ) -> rusqlite::Result<(Vec<u8>, String)> {
-    let stored = conn.query_row(
+    let stored = conn.row_cached(
         "SELECT body, revkeen_source FROM failures WHERE source = ?1 AND external_id = ?2",
         params![source, external_id],
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
-    conn.execute(
+    conn.exec_cached(
         "DELETE FROM failures WHERE source = ?1 AND external_id = ?2",
         params![source, external_id],
     )?;

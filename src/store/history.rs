@@ -5,6 +5,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::Cached;
 use super::{Store, StoreError, now_ms};
 use crate::secret::redact;
 
@@ -176,7 +177,7 @@ impl Store {
     /// Records that `target` refused our key.
     pub fn set_halt(&self, target: &str, code: &str, message: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec_cached(
                 "INSERT INTO halts (target, code, message, since) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (target) DO UPDATE SET code = excluded.code,
                      message = excluded.message",
@@ -189,7 +190,7 @@ impl Store {
     /// Clears a halt once `target` answered an authenticated request.
     pub fn clear_halt(&self, target: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM halts WHERE target = ?1", [target])
+            .exec_cached("DELETE FROM halts WHERE target = ?1", [target])
             .map(drop)
             .map_err(|e| self.err(e))
     }
@@ -198,7 +199,7 @@ impl Store {
     pub fn halts(&self) -> Result<Vec<Halt>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT target, code, message, since FROM halts ORDER BY target")
+            .prepare_cached("SELECT target, code, message, since FROM halts ORDER BY target")
             .map_err(|e| self.err(e))?;
         stmt.query_map([], |row| {
             Ok(Halt {
@@ -221,7 +222,7 @@ impl Store {
         changed: bool,
     ) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec_cached(
                 "INSERT INTO key_rereads (key, at, trigger, changed) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (key) DO UPDATE SET at = excluded.at, trigger = excluded.trigger,
                      changed = excluded.changed",
@@ -268,7 +269,7 @@ impl Store {
     pub fn key_rereads(&self) -> Result<Vec<KeyReread>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT key, at, trigger, changed FROM key_rereads ORDER BY key")
+            .prepare_cached("SELECT key, at, trigger, changed FROM key_rereads ORDER BY key")
             .map_err(|e| self.err(e))?;
         stmt.query_map([], |row| {
             Ok(KeyReread {
@@ -285,7 +286,7 @@ impl Store {
     /// Starts a run record; returns its id.
     pub fn begin_run(&self, mode: &str) -> Result<i64, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.exec_cached(
             "INSERT INTO runs (mode, started_at) VALUES (?1, ?2)",
             params![mode, now_ms()],
         )
@@ -305,7 +306,7 @@ impl Store {
     /// while a process holds the writer lock (a crashed run is never finished).
     pub fn open_run_mode(&self) -> Result<Option<String>, StoreError> {
         self.conn()
-            .query_row(
+            .row_cached(
                 "SELECT mode FROM runs WHERE finished_at IS NULL ORDER BY id DESC LIMIT 1",
                 [],
                 |row| row.get(0),
@@ -317,7 +318,7 @@ impl Store {
     /// Closes a run record.
     pub fn finish_run(&self, run_id: i64, outcome: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec_cached(
                 "UPDATE runs SET finished_at = ?2, outcome = ?3 WHERE id = ?1",
                 params![run_id, now_ms(), outcome],
             )
@@ -328,7 +329,7 @@ impl Store {
     /// Starts a poll record; returns its id.
     pub fn begin_poll(&self, run_id: Option<i64>, source: &str) -> Result<i64, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.exec_cached(
             "INSERT INTO polls (run_id, source, started_at) VALUES (?1, ?2, ?3)",
             params![run_id, source, now_ms()],
         )
@@ -353,7 +354,7 @@ impl Store {
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec_cached(
                 "UPDATE polls SET pages = ?2, fetched = ?3, enqueued = ?4, unchanged = ?5,
                         rejected = ?6, outcome = ?7, error = ?8,
                         finished_at = CASE WHEN ?7 IS NULL THEN NULL ELSE ?9 END,
@@ -393,7 +394,7 @@ impl Store {
     pub fn last_successful_polls(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
+            .prepare_cached(
                 "SELECT source, MAX(finished_at) FROM polls
                   WHERE outcome = 'ok' AND finished_at IS NOT NULL GROUP BY source ORDER BY source",
             )
@@ -406,7 +407,7 @@ impl Store {
     /// The most recent poll of a source.
     pub fn last_poll(&self, source: &str) -> Result<Option<PollRecord>, StoreError> {
         self.conn()
-            .query_row(
+            .row_cached(
                 "SELECT source, started_at, finished_at, outcome, error, pages, fetched, enqueued,
                         unchanged, rejected, warnings, skipped, vanished
                    FROM polls WHERE source = ?1 ORDER BY id DESC LIMIT 1",
@@ -438,7 +439,7 @@ impl Store {
     /// Delivery totals of a source.
     pub fn delivery(&self, source: &str) -> Result<DeliveryCounts, StoreError> {
         self.conn()
-            .query_row(
+            .row_cached(
                 "SELECT created, updated, stale, dead_lettered FROM delivery WHERE source = ?1",
                 [source],
                 |row| {

@@ -15,6 +15,7 @@
 
 use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
 
+use super::Cached;
 use super::customers::{self, Decision};
 use super::failures::{self, DeadLetter};
 use super::history::{self, DeliveryCounts, PageOutcome};
@@ -133,11 +134,11 @@ const JOB_COLUMNS: &str = "o.id, o.source, o.external_id, o.revkeen_source, o.bo
 
 /// Deletes a batch and puts its remaining members back in the queue as singles.
 fn dissolve_batch(tx: &rusqlite::Transaction<'_>, batch_id: i64) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.exec_cached(
         "UPDATE outbox SET batch_id = NULL, inflight = 0, single_only = 1 WHERE batch_id = ?1",
         [batch_id],
     )?;
-    tx.execute("DELETE FROM batches WHERE id = ?1", [batch_id])?;
+    tx.exec_cached("DELETE FROM batches WHERE id = ?1", [batch_id])?;
     Ok(())
 }
 
@@ -274,7 +275,7 @@ impl Store {
             "SELECT COUNT(*) FROM outbox WHERE source IN ({})",
             placeholders(sources.len())
         );
-        conn.query_row(&sql, params_from_iter(sources), |row| row.get(0))
+        conn.row_cached(&sql, params_from_iter(sources), |row| row.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -366,12 +367,12 @@ impl Store {
         let add = i64::from(count);
         let error = crate::secret::redact(error);
         match unit {
-            Unit::Single(job) => conn.execute(
+            Unit::Single(job) => conn.exec_cached(
                 "UPDATE outbox SET attempts = attempts + ?2, next_attempt_at = ?3, last_error = ?4,
                         inflight = 0 WHERE id = ?1",
                 params![job.id, add, at, error],
             ),
-            Unit::Batch(batch) => conn.execute(
+            Unit::Batch(batch) => conn.exec_cached(
                 "UPDATE batches SET attempts = attempts + ?2, next_attempt_at = ?3, last_error = ?4,
                         inflight = 0 WHERE id = ?1",
                 params![batch.id, add, at, error],
@@ -386,10 +387,10 @@ impl Store {
         let conn = self.conn();
         match unit {
             Unit::Single(job) => {
-                conn.execute("UPDATE outbox SET inflight = 0 WHERE id = ?1", [job.id])
+                conn.exec_cached("UPDATE outbox SET inflight = 0 WHERE id = ?1", [job.id])
             }
             Unit::Batch(batch) => {
-                conn.execute("UPDATE batches SET inflight = 0 WHERE id = ?1", [batch.id])
+                conn.exec_cached("UPDATE batches SET inflight = 0 WHERE id = ?1", [batch.id])
             }
         }
         .map(drop)
@@ -410,14 +411,14 @@ impl Store {
     pub fn reset_attempts(&self, sources: &[String]) -> Result<(), StoreError> {
         let conn = self.conn();
         let list = placeholders(sources.len());
-        conn.execute(
+        conn.exec_cached(
             &format!(
                 "UPDATE outbox SET attempts = 0, next_attempt_at = 0 WHERE source IN ({list})"
             ),
             params_from_iter(sources),
         )
         .map_err(|e| self.err(e))?;
-        conn.execute(
+        conn.exec_cached(
             &format!(
                 "UPDATE batches SET attempts = 0, next_attempt_at = 0 WHERE id IN
                    (SELECT batch_id FROM outbox WHERE batch_id IS NOT NULL AND source IN ({list}))"
@@ -767,7 +768,7 @@ fn claim_in(
         return Ok(None);
     };
     if single_only || filter.batch_size <= 1 {
-        tx.execute("UPDATE outbox SET inflight = 1 WHERE id = ?1", [head.id])?;
+        tx.exec_cached("UPDATE outbox SET inflight = 1 WHERE id = ?1", [head.id])?;
         return Ok(Some(Unit::Single(head)));
     }
     fill_batch(tx, filter, now, head)
@@ -810,7 +811,7 @@ fn claim_recorded_batch(
     let Some((id, revkeen_source, body, idempotency_key, attempts)) = batch else {
         return Ok(None);
     };
-    tx.execute("UPDATE batches SET inflight = 1 WHERE id = ?1", [id])?;
+    tx.exec_cached("UPDATE batches SET inflight = 1 WHERE id = ?1", [id])?;
     let members = batch_members(tx, id)?;
     Ok(Some(Batch {
         id,
@@ -854,7 +855,7 @@ fn claim_head(
         if update_only && !customers::has_synced(tx, &head.source, &head.external_id)? {
             // A deleted record whose create never reached RevKeen: sending it now would
             // create the customer, so the job is dropped instead.
-            tx.execute("DELETE FROM outbox WHERE id = ?1", [head.id])?;
+            tx.exec_cached("DELETE FROM outbox WHERE id = ?1", [head.id])?;
             continue;
         }
         return Ok(Some((head, single_only || update_only)));
@@ -898,7 +899,7 @@ fn fill_batch(
     drop(stmt);
     if members.len() == 1 {
         let job = members.remove(0);
-        tx.execute("UPDATE outbox SET inflight = 1 WHERE id = ?1", [job.id])?;
+        tx.exec_cached("UPDATE outbox SET inflight = 1 WHERE id = ?1", [job.id])?;
         return Ok(Some(Unit::Single(job)));
     }
     members.sort_by(|a, b| a.external_id.cmp(&b.external_id));
@@ -909,7 +910,7 @@ fn fill_batch(
             .map(|m| (m.external_id.as_str(), m.body.as_slice())),
     );
     let key = keys::batch_key(members.iter().map(|m| m.idempotency_key.as_str()));
-    tx.execute(
+    tx.exec_cached(
         "INSERT INTO batches (revkeen_source, body, idempotency_key, created_at, inflight)
          VALUES (?1, ?2, ?3, ?4, 1)",
         params![members[0].revkeen_source, body, key, now],

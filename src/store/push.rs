@@ -4,6 +4,7 @@
 
 use rusqlite::params;
 
+use super::Cached;
 use super::outbox::{self, PageItem};
 use super::{PageOutcome, Store, StoreError, cursors, now_ms};
 
@@ -112,7 +113,7 @@ impl Store {
             outbox::apply_items(&tx, source, revkeen_source, items, false, passes + 1, now)
                 .map_err(|e| self.err(e))?;
         for (id, seq) in events {
-            tx.execute(
+            tx.exec_cached(
                 "DELETE FROM push_events WHERE id = ?1 AND seq = ?2",
                 params![id, seq],
             )

@@ -16,7 +16,7 @@ use sync_daemon_sim::revkeen::Rejection;
 
 use crate::support::{
     Harness, Output, exit, rename_client, replaced, seed_valid_clients, seed_valid_patients,
-    wait_until, with_revkeen,
+    wait_until, wait_until_async, with_revkeen,
 };
 
 /// A Wodify client with no email: rejected before sending.
@@ -803,4 +803,45 @@ async fn status_names_a_source_whose_key_is_refused_until_a_run_succeeds() {
     let status = h.status_json().await;
     assert_eq!(status["auth_halts"], json!([]), "{status:#}");
     assert_eq!(source(&status, "gym")["last_poll"]["outcome"], "ok");
+}
+
+/// `replay` while the daemon runs: the idle worker sleeps without a timer, and the daemon's
+/// watch of the state file (another process committed) wakes it, so the replayed dead letter
+/// is delivered without waiting for a scheduled poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_while_the_daemon_runs_is_delivered_by_it() {
+    let h = synced_with_failures(1).await;
+    h.sims.revkeen.set_rejections(vec![]);
+    let daemon = h
+        .start_daemon(&crate::support::yearly_schedules(&with_revkeen(
+            &h.base_config(),
+            "batch_size = 1",
+        )))
+        .await;
+    // The start's polls find nothing new; the worker goes idle.
+    let revkeen = h.sims.revkeen.clone();
+    wait_until_async("the start's polls", Duration::from_secs(30), || async {
+        daemon.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert!(
+        revkeen
+            .customer("wodify", &REFUSED_CLIENT.to_string())
+            .is_none(),
+        "refused before"
+    );
+    h.run(&["replay", &REFUSED_CLIENT.to_string()])
+        .await
+        .assert_exit(exit::OK);
+    wait_until(
+        "the replayed customer at RevKeen",
+        Duration::from_secs(30),
+        || {
+            revkeen
+                .customer("wodify", &REFUSED_CLIENT.to_string())
+                .is_some()
+        },
+    )
+    .await;
+    daemon.stop().await.assert_exit(exit::OK);
 }
