@@ -548,7 +548,10 @@ impl Config {
             ));
             out.push_str(&format!(
                 "full_scan_schedule = {}\n",
-                q(source.full_scan_schedule.as_deref().unwrap_or(FULL_SCAN_OFF))
+                q(source
+                    .full_scan_schedule
+                    .as_deref()
+                    .unwrap_or(FULL_SCAN_OFF))
             ));
             if source.push_secret.is_some() {
                 out.push_str("push_secret = \"[redacted]\"\n");

@@ -774,7 +774,8 @@ pub fn yearly_schedules(toml: &str) -> String {
     let mut out = String::new();
     for line in toml.split_inclusive('\n') {
         if line.starts_with("schedule = ") {
-            out.push_str("schedule = \"0 0 0 1 1 *\"\n");
+            // PracticeHub's nightly full scan would tick a poll too.
+            out.push_str("schedule = \"0 0 0 1 1 *\"\nfull_scan_schedule = \"0 0 0 1 1 *\"\n");
         } else {
             out.push_str(line);
         }

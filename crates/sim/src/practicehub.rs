@@ -250,6 +250,11 @@ impl PracticeHubSim {
         self.patch_record(id, patch).is_some()
     }
 
+    /// Removes patient `id` outright, as a clinic that purges records would; false if absent.
+    pub fn remove_patient(&self, id: i64) -> bool {
+        self.core().remove(id)
+    }
+
     /// Marks patient `id` deleted (`deleted: true`) and bumps `updated` as
     /// [`PracticeHubSim::update_patient`] does. False if absent.
     pub fn soft_delete(&self, id: i64) -> bool {

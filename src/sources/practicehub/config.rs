@@ -161,6 +161,16 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("active", "active"),
 ];
 
+/// The fields whose attribute is named otherwise on live keys (the doc's "Newer evidence"):
+/// `(field, documented name, live name)`. With no `[sources.fields]` entry for it, a field is
+/// read from either, and the rows of a listing's first page decide which the daemon filters by
+/// and prefers. `created` is only told apart (the daemon reads no creation time).
+pub const NAMINGS: &[(&str, &str, &str)] = &[
+    ("phone", "mobile", "phone"),
+    ("updated", "updated", "updated_at"),
+    ("created", "created", "created_at"),
+];
+
 /// What an override may point each field at: the attribute's name must contain one of these.
 /// An allowlist, so no configuration can re-point a field at a note, a date of birth, an
 /// address part or any other attribute that is not plainly the billing-safe field it feeds.
