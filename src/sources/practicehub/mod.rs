@@ -409,7 +409,7 @@ impl PracticeHub {
         };
         let updated = at.names.get("updated").map_or("updated", String::as_str);
         let mark = at.mark.as_deref().map(|m| {
-            let shown = Stamp::parse(m).map_or_else(|| m.to_string(), |s| s.render());
+            let shown = Stamp::parse(m).map_or_else(|| m.to_string(), |s| s.display());
             format!("{updated} ≥ {shown}")
         });
         let mut text = match (mark, at.next.is_some(), at.full) {
@@ -1108,7 +1108,7 @@ mod tests {
         let old = r#"{"mark":"2025-02-01T10:00:00.123456789Z","started":null,"next":null}"#;
         assert!(!hub.mid_listing(old));
         assert!(
-            PracticeHub::describe_cursor(old).contains("updated ≥ 2025-02-01T10:00:00+00:00"),
+            PracticeHub::describe_cursor(old).contains("updated ≥ 2025-02-01T10:00:00Z"),
             "{}",
             PracticeHub::describe_cursor(old)
         );

@@ -116,6 +116,17 @@ impl Stamp {
         }
     }
 
+    /// For people (`status`): a zoned time in UTC (`…Z`, like every other time `status`
+    /// shows), a naive one as written.
+    pub(super) fn display(&self) -> String {
+        match self {
+            Stamp::Zoned(zoned) => {
+                whole_seconds(zoned.with_timezone(&Utc)).to_rfc3339_opts(SecondsFormat::Secs, true)
+            }
+            Stamp::Naive(_) => self.render(),
+        }
+    }
+
     /// Whether this is a naive (wall-clock) time.
     pub(super) fn is_naive(&self) -> bool {
         matches!(self, Stamp::Naive(_))
