@@ -162,6 +162,9 @@ pub struct SourceDefaults {
     pub default_country: &'static str,
     /// Shown when `base_url` is missing.
     pub base_url_example: &'static str,
+    /// Cron with seconds for the listings of every record; `None`: none (a kind whose every
+    /// listing is one, or that has no incremental listing).
+    pub full_scan_schedule: Option<&'static str>,
 }
 
 impl SourceDefaults {
@@ -179,6 +182,15 @@ impl SourceDefaults {
             burst,
             default_country,
             base_url_example,
+            full_scan_schedule: None,
+        }
+    }
+
+    /// These defaults with a default `full_scan_schedule`.
+    pub const fn with_full_scan_schedule(self, schedule: &'static str) -> SourceDefaults {
+        SourceDefaults {
+            full_scan_schedule: Some(schedule),
+            ..self
         }
     }
 }
@@ -227,6 +239,9 @@ pub struct SourceConfig {
     pub api_key: SecretCell,
     /// Cron schedule with seconds (`sec min hour day month weekday`).
     pub schedule: String,
+    /// When a poll lists every record rather than what changed (cron with seconds; the
+    /// kind's default; `"off"` in the file: never). A safety net under incremental cursors.
+    pub full_scan_schedule: Option<String>,
     /// Client-side limit on requests to this source.
     pub requests_per_second: u32,
     pub burst: u32,
@@ -304,6 +319,7 @@ const COMMON_KEYS: &[&str] = &[
     "api_key",
     "api_key_file",
     "schedule",
+    "full_scan_schedule",
     "requests_per_second",
     "burst",
     "default_country",
@@ -324,6 +340,7 @@ struct RawSource {
     api_key: Option<String>,
     api_key_file: Option<PathBuf>,
     schedule: Option<String>,
+    full_scan_schedule: Option<String>,
     requests_per_second: Option<u32>,
     burst: Option<u32>,
     default_country: Option<String>,
@@ -528,6 +545,13 @@ impl Config {
                 source.timeout_secs,
                 source.max_attempts,
                 source.max_retry_after_secs,
+            ));
+            out.push_str(&format!(
+                "full_scan_schedule = {}\n",
+                q(source
+                    .full_scan_schedule
+                    .as_deref()
+                    .unwrap_or(FULL_SCAN_OFF))
             ));
             if source.push_secret.is_some() {
                 out.push_str("push_secret = \"[redacted]\"\n");
@@ -743,6 +767,19 @@ fn source_config(
         .schedule
         .unwrap_or_else(|| defaults.schedule.to_string());
     cron(&key("schedule"), &schedule)?;
+    let full_scan_schedule = match raw.full_scan_schedule {
+        None => defaults.full_scan_schedule.map(str::to_string),
+        Some(off) if off.trim() == FULL_SCAN_OFF => None,
+        Some(schedule) => {
+            cron(&key("full_scan_schedule"), &schedule).map_err(|error| {
+                ConfigError::new(
+                    &error.key,
+                    format!("{}, or \"{FULL_SCAN_OFF}\" for none", error.problem),
+                )
+            })?;
+            Some(schedule)
+        }
+    };
     let requests_per_second = positive(
         &key("requests_per_second"),
         raw.requests_per_second,
@@ -774,6 +811,7 @@ fn source_config(
         base_url,
         api_key: SecretCell::new(api_key),
         schedule,
+        full_scan_schedule,
         requests_per_second,
         burst,
         default_country,
@@ -824,6 +862,9 @@ fn source_kind(
             )
         })
 }
+
+/// The `full_scan_schedule` that turns full scans off.
+pub const FULL_SCAN_OFF: &str = "off";
 
 /// A cron schedule with seconds, as the scheduler will read it.
 pub fn cron(key: &str, schedule: &str) -> Result<(), ConfigError> {

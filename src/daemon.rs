@@ -196,9 +196,17 @@ impl Daemon {
             // A poll at start, then on schedule.
             let _ = tx.try_send(());
             scheduler
-                .add(cron_job(source, tx.clone())?)
+                .add(cron_job(source, &source.schedule, tx.clone())?)
                 .await
                 .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+            // A full scan is a poll the adapter makes full when its schedule has fired
+            // (the adapter keeps when the last one was): its tick polls on time.
+            if let Some(full_scan) = &source.full_scan_schedule {
+                scheduler
+                    .add(cron_job(source, full_scan, tx.clone())?)
+                    .await
+                    .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+            }
             ticks.insert(source.name.clone(), tx);
             sources.push(SourceTask {
                 adapter,
@@ -574,10 +582,15 @@ async fn reread_loop(
     }
 }
 
-/// The cron job that ticks a source's poll. A tick only signals the source's loop through a
-/// one-slot channel, so a poll never overlaps itself and ticks during a poll collapse into one.
-fn cron_job(source: &SourceConfig, tx: mpsc::Sender<()>) -> Result<Job, DaemonError> {
-    Job::new_cron_job_async(source.schedule.as_str(), move |_, _| {
+/// A cron job (`schedule`: the source's poll or full-scan schedule) that ticks a source's
+/// poll. A tick only signals the source's loop through a one-slot channel, so a poll never
+/// overlaps itself and ticks during a poll collapse into one.
+fn cron_job(
+    source: &SourceConfig,
+    schedule: &str,
+    tx: mpsc::Sender<()>,
+) -> Result<Job, DaemonError> {
+    Job::new_cron_job_async(schedule, move |_, _| {
         let tx = tx.clone();
         Box::pin(async move {
             // Full means a poll is already pending: the ticks collapse into one.

@@ -58,6 +58,8 @@ pub(crate) struct Reply {
     pub body: Bytes,
     /// For a 3xx: the host its `Location` names (`None` when it names none).
     pub redirected_to: Option<String>,
+    /// The server's clock, from its `Date` header (`None` when absent or unreadable).
+    pub date: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Reply {
@@ -130,6 +132,12 @@ pub(crate) async fn send_measured(
 async fn read(mut response: reqwest::Response) -> Result<Reply, Transport> {
     let status = response.status();
     let retry_after = parse_retry_after(response.headers());
+    let date = response
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| chrono::DateTime::parse_from_rfc2822(text).ok())
+        .map(|date| date.with_timezone(&chrono::Utc));
     let redirected_to = status
         .is_redirection()
         .then(|| redirect_host(response.url(), response.headers()))
@@ -161,6 +169,7 @@ async fn read(mut response: reqwest::Response) -> Result<Reply, Transport> {
         retry_after,
         body: body.freeze(),
         redirected_to,
+        date,
     })
 }
 
@@ -330,6 +339,7 @@ mod tests {
             retry_after: None,
             body: Bytes::new(),
             redirected_to: Some("other.example".into()),
+            date: None,
         };
         assert_eq!(
             reply.redirect("RevKeen", "revkeen.base_url").as_deref(),

@@ -192,6 +192,13 @@ struct SimArgs {
     /// repeatable): the daemon's warning about the other writer.
     #[arg(long, value_name = "PROVIDER")]
     hosted_sync: Vec<String>,
+    /// Serve PracticeHub as live integrations see it: other attribute names, naive local
+    /// times, links that drop the filter.
+    #[arg(long)]
+    practicehub_live: bool,
+    /// Seconds PracticeHub's clock runs ahead of this host's (negative: behind).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    practicehub_clock_offset_secs: i64,
 }
 
 fn main() -> ExitCode {
@@ -865,6 +872,9 @@ async fn sim(args: SimArgs) -> ExitStatus {
         );
     }
     sims.wodify.seed(args.clients, 1);
+    sims.practicehub.set_live(args.practicehub_live);
+    sims.practicehub
+        .set_clock_offset(args.practicehub_clock_offset_secs);
     sims.practicehub.seed(args.patients, 1);
     // The banner on stderr, so that stdout is a config file: `sync-daemon sim > sim.toml`.
     eprintln!(

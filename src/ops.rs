@@ -645,16 +645,21 @@ pub async fn connect(config: &Config) -> Vec<Connection> {
     check.warnings = warnings;
     checks.push(check);
     for source in &config.sources {
-        let probe = match sources::build(source) {
-            Ok(adapter) => adapter.probe().await,
-            Err(error) => Probe::Unexpected(error.to_string()),
+        let (probe, notes) = match sources::build(source) {
+            Ok(adapter) => adapter.probe_details().await,
+            Err(error) => (Probe::Unexpected(error.to_string()), Vec::new()),
         };
-        checks.push(connection(
+        let mut check = connection(
             &source.name,
             source.base_url.as_str(),
             probe,
             &source_key_hint(source),
-        ));
+        );
+        // What the source's answer showed (PracticeHub: the naming it uses), on an ok line.
+        if check.outcome == "ok" && !notes.is_empty() {
+            check.detail = crate::secret::redact(&notes.join("; "));
+        }
+        checks.push(check);
     }
     checks
 }

@@ -183,6 +183,28 @@ pub trait Source: Send + Sync + 'static {
         cursor != self.start_cursor()
     }
 
+    /// [`Source::probe`] and what the adapter learned from the answer, in words, for
+    /// `check-config --connect` (PracticeHub: the attribute names and time form it met).
+    fn probe_details(&self) -> BoxFuture<'_, (Probe, Vec<String>)> {
+        Box::pin(async move { (self.probe().await, Vec::new()) })
+    }
+
+    /// The cursor from which the next listing reads every record (`--resync`), given the
+    /// saved `cursor`, keeping whatever else the adapter remembers. The default keeps
+    /// `cursor`: a source whose every listing is a full scan needs nothing more.
+    fn full_listing(&self, cursor: &str) -> String {
+        cursor.to_string()
+    }
+
+    /// For an adapter whose listings are incremental: whether the listing that completed
+    /// with `cursor` read every record, and if so how many complete listings ago the previous
+    /// full one did (records seen since then and not by this one have vanished). The
+    /// default: `None` (a kind whose every listing is a full scan says so by `Kind::full_scan`).
+    fn completed_full_scan(&self, cursor: &str) -> Option<i64> {
+        let _ = cursor;
+        None
+    }
+
     /// For a poll that resumed at `resumed_at`: whether reaching `cursor` on the next pass
     /// covers what the crashed poll had read before it. The default (`true`) ends a resumed
     /// poll at the end of its listing.
@@ -317,10 +339,22 @@ impl Endpoint {
         request: reqwest::RequestBuilder,
         read: impl FnOnce(reqwest::StatusCode, &[u8], Option<Duration>) -> Result<T, SourceError>,
     ) -> Result<T, SourceError> {
+        self.get_reply(request, |reply| {
+            read(reply.status, &reply.body, reply.retry_after)
+        })
+        .await
+    }
+
+    /// [`Endpoint::get`] with the whole answer (its `Date` too) handed to `read`.
+    async fn get_reply<T>(
+        &self,
+        request: reqwest::RequestBuilder,
+        read: impl FnOnce(&crate::http::Reply) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
         match crate::http::send_measured(request, self.target, "read").await {
             Ok(reply) => match reply.redirect(self.api, &self.key) {
                 Some(problem) => Err(SourceError::Misdirected(problem)),
-                None => read(reply.status, &reply.body, reply.retry_after),
+                None => read(&reply),
             },
             Err(transport @ crate::http::Transport::Untrusted { .. }) => Err(
                 SourceError::Misdirected(transport.describe(self.api, &self.key)),

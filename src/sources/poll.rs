@@ -394,10 +394,17 @@ async fn poll_pages(
         let stop = listing.ends_with(source.as_ref(), &page.next, page.pass_complete);
         let pass_complete = page.pass_complete;
         listing.cursor = page.next.clone();
+        // A full scan tells which records vanished: every pass of a full-scan kind, and an
+        // incremental adapter's full listings (the previous one `gap` passes before).
+        let full_scan = match kind_of(&ctx.source) {
+            Ok(kind) if kind.full_scan() => Some(1),
+            _ if pass_complete => source.completed_full_scan(&page.next),
+            _ => None,
+        };
         commit = Some(spawn_commit(source.clone(), ctx, page));
-        if pass_complete && kind_of(&ctx.source).is_ok_and(|kind| kind.full_scan()) {
+        if let (true, Some(gap)) = (pass_complete, full_scan) {
             finish_commit(commit.take(), ctx, stats, poll_id).await?;
-            report_vanished(ctx, stats).await?;
+            report_vanished(ctx, stats, gap).await?;
         }
         if stop {
             finish_commit(commit.take(), ctx, stats, poll_id).await?;
@@ -415,6 +422,12 @@ async fn start_listing(source: &dyn Source, ctx: &PollContext) -> Result<Listing
     let cursor = saved
         .map(|(c, _)| c)
         .unwrap_or_else(|| source.start_cursor());
+    // `--resync` reads every record: an incremental adapter starts a full listing.
+    let cursor = if ctx.resync {
+        source.full_listing(&cursor)
+    } else {
+        cursor
+    };
     let resumed_at = source.mid_listing(&cursor).then(|| cursor.clone());
     if let Some(at) = &resumed_at {
         tracing::info!(source = %ctx.name(), cursor = %at, "Resuming the listing where the last poll stopped.");
@@ -491,20 +504,26 @@ fn map_page(source: &dyn Source, name: &str, page: &Page) -> (Vec<crate::store::
     (items, warnings)
 }
 
-/// After a complete full scan: counts and logs records that the previous scan listed and this
-/// one did not. They are not deleted in RevKeen (the source may have archived them).
-async fn report_vanished(ctx: &PollContext, stats: &mut PollStats) -> Result<(), PollError> {
+/// After a complete full scan: counts and logs records that were seen since the previous full
+/// scan (`gap` passes before) and not by this one. They are not deleted in RevKeen (the source
+/// may have archived them).
+async fn report_vanished(
+    ctx: &PollContext,
+    stats: &mut PollStats,
+    gap: i64,
+) -> Result<(), PollError> {
     let name = ctx.name().to_string();
     let (new, total) = {
         let name = name.clone();
         ctx.store
             .call(move |s| {
                 let pass = s.cursor(&name)?.map(|(_, passes)| passes).unwrap_or(0);
-                if pass < 2 {
+                let since = pass.saturating_sub(gap.max(1));
+                if since < 1 {
                     return Ok((Vec::new(), 0));
                 }
                 s.clear_vanished_rejections(&name, pass)?;
-                s.vanished(&name, pass)
+                s.vanished(&name, pass, since)
             })
             .await?
     };

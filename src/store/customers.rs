@@ -122,18 +122,24 @@ impl Store {
         })
     }
 
-    /// After complete pass number `pass` of a full-scan source: the ids the previous pass saw
-    /// and this one did not (newly vanished), and how many known records no complete pass has
-    /// seen since (all vanished, cumulative).
-    pub fn vanished(&self, source: &str, pass: i64) -> Result<(Vec<String>, u64), StoreError> {
+    /// After complete pass number `pass`, a full scan: the ids seen by passes `since` (the
+    /// previous full scan) up to this one and not by this one (newly vanished), and how many
+    /// known records this pass did not see (all vanished, cumulative).
+    pub fn vanished(
+        &self,
+        source: &str,
+        pass: i64,
+        since: i64,
+    ) -> Result<(Vec<String>, u64), StoreError> {
         let conn = self.conn();
         let new: Vec<String> = conn
             .prepare_cached(
                 "SELECT external_id FROM customers
-                  WHERE source = ?1 AND seen_pass = ?2 ORDER BY external_id",
+                  WHERE source = ?1 AND seen_pass >= ?2 AND seen_pass < ?3
+                  ORDER BY external_id",
             )
             .and_then(|mut stmt| {
-                stmt.query_map(params![source, pass - 1], |row| row.get(0))?
+                stmt.query_map(params![source, since, pass], |row| row.get(0))?
                     .collect()
             })
             .map_err(|e| self.err(e))?;

@@ -25,6 +25,7 @@ mod operate;
 mod operate_cli;
 mod phi;
 mod practicehub;
+mod practicehub_live;
 mod push;
 mod reload;
 mod state_file;

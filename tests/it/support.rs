@@ -273,6 +273,13 @@ impl Harness {
             .expect("failures read")
     }
 
+    /// Serves PracticeHub as live integrations see it (its simulator's live variant), with its
+    /// clock `clock_offset_secs` ahead of this host's (negative: behind). Before seeding.
+    pub fn practicehub_live(&self, clock_offset_secs: i64) {
+        self.sims.practicehub.set_live(true);
+        self.sims.practicehub.set_clock_offset(clock_offset_secs);
+    }
+
     /// Lifts every simulator's rate limit, for tests not about rate limiting that run the
     /// binary several times in a row.
     pub fn unlimited(&self) {
@@ -767,7 +774,8 @@ pub fn yearly_schedules(toml: &str) -> String {
     let mut out = String::new();
     for line in toml.split_inclusive('\n') {
         if line.starts_with("schedule = ") {
-            out.push_str("schedule = \"0 0 0 1 1 *\"\n");
+            // PracticeHub's nightly full scan would tick a poll too.
+            out.push_str("schedule = \"0 0 0 1 1 *\"\nfull_scan_schedule = \"0 0 0 1 1 *\"\n");
         } else {
             out.push_str(line);
         }

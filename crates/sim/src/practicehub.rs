@@ -19,18 +19,33 @@
 //! Generated mobiles are valid UK ranges rather than Ofcom's 07700 900xxx drama range, which
 //! libphonenumber rejects, and generated timestamps lie in the year before a fixed instant
 //! (2026-01-01) so a seed gives the same data on any day.
+//!
+//! **The live variant** ([`PracticeHubOptions::live`], [`PracticeHubSim::set_live`],
+//! `PUT /_sim/variant`, `sync-daemon sim --practicehub-live`) is the API as public code that
+//! calls the real one sees it (the doc's "Newer evidence" and "Timestamps, clocks and links"):
+//! patients carry `id, patient_number, first_name, last_name, email, phone, sex, dob,
+//! medical_insurance, total_balance, last_apt, next_apt, created_at, updated_at, address_num,
+//! address_str`; times are naive `YYYY-MM-DD HH:MM:SS` in the clinic's time zone
+//! ([`PracticeHubOptions::timezone`], Europe/London), compared as such (so they jump back an
+//! hour in October); filters name those attributes (`updated_at=gte:…`; `updated` is unknown,
+//! so silently ignored); and `links` carry `?page=N` alone, the caller's filters dropped.
+//! Switch it before seeding: seeding generates the variant's shape, and stored patients are
+//! served as stored. Independently, [`PracticeHubSim::set_clock_offset`] runs the server's
+//! clock ahead of (or behind) this host's: it moves the stamps changes get and the `Date`
+//! header every answer carries.
 
 use std::cmp::Ordering;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering as AtomicOrdering};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::Response;
 use axum::routing::put;
 use axum::{Json, Router};
-use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -50,6 +65,12 @@ pub struct PracticeHubOptions {
     pub requests_per_second: u32,
     /// Requests allowed at once before the sustained rate applies.
     pub burst: u32,
+    /// Serve the live variant (see the module documentation) instead of the documented shapes.
+    pub live: bool,
+    /// Seconds the server's clock runs ahead of this host's (negative: behind).
+    pub clock_offset_secs: i64,
+    /// The clinic's time zone: what the live variant's naive times are local to.
+    pub timezone: Tz,
 }
 
 impl Default for PracticeHubOptions {
@@ -58,6 +79,9 @@ impl Default for PracticeHubOptions {
             api_key: "practicehub_sim_key".to_owned(),
             requests_per_second: 3,
             burst: 5,
+            live: false,
+            clock_offset_secs: 0,
+            timezone: chrono_tz::Europe::London,
         }
     }
 }
@@ -77,6 +101,17 @@ pub struct PracticeHubSim {
 struct Inner {
     core: SourceCore<PracticeHubSim>,
     ignore_filters: AtomicBool,
+    live: AtomicBool,
+    clock_offset_secs: AtomicI64,
+    timezone: Tz,
+}
+
+/// How the server writes and compares times: the documented RFC 3339 in UTC, or the live
+/// variant's naive local times in the clinic's zone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Times {
+    Utc,
+    Local(Tz),
 }
 
 impl PracticeHubSim {
@@ -86,13 +121,18 @@ impl PracticeHubSim {
             inner: Arc::new(Inner {
                 core: SourceCore::new(options.api_key, options.requests_per_second, options.burst),
                 ignore_filters: AtomicBool::new(false),
+                live: AtomicBool::new(options.live),
+                clock_offset_secs: AtomicI64::new(options.clock_offset_secs),
+                timezone: options.timezone,
             }),
         }
     }
 
     /// `/api/patients` plus the `/_sim` control surface (outside `/api`).
     pub fn router(&self) -> Router {
-        let extra = Router::new().route("/ignore-filters", put(sim_ignore_filters));
+        let extra = Router::new()
+            .route("/ignore-filters", put(sim_ignore_filters))
+            .route("/variant", put(sim_variant));
         source::router(self, extra)
     }
 
@@ -125,9 +165,65 @@ impl PracticeHubSim {
             .store(ignore, AtomicOrdering::Relaxed);
     }
 
-    /// Replaces all patients by `count` generated ones with ids `1..=count`.
+    /// Serves the live variant (see the module documentation) when on, the documented shapes
+    /// when off. Patients already stored are served as stored: switch before seeding.
+    pub fn set_live(&self, live: bool) {
+        self.inner.live.store(live, AtomicOrdering::Relaxed);
+    }
+
+    /// Whether the live variant is on.
+    pub fn is_live(&self) -> bool {
+        self.inner.live.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Runs the server's clock `secs` ahead of this host's (negative: behind): the stamps of
+    /// changes and every answer's `Date` header follow it.
+    pub fn set_clock_offset(&self, secs: i64) {
+        self.inner
+            .clock_offset_secs
+            .store(secs, AtomicOrdering::Relaxed);
+    }
+
+    /// Now on the server's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + TimeDelta::seconds(self.inner.clock_offset_secs.load(AtomicOrdering::Relaxed))
+    }
+
+    /// The clinic's time zone.
+    pub fn timezone(&self) -> Tz {
+        self.inner.timezone
+    }
+
+    /// `instant` as this server writes times: RFC 3339 UTC, or naive local time in the live
+    /// variant (what a test puts into a patient it stores).
+    pub fn format_time(&self, instant: DateTime<Utc>) -> String {
+        format_time(self.times(), instant)
+    }
+
+    /// A time this server wrote (either form), as an instant.
+    pub fn parse_time(&self, text: &str) -> Option<DateTime<Utc>> {
+        parse_time(self.times(), text)
+    }
+
+    fn times(&self) -> Times {
+        if self.is_live() {
+            Times::Local(self.inner.timezone)
+        } else {
+            Times::Utc
+        }
+    }
+
+    /// Replaces all patients by `count` generated ones with ids `1..=count`, in the shape of
+    /// the variant in force.
     pub fn seed(&self, count: usize, seed: u64) {
         self.core().seed(count, seed);
+        if self.is_live() {
+            let zone = self.inner.timezone;
+            let mut shared = self.core().lock();
+            for (id, patient) in shared.records.iter_mut() {
+                *patient = live_patient(patient, *id, seed, zone);
+            }
+        }
     }
 
     /// All patients, sorted by id.
@@ -146,11 +242,17 @@ impl PracticeHubSim {
         self.core().put(patient);
     }
 
-    /// Merges the top-level keys of `patch` into patient `id` and sets `updated` to now, or
-    /// one second after its previous value if that is not earlier than now, so a cursor on
-    /// `updated` always sees the change. False if absent or `patch` is not an object.
+    /// Merges the top-level keys of `patch` into patient `id` and sets `updated` (`updated_at`
+    /// where the patient has that) to now on the server's clock, or one second after its
+    /// previous value if that is not earlier than now, so a cursor on it always sees the
+    /// change; in the patient's own time format. False if absent or `patch` is not an object.
     pub fn update_patient(&self, id: i64, patch: Value) -> bool {
-        self.core().update(id, patch).is_some()
+        self.patch_record(id, patch).is_some()
+    }
+
+    /// Removes patient `id` outright, as a clinic that purges records would; false if absent.
+    pub fn remove_patient(&self, id: i64) -> bool {
+        self.core().remove(id)
     }
 
     /// Marks patient `id` deleted (`deleted: true`) and bumps `updated` as
@@ -192,19 +294,20 @@ impl PracticeHubSim {
             .unwrap_or(MAX_PAGE_SIZE)
             .min(MAX_PAGE_SIZE);
 
+        let (live, times) = (self.is_live(), self.times());
         let filters: Vec<Filter> = if self.inner.ignore_filters.load(AtomicOrdering::Relaxed) {
             Vec::new()
         } else {
             pairs
                 .iter()
-                .filter_map(|(key, value)| Filter::parse(key, value))
+                .filter_map(|(key, value)| Filter::parse(key, value, live, times))
                 .collect()
         };
         let shared = self.core().lock();
         let matching: Vec<&Value> = shared
             .records
             .values()
-            .filter(|patient| filters.iter().all(|filter| filter.matches(patient)))
+            .filter(|patient| filters.iter().all(|filter| filter.matches(patient, times)))
             .collect();
         let total = matching.len();
         let (data, has_next) = page_of(&matching, page, page_size);
@@ -223,7 +326,8 @@ impl PracticeHubSim {
                 Some(NextLinkFault::Relative) => format!("?page={page}"),
                 _ => format!("http://{host}{PATIENTS_PATH}?page={page}"),
             };
-            if faults.next_link != Some(NextLinkFault::PageOnly) {
+            // The live variant's links carry `?page=N` alone, as the documented examples do.
+            if faults.next_link != Some(NextLinkFault::PageOnly) && !live {
                 for segment in &kept {
                     url.push('&');
                     url.push_str(segment);
@@ -275,22 +379,26 @@ impl Source for PracticeHubSim {
     const RECORD: &'static str = "patient";
     const RECORDS: &'static str = "patients";
     const FIRST_ID: i64 = 1;
-    type Stamp = DateTime<Utc>;
+    /// The text of `updated` or `updated_at`, read in the server's time format when moved.
+    type Stamp = String;
 
     fn generate(id: i64, seed: u64) -> Value {
         generate_patient(id, seed)
     }
 
-    fn updated(patient: &Value) -> Option<DateTime<Utc>> {
-        patient
-            .get("updated")
-            .and_then(Value::as_str)
-            .and_then(parse_instant)
+    fn updated(patient: &Value) -> Option<String> {
+        UPDATED_NAMES
+            .iter()
+            .find_map(|name| patient.get(*name).and_then(Value::as_str))
+            .map(str::to_owned)
     }
 
-    /// Sets `updated` to now, or one second after `previous` if that is not earlier than now.
-    fn bump_updated(patient: &mut Map<String, Value>, previous: Option<DateTime<Utc>>) {
-        let stamp = format_instant(bumped(previous));
+    /// Sets `updated` to now (RFC 3339, this host's clock), or one second after `previous`
+    /// if that is not earlier than now. The simulator itself moves stamps with
+    /// [`PracticeHubSim::patch_record`], which follows its clock and variant.
+    fn bump_updated(patient: &mut Map<String, Value>, previous: Option<String>) {
+        let previous = previous.as_deref().and_then(parse_instant);
+        let stamp = format_instant(bumped(Utc::now(), previous));
         patient.insert("updated".to_owned(), Value::String(stamp));
     }
 
@@ -298,12 +406,57 @@ impl Source for PracticeHubSim {
         &self.inner.core
     }
 
+    fn seed_records(&self, count: usize, seed: u64) {
+        self.seed(count, seed);
+    }
+
+    /// Moves the stamp on the server's clock, in the patient's own attribute and format.
+    fn patch_record(&self, id: i64, patch: Value) -> Option<Value> {
+        let (now, times, live) = (self.now(), self.times(), self.is_live());
+        self.core().update_with(id, patch, |patient, previous| {
+            let name = match (
+                patient.contains_key("updated_at"),
+                patient.contains_key("updated"),
+            ) {
+                (true, _) => "updated_at",
+                (false, true) => "updated",
+                (false, false) if live => "updated_at",
+                (false, false) => "updated",
+            };
+            // A naive stamp stays naive: the patient is in the live shape whatever the switch.
+            let times = match (&previous, times) {
+                (Some(text), Times::Utc) if is_naive(text) => Times::Local(self.inner.timezone),
+                _ => times,
+            };
+            let previous = previous.as_deref().and_then(|text| parse_time(times, text));
+            let stamp = format_time(times, bumped_local(times, now, previous));
+            patient.insert(name.to_owned(), Value::String(stamp));
+        })
+    }
+
     fn delete(&self, id: i64) -> bool {
         self.soft_delete(id)
     }
 
-    /// Runs one API request through routing, faults, headers, method, rate limit and latency.
+    /// Runs one API request through routing, faults, headers, method, rate limit and latency;
+    /// every answer carries `Date` on the server's clock.
     async fn answer(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> (Response, Outcome) {
+        let (mut response, outcome) = self.answer_request(method, uri, headers).await;
+        let date = self.now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        if let Ok(date) = HeaderValue::from_str(&date) {
+            response.headers_mut().insert(header::DATE, date);
+        }
+        (response, outcome)
+    }
+}
+
+impl PracticeHubSim {
+    async fn answer_request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> (Response, Outcome) {
         if uri.path() != PATIENTS_PATH {
             return (
                 message(StatusCode::NOT_FOUND, "Not found"),
@@ -403,29 +556,104 @@ fn format_instant(instant: DateTime<Utc>) -> String {
 }
 
 /// An instant in any form a client may send: RFC 3339 (`Z` or an offset), naive (read as
-/// UTC, optional fraction) or a bare date (midnight UTC).
+/// UTC, `T` or a space between date and time, optional fraction) or a bare date (midnight
+/// UTC).
 fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
         return Some(instant.with_timezone(&Utc));
     }
-    if let Ok(naive) = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f") {
-        return Some(naive.and_utc());
-    }
-    NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .ok()
-        .and_then(|date| date.and_hms_opt(0, 0, 0))
-        .map(|naive| naive.and_utc())
+    parse_naive(text).map(|naive| naive.and_utc())
 }
 
-/// Now, whole seconds, but strictly after `previous`: a change must move `updated` forward
+/// A naive date and time (`T` or a space between them, optional fraction) or a bare date.
+fn parse_naive(text: &str) -> Option<NaiveDateTime> {
+    let text = text.trim();
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .or_else(|| {
+            NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .ok()
+                .and_then(|date| date.and_hms_opt(0, 0, 0))
+        })
+}
+
+/// Whether a time is written without a zone.
+fn is_naive(text: &str) -> bool {
+    DateTime::parse_from_rfc3339(text.trim()).is_err() && parse_naive(text).is_some()
+}
+
+/// A time as a server with `times` compares it: UTC, or the wall clock in the clinic (an
+/// RFC 3339 value is converted; a naive one is taken as written).
+fn comparable(times: Times, text: &str) -> Option<NaiveDateTime> {
+    match times {
+        Times::Utc => parse_instant(text).map(|instant| instant.naive_utc()),
+        Times::Local(zone) => match DateTime::parse_from_rfc3339(text.trim()) {
+            Ok(instant) => Some(instant.with_timezone(&zone).naive_local()),
+            Err(_) => parse_naive(text),
+        },
+    }
+}
+
+/// `instant` as a server with `times` writes it: RFC 3339 UTC, or naive local time.
+fn format_time(times: Times, instant: DateTime<Utc>) -> String {
+    match times {
+        Times::Utc => format_instant(instant),
+        Times::Local(zone) => instant
+            .with_timezone(&zone)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string(),
+    }
+}
+
+/// A time a server with `times` wrote, as an instant (a naive local time in the hour the
+/// clocks go back is its first occurrence; one in the hour they skip, an hour later).
+fn parse_time(times: Times, text: &str) -> Option<DateTime<Utc>> {
+    match times {
+        Times::Utc => parse_instant(text),
+        Times::Local(zone) => match DateTime::parse_from_rfc3339(text.trim()) {
+            Ok(instant) => Some(instant.with_timezone(&Utc)),
+            Err(_) => {
+                let naive = parse_naive(text)?;
+                zone.from_local_datetime(&naive)
+                    .earliest()
+                    .or_else(|| {
+                        zone.from_local_datetime(&(naive + TimeDelta::hours(1)))
+                            .earliest()
+                    })
+                    .map(|local| local.with_timezone(&Utc))
+            }
+        },
+    }
+}
+
+/// `now`, whole seconds, but strictly after `previous`: a change must move `updated` forward
 /// even twice within a second, or a `gte` cursor could still see it but a `gt` one would not.
-fn bumped(previous: Option<DateTime<Utc>>) -> DateTime<Utc> {
-    let now = Utc::now();
+fn bumped(now: DateTime<Utc>, previous: Option<DateTime<Utc>>) -> DateTime<Utc> {
     let now = now - TimeDelta::nanoseconds(i64::from(now.timestamp_subsec_nanos()));
     match previous {
         Some(previous) if previous >= now => previous + TimeDelta::seconds(1),
         _ => now,
+    }
+}
+
+/// [`bumped`] where "after" is judged as the server compares times (for naive local times,
+/// on the wall clock).
+fn bumped_local(
+    times: Times,
+    now: DateTime<Utc>,
+    previous: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    let wall = |instant: DateTime<Utc>| format_time(times, instant);
+    let candidate = bumped(now, None);
+    match previous {
+        Some(previous)
+            if comparable(times, &wall(previous)) >= comparable(times, &wall(candidate)) =>
+        {
+            previous + TimeDelta::seconds(1)
+        }
+        _ => candidate,
     }
 }
 
@@ -440,6 +668,30 @@ enum Kind {
     /// `true`/`false` or `1`/`0`.
     Flag,
 }
+
+/// The attributes the `updated` stamp may be under, documented name first.
+const UPDATED_NAMES: &[&str] = &["updated", "updated_at"];
+
+/// The live variant's attributes (the doc's "Newer evidence"), and `deleted`, which
+/// [`PracticeHubSim::soft_delete`] writes.
+const LIVE_ATTRIBUTES: &[(&str, Kind)] = &[
+    ("id", Kind::Integer),
+    ("patient_number", Kind::Text),
+    ("first_name", Kind::Text),
+    ("last_name", Kind::Text),
+    ("email", Kind::Text),
+    ("phone", Kind::Text),
+    ("sex", Kind::Text),
+    ("dob", Kind::Date),
+    ("medical_insurance", Kind::Text),
+    ("last_apt", Kind::Instant),
+    ("next_apt", Kind::Instant),
+    ("created_at", Kind::Instant),
+    ("updated_at", Kind::Instant),
+    ("address_num", Kind::Text),
+    ("address_str", Kind::Text),
+    ("deleted", Kind::Flag),
+];
 
 const ATTRIBUTES: &[(&str, Kind)] = &[
     ("id", Kind::Integer),
@@ -500,18 +752,19 @@ impl Op {
 enum Scalar {
     Integer(i64),
     Text(String),
-    Instant(DateTime<Utc>),
+    /// As the server compares times ([`comparable`]).
+    Instant(NaiveDateTime),
     Date(NaiveDate),
     Flag(bool),
 }
 
 impl Scalar {
     /// A filter operand, or `None` if it does not parse (which makes the filter invalid).
-    fn parse(kind: Kind, raw: &str) -> Option<Scalar> {
+    fn parse(kind: Kind, raw: &str, times: Times) -> Option<Scalar> {
         Some(match kind {
             Kind::Integer => Scalar::Integer(raw.trim().parse().ok()?),
             Kind::Text => Scalar::Text(raw.to_owned()),
-            Kind::Instant => Scalar::Instant(parse_instant(raw)?),
+            Kind::Instant => Scalar::Instant(comparable(times, raw)?),
             Kind::Date => Scalar::Date(NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d").ok()?),
             Kind::Flag => Scalar::Flag(match raw.trim() {
                 "true" | "1" => true,
@@ -522,12 +775,12 @@ impl Scalar {
     }
 
     /// A patient's attribute, or `None` if it is not of the attribute's type.
-    fn read(kind: Kind, value: &Value) -> Option<Scalar> {
+    fn read(kind: Kind, value: &Value, times: Times) -> Option<Scalar> {
         Some(match (kind, value) {
             (Kind::Integer, value) => Scalar::Integer(value.as_i64()?),
             (Kind::Text, Value::String(text)) => Scalar::Text(text.clone()),
             (Kind::Text, Value::Number(number)) => Scalar::Text(number.to_string()),
-            (Kind::Instant, Value::String(text)) => Scalar::Instant(parse_instant(text)?),
+            (Kind::Instant, Value::String(text)) => Scalar::Instant(comparable(times, text)?),
             (Kind::Date, Value::String(text)) => {
                 Scalar::Date(NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?)
             }
@@ -561,8 +814,9 @@ struct Filter {
 impl Filter {
     /// The filter a query parameter asks for, or `None` if it is not a valid one — which the
     /// API answers by ignoring it, not by an error.
-    fn parse(key: &str, value: &str) -> Option<Filter> {
-        let &(attribute, kind) = ATTRIBUTES.iter().find(|(name, _)| *name == key)?;
+    fn parse(key: &str, value: &str, live: bool, times: Times) -> Option<Filter> {
+        let attributes = if live { LIVE_ATTRIBUTES } else { ATTRIBUTES };
+        let &(attribute, kind) = attributes.iter().find(|(name, _)| *name == key)?;
         let with_op = value
             .split_once(':')
             .and_then(|(op, raw)| Some((Op::parse(op)?, raw)));
@@ -571,12 +825,14 @@ impl Filter {
             // `null`/`not-null` need no operand, so the colon is optional.
             None if matches!(value, "null" | "not-null") => (Op::parse(value)?, ""),
             // The documented poll form: `?updated=<timestamp>` means "new or updated since".
-            None if attribute == "updated" && parse_instant(value).is_some() => (Op::Gte, value),
+            None if UPDATED_NAMES.contains(&attribute) && comparable(times, value).is_some() => {
+                (Op::Gte, value)
+            }
             None => return None,
         };
         let list = || -> Option<Vec<Scalar>> {
             raw.split(',')
-                .map(|item| Scalar::parse(kind, item))
+                .map(|item| Scalar::parse(kind, item, times))
                 .collect()
         };
         let operands = match op {
@@ -591,7 +847,7 @@ impl Filter {
                 }
                 operands
             }
-            _ => vec![Scalar::parse(kind, raw)?],
+            _ => vec![Scalar::parse(kind, raw, times)?],
         };
         Some(Filter {
             attribute,
@@ -601,10 +857,10 @@ impl Filter {
         })
     }
 
-    fn matches(&self, patient: &Value) -> bool {
+    fn matches(&self, patient: &Value, times: Times) -> bool {
         let raw = patient.get(self.attribute).filter(|value| !value.is_null());
         // Like SQL: a null (or a value of the wrong type) satisfies no comparison, not even ne.
-        let value = raw.and_then(|raw| Scalar::read(self.kind, raw));
+        let value = raw.and_then(|raw| Scalar::read(self.kind, raw, times));
         let order = |operand: &Scalar| value.as_ref()?.compare(operand);
         let equals = |operand: &Scalar| order(operand) == Some(Ordering::Equal);
         let first = self.operands.first();
@@ -673,6 +929,24 @@ fn like(text: &str, pattern: &str) -> bool {
 #[serde(deny_unknown_fields)]
 struct IgnoreFiltersBody {
     ignore: bool,
+}
+
+/// Body of `PUT /_sim/variant`: the live variant on or off, and the server clock's offset.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VariantBody {
+    live: bool,
+    #[serde(default)]
+    clock_offset_secs: i64,
+}
+
+async fn sim_variant(
+    State(sim): State<PracticeHubSim>,
+    Json(body): Json<VariantBody>,
+) -> StatusCode {
+    sim.set_live(body.live);
+    sim.set_clock_offset(body.clock_offset_secs);
+    StatusCode::NO_CONTENT
 }
 
 async fn sim_ignore_filters(
@@ -835,6 +1109,78 @@ pub fn generate_patient(id: i64, seed: u64) -> Value {
         "updated": instant(updated),
         "deleted": deleted,
         "active": rng.f64() >= 0.03,
+    })
+}
+
+#[rustfmt::skip]
+const STREETS: &[&str] = &[
+    "High Street", "Station Road", "Church Lane", "Victoria Road", "Mill Lane", "The Green",
+    "Park Avenue", "Queen's Road", "Heol y Frenhines",
+];
+
+const INSURERS: &[&str] = &[
+    "Bupa",
+    "AXA Health",
+    "Vitality",
+    "Aviva",
+    "WPA",
+    "Simplyhealth",
+];
+
+/// A generated patient (documented shape) in the live variant's shape: the attributes public
+/// code reads from a live key, times as naive local time in `zone`, and the PHI the live rows
+/// carry (sex, date of birth, insurer, balance, appointments, address) generated from the same
+/// `(id, seed)`. The documented-only attributes (`custom_reference`, `home_phone`, `note`,
+/// `deleted`, `active`) are not part of it.
+fn live_patient(documented: &Value, id: i64, seed: u64, zone: Tz) -> Value {
+    let rng = &mut record_rng(id, seed ^ 0x6C69_7665);
+    let field = |name: &str| documented.get(name).cloned().unwrap_or(Value::Null);
+    let local = |name: &str| {
+        documented
+            .get(name)
+            .and_then(Value::as_str)
+            .and_then(parse_instant)
+            .map_or(Value::Null, |instant| {
+                Value::String(format_time(Times::Local(zone), instant))
+            })
+    };
+    let appointment = |rng: &mut fastrand::Rng, days: std::ops::Range<i64>| {
+        let secs = GENERATED_UNTIL_SECS + rng.i64(days) * 86_400 + rng.i64(8..18) * 3600;
+        DateTime::<Utc>::from_timestamp(secs, 0).map_or(Value::Null, |at| {
+            Value::String(format_time(Times::Local(zone), at))
+        })
+    };
+    let insurance = if rng.f64() < 0.4 {
+        json!(format!(
+            "{} {:08}",
+            pick(rng, INSURERS),
+            rng.u32(0..100_000_000)
+        ))
+    } else {
+        Value::Null
+    };
+    let next_apt = if rng.bool() {
+        appointment(rng, 1..60)
+    } else {
+        Value::Null
+    };
+    json!({
+        "id": id,
+        "patient_number": field("patient_number"),
+        "first_name": field("first_name"),
+        "last_name": field("last_name"),
+        "email": field("email"),
+        "phone": field("mobile"),
+        "sex": *pick(rng, &["M", "F", "U"]),
+        "dob": field("date_of_birth"),
+        "medical_insurance": insurance,
+        "total_balance": f64::from(rng.u32(0..50_000)) / 100.0,
+        "last_apt": appointment(rng, -300..0),
+        "next_apt": next_apt,
+        "created_at": local("created"),
+        "updated_at": local("updated"),
+        "address_num": rng.u16(1..300).to_string(),
+        "address_str": *pick(rng, STREETS),
     })
 }
 
@@ -1591,6 +1937,182 @@ mod tests {
             followed["links"],
             json!({"self": format!("{base}?page=2"), "previous": format!("{base}?page=1")})
         );
+    }
+
+    /// The attributes a live patient carries, sorted.
+    const LIVE_KEYS: &[&str] = &[
+        "address_num",
+        "address_str",
+        "created_at",
+        "dob",
+        "email",
+        "first_name",
+        "id",
+        "last_apt",
+        "last_name",
+        "medical_insurance",
+        "next_apt",
+        "patient_number",
+        "phone",
+        "sex",
+        "total_balance",
+        "updated_at",
+    ];
+
+    #[tokio::test]
+    async fn the_live_variant_has_other_names_naive_local_times_and_page_only_links() {
+        let (sim, server) = start(unlimited()).await;
+        sim.set_live(true);
+        sim.seed(150, 4);
+        let base = format!("{}/api/patients", server.url());
+        for patient in sim.patients() {
+            let keys: Vec<&str> = patient
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(keys, LIVE_KEYS, "{patient}");
+            let updated = patient["updated_at"].as_str().expect("naive text");
+            NaiveDateTime::parse_from_str(updated, "%Y-%m-%d %H:%M:%S").expect(updated);
+        }
+        // The same patient as the documented variant generates, its times in London time.
+        let documented = generate_patient(7, 4);
+        let live = sim.patient(7).expect("seeded");
+        assert_eq!(live["email"], documented["email"]);
+        assert_eq!(live["phone"], documented["mobile"]);
+        assert_eq!(live["dob"], documented["date_of_birth"]);
+        assert_eq!(
+            sim.parse_time(live["updated_at"].as_str().expect("text")),
+            parse_instant(documented["updated"].as_str().expect("text"))
+        );
+
+        // `links` carry the page alone: the filter and the page size are dropped.
+        let body = fetch_json(&format!("{base}?page_size=20&id=gt:10")).await;
+        assert_eq!(body["total_entries"], 140);
+        assert_eq!(body["links"]["next"], format!("{base}?page=2"));
+        // Filters name the live attributes and take naive local times; the documented
+        // names are unknown attributes, so silently ignored.
+        let pivot = sim.patient(50).expect("seeded")["updated_at"]
+            .as_str()
+            .expect("text")
+            .to_owned();
+        let expected: Vec<i64> = sim
+            .patients()
+            .iter()
+            .filter(|p| p["updated_at"].as_str().expect("text") >= pivot.as_str())
+            .map(|p| p["id"].as_i64().expect("id"))
+            .collect();
+        let at = format!("gte:{pivot}");
+        assert_eq!(ids_for(&server, &[("updated_at", &at)]).await, expected);
+        assert_eq!(
+            ids_for(&server, &[("updated", &at), ("page_size", "100")])
+                .await
+                .len(),
+            100
+        );
+        assert_eq!(ids_for(&server, &[("mobile", "null")]).await.len(), 100);
+        // An RFC 3339 filter value is converted to the clinic's wall clock (BST in July).
+        sim.put_patient(json!({"id": 500, "updated_at": "2025-07-01 12:00:00"}));
+        assert_eq!(
+            ids_for(
+                &server,
+                &[("updated_at", "gte:2025-07-01T11:00:00Z"), ("id", "gt:400")]
+            )
+            .await,
+            vec![500]
+        );
+        assert!(
+            ids_for(
+                &server,
+                &[("updated_at", "gt:2025-07-01T11:00:00Z"), ("id", "gt:400")]
+            )
+            .await
+            .is_empty()
+        );
+
+        // Switching back serves the documented names again for what is seeded next.
+        let switched = reqwest::Client::new()
+            .put(format!("{}/_sim/variant", server.url()))
+            .json(&json!({"live": false}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(switched.status(), 204);
+        sim.seed(3, 4);
+        assert_eq!(sim.patient(1), Some(generate_patient(1, 4)));
+    }
+
+    #[tokio::test]
+    async fn naive_local_times_compare_on_the_wall_clock_when_the_clocks_go_back() {
+        let (sim, server) = start(unlimited()).await;
+        sim.set_live(true);
+        // 01:40 BST, then 01:10 GMT half an hour later: the second is earlier on the wall.
+        sim.put_patient(json!({"id": 1, "updated_at": "2025-10-26 01:40:00"}));
+        sim.put_patient(json!({"id": 2, "updated_at": "2025-10-26 01:10:00"}));
+        let query = [("updated_at", "gte:2025-10-26 01:30:00")];
+        assert_eq!(ids_for(&server, &query).await, vec![1]);
+        // A naive time in the hour the clocks go back is its first occurrence.
+        assert_eq!(
+            sim.parse_time("2025-10-26 01:10:00")
+                .map(|t| t.to_rfc3339()),
+            Some("2025-10-26T00:10:00+00:00".to_owned())
+        );
+        // One in the hour they skip counts from an hour later.
+        assert_eq!(
+            sim.parse_time("2025-03-30 01:30:00")
+                .map(|t| t.to_rfc3339()),
+            Some("2025-03-30T01:30:00+00:00".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_server_clock_offset_moves_stamps_and_the_date_header() {
+        let (sim, server) = start(unlimited()).await;
+        sim.set_live(true);
+        sim.seed(2, 1);
+        for offset in [-600, 600] {
+            sim.set_clock_offset(offset);
+            let before = Utc::now() + TimeDelta::seconds(offset - 2);
+            assert!(sim.update_patient(1, json!({"first_name": "Moved"})));
+            let after = Utc::now() + TimeDelta::seconds(offset + 2);
+            let text = sim.patient(1).expect("kept")["updated_at"]
+                .as_str()
+                .expect("naive")
+                .to_owned();
+            let stamp = sim.parse_time(&text).expect("parses");
+            assert!(before <= stamp && stamp <= after, "{offset}: {text}");
+            assert!(!text.contains('T') && !text.contains('+'), "{text}");
+
+            let response = fetch(&format!("{}/api/patients", server.url())).await;
+            let date = response.headers()[header::DATE].to_str().expect("ASCII");
+            let date = DateTime::parse_from_rfc2822(date).expect("an HTTP date");
+            assert!(before <= date && date <= after, "{offset}: {date}");
+        }
+        // A documented patient keeps its documented stamp, on the server's clock too.
+        sim.set_live(false);
+        sim.put_patient(patient_with(
+            3,
+            json!({"updated": "2025-01-01T00:00:00+00:00"}),
+        ));
+        assert!(sim.update_patient(3, json!({"first_name": "Moved"})));
+        let stamp = updated(&sim, 3);
+        assert!(stamp > Utc::now() + TimeDelta::seconds(590), "{stamp}");
+    }
+
+    #[tokio::test]
+    async fn every_request_records_its_user_agent() {
+        let (sim, server) = start(unlimited()).await;
+        reqwest::Client::new()
+            .get(format!("{}/api/patients", server.url()))
+            .header("x-practicehub-key", KEY)
+            .header("x-app-details", APP)
+            .header(header::USER_AGENT, APP)
+            .send()
+            .await
+            .expect("send");
+        let requests = sim.requests();
+        assert_eq!(requests[0].user_agent.as_deref(), Some(APP));
     }
 
     #[tokio::test]

@@ -36,6 +36,9 @@ pub struct SourceRequest {
     pub status: u16,
     /// Arrival time in milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// The `User-Agent` header, when one was sent as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 /// Counters over the API requests a simulator served since it started or the log was cleared.
@@ -127,6 +130,15 @@ pub(super) trait Source: Clone + Send + Sync + 'static {
 
     /// The record table and everything around it.
     fn core(&self) -> &SourceCore<Self>;
+    /// Replaces every record by `count` generated ones (`POST /_sim/{RECORDS}/seed`).
+    fn seed_records(&self, count: usize, seed: u64) {
+        self.core().seed(count, seed);
+    }
+    /// Merges `patch` into record `id` and moves its stamp (`PATCH /_sim/{RECORDS}/{id}`);
+    /// the record as it is now, or `None` if absent or `patch` is not an object.
+    fn patch_record(&self, id: i64, patch: Value) -> Option<Value> {
+        self.core().update(id, patch)
+    }
     /// What `DELETE /_sim/{RECORDS}/{id}` does (a hard or a soft delete); false if absent.
     fn delete(&self, id: i64) -> bool;
     /// Answers one API request (anything outside `/_sim`) and says how it ended.
@@ -241,6 +253,17 @@ impl<S: Source> SourceCore<S> {
     /// Merges the top-level keys of `patch` into record `id` and bumps its "updated" stamp;
     /// the record as it is now, or `None` if absent or `patch` is not an object.
     pub(super) fn update(&self, id: i64, patch: Value) -> Option<Value> {
+        self.update_with(id, patch, S::bump_updated)
+    }
+
+    /// [`SourceCore::update`] with the stamp moved by `bump` (a simulator whose clock or
+    /// stamp format is a setting of its own).
+    pub(super) fn update_with(
+        &self,
+        id: i64,
+        patch: Value,
+        bump: impl FnOnce(&mut Map<String, Value>, Option<S::Stamp>),
+    ) -> Option<Value> {
         let mut state = self.lock();
         let record = state.records.get_mut(&id)?;
         let previous = S::updated(record);
@@ -248,7 +271,7 @@ impl<S: Source> SourceCore<S> {
             return None;
         }
         // The merge succeeded, so the record is an object.
-        S::bump_updated(record.as_object_mut()?, previous);
+        bump(record.as_object_mut()?, previous);
         Some(record.clone())
     }
 
@@ -313,6 +336,11 @@ async fn serve_api<S: Source>(State(sim): State<S>, request: Request) -> Respons
         path_and_query: path_and_query(&parts.uri),
         status: response.status().as_u16(),
         at_ms,
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     };
     sim.core().lock().log.record(entry, outcome);
     response
@@ -383,7 +411,7 @@ async fn sim_records<S: Source>(State(sim): State<S>) -> Json<Vec<Value>> {
 }
 
 async fn sim_seed<S: Source>(State(sim): State<S>, Json(body): Json<SeedBody>) -> StatusCode {
-    sim.core().seed(body.count, body.seed);
+    sim.seed_records(body.count, body.seed);
     StatusCode::NO_CONTENT
 }
 
@@ -411,7 +439,7 @@ async fn sim_patch<S: Source>(
     if !patch.is_object() {
         return message(StatusCode::BAD_REQUEST, "A patch must be a JSON object.");
     }
-    match sim.core().update(id, patch) {
+    match sim.patch_record(id, patch) {
         Some(record) => json_response(StatusCode::OK, &record),
         None => no_such_record::<S>(),
     }

@@ -1,10 +1,12 @@
 //! PracticeHub's settings: its defaults for the common keys, the mandatory `app_details`, the
-//! `[sources.fields]` overrides (re-pointing a billing-safe field at another attribute, never at
-//! one whose name says PHI), and the normalization of the two documented base-URL forms.
+//! clinic's `timezone` (what naive times are local to), the `[sources.fields]` overrides
+//! (re-pointing a billing-safe field at another attribute, never at one whose name says PHI),
+//! and the normalization of the two documented base-URL forms.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use chrono_tz::Tz;
 use reqwest::Url;
 use serde::Deserialize;
 
@@ -16,16 +18,27 @@ pub struct PracticeHubKind;
 /// A PracticeHub source's own settings.
 #[derive(Debug, Clone)]
 pub struct PracticeHubOptions {
-    /// The mandatory `x-app-details` header, `<appname>=<contact email>`.
+    /// The mandatory `x-app-details` header, `<appname>=<contact email>`; also the
+    /// `User-Agent`, as PracticeHub's guide asks.
     pub app_details: String,
+    /// The clinic's IANA time zone: what a naive `YYYY-MM-DD HH:MM:SS` from PracticeHub is
+    /// local to. Default `Europe/London`.
+    pub timezone: Tz,
     /// Source field name overrides, e.g. `phone = "home_phone"` (validated).
     pub fields: BTreeMap<String, String>,
 }
 
+/// The clinic time zone when none is configured: PracticeHub's clinics are mostly in the UK.
+pub const DEFAULT_TIMEZONE: Tz = chrono_tz::Europe::London;
+
 impl SourceOptions for PracticeHubOptions {
     fn to_toml(&self) -> String {
         let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
-        let mut out = format!("app_details = {}\n", q(&self.app_details));
+        let mut out = format!(
+            "app_details = {}\ntimezone = {}\n",
+            q(&self.app_details),
+            q(self.timezone.name())
+        );
         if !self.fields.is_empty() {
             out.push_str("[sources.fields]\n");
             for (field, attribute) in &self.fields {
@@ -40,6 +53,7 @@ impl SourceOptions for PracticeHubOptions {
 #[serde(deny_unknown_fields)]
 struct RawOptions {
     app_details: Option<String>,
+    timezone: Option<String>,
     #[serde(default)]
     fields: BTreeMap<String, String>,
 }
@@ -52,12 +66,15 @@ impl SourceKind for PracticeHubKind {
     fn defaults(&self) -> SourceDefaults {
         // PracticeHub documents no limit; integrations see 429s when they burst and none with
         // ~350 ms between pages, so the default is strictly sequential at 3 a second.
+        // The cursor filter is a server's promise the daemon cannot check for what it does not
+        // return, so a full listing with change detection runs every night (03:30 UTC) as well.
         SourceDefaults::new(
             "0 */5 * * * *",
             (3, 1),
             "GB",
             "https://{account}.neptune.practicehub.io/api",
         )
+        .with_full_scan_schedule("0 30 3 * * *")
     }
 
     fn normalize_base_url(&self, url: Url) -> Url {
@@ -84,10 +101,24 @@ impl SourceKind for PracticeHubKind {
             }
             Some(details) => details,
         };
+        let timezone = match raw.timezone {
+            None => DEFAULT_TIMEZONE,
+            Some(name) => name.trim().parse::<Tz>().map_err(|_| {
+                ConfigError::new(
+                    format!("{at}.timezone"),
+                    format!(
+                        "{name:?} is not an IANA time zone name: use the clinic's, e.g. \
+                         \"Europe/London\", \"Europe/Dublin\" or \"Europe/Berlin\" (naive \
+                         times from PracticeHub are read as local to it)"
+                    ),
+                )
+            })?,
+        };
         validate_field_overrides(&raw.fields)
             .map_err(|problem| ConfigError::new(format!("{at}.fields"), problem))?;
         Ok(Arc::new(PracticeHubOptions {
             app_details,
+            timezone,
             fields: raw.fields,
         }))
     }
@@ -128,6 +159,16 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("updated", "updated"),
     ("deleted", "deleted"),
     ("active", "active"),
+];
+
+/// The fields whose attribute is named otherwise on live keys (the doc's "Newer evidence"):
+/// `(field, documented name, live name)`. With no `[sources.fields]` entry for it, a field is
+/// read from either, and the rows of a listing's first page decide which the daemon filters by
+/// and prefers. `created` is only told apart (the daemon reads no creation time).
+pub const NAMINGS: &[(&str, &str, &str)] = &[
+    ("phone", "mobile", "phone"),
+    ("updated", "updated", "updated_at"),
+    ("created", "created", "created_at"),
 ];
 
 /// What an override may point each field at: the attribute's name must contain one of these.
