@@ -162,6 +162,9 @@ pub struct SourceDefaults {
     pub default_country: &'static str,
     /// Shown when `base_url` is missing.
     pub base_url_example: &'static str,
+    /// Requests a calendar month (UTC) when `monthly_request_budget` is not set; `None`:
+    /// unlimited.
+    pub monthly_request_budget: Option<u64>,
 }
 
 impl SourceDefaults {
@@ -179,6 +182,15 @@ impl SourceDefaults {
             burst,
             default_country,
             base_url_example,
+            monthly_request_budget: None,
+        }
+    }
+
+    /// These defaults with a monthly request budget.
+    pub const fn with_monthly_request_budget(self, requests: u64) -> SourceDefaults {
+        SourceDefaults {
+            monthly_request_budget: Some(requests),
+            ..self
         }
     }
 }
@@ -242,6 +254,10 @@ pub struct SourceConfig {
     pub max_retry_after_secs: u64,
     /// Enables `POST /v1/changes/{name}` for this source when set.
     pub push_secret: Option<SecretCell>,
+    /// Requests the daemon may send this source in a calendar month (UTC), every request
+    /// counted; `None` is unlimited (`monthly_request_budget = 0`). Default: the kind's
+    /// (Wodify 250,000, half its documented quota; PracticeHub unlimited).
+    pub monthly_request_budget: Option<u64>,
     /// The kind's own settings.
     pub options: Arc<dyn SourceOptions>,
 }
@@ -310,6 +326,7 @@ const COMMON_KEYS: &[&str] = &[
     "timeout_secs",
     "max_attempts",
     "max_retry_after_secs",
+    "monthly_request_budget",
     "push_secret",
     "push_secret_file",
 ];
@@ -330,6 +347,7 @@ struct RawSource {
     timeout_secs: Option<u64>,
     max_attempts: Option<u32>,
     max_retry_after_secs: Option<u64>,
+    monthly_request_budget: Option<u64>,
     push_secret: Option<String>,
     push_secret_file: Option<PathBuf>,
 }
@@ -516,7 +534,7 @@ impl Config {
             out.push_str(&format!(
                 "\n[[sources]]\nname = {}\nkind = {}\nrevkeen_source = {}\nbase_url = {}\napi_key = \"[redacted]\"\n\
                  schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n\
-                 max_attempts = {}\nmax_retry_after_secs = {}\n",
+                 max_attempts = {}\nmax_retry_after_secs = {}\nmonthly_request_budget = {}\n",
                 q(&source.name),
                 q(source.kind),
                 q(&source.revkeen_source),
@@ -528,6 +546,7 @@ impl Config {
                 source.timeout_secs,
                 source.max_attempts,
                 source.max_retry_after_secs,
+                source.monthly_request_budget.unwrap_or(0),
             ));
             if source.push_secret.is_some() {
                 out.push_str("push_secret = \"[redacted]\"\n");
@@ -780,6 +799,12 @@ fn source_config(
         timeout_secs: raw.timeout_secs.unwrap_or(30).max(1),
         max_attempts: positive(&key("max_attempts"), raw.max_attempts, 8)?,
         max_retry_after_secs: max_wait(&key("max_retry_after_secs"), raw.max_retry_after_secs)?,
+        // 0 switches a kind's default budget off.
+        monthly_request_budget: match raw.monthly_request_budget {
+            Some(0) => None,
+            Some(requests) => Some(requests),
+            None => defaults.monthly_request_budget,
+        },
         push_secret,
         options,
     })

@@ -187,6 +187,13 @@ struct SimArgs {
     /// Switch off the simulated rate limits (load testing).
     #[arg(long)]
     no_rate_limits: bool,
+    /// Wodify as live integrations see it: the API gateway's 429 bodies
+    /// ({"message": "Too Many Requests"}) and a client search that ignores `sort`.
+    #[arg(long)]
+    wodify_live: bool,
+    /// Wodify's monthly quota is spent: every request answers 429 {"message": "Limit Exceeded"}.
+    #[arg(long)]
+    wodify_quota_spent: bool,
 }
 
 fn main() -> ExitCode {
@@ -532,6 +539,7 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
         None if connect => ops::connect_status(&checks),
         None => ExitStatus::Ok,
     };
+    let budgets = ops::budget_costs(config);
     if json {
         // `check-config --json` (README): fields are only ever added.
         outln!(
@@ -544,6 +552,7 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
                 "log_filter": log_override.as_deref().unwrap_or(&config.daemon.log_level),
                 "warnings": config.warnings,
                 "connections": checks,
+                "request_budgets": budgets,
                 "exit_code": status.code(),
             })
         );
@@ -564,6 +573,9 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
         "sync-daemon: configuration is valid ({} sources).",
         config.sources.len()
     );
+    for cost in &budgets {
+        eprintln!("sync-daemon: {}.", escape(&cost.summary));
+    }
     for check in &checks {
         let detail = if check.detail.is_empty() {
             String::new()
@@ -846,6 +858,13 @@ async fn sim(args: SimArgs) -> ExitStatus {
         sims.wodify.set_rate_limit(0, 0);
         sims.practicehub.set_rate_limit(0, 0);
     }
+    let mut switches = if args.wodify_live {
+        sync_daemon_sim::wodify::WodifySwitches::live()
+    } else {
+        sync_daemon_sim::wodify::WodifySwitches::default()
+    };
+    switches.quota_spent = args.wodify_quota_spent;
+    sims.wodify.set_switches(switches);
     sims.wodify.seed(args.clients, 1);
     sims.practicehub.seed(args.patients, 1);
     // The banner on stderr, so that stdout is a config file: `sync-daemon sim > sim.toml`.

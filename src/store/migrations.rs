@@ -197,8 +197,26 @@ CREATE TABLE key_rereads (
 );
 "#;
 
+const V8: &str = r#"
+-- Requests sent to each source per calendar month (UTC, 'YYYY-MM'), against its
+-- monthly_request_budget. `used` is written ahead of the requests it covers (a reservation, see
+-- sources/budget.rs), so a crash can only over-count. `scan_requests` is what the month's last
+-- complete poll cost; `quota_spent_at` when the source last said its own quota is spent
+-- (Wodify's 429 `Limit Exceeded`); `note` why polls are spaced out or stopped, for `status`.
+CREATE TABLE request_budget (
+    source          TEXT NOT NULL,
+    month           TEXT NOT NULL,
+    used            INTEGER NOT NULL DEFAULT 0,
+    scan_requests   INTEGER,
+    scan_started_at INTEGER,
+    quota_spent_at  INTEGER,
+    note            TEXT,
+    PRIMARY KEY (source, month)
+) WITHOUT ROWID;
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 7;
+pub(super) const LATEST: usize = 8;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -210,6 +228,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V5),
         M::up(V6),
         M::up(V7),
+        M::up(V8),
     ])
 }
 
