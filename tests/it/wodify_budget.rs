@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sync_daemon_sim::Faults;
 use sync_daemon_sim::wodify::WodifySwitches;
 
 use crate::support::{
-    Harness, assert_revkeen_holds, exit, expected_wodify, replaced, seed_valid_clients, with_source,
+    Harness, UNLIMITED_WODIFY, assert_revkeen_holds, exit, expected_wodify, replaced,
+    seed_valid_clients, with_source,
 };
 
 /// A gym-only harness with `clients` valid clients and `extra` lines in its source.
@@ -21,10 +21,13 @@ async fn gym(clients: usize, extra: &[&str]) -> Harness {
     h
 }
 
+/// The gym alone with Wodify's default budget (the harness makes it unlimited) and `extra`
+/// lines (a `monthly_request_budget` among them sets the budget).
 fn gym_config(h: &Harness, extra: &[&str]) -> String {
-    extra.iter().fold(h.config_for("gym"), |toml, line| {
-        with_source(&toml, "gym", line)
-    })
+    let toml = replaced(&h.config_for("gym"), &format!("{UNLIMITED_WODIFY}\n"), "");
+    extra
+        .iter()
+        .fold(toml, |toml, line| with_source(&toml, "gym", line))
 }
 
 /// A per-second schedule instead of the default quarter hour.
@@ -177,10 +180,8 @@ async fn a_plain_gateway_throttle_is_retried_as_before() {
         gateway_429: true,
         ..WodifySwitches::default()
     });
-    h.sims.wodify.set_faults(Faults {
-        rate_429: 0.4,
-        ..Faults::default()
-    });
+    // Two a second, one at a time: the second page, asked for at once, is throttled.
+    h.sims.wodify.set_rate_limit(2, 1);
     let out = h.once().await;
     out.assert_exit(exit::OK);
     assert!(h.sims.wodify.stats().rate_limited > 0);
