@@ -377,10 +377,12 @@ impl Budget {
         let end = month_end(now);
         let last = state.last_started.unwrap_or(now);
         let gap = paced_gap(remaining, cost, last, end).max(interval);
+        // Stable between scans (no figure that moves with every tick), so it is written once
+        // a scan, not once a tick.
         let note = format!(
             "scans spaced out to every {} (the schedule fires every {}): at the last complete \
-             scan's {cost} requests the schedule would need about {need} more this month, and \
-             {remaining} of the monthly_request_budget of {limit} remain until {}",
+             scan's {cost} requests the schedule would need more than the {remaining} requests \
+             of the monthly_request_budget of {limit} left until {}",
             span(gap),
             span(interval),
             moment(end)
