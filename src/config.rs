@@ -165,6 +165,9 @@ pub struct SourceDefaults {
     /// Cron with seconds for the listings of every record; `None`: none (a kind whose every
     /// listing is one, or that has no incremental listing).
     pub full_scan_schedule: Option<&'static str>,
+    /// Requests a calendar month (UTC) when `monthly_request_budget` is not set; `None`:
+    /// unlimited.
+    pub monthly_request_budget: Option<u64>,
 }
 
 impl SourceDefaults {
@@ -183,6 +186,7 @@ impl SourceDefaults {
             default_country,
             base_url_example,
             full_scan_schedule: None,
+            monthly_request_budget: None,
         }
     }
 
@@ -190,6 +194,14 @@ impl SourceDefaults {
     pub const fn with_full_scan_schedule(self, schedule: &'static str) -> SourceDefaults {
         SourceDefaults {
             full_scan_schedule: Some(schedule),
+            ..self
+        }
+    }
+
+    /// These defaults with a monthly request budget.
+    pub const fn with_monthly_request_budget(self, requests: u64) -> SourceDefaults {
+        SourceDefaults {
+            monthly_request_budget: Some(requests),
             ..self
         }
     }
@@ -257,6 +269,10 @@ pub struct SourceConfig {
     pub max_retry_after_secs: u64,
     /// Enables `POST /v1/changes/{name}` for this source when set.
     pub push_secret: Option<SecretCell>,
+    /// Requests the daemon may send this source in a calendar month (UTC), every request
+    /// counted; `None` is unlimited (`monthly_request_budget = 0`). Default: the kind's
+    /// (Wodify 250,000, half its documented quota; PracticeHub unlimited).
+    pub monthly_request_budget: Option<u64>,
     /// The kind's own settings.
     pub options: Arc<dyn SourceOptions>,
 }
@@ -326,6 +342,7 @@ const COMMON_KEYS: &[&str] = &[
     "timeout_secs",
     "max_attempts",
     "max_retry_after_secs",
+    "monthly_request_budget",
     "push_secret",
     "push_secret_file",
 ];
@@ -347,6 +364,7 @@ struct RawSource {
     timeout_secs: Option<u64>,
     max_attempts: Option<u32>,
     max_retry_after_secs: Option<u64>,
+    monthly_request_budget: Option<u64>,
     push_secret: Option<String>,
     push_secret_file: Option<PathBuf>,
 }
@@ -533,7 +551,7 @@ impl Config {
             out.push_str(&format!(
                 "\n[[sources]]\nname = {}\nkind = {}\nrevkeen_source = {}\nbase_url = {}\napi_key = \"[redacted]\"\n\
                  schedule = {}\nrequests_per_second = {}\nburst = {}\ndefault_country = {}\ntimeout_secs = {}\n\
-                 max_attempts = {}\nmax_retry_after_secs = {}\n",
+                 max_attempts = {}\nmax_retry_after_secs = {}\nmonthly_request_budget = {}\n",
                 q(&source.name),
                 q(source.kind),
                 q(&source.revkeen_source),
@@ -545,6 +563,7 @@ impl Config {
                 source.timeout_secs,
                 source.max_attempts,
                 source.max_retry_after_secs,
+                source.monthly_request_budget.unwrap_or(0),
             ));
             out.push_str(&format!(
                 "full_scan_schedule = {}\n",
@@ -818,6 +837,12 @@ fn source_config(
         timeout_secs: raw.timeout_secs.unwrap_or(30).max(1),
         max_attempts: positive(&key("max_attempts"), raw.max_attempts, 8)?,
         max_retry_after_secs: max_wait(&key("max_retry_after_secs"), raw.max_retry_after_secs)?,
+        // 0 switches a kind's default budget off.
+        monthly_request_budget: match raw.monthly_request_budget {
+            Some(0) => None,
+            Some(requests) => Some(requests),
+            None => defaults.monthly_request_budget,
+        },
         push_secret,
         options,
     })

@@ -192,6 +192,8 @@ impl Daemon {
                 };
                 push.insert(source.name.clone(), (feed, ctx.clone()));
             }
+            // The month's count so far on /metrics from the first scrape.
+            ctx.fetch.budget.publish().await;
             let (tx, rx) = mpsc::channel::<()>(1);
             // A poll at start, then on schedule.
             let _ = tx.try_send(());
@@ -676,6 +678,19 @@ async fn source_loop(task: SourceTask, states: PollStates, held: Arc<Held>) {
             tick = ticks.recv() => if tick.is_none() { return },
             () = ctx.fetch.cancel.cancelled() => return,
         }
+        if ctx.fetch.budget.gate(&ctx.source.schedule).await == sources::budget::Gate::Skip {
+            // The month's requests are spent or scans are spaced out (said once, in the log and
+            // `status`). The tick still came, which is all the watchdog asks; what an earlier
+            // process left queued is not held for days behind a poll that waits.
+            held.release(&name);
+            states
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(name.clone())
+                .or_default()
+                .last_started = Some(crate::clock::now());
+            continue;
+        }
         {
             let mut states = states
                 .lock()
@@ -879,6 +894,15 @@ async fn push_loop(adapter: Arc<dyn Source>, ctx: PollContext, wake: Arc<Notify>
                     done.push((event_id, seq));
                 }
                 Err(PollError::Cancelled) => return,
+                Err(PollError::QuotaSpent(_)) => {
+                    // Kept until the month turns or the quota answers again (the source's polls
+                    // say so); no warning per round.
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                        () = ctx.fetch.cancel.cancelled() => return,
+                    }
+                    break;
+                }
                 Err(error) => {
                     // Kept for the next round; the scheduled poll covers it meanwhile.
                     tracing::warn!(source = %name, %error, "Cannot fetch a pushed record; will retry.");

@@ -26,11 +26,12 @@
 //!   **Where a RevKeen answer is decided**: `revkeen::classify`, then `worker::apply`.
 //! - `revkeen`: the RevKeen client (single and batch upserts, answer classification).
 //! - [`sources`]: the `Source` interface, the registry of kinds, the shared poll loop
-//!   (`sources::poll`), one folder per adapter: [`sources::wodify`], [`sources::practicehub`]
+//!   (`sources::poll`), the monthly request budget every request passes
+//!   ([`sources::budget`]), one folder per adapter: [`sources::wodify`], [`sources::practicehub`]
 //!   (with the PHI allowlist). **Where a page becomes outbox rows**: the poll loop's commit
 //!   calls [`store::Store::commit_page`].
 //! - [`store`]: the state file, split by what it keeps (outbox, customers, failures, history,
-//!   cursors, push events).
+//!   cursors, push events, requests per source and month).
 //! - [`config`]: the TOML file, `SYNC_DAEMON__…` overrides, secrets, validation (exit 78); the
 //!   hook through which each adapter owns its keys.
 //! - [`customer`]: the normalized customer, its canonical body and hash, field helpers.

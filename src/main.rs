@@ -199,6 +199,13 @@ struct SimArgs {
     /// Seconds PracticeHub's clock runs ahead of this host's (negative: behind).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     practicehub_clock_offset_secs: i64,
+    /// Wodify as live integrations see it: the API gateway's 429 bodies
+    /// ({"message": "Too Many Requests"}) and a client search that ignores `sort`.
+    #[arg(long)]
+    wodify_live: bool,
+    /// Wodify's monthly quota is spent: every request answers 429 {"message": "Limit Exceeded"}.
+    #[arg(long)]
+    wodify_quota_spent: bool,
 }
 
 fn main() -> ExitCode {
@@ -544,6 +551,7 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
         None if connect => ops::connect_status(&checks),
         None => ExitStatus::Ok,
     };
+    let budgets = ops::budget_costs(config);
     if json {
         // `check-config --json` (README): fields are only ever added.
         outln!(
@@ -556,6 +564,7 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
                 "log_filter": log_override.as_deref().unwrap_or(&config.daemon.log_level),
                 "warnings": config.warnings,
                 "connections": checks,
+                "request_budgets": budgets,
                 "exit_code": status.code(),
             })
         );
@@ -576,6 +585,9 @@ async fn check_config(config: &Config, connect: bool, json: bool) -> ExitStatus 
         "sync-daemon: configuration is valid ({} sources).",
         config.sources.len()
     );
+    for cost in &budgets {
+        eprintln!("sync-daemon: {}.", escape(&cost.summary));
+    }
     for check in &checks {
         let detail = if check.detail.is_empty() {
             String::new()
@@ -871,6 +883,13 @@ async fn sim(args: SimArgs) -> ExitStatus {
             Some(sync_daemon_sim::revkeen::HostedSync::active()),
         );
     }
+    let mut switches = if args.wodify_live {
+        sync_daemon_sim::wodify::WodifySwitches::live()
+    } else {
+        sync_daemon_sim::wodify::WodifySwitches::default()
+    };
+    switches.quota_spent = args.wodify_quota_spent;
+    sims.wodify.set_switches(switches);
     sims.wodify.seed(args.clients, 1);
     sims.practicehub.set_live(args.practicehub_live);
     sims.practicehub

@@ -48,6 +48,8 @@ pub const PUSH_PENDING: &str = "sync_daemon_push_pending";
 pub const SCHEDULER_OVERDUE: &str = "sync_daemon_scheduler_overdue_total";
 pub const VANISHED_RECORDS: &str = "sync_daemon_vanished_records";
 pub const FILTER_IGNORED: &str = "sync_daemon_filter_ignored_total";
+pub const REQUESTS_THIS_MONTH: &str = "sync_daemon_source_requests_month";
+pub const MONTHLY_REQUEST_BUDGET: &str = "sync_daemon_source_request_budget";
 pub const BUILD_INFO: &str = "sync_daemon_build_info";
 
 /// `outcome` of `sync_daemon_polls_total`: the poll read the source's whole listing.
@@ -283,6 +285,20 @@ pub const FAMILIES: &[Family] = &[
         Unit::Count,
         &["source"],
         "PracticeHub polls that read the whole patient list because the updated filter was ignored.",
+    ),
+    family(
+        REQUESTS_THIS_MONTH,
+        Gauge,
+        Unit::Count,
+        &["source"],
+        "Requests sent to the source this calendar month (UTC), as counted against its monthly_request_budget (sources with a budget only).",
+    ),
+    family(
+        MONTHLY_REQUEST_BUDGET,
+        Gauge,
+        Unit::Count,
+        &["source"],
+        "The source's monthly_request_budget: requests it may be sent in a calendar month (sources with a budget only).",
     ),
     family(
         BUILD_INFO,

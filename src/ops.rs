@@ -105,6 +105,15 @@ pub struct SourceStatus {
     /// Records the last complete scan no longer listed (deleted at the source, kept in
     /// RevKeen). Full-scan sources (Wodify) only.
     pub vanished: u64,
+    /// This calendar month's requests against the source's `monthly_request_budget`
+    /// (`{"month": "2026-12", "used": N, "budget": B}`); absent when it has no budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_budget: Option<sources::budget::Usage>,
+    /// Why the source is not polled on its schedule this month: its quota is spent (until
+    /// when), its budget is, or scans are spaced out so the budget lasts (to what interval
+    /// and why). Absent when it polls on schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_note: Option<String>,
 }
 
 /// The last poll of a source.
@@ -218,14 +227,31 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     let mut sources = Vec::new();
     for source in &config.sources {
         let summary = queue.iter().find(|q| q.source == source.name);
-        let (last_poll, cursor, delivered, vanished) = match &store {
+        let month = sources::budget::month_of(now);
+        let (last_poll, cursor, delivered, vanished, spent) = match &store {
             Some(store) => (
                 store.last_poll(&source.name)?,
                 store.cursor(&source.name)?,
                 store.delivery(&source.name)?,
                 store.vanished_total(&source.name)?,
+                store.budget_month(&source.name, &month)?,
             ),
-            None => (None, None, DeliveryCounts::default(), 0),
+            None => (
+                None,
+                None,
+                DeliveryCounts::default(),
+                0,
+                crate::store::BudgetMonth::default(),
+            ),
+        };
+        let budget_note = match spent.quota_spent_at {
+            Some(at) => Some(format!(
+                "PAUSED: the API key's monthly quota is spent (429 Limit Exceeded, last seen {}); \
+                 polling resumes when the month turns ({}), with one try an hour meanwhile",
+                rfc3339(at),
+                rfc3339(sources::budget::month_end(now))
+            )),
+            None => spent.note.clone(),
         };
         sources.push(SourceStatus {
             name: source.name.clone(),
@@ -263,6 +289,14 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
             } else {
                 0
             },
+            request_budget: source
+                .monthly_request_budget
+                .map(|budget| sources::budget::Usage {
+                    month: month.clone(),
+                    used: spent.used,
+                    budget,
+                }),
+            budget_note,
         });
     }
     Ok(StatusReport {
@@ -315,6 +349,82 @@ pub fn status(config: &Config) -> Result<StatusReport, StoreError> {
     })
 }
 
+/// What a source's schedule costs a month against its `monthly_request_budget`, for
+/// `check-config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetCost {
+    pub source: String,
+    /// Requests a calendar month; absent: unlimited.
+    pub budget: Option<u64>,
+    /// Requests of the last complete poll (a scan), from the state file.
+    pub scan_requests: Option<u64>,
+    /// The schedule's average interval between polls.
+    pub interval_secs: Option<u64>,
+    /// Polls the schedule makes in an average month.
+    pub scans_a_month: Option<u64>,
+    /// Requests the schedule costs a month at the last scan's size.
+    pub requests_a_month: Option<u64>,
+    /// The sentence `check-config` prints.
+    pub summary: String,
+}
+
+/// What each source's schedule costs a month at its last scan's size, against its budget
+/// (read-only: the state file, when there is one, gives the last scan's size).
+pub fn budget_costs(config: &Config) -> Vec<BudgetCost> {
+    use sources::budget::{month_of, schedule_interval, schedule_month_cost, span};
+    let now = crate::clock::now_ms();
+    let store = Store::open_read_only(&config.daemon.state_path)
+        .ok()
+        .flatten();
+    config
+        .sources
+        .iter()
+        .map(|source| {
+            let scan = store
+                .as_ref()
+                .and_then(|s| s.budget_month(&source.name, &month_of(now)).ok())
+                .and_then(|m| m.scan_requests);
+            let interval = schedule_interval(&source.schedule, crate::clock::now());
+            let cost = interval.zip(scan).map(|(i, c)| schedule_month_cost(i, c));
+            let budget = source
+                .monthly_request_budget
+                .map_or("no monthly_request_budget (unlimited)".to_string(), |b| {
+                    format!("a monthly_request_budget of {b}")
+                });
+            let summary = match (interval, scan, cost) {
+                (Some(interval), Some(scan), Some((scans, requests))) => {
+                    let verdict = match source.monthly_request_budget {
+                        Some(b) if requests > b => format!(
+                            ": over budget, so scans will be spaced out to about every {}",
+                            span(interval.mul_f64(requests as f64 / b.max(1) as f64))
+                        ),
+                        Some(b) => format!(": {}% of it", requests.saturating_mul(100) / b.max(1)),
+                        None => String::new(),
+                    };
+                    format!(
+                        "{}: the schedule (every {}, {scans} polls a month) costs about {requests} requests a month at the last complete scan's {scan}, against {budget}{verdict}",
+                        source.name,
+                        span(interval)
+                    )
+                }
+                _ => format!(
+                    "{}: {budget}; no complete poll recorded yet, so what the schedule costs is not known (a Wodify scan takes one request per 100 clients)",
+                    source.name
+                ),
+            };
+            BudgetCost {
+                source: source.name.clone(),
+                budget: source.monthly_request_budget,
+                scan_requests: scan,
+                interval_secs: interval.map(|i| i.as_secs()),
+                scans_a_month: cost.map(|c| c.0),
+                requests_a_month: cost.map(|c| c.1),
+                summary,
+            }
+        })
+        .collect()
+}
+
 /// `status` as a compact table, then what needs attention.
 pub fn render_status(report: &StatusReport) -> String {
     let mut out = String::new();
@@ -333,6 +443,16 @@ pub fn render_status(report: &StatusReport) -> String {
     for source in &report.sources {
         if let Some(error) = source.last_poll.as_ref().and_then(|p| p.error.as_ref()) {
             let _ = writeln!(out, "  {}: last poll error: {}", source.name, escape(error));
+        }
+        if let Some(usage) = &source.request_budget {
+            let _ = writeln!(
+                out,
+                "  {}: {} of {} requests of the monthly budget used in {}",
+                source.name, usage.used, usage.budget, usage.month
+            );
+        }
+        if let Some(note) = &source.budget_note {
+            let _ = writeln!(out, "  {}: {}", source.name, escape(note));
         }
         if source.vanished > 0 {
             let _ = writeln!(

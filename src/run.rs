@@ -543,7 +543,16 @@ fn run_exit(
         (WorkerExit::Unavailable(reason), _) => (ExitStatus::Unavailable, Some(reason.clone())),
         (_, Some(ExitStatus::Unavailable)) => (
             ExitStatus::Unavailable,
-            Some("a source stayed unavailable".to_string()),
+            // A spent month says which and until when; the run does not wait for it.
+            Some(
+                poll_results
+                    .iter()
+                    .find_map(|(name, result)| match result {
+                        Err(PollError::QuotaSpent(why)) => Some(format!("{name}: {why}")),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "a source stayed unavailable".to_string()),
+            ),
         ),
         (_, Some(status)) => (status, Some("a poll failed".to_string())),
         _ if reports
@@ -598,7 +607,12 @@ pub async fn dry_run(
     let mut reports = Vec::new();
     for source in &selected {
         let adapter = sources::build(source)?;
-        let ctx = FetchContext::new(source, Backoff::default(), CancellationToken::new());
+        let ctx = FetchContext {
+            // The month's count is read (the dry run never spends past the budget) but,
+            // like everything else, never written.
+            budget: sources::budget::Budget::new(source, store.clone(), false),
+            ..FetchContext::new(source, Backoff::default(), CancellationToken::new())
+        };
         let mut pages = Vec::new();
         let stats = sources::scan(adapter.as_ref(), &ctx, |page| pages.push(page))
             .await

@@ -10,6 +10,7 @@
 //! **Adding a source** is one folder here (its adapter, settings and mapping) and one entry in
 //! [`KINDS`]; nothing else names a kind.
 
+pub mod budget;
 mod poll;
 pub mod practicehub;
 mod raw;
@@ -223,6 +224,11 @@ pub enum SourceError {
     /// 429, with the wait the API asked for.
     #[error("rate limited")]
     RateLimited(Option<Duration>),
+    /// The month's requests are spent: the source's own quota (Wodify's 429 `Limit Exceeded`)
+    /// or the daemon's `monthly_request_budget` for it. Not retried: nothing succeeds before
+    /// the month turns.
+    #[error("{0}")]
+    QuotaSpent(String),
     /// 5xx, a timeout, a connection error, an error envelope carrying one: retried.
     #[error("{0}")]
     Transient(String),
@@ -452,6 +458,11 @@ mod tests {
         assert_eq!(defaults.revkeen_source, "wodify");
         assert_eq!(defaults.schedule, "0 */15 * * * *");
         assert_eq!((defaults.requests_per_second, defaults.burst), (5, 20));
+        assert_eq!(defaults.monthly_request_budget, Some(250_000));
+        assert_eq!(
+            config.sources[0].monthly_request_budget,
+            defaults.monthly_request_budget
+        );
         assert_eq!(defaults.default_country, "US");
         // The redacted rendering is itself a valid config once keys are supplied again.
         let again = load(

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{self, Budget, Counter};
 use super::{Mapped, Page, Source, SourceError, kind_of};
 use crate::config::SourceConfig;
 use crate::limiter::{Backoff, Limiter};
@@ -32,6 +33,10 @@ pub enum PollError {
     /// The source answered in a way no retry changes (a wrong base URL, a bad request).
     #[error("{0}")]
     Failed(SourceError),
+    /// The month's requests are spent (the source's quota or its `monthly_request_budget`):
+    /// nothing is sent until the month turns.
+    #[error("{0}")]
+    QuotaSpent(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cancelled")]
@@ -45,7 +50,7 @@ impl PollError {
         use crate::exit::ExitStatus;
         match self {
             PollError::AuthRefused(_) => ExitStatus::AuthRefused,
-            PollError::Unavailable(_) => ExitStatus::Unavailable,
+            PollError::Unavailable(_) | PollError::QuotaSpent(_) => ExitStatus::Unavailable,
             PollError::Failed(_) | PollError::Store(_) | PollError::Cancelled => {
                 ExitStatus::Failure
             }
@@ -64,6 +69,7 @@ impl From<SourceError> for PollError {
             // Not retried, but an upstream problem like one that stayed down (exit 69).
             SourceError::Misdirected(_) => PollError::Unavailable(error),
             SourceError::Pagination(_) => PollError::Failed(error),
+            SourceError::QuotaSpent(message) => PollError::QuotaSpent(message),
             other => PollError::Unavailable(other),
         }
     }
@@ -83,6 +89,11 @@ pub struct FetchContext {
     /// Where a long pause is recorded for `status` (none for a dry run, which writes nothing).
     pub pauses: Option<Store>,
     pub cancel: CancellationToken,
+    /// The source's monthly request budget: every request passes it (shared by the source's
+    /// polls and push fetches).
+    pub budget: Arc<Budget>,
+    /// The requests of the poll this context belongs to.
+    pub requests: Option<Counter>,
 }
 
 impl FetchContext {
@@ -100,6 +111,9 @@ impl FetchContext {
             max_pause: Duration::from_secs(source.max_retry_after_secs),
             pauses: None,
             cancel,
+            // Counted in memory only; a context with a state file counts there.
+            budget: Budget::new(source, None, false),
+            requests: None,
         }
     }
 }
@@ -132,6 +146,7 @@ impl PollContext {
         PollContext {
             fetch: FetchContext {
                 pauses: Some(store.clone()),
+                budget: Budget::new(source, Some(store.clone()), true),
                 ..FetchContext::new(source, backoff, cancel)
             },
             source: source.clone(),
@@ -211,6 +226,15 @@ pub async fn fetch_one(
 
 /// Polls a source once through its whole listing, recording the poll for `status`.
 pub async fn poll(source: &Arc<dyn Source>, ctx: &PollContext) -> Result<PollStats, PollError> {
+    let requests = Counter::default();
+    let ctx = &PollContext {
+        fetch: FetchContext {
+            requests: Some(requests.clone()),
+            ..ctx.fetch.clone()
+        },
+        ..ctx.clone()
+    };
+    let started_at = crate::clock::now_ms();
     let name = ctx.name().to_string();
     let store = ctx.store.clone();
     let poll_id = {
@@ -228,6 +252,14 @@ pub async fn poll(source: &Arc<dyn Source>, ctx: &PollContext) -> Result<PollSta
     // Counted before it is recorded: a poll that failed on the state file is counted even
     // when recording it fails too.
     count_poll(&name, &result);
+    ctx.fetch
+        .budget
+        .finish_poll(
+            requests.load(std::sync::atomic::Ordering::Relaxed),
+            started_at,
+            result.is_ok(),
+        )
+        .await;
     store
         .call(move |s| s.update_poll(poll_id, &stats, Some(outcome), error.as_deref()))
         .await?;
@@ -259,7 +291,7 @@ fn count_poll(source: &str, result: &Result<(), PollError>) {
         Ok(()) => POLL_OK,
         Err(PollError::Cancelled) => return,
         Err(PollError::AuthRefused(_)) => POLL_AUTH_REFUSED,
-        Err(PollError::Unavailable(_)) => POLL_UNAVAILABLE,
+        Err(PollError::Unavailable(_) | PollError::QuotaSpent(_)) => POLL_UNAVAILABLE,
         Err(PollError::Failed(_) | PollError::Store(_)) => POLL_FAILED,
     };
     metrics::counter!(POLLS, "source" => source.to_string(), "outcome" => outcome).increment(1);
@@ -640,7 +672,10 @@ where
         let answer = request();
         async move {
             ctx.limiter.acquire().await;
-            let result = answer.await;
+            // Counted before it is sent; refused once the month's requests are spent.
+            ctx.budget.admit().await?;
+            budget::count(&ctx.requests);
+            let result = ctx.budget.answered(answer.await).await;
             if let Err(SourceError::RateLimited(Some(asked))) = &result {
                 pause(ctx, *asked).await;
             }

@@ -215,6 +215,21 @@ CREATE INDEX failures_kind ON failures (kind, source);
 -- Recorded batches are claimed in due order; during a RevKeen outage the backlog turns into
 -- recorded batches waiting for their retry, so their claim walks this index, not the table.
 CREATE INDEX batches_due ON batches (next_attempt_at, id);
+-- Requests sent to each source per calendar month (UTC, 'YYYY-MM'), against its
+-- monthly_request_budget. `used` is written ahead of the requests it covers (a reservation, see
+-- sources/budget.rs), so a crash can only over-count. `scan_requests` is what the month's last
+-- complete poll cost; `quota_spent_at` when the source last said its own quota is spent
+-- (Wodify's 429 `Limit Exceeded`); `note` why polls are spaced out or stopped, for `status`.
+CREATE TABLE request_budget (
+    source          TEXT NOT NULL,
+    month           TEXT NOT NULL,
+    used            INTEGER NOT NULL DEFAULT 0,
+    scan_requests   INTEGER,
+    scan_started_at INTEGER,
+    quota_spent_at  INTEGER,
+    note            TEXT,
+    PRIMARY KEY (source, month)
+) WITHOUT ROWID;
 "#;
 
 /// The schema version this build writes: the number of migrations.

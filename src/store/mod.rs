@@ -5,7 +5,7 @@
 //! transaction, 2 ack after a final answer, 3 bodies and keys written once, 4 one lane),
 //! `customers` change detection (5), `failures` rejections and dead letters (6),
 //! `history` runs, polls, delivery totals and halts, `cursors` listing positions, `push`
-//! push-feed events.
+//! push-feed events, `budget` requests spent per source and month.
 //!
 //! Durability: `synchronous = NORMAL`. In WAL mode that survives a crash of the process at any
 //! point; only a power loss or kernel crash can lose the last commits. That is enough here
@@ -25,6 +25,7 @@
 //! each file carries a random identity that joins every idempotency key. A write that fails
 //! (a full disk) is remembered until one succeeds, for `/readyz` and the worker's wait.
 
+mod budget;
 mod cursors;
 mod customers;
 mod failures;
@@ -33,6 +34,7 @@ mod migrations;
 mod outbox;
 mod push;
 
+pub use budget::BudgetMonth;
 pub use customers::{Decision, Lane, Preview, Queued, decide};
 pub use failures::{DeadLetter, Failure, FailureKind};
 pub use history::{DeliveryCounts, Halt, KeyReread, PageOutcome, Pause, PollRecord, PollStats};

@@ -31,3 +31,4 @@ mod reload;
 mod state_file;
 mod support;
 mod untrusted;
+mod wodify_budget;

@@ -183,6 +183,8 @@ pub fn snapshot_settings() -> insta::Settings {
         "YYYY-MM-DDThh:mm:ssZ",
     );
     settings.add_filter(r"127\.0\.0\.1:\d+", "127.0.0.1:[port]");
+    settings.add_filter(r#""month": "\d{4}-\d{2}""#, r#""month": "YYYY-MM""#);
+    settings.add_filter(r"budget used in \d{4}-\d{2}", "budget used in YYYY-MM");
     settings.add_filter(r"oldest waiting \d+ (s|min|h)", "oldest waiting [age]");
     settings.add_filter(
         r#""oldest_pending_age_secs": \d+"#,

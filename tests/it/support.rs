@@ -182,7 +182,10 @@ impl Harness {
 
     /// The simulators' own config (`SimSet::config_toml`) for this state file.
     pub fn base_config(&self) -> String {
-        self.sims.config_toml(&self.state)
+        // The simulators count no quota, and tests poll Wodify far more often than a month's
+        // budget would allow (the daemon would space their polls out): unlimited here. The
+        // budget's own tests set one (`wodify_budget.rs`).
+        with_source(&self.sims.config_toml(&self.state), "gym", UNLIMITED_WODIFY)
     }
 
     /// The default config with only the named source.
@@ -405,6 +408,9 @@ pub fn with_source(toml: &str, name: &str, line: &str) -> String {
     assert!(toml.contains(&anchor), "no source named {name}");
     toml.replacen(&anchor, &format!("{anchor}{line}\n"), 1)
 }
+
+/// The line [`Harness::base_config`] gives the Wodify source `gym`.
+pub const UNLIMITED_WODIFY: &str = "monthly_request_budget = 0";
 
 /// `toml` with `line` added to the `[daemon]` table.
 #[track_caller]

@@ -8,7 +8,9 @@
 //! datetimes with and without `Z`, and several spellings of the country.
 //!
 //! Where it deliberately differs or has to guess: the monthly quota (500k requests) is not
-//! enforced; routes are served at the root (`/clients`, not `/v1/clients`) so the simulator's
+//! counted, but [`WodifySwitches::quota_spent`] answers every request as a spent one would (429
+//! `{"message": "Limit Exceeded"}`); [`WodifySwitches::live`] gives the shapes public code that
+//! calls the live API reports (gateway-style 429 bodies, a search that ignores `sort`); routes are served at the root (`/clients`, not `/v1/clients`) so the simulator's
 //! URL is the base URL; search is case-sensitive, SQL-like about nulls (a null matches only
 //! `is_null`), also accepts dotted paths (`updated.updated_on_datetime`) and, on the
 //! `created_on`/`updated` objects, compares their `*_datetime` member, because the real filter
@@ -41,6 +43,41 @@ use super::source::{
 };
 use super::{Faults, PagingFault, SimServer, dropped_connection, retry_after_secs};
 
+/// How the simulated account departs from the documented API ([`WodifyOptions::switches`]):
+/// the shapes public code that calls the live API reports, and a spent quota. All off is the
+/// documented API; [`WodifySwitches::live`] is the live variant. `PUT /_sim/switches` sets them
+/// (JSON, every field optional).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WodifySwitches {
+    /// 429s (the rate limiter's and the `rate_429` fault's) answer as the AWS API Gateway in
+    /// front of the live API does, `{"message": "Too Many Requests"}`, instead of the
+    /// documented error envelope.
+    pub gateway_429: bool,
+    /// `GET /clients/search` ignores `sort`, as a live integrator reports: the clients the
+    /// query selects come in a scrambled (but stable) order across pages, so a page of
+    /// `id|gt|N` holds ids that are not the lowest ones and not ascending. `GET /clients` keeps
+    /// sorting.
+    pub search_ignores_sort: bool,
+    /// The month's quota of the key is spent: every API request with the right key answers
+    /// 429 `{"message": "Limit Exceeded"}` (the gateway's usage-plan quota), whatever else.
+    pub quota_spent: bool,
+    /// Fraction of requests answered HTTP 200 with the second error envelope some endpoints
+    /// use, `{"APIError": {"ErrorMessage": "…"}}`, instead of data.
+    pub api_error_rate: f64,
+}
+
+impl WodifySwitches {
+    /// The live variant: gateway-style 429s and a search that ignores `sort`.
+    pub fn live() -> WodifySwitches {
+        WodifySwitches {
+            gateway_429: true,
+            search_ignores_sort: true,
+            ..WodifySwitches::default()
+        }
+    }
+}
+
 /// Settings a [`WodifySim`] starts with; all can be changed later.
 #[derive(Clone, Debug)]
 pub struct WodifyOptions {
@@ -53,6 +90,8 @@ pub struct WodifyOptions {
     /// Add `Retry-After` to 429s. Wodify documents none, so off by default; on lets tests
     /// check that the daemon honours one if it ever appears.
     pub send_retry_after: bool,
+    /// Departures from the documented API (all off by default).
+    pub switches: WodifySwitches,
 }
 
 impl Default for WodifyOptions {
@@ -62,6 +101,7 @@ impl Default for WodifyOptions {
             requests_per_second: 5,
             burst: 20,
             send_retry_after: false,
+            switches: WodifySwitches::default(),
         }
     }
 }
@@ -84,6 +124,7 @@ pub struct WodifySim {
 struct Inner {
     core: SourceCore<WodifySim>,
     send_retry_after: bool,
+    switches: std::sync::Mutex<WodifySwitches>,
 }
 
 impl WodifySim {
@@ -93,13 +134,34 @@ impl WodifySim {
             inner: Arc::new(Inner {
                 core: SourceCore::new(options.api_key, options.requests_per_second, options.burst),
                 send_retry_after: options.send_retry_after,
+                switches: std::sync::Mutex::new(options.switches),
             }),
         }
     }
 
-    /// The API routes at the root plus the `/_sim` control surface.
+    /// The API routes at the root plus the `/_sim` control surface (with `PUT
+    /// /_sim/switches`).
     pub fn router(&self) -> Router {
-        source::router(self, Router::new())
+        let extra = Router::new().route("/switches", axum::routing::put(sim_switches));
+        source::router(self, extra)
+    }
+
+    /// Replaces the departures from the documented API.
+    pub fn set_switches(&self, switches: WodifySwitches) {
+        *self
+            .inner
+            .switches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = switches;
+    }
+
+    /// The departures from the documented API in force.
+    pub fn switches(&self) -> WodifySwitches {
+        self.inner
+            .switches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Serves [`WodifySim::router`] on `addr` (port 0 picks a free one).
@@ -277,7 +339,21 @@ impl WodifySim {
         let by_id = sort
             .as_ref()
             .is_none_or(|(field, descending)| field == "id" && !descending);
-        let (items, has_more): (Vec<&Value>, bool) = if by_id {
+        let scrambled = *route == Route::Search && self.switches().search_ignores_sort;
+        let (items, has_more): (Vec<&Value>, bool) = if scrambled {
+            // No sort at all: a stable order that is not the id order.
+            let mut matching: Vec<&Value> = shared
+                .records
+                .iter()
+                .filter(|(_, client)| conditions.iter().all(|c| c.matches(client)))
+                .map(|(_, client)| client)
+                .collect();
+            matching.sort_by_key(|client| {
+                scramble(client.get("id").and_then(Value::as_i64).unwrap_or(0))
+            });
+            let (items, has_more) = page_of(&matching, served_page, page_size);
+            (items.to_vec(), has_more)
+        } else if by_id {
             // Clients are kept in id order: walk from the tightest `id` lower bound and stop
             // after the page, as the real API's keyset paging does, instead of filtering and
             // sorting the whole table on every request.
@@ -400,6 +476,16 @@ impl Source for WodifySim {
         let presented = headers.get("x-api-key").and_then(|v| v.to_str().ok());
         let (faults, key_ok) = self.core().faults_and_key(presented);
         let send_retry_after = self.inner.send_retry_after;
+        let switches = self.switches();
+        if switches.quota_spent && key_ok {
+            // The gateway's usage plan answers before the service sees the request.
+            let body = json!({"message": "Limit Exceeded"});
+            return (
+                json_response(StatusCode::TOO_MANY_REQUESTS, &body),
+                Outcome::RateLimited,
+            );
+        }
+        let too_many_requests = |retry_after| too_many_requests(retry_after, switches.gateway_429);
         if Faults::roll(faults.error_rate) {
             let response = error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -412,6 +498,10 @@ impl Source for WodifySim {
             let computed = send_retry_after.then(|| HeaderValue::from(1u64));
             let retry_after = faults.injected_retry_after(computed);
             return (too_many_requests(retry_after), Outcome::RateLimited);
+        }
+        if Faults::roll(switches.api_error_rate) {
+            let body = json!({"APIError": {"ErrorMessage": "Simulated APIError envelope inside an HTTP 200."}});
+            return (json_response(StatusCode::OK, &body), Outcome::Envelope);
         }
         if Faults::roll(faults.envelope_rate) {
             let body = envelope(
@@ -909,6 +999,22 @@ fn envelope(status: StatusCode, error_code: &str, developer_message: &str) -> Va
     })
 }
 
+/// A stable order unrelated to the id order (a multiplicative hash), for a search that ignores
+/// `sort`.
+fn scramble(id: i64) -> u64 {
+    (id as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(17)
+}
+
+async fn sim_switches(
+    axum::extract::State(sim): axum::extract::State<WodifySim>,
+    axum::Json(switches): axum::Json<WodifySwitches>,
+) -> StatusCode {
+    sim.set_switches(switches);
+    StatusCode::NO_CONTENT
+}
+
 fn error_response(status: StatusCode, error_code: &str, developer_message: &str) -> Response {
     json_response(status, &envelope(status, error_code, developer_message))
 }
@@ -917,13 +1023,21 @@ fn bad_request(message: &str) -> Response {
     error_response(StatusCode::BAD_REQUEST, "BadRequest", message)
 }
 
-/// A 429 envelope, with `Retry-After` only when one is given.
-fn too_many_requests(retry_after: Option<HeaderValue>) -> Response {
-    let mut response = error_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        "TooManyRequests",
-        "Rate limit exceeded.",
-    );
+/// A 429 envelope (or the gateway's `{"message": "Too Many Requests"}`), with `Retry-After`
+/// only when one is given.
+fn too_many_requests(retry_after: Option<HeaderValue>, gateway: bool) -> Response {
+    let mut response = if gateway {
+        json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({"message": "Too Many Requests"}),
+        )
+    } else {
+        error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            "Rate limit exceeded.",
+        )
+    };
     if let Some(retry_after) = retry_after {
         response
             .headers_mut()

@@ -1,5 +1,5 @@
 //! Wodify's settings: its defaults for the common keys (the documented 5 requests a second,
-//! burst 20) and its one key of its own, `scan`.
+//! burst 20; a monthly request budget of 250,000) and its one key of its own, `scan`.
 
 use std::sync::Arc;
 
@@ -48,8 +48,11 @@ impl SourceKind for WodifyKind {
     }
 
     fn defaults(&self) -> SourceDefaults {
-        // Wodify's documented limit: 5 requests a second, burst 20.
+        // Wodify's documented limit: 5 requests a second, burst 20. Its 500,000 requests a
+        // month are per API key, shared with Wodify Workflows and the gym's other integrations:
+        // the daemon takes half by default.
         SourceDefaults::new("0 */15 * * * *", (5, 20), "US", "https://api.wodify.com/v1")
+            .with_monthly_request_budget(250_000)
     }
 
     fn options(&self, at: &str, keys: Keys) -> Result<Arc<dyn SourceOptions>, ConfigError> {

@@ -54,6 +54,8 @@ pub const PAGE_SIZE: u32 = 100;
 
 /// A Wodify account.
 pub struct Wodify {
+    /// The source's configured name, for logs.
+    name: String,
     http: reqwest::Client,
     endpoint: super::Endpoint,
     base: Url,
@@ -92,6 +94,7 @@ impl Wodify {
     /// An adapter for one configured Wodify source.
     pub fn new(config: &SourceConfig, options: &WodifyOptions) -> Result<Wodify, reqwest::Error> {
         Ok(Wodify {
+            name: config.name.clone(),
             http: http::client(Duration::from_secs(config.timeout_secs))?,
             endpoint: super::Endpoint::new("wodify", "Wodify", config),
             base: config.base_url.clone(),
@@ -300,7 +303,7 @@ fn read_answer(
 ) -> Result<Value, SourceError> {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     // An error envelope can come with any status, 200 included.
-    if let Some(envelope) = parsed.as_ref().and_then(envelope_code) {
+    if let Some(envelope) = parsed.as_ref().and_then(|v| envelope_code(v, status)) {
         return Err(classify(envelope.0, &envelope.1, retry_after));
     }
     if !status.is_success() {
@@ -327,9 +330,24 @@ fn read_answer(
     })
 }
 
-/// `(HTTPCode, message)` when the body is Wodify's error envelope.
-fn envelope_code(value: &Value) -> Option<(u16, String)> {
+/// `(HTTPCode, message)` when the body is one of Wodify's error envelopes: `{"HTTPCode",
+/// "DeveloperMessage", …}`, or `{"APIError": {"ErrorMessage": …}}`, which carries no code (the
+/// HTTP status stands for it, a 500 when that is a 2xx: retried).
+fn envelope_code(value: &Value, status: StatusCode) -> Option<(u16, String)> {
     let object = value.as_object()?;
+    if let Some(api_error) = object.get("APIError") {
+        let code = if status.is_success() {
+            500
+        } else {
+            status.as_u16()
+        };
+        let message = api_error
+            .get("ErrorMessage")
+            .and_then(Value::as_str)
+            .or_else(|| api_error.as_str())
+            .unwrap_or("");
+        return Some((code, crate::secret::redact(message)));
+    }
     if !object.contains_key("HTTPCode") && !object.contains_key("ErrorCode") {
         return None;
     }
@@ -359,6 +377,13 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
         401 | 403 => SourceError::AuthRefused(format!(
             "{detail}; check the source's api_key / api_key_file"
         )),
+        // The API gateway's "the period's quota is spent" (a plain throttle says `Too Many
+        // Requests`): nothing succeeds until the month turns, so it is not retried.
+        429 if message.eq_ignore_ascii_case("Limit Exceeded") => SourceError::QuotaSpent(
+            "Wodify answered 429 Limit Exceeded: the API key's monthly request quota (500,000 \
+             documented, shared with Wodify Workflows and the gym's other integrations) is spent"
+                .to_string(),
+        ),
         429 => SourceError::RateLimited(retry_after),
         408 | 500..=599 => SourceError::Transient(detail),
         404 => SourceError::NotFound,
@@ -367,29 +392,25 @@ fn classify(code: u16, message: &str, retry_after: Option<Duration>) -> SourceEr
 }
 
 /// A keyset page must list ids above its cursor in ascending order, or moving the cursor to the
-/// highest id would skip clients the search has not shown yet: such a page stops the poll
-/// (before anything of it is queued) rather than lose them silently.
-fn out_of_order(rows: &[Row], after: i64, where_: &str) -> Result<(), SourceError> {
+/// highest id would skip clients the search has not shown yet (a search that ignores `sort`, as
+/// live integrations report). The first id out of order, with the one before it.
+fn out_of_order(rows: &[Row], after: i64) -> Option<(i64, i64)> {
     let mut last = after;
     for id in rows.iter().filter_map(Row::id) {
         if id <= last {
-            return Err(SourceError::Pagination(format!(
-                "Wodify's client search answered {where_} out of id order (client id {id} after \
-                 {last}), so a keyset scan would skip clients; set scan = \"pages\" for this \
-                 source if its search cannot sort by id"
-            )));
+            return Some((id, last));
         }
         last = id;
     }
-    Ok(())
+    None
 }
 
 impl Wodify {
     async fn fetch_page(&self, cursor: &str) -> Result<Page, SourceError> {
         let at = match Cursor::parse(cursor) {
-            // A cursor of the other scan mode (the config changed): start over in this one.
+            // A keyset cursor under scan = "pages" (the config changed): start over by pages. A
+            // page cursor under keyset is a scan that fell back to pages: it goes on so.
             Some(Cursor::After(_)) if self.scan == Scan::Pages => self.start(),
-            Some(Cursor::Page(_)) if self.scan == Scan::Keyset => self.start(),
             Some(at) => at,
             None => self.start(),
         };
@@ -403,11 +424,25 @@ impl Wodify {
                 read_listing(status, body, retry_after, &where_)
             })
             .await?;
-        if let Cursor::After(after) = at {
-            out_of_order(&rows, after, &where_)?;
+        // Keyset ids out of order: the page's clients are real and kept, but the rest of this
+        // scan reads page numbers from the first page (`/clients?page=N&sort=id`), which the
+        // cursor can follow without skipping anyone. The next scan tries the search again.
+        // A last page (no `has_more`) showed every client left, in whatever order.
+        let fallback = match at {
+            Cursor::After(after) if has_more => out_of_order(&rows, after),
+            _ => None,
+        };
+        if let Some((id, last)) = fallback {
+            tracing::warn!(
+                source = %self.name,
+                "Wodify's client search answered {where_} out of id order (client id {id} after \
+                 {last}), so a keyset scan would skip clients: this scan goes on by page numbers \
+                 from the first page. Set scan = \"pages\" for this source to skip the search."
+            );
         }
         let next = match at {
             _ if !has_more => self.start(),
+            Cursor::After(_) if fallback.is_some() => Cursor::Page(1),
             // The keyset moves to the highest id read; a page that does not raise it is caught
             // by the poll loop as a page that does not advance the scan.
             Cursor::After(after) => {
@@ -524,6 +559,8 @@ impl Source for Wodify {
         match (Cursor::parse(resumed_at), Cursor::parse(cursor)) {
             (Some(Cursor::After(stop)), Some(Cursor::After(now))) => now >= stop,
             (Some(Cursor::Page(stop)), Some(Cursor::Page(now))) => now >= stop,
+            // A keyset scan that fell back to pages covers the rest only at the pass's end.
+            (Some(Cursor::After(_)), Some(Cursor::Page(_))) => false,
             _ => true,
         }
     }
@@ -546,6 +583,35 @@ mod tests {
             read_answer(StatusCode::OK, auth, None),
             Err(SourceError::AuthRefused(_))
         ));
+    }
+
+    #[test]
+    fn a_spent_quota_is_told_from_a_throttle_and_the_apierror_envelope_is_an_error() {
+        let spent = read_answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            br#"{"message": "Limit Exceeded"}"#,
+            None,
+        );
+        assert!(
+            matches!(&spent, Err(SourceError::QuotaSpent(m)) if m.contains("monthly request quota")),
+            "{spent:?}"
+        );
+        let throttled = read_answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            br#"{"message": "Too Many Requests"}"#,
+            None,
+        );
+        assert_eq!(throttled.err(), Some(SourceError::RateLimited(None)));
+        let api_error = br#"{"APIError": {"ErrorMessage": "Something broke"}}"#;
+        let inside_a_200 = read_answer(StatusCode::OK, api_error, None);
+        assert!(
+            matches!(&inside_a_200, Err(SourceError::Transient(m)) if m.contains("Something broke")),
+            "{inside_a_200:?}"
+        );
+        let listing = read_listing(StatusCode::OK, api_error, None, "the first page");
+        assert!(matches!(listing, Err(SourceError::Transient(_))));
+        let refused = read_answer(StatusCode::UNAUTHORIZED, api_error, None);
+        assert!(matches!(refused, Err(SourceError::AuthRefused(_))));
     }
 
     #[test]
