@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What an idle daemon costs: starts the bundled simulators (`sync-daemon sim`) and a daemon
-# polling every 15 minutes, lets the start-up backfill finish, then samples the daemon's RSS and
-# CPU time from /proc over a period and prints RSS and CPU seconds per hour, extrapolated.
-# Targets (issue 4): RSS <= 20 MiB, CPU ~ 0.
+# polling every 15 minutes, lets the start-up backfill finish, then samples the daemon's RSS, CPU
+# time and wake-ups from /proc over a period and prints RSS, CPU seconds per hour and wake-ups
+# per hour (voluntary context switches, summed over the daemon's threads, with the threads that
+# woke named), extrapolated. Targets (issue 14): RSS <= 20 MiB, <= 1 CPU-second an hour, no
+# wake-ups from the worker while nothing is queued or due.
 #
 #   benches/idle.sh                      # 60 s sample, 1000 clients + 300 patients synced first
 #   IDLE_SECS=600 benches/idle.sh        # a longer sample
@@ -12,6 +14,7 @@
 #   IDLE_CLIENTS      Wodify clients seeded (default 1000)
 #   IDLE_PATIENTS     PracticeHub patients seeded (default 300)
 #   IDLE_TRACE        set to print RSS and CPU every 10 s while sampling
+#   IDLE_OUT          also write the summary to this file
 #   SYNC_DAEMON_BIN   the binary (default: target/release/sync-daemon under CARGO_TARGET_DIR or
 #                     ./target, built with `cargo build --release` when missing)
 #
@@ -99,7 +102,20 @@ cpu_ticks() { # utime + stime, fields 14 and 15 of /proc/PID/stat (after the ")"
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$DAEMON_PID/status"; }
 rss_parts() { awk '/^Rss(Anon|File):/ { printf "%s %.1f MiB  ", $1, $2 / 1024 }' "/proc/$DAEMON_PID/status"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON_PID/status"; }
+# One line per live thread: tid, voluntary and involuntary context switches, name.
+threads() {
+  local task tid comm
+  for task in "/proc/$DAEMON_PID/task/"*; do
+    tid=${task##*/}
+    comm=$(tr ' ' '_' <"$task/comm" 2>/dev/null) || continue
+    awk -v tid="$tid" -v comm="$comm" '
+      /^voluntary_ctxt_switches:/ { v = $2 }
+      /^nonvoluntary_ctxt_switches:/ { n = $2 }
+      END { if (v != "") print tid, v, n, comm }' "$task/status" 2>/dev/null || true
+  done
+}
 
+threads >"$WORK/threads.start"
 start_ticks=$(cpu_ticks)
 start_rss=$(rss_kib)
 peak_rss=$start_rss
@@ -115,17 +131,38 @@ while ((SECONDS < end)); do
   fi
 done
 parts=$(rss_parts)
+threads >"$WORK/threads.end"
 end_ticks=$(cpu_ticks)
 end_rss=$(rss_kib)
 hwm=$(hwm_kib)
 
-awk -v secs="$IDLE_SECS" -v t0="$start_ticks" -v t1="$end_ticks" -v tick="$TICK" \
+# Wake-ups: per thread, the end count less the start count (a thread born while sampling
+# counts from 0; one that ended while sampling is lost, and counted as such).
+wakeups=$(awk -v secs="$IDLE_SECS" '
+  NR == FNR { v0[$1] = $2; n0[$1] = $3; next }
+  { dv = $2 - v0[$1]; dn = $3 - n0[$1]; seen[$1] = 1
+    tv += dv; tn += dn
+    if (dv > 0) by = by sprintf("%s%s %d", (by == "" ? "" : ", "), $4, dv) }
+  END {
+    for (t in v0) if (!(t in seen)) gone++
+    printf "%d %d %d %s\n", tv, tn, gone, (by == "" ? "none" : by)
+  }' "$WORK/threads.start" "$WORK/threads.end")
+read -r vol invol gone woke <<<"$wakeups"
+
+summary=$(awk -v secs="$IDLE_SECS" -v t0="$start_ticks" -v t1="$end_ticks" -v tick="$TICK" \
   -v r0="$start_rss" -v r1="$end_rss" -v rp="$peak_rss" -v hwm="$hwm" \
-  -v parts="$parts" -v clients="$IDLE_CLIENTS" -v patients="$IDLE_PATIENTS" 'BEGIN {
+  -v parts="$parts" -v clients="$IDLE_CLIENTS" -v patients="$IDLE_PATIENTS" \
+  -v vol="$vol" -v invol="$invol" -v gone="$gone" -v woke="$woke" -v load="$(cut -d' ' -f1-3 /proc/loadavg)" 'BEGIN {
   cpu = (t1 - t0) / tick
-  printf "idle daemon after syncing %d clients + %d patients, sampled %d s\n", clients, patients, secs
+  printf "idle daemon after syncing %d clients + %d patients, sampled %d s (load average %s)\n", clients, patients, secs, load
   printf "  RSS idle:             %.1f MiB at start, %.1f MiB at end, %.1f MiB peak (target <= 20 MiB)\n", r0/1024, r1/1024, rp/1024
   printf "  RSS high-water mark:  %.1f MiB (includes the start-up backfill)\n", hwm/1024
   printf "  RSS at end by kind:   %s\n", parts
-  printf "  CPU while idle:       %.2f s in %d s = %.1f CPU-seconds per hour (resolution %.1f s/h)\n", cpu, secs, cpu * 3600 / secs, 3600 / secs / tick
-}'
+  printf "  CPU while idle:       %.2f s in %d s = %.1f CPU-seconds per hour (resolution %.1f s/h; target <= 1)\n", cpu, secs, cpu * 3600 / secs, 3600 / secs / tick
+  printf "  wake-ups while idle:  %d voluntary context switches in %d s = %.0f per hour (%d involuntary)\n", vol, secs, vol * 3600 / secs, invol
+  printf "  threads that woke:    %s%s\n", woke, (gone > 0 ? sprintf(" (%d thread(s) ended while sampling, not counted)", gone) : "")
+}')
+echo "$summary"
+if [[ -n ${IDLE_OUT:-} ]]; then
+  echo "$summary" >"$IDLE_OUT"
+fi

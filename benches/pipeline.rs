@@ -7,17 +7,33 @@
 //!    (batches − burst) / RevKeen rate). Goal ratio ≥ 0.90, 429s ≤ 1 % of requests.
 //! 2. Unthrottled: no limits, `--once` end to end; records/s, CPU s per 10k records, peak RSS;
 //!    beside it a bare transfer loop (GET the same pages, PUT pre-built batch bodies, no store,
-//!    no normalization) in this process against the same simulators. Goal daemon/bare ≥ 0.70.
+//!    no normalization) in this process against the same simulators. The two run interleaved,
+//!    A B A B … (`SYNC_DAEMON_BENCH_PAIRS` pairs: 3 at full size, 1 at smoke), each pair on
+//!    fresh simulators, and the median ratio is the figure, since on a shared machine
+//!    one-after-the-other runs drift. Goal daemon/bare ≥ 0.70.
 //! 3. Steady state: a second `--once` over the unchanged clients: RevKeen writes must be 0.
 //! 4. Memory scaling: peak RSS at the small vs the large size. Goal within 20 %, ≤ 64 MiB.
 //! 5. Single vs batch upserts under row 1's limits.
+//! 6. Scale: first sync and unchanged rescan at each size of `SYNC_DAEMON_BENCH_SCALE`
+//!    (full: 10k, 100k, 1M; smoke: 2k, 5k): CPU s per 10k records, disk bytes written (the
+//!    daemon's own `write_bytes` from `/proc/PID/io`, read after it exits and before it is
+//!    reaped; where io accounting is missing, the growth of the state file plus its WAL, and
+//!    the row says which), peak RSS, the final state-file size; for the rescan also RevKeen
+//!    writes and bytes written per record. Goals: first-sync CPU per 10k at the largest size
+//!    within 10 % of the next size down; rescan ≤ 64 bytes written per record, 0 RevKeen writes.
+//! 7. Peer: `benches/peer/peer.py` (Python 3 + `requests`: page Wodify, PUT batches of 100, no
+//!    durability), the script an integrator would write instead, on the large dataset, then the
+//!    daemon's first sync on the same dataset (fresh simulators each). Goal: daemon ≥ 1.5× the
+//!    peer's records/s at ≤ 0.8× its CPU. Skipped with a message when no Python with
+//!    `requests` is found (a venv under `target/peer-venv` is tried with pip first).
 //!
 //! The daemon runs as a child process (the real binary, `--once`): its CPU time comes from
 //! `wait4`, its peak RSS from its own `VmHWM`, sampled while it runs. `SYNC_DAEMON_BENCH=smoke`
 //! runs every row at a tiny size (CI); the default is the full size. `SYNC_DAEMON_BENCH_ROWS`
 //! picks rows (e.g. `1,5`); rows 2–4 share one run at the large size, so any of them runs all
 //! three. The table is printed and the same figures written as JSON to `SYNC_DAEMON_BENCH_OUT`
-//! (default `target/pipeline-bench.json`).
+//! (default `target/pipeline-bench.json`); a full-size run of every row at the default sizes
+//! also writes them to `benches/results/pipeline.json`, the run the README quotes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +49,10 @@ struct Scale {
     large: usize,
     small: usize,
     single_vs_batch: usize,
+    /// Row 2's daemon/bare pairs.
+    pairs: usize,
+    /// Row 6's sizes.
+    sizes: &'static [usize],
 }
 
 const FULL: Scale = Scale {
@@ -41,6 +61,8 @@ const FULL: Scale = Scale {
     large: 100_000,
     small: 10_000,
     single_vs_batch: 5_000,
+    pairs: 3,
+    sizes: &[10_000, 100_000, 1_000_000],
 };
 
 const SMOKE: Scale = Scale {
@@ -49,6 +71,8 @@ const SMOKE: Scale = Scale {
     large: 3_000,
     small: 1_000,
     single_vs_batch: 150,
+    pairs: 1,
+    sizes: &[2_000, 5_000],
 };
 
 /// Row 1's scaled limits.
@@ -62,6 +86,9 @@ struct ChildRun {
     elapsed: Duration,
     cpu: Duration,
     max_rss_kib: u64,
+    /// `write_bytes` from `/proc/PID/io` (bytes the process caused to be sent to storage), when
+    /// the kernel accounts it.
+    write_bytes: Option<u64>,
     exit: i32,
 }
 
@@ -84,9 +111,18 @@ fn main() {
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"))
-        .expect("write results");
+    let text = serde_json::to_string_pretty(&results).expect("json") + "\n";
+    std::fs::write(&out, &text).expect("write results");
     println!("\nFigures written to {}", out.display());
+    // The run the README quotes: full size, every row, the default sizes.
+    let complete = std::env::var_os("SYNC_DAEMON_BENCH_ROWS").is_none()
+        && std::env::var_os("SYNC_DAEMON_BENCH_SCALE").is_none()
+        && std::env::var_os("SYNC_DAEMON_BENCH_PAIRS").is_none();
+    if scale.name == "full" && complete {
+        let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/pipeline.json");
+        std::fs::write(&kept, &text).expect("write benches/results");
+        println!("and to {}", kept.display());
+    }
     let failed = results["goals_failed"]
         .as_array()
         .map(Vec::len)
@@ -106,9 +142,10 @@ fn wanted(row: u8) -> bool {
 
 async fn bench(scale: &Scale) -> Value {
     let machine = machine();
+    let load_start = load_average();
     println!(
-        "sync-daemon pipeline benchmark ({} size) on {}",
-        scale.name, machine
+        "sync-daemon pipeline benchmark ({} size) on {}, load average {}",
+        scale.name, machine, load_start
     );
     let mut rows = BTreeMap::new();
     let mut goals_failed: Vec<String> = Vec::new();
@@ -132,16 +169,17 @@ async fn bench(scale: &Scale) -> Value {
 
     // Rows 2–4.
     if wanted(2) || wanted(3) || wanted(4) {
-        let (unthrottled, steady, rss_large) = unthrottled(scale.large).await;
+        let pairs = env_count("SYNC_DAEMON_BENCH_PAIRS").unwrap_or(scale.pairs);
         println!(
-            "\n2. Unthrottled: {} clients, no limits, batch 100",
+            "\n2. Unthrottled: {} clients, no limits, batch 100; {pairs} daemon/bare pair(s), interleaved",
             scale.large
         );
+        let (unthrottled, steady, rss_large) = unthrottled(scale.large, pairs).await;
         for (k, v) in unthrottled.as_object().expect("object") {
             println!("   {k:<34} {v}");
         }
         if unthrottled["daemon_vs_bare"].as_f64().unwrap_or(0.0) < 0.70 {
-            goals_failed.push("row 2: daemon/bare < 0.70".into());
+            goals_failed.push("row 2: daemon/bare < 0.70 (median)".into());
         }
         println!(
             "\n3. Steady state: second --once over {} unchanged clients",
@@ -205,9 +243,52 @@ async fn bench(scale: &Scale) -> Value {
         rows.insert("5_single_vs_batch", versus);
     }
 
+    // Row 6.
+    if wanted(6) {
+        let sizes = scale_sizes(scale);
+        println!(
+            "\n6. Scale: first sync and unchanged rescan, no limits, batch 100, at {sizes:?} clients"
+        );
+        let scale_row = scale_row(&sizes).await;
+        goals_failed.extend(scale_goals(&scale_row));
+        rows.insert("6_scale", scale_row);
+    }
+
+    // Row 7.
+    if wanted(7) {
+        println!(
+            "\n7. Peer: benches/peer/peer.py vs the daemon's first sync, {} clients, no limits",
+            scale.large
+        );
+        match peer(scale.large).await {
+            Ok(row) => {
+                for (k, v) in row.as_object().expect("object") {
+                    println!("   {k:<34} {v}");
+                }
+                if row["daemon_vs_peer_records_per_sec"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    < 1.5
+                {
+                    goals_failed.push("row 7: daemon < 1.5x the peer's records/s".into());
+                }
+                if row["daemon_vs_peer_cpu"].as_f64().unwrap_or(f64::MAX) > 0.8 {
+                    goals_failed.push("row 7: daemon CPU > 0.8x the peer's".into());
+                }
+                rows.insert("7_peer", row);
+            }
+            Err(why) => {
+                println!("   skipped: {why}");
+                rows.insert("7_peer", json!({ "skipped": why }));
+            }
+        }
+    }
+
     json!({
         "scale": scale.name,
         "machine": machine,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
         "date": chrono::Utc::now().to_rfc3339(),
         "rows": rows,
         "goals_failed": goals_failed,
@@ -262,44 +343,433 @@ async fn rate_limited(clients: usize, batch_size: usize) -> Value {
     })
 }
 
-/// Rows 2 and 3 at the large size: returns (row 2, row 3, peak RSS KiB).
-async fn unthrottled(clients: usize) -> (Value, Value, u64) {
-    let (mut row, sims, rss) = unthrottled_daemon_only(clients).await;
-    let (row, steady) = {
-        let sims = sims.expect("large run keeps its simulators");
-        let bare = bare_loop(&sims.0, clients).await;
+/// Rows 2 and 3 at the large size: `pairs` daemon/bare pairs run interleaved (A B A B …), each
+/// on fresh simulators; row 3 reuses the last pair's. Returns (row 2, row 3, median peak RSS KiB).
+async fn unthrottled(clients: usize, pairs: usize) -> (Value, Value, u64) {
+    let pairs = pairs.max(1);
+    let (mut daemon, mut bare, mut ratio, mut cpu, mut rss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut exits = Vec::new();
+    let mut customers = 0u64;
+    let mut last: Option<Kept> = None;
+    for pair in 1..=pairs {
+        // The previous pair's simulators go first: their memory is not this pair's.
+        drop(last.take());
+        let (row, kept, peak) = unthrottled_daemon_only(clients).await;
+        let kept = kept.expect("unthrottled run keeps its simulators");
+        let bare_rate = bare_loop(&kept.0, clients).await;
         let daemon_rate = row["records_per_sec"].as_f64().unwrap_or(0.0);
-        let object = row.as_object_mut().expect("object");
-        object.insert("bare_loop_records_per_sec".into(), json!(round(bare, 0)));
-        object.insert(
-            "daemon_vs_bare".into(),
-            json!(round(daemon_rate / bare.max(0.001), 3)),
+        println!(
+            "   pair {pair}: daemon {daemon_rate:.0} records/s, bare loop {bare_rate:.0} records/s, ratio {:.3}",
+            daemon_rate / bare_rate.max(0.001)
         );
-        // Row 3: again over the same, unchanged clients.
-        let (sim_set, dir, config) = sims;
-        let before_w = sim_set.wodify.stats();
-        let before_r = sim_set.revkeen.stats();
-        let run = run_once(&config).await;
-        let after_w = sim_set.wodify.stats();
-        let after_r = sim_set.revkeen.stats();
-        drop(dir);
-        (
-            row,
-            json!({
-                "exit_code": run.exit,
-                "clients": clients,
+        daemon.push(daemon_rate);
+        bare.push(bare_rate);
+        ratio.push(daemon_rate / bare_rate.max(0.001));
+        cpu.push(row["cpu_secs_per_10k_records"].as_f64().unwrap_or(0.0));
+        rss.push(peak as f64);
+        exits.push(row["exit_code"].clone());
+        customers = row["customers_at_revkeen"].as_u64().unwrap_or(0);
+        last = Some(kept);
+    }
+    let row = json!({
+        "exit_codes": exits,
+        "clients": clients,
+        "pairs": pairs,
+        "records_per_sec": round(median(&daemon), 0),
+        "records_per_sec_min_median_max": spread(&daemon, 0),
+        "cpu_secs_per_10k_records": round(median(&cpu), 3),
+        "cpu_secs_per_10k_min_median_max": spread(&cpu, 3),
+        "peak_rss_mib": mib(median(&rss) as u64),
+        "customers_at_revkeen": customers,
+        "bare_loop_records_per_sec": round(median(&bare), 0),
+        "bare_loop_min_median_max": spread(&bare, 0),
+        "daemon_vs_bare": round(median(&ratio), 3),
+        "daemon_vs_bare_min_median_max": spread(&ratio, 3),
+    });
+    // Row 3: again over the same, unchanged clients.
+    let (sim_set, dir, config) = last.expect("at least one pair");
+    let before_w = sim_set.wodify.stats();
+    let before_r = sim_set.revkeen.stats();
+    let run = run_once(&config).await;
+    let after_w = sim_set.wodify.stats();
+    let after_r = sim_set.revkeen.stats();
+    drop(dir);
+    let steady = json!({
+        "exit_code": run.exit,
+        "clients": clients,
+        "revkeen_writes": after_r.writes() - before_r.writes(),
+        "revkeen_requests": after_r.requests - before_r.requests,
+        "source_requests": after_w.requests - before_w.requests,
+        // What the listing needs at 100 a page, to compare source_requests with.
+        "pages_in_listing": clients.div_ceil(100),
+        "elapsed_secs": round(run.elapsed.as_secs_f64(), 2),
+        "records_per_sec": round(clients as f64 / run.elapsed.as_secs_f64().max(0.001), 0),
+        "cpu_secs": round(run.cpu.as_secs_f64(), 2),
+    });
+    (row, steady, median(&rss) as u64)
+}
+
+/// Row 6's sizes: `SYNC_DAEMON_BENCH_SCALE` (comma-separated client counts) or the scale's.
+fn scale_sizes(scale: &Scale) -> Vec<usize> {
+    match std::env::var("SYNC_DAEMON_BENCH_SCALE") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim().replace('_', "").parse::<usize>().ok().filter(|&n| n > 0).unwrap_or_else(|| {
+                    panic!("SYNC_DAEMON_BENCH_SCALE: {n:?} is not a client count; give e.g. 10000,100000,1000000")
+                })
+            })
+            .collect(),
+        Err(_) => scale.sizes.to_vec(),
+    }
+}
+
+/// Sizes of the state file and its WAL, in bytes (0 when absent).
+fn state_files(state: &Path) -> (u64, u64) {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    (size(state), size(&state.with_extension("db-wal")))
+}
+
+/// Row 6: each size on fresh simulators and a fresh state file.
+async fn scale_row(sizes: &[usize]) -> Value {
+    let mut points = Vec::new();
+    let mut method = "write_bytes of the daemon process (/proc/PID/io)";
+    println!(
+        "   {:>9} | {:>9} {:>8} {:>11} {:>8} {:>9} | {:>8} {:>11} {:>9} {:>7} {:>8}",
+        "clients",
+        "1st rec/s",
+        "CPU/10k",
+        "written",
+        "RSS MiB",
+        "state",
+        "rescan",
+        "written",
+        "B/record",
+        "writes",
+        "RSS MiB"
+    );
+    for &clients in sizes {
+        let sims = SimSet::start(SimPorts::default())
+            .await
+            .expect("simulators");
+        sims.wodify.seed(clients, 42);
+        sims.wodify.set_rate_limit(0, 0);
+        sims.revkeen.set_rate_limit(0, 0);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(&sims, dir.path(), 100, None);
+        let state = dir.path().join("state.db");
+
+        let first = run_once(&config).await;
+        let (db1, wal1) = state_files(&state);
+        let first_written = first.write_bytes.unwrap_or_else(|| {
+            method = "growth of the state file + WAL (io accounting unavailable)";
+            db1 + wal1
+        });
+        let customers = sims.revkeen.customers("wodify").len();
+        let before_r = sims.revkeen.stats();
+        let before_w = sims.wodify.stats();
+        let rescan = run_once(&config).await;
+        let after_r = sims.revkeen.stats();
+        let after_w = sims.wodify.stats();
+        let (db2, wal2) = state_files(&state);
+        let rescan_written = rescan.write_bytes.unwrap_or_else(|| {
+            method = "growth of the state file + WAL (io accounting unavailable)";
+            (db2 + wal2).saturating_sub(db1 + wal1)
+        });
+        let n = clients as f64;
+        let point = json!({
+            "clients": clients,
+            "first_sync": {
+                "exit_code": first.exit,
+                "elapsed_secs": round(first.elapsed.as_secs_f64(), 2),
+                "records_per_sec": round(n / first.elapsed.as_secs_f64().max(0.001), 0),
+                "cpu_secs": round(first.cpu.as_secs_f64(), 2),
+                "cpu_secs_per_10k_records": round(first.cpu.as_secs_f64() * 10_000.0 / n, 3),
+                "disk_bytes_written": first_written,
+                "disk_bytes_per_record": round(first_written as f64 / n, 0),
+                "written_vs_state_file": round(first_written as f64 / db1.max(1) as f64, 2),
+                "peak_rss_mib": mib(first.max_rss_kib),
+                "state_file_bytes": db1,
+                "wal_bytes": wal1,
+                "customers_at_revkeen": customers,
+            },
+            "rescan": {
+                "exit_code": rescan.exit,
+                "elapsed_secs": round(rescan.elapsed.as_secs_f64(), 2),
+                "cpu_secs_per_10k_records": round(rescan.cpu.as_secs_f64() * 10_000.0 / n, 3),
+                "disk_bytes_written": rescan_written,
+                "disk_bytes_per_record": round(rescan_written as f64 / n, 1),
                 "revkeen_writes": after_r.writes() - before_r.writes(),
-                "revkeen_requests": after_r.requests - before_r.requests,
                 "source_requests": after_w.requests - before_w.requests,
-                // What the listing needs at 100 a page, to compare source_requests with.
-                "pages_in_listing": clients.div_ceil(100),
-                "elapsed_secs": round(run.elapsed.as_secs_f64(), 2),
-                "records_per_sec": round(clients as f64 / run.elapsed.as_secs_f64().max(0.001), 0),
-                "cpu_secs": round(run.cpu.as_secs_f64(), 2),
-            }),
-        )
+                "peak_rss_mib": mib(rescan.max_rss_kib),
+                "state_file_bytes": db2,
+                "wal_bytes": wal2,
+            },
+        });
+        println!(
+            "   {:>9} | {:>9} {:>8} {:>11} {:>8} {:>9} | {:>8} {:>11} {:>9} {:>7} {:>8}",
+            clients,
+            point["first_sync"]["records_per_sec"].to_string(),
+            point["first_sync"]["cpu_secs_per_10k_records"].to_string(),
+            human_bytes(first_written),
+            point["first_sync"]["peak_rss_mib"].to_string(),
+            human_bytes(db1),
+            point["rescan"]["cpu_secs_per_10k_records"].to_string(),
+            human_bytes(rescan_written),
+            point["rescan"]["disk_bytes_per_record"].to_string(),
+            point["rescan"]["revkeen_writes"].to_string(),
+            point["rescan"]["peak_rss_mib"].to_string(),
+        );
+        points.push(point);
+        drop(dir);
+        drop(sims);
+    }
+    println!("   (CPU/10k in CPU-seconds; written = {method})");
+    let cpu = |p: &Value| {
+        p["first_sync"]["cpu_secs_per_10k_records"]
+            .as_f64()
+            .unwrap_or(0.0)
     };
-    (row, steady, rss)
+    let growth = match points.as_slice() {
+        [.., below, largest] => Some(round(cpu(largest) / cpu(below).max(0.001) - 1.0, 3)),
+        _ => None,
+    };
+    json!({
+        "disk_bytes_method": method,
+        "first_sync_cpu_growth_at_largest": growth,
+        "points": points,
+    })
+}
+
+/// Row 6's goals, as failure messages.
+fn scale_goals(row: &Value) -> Vec<String> {
+    let mut failed = Vec::new();
+    if row["first_sync_cpu_growth_at_largest"]
+        .as_f64()
+        .unwrap_or(0.0)
+        > 0.10
+    {
+        failed.push("row 6: first-sync CPU per 10k at the largest size > 110% of the next".into());
+    }
+    for point in row["points"].as_array().into_iter().flatten() {
+        let clients = &point["clients"];
+        if point["rescan"]["revkeen_writes"].as_u64() != Some(0) {
+            failed.push(format!(
+                "row 6: RevKeen writes on the {clients}-client rescan"
+            ));
+        }
+        if point["rescan"]["disk_bytes_per_record"]
+            .as_f64()
+            .unwrap_or(f64::MAX)
+            > 64.0
+        {
+            failed.push(format!(
+                "row 6: {clients}-client rescan writes > 64 bytes per record"
+            ));
+        }
+    }
+    failed
+}
+
+/// Row 7: the peer script, then the daemon, each on fresh simulators seeded alike.
+async fn peer(clients: usize) -> Result<Value, String> {
+    let python = python_with_requests()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer.py");
+    let sims = SimSet::start(SimPorts::default())
+        .await
+        .expect("simulators");
+    sims.wodify.seed(clients, 42);
+    sims.wodify.set_rate_limit(0, 0);
+    sims.revkeen.set_rate_limit(0, 0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("peer.out");
+    let mut command = Command::new(&python);
+    command
+        .arg(&script)
+        .env("WODIFY_URL", sims.wodify_server.url())
+        .env("WODIFY_API_KEY", WODIFY_KEY)
+        .env("REVKEEN_URL", sims.revkeen_server.url())
+        .env("REVKEEN_API_KEY", REVKEEN_KEY)
+        .stdout(std::fs::File::create(&out).expect("peer output file"));
+    let run = run_child(command).await;
+    if run.exit != 0 {
+        return Err(format!("peer.py exited {} (see its error above)", run.exit));
+    }
+    let report: Value = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|text| serde_json::from_str(text.trim()).ok())
+        .unwrap_or(Value::Null);
+    let peer_customers = sims.revkeen.customers("wodify").len();
+    drop(sims);
+
+    let (daemon, _, _) = unthrottled_daemon_only(clients).await;
+    let n = clients as f64;
+    let peer_rate = n / run.elapsed.as_secs_f64().max(0.001);
+    let peer_cpu = run.cpu.as_secs_f64();
+    let daemon_rate = daemon["records_per_sec"].as_f64().unwrap_or(0.0);
+    let daemon_cpu = daemon["cpu_secs"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "clients": clients,
+        "python": python.display().to_string(),
+        "peer_exit_code": run.exit,
+        "peer_elapsed_secs": round(run.elapsed.as_secs_f64(), 2),
+        "peer_records_per_sec": round(peer_rate, 0),
+        "peer_cpu_secs": round(peer_cpu, 2),
+        "peer_cpu_secs_per_10k_records": round(peer_cpu * 10_000.0 / n, 3),
+        "peer_peak_rss_mib": mib(run.max_rss_kib),
+        "peer_report": report,
+        "peer_customers_at_revkeen": peer_customers,
+        "daemon_exit_code": daemon["exit_code"],
+        "daemon_elapsed_secs": daemon["elapsed_secs"],
+        "daemon_records_per_sec": daemon_rate,
+        "daemon_cpu_secs": daemon_cpu,
+        "daemon_cpu_secs_per_10k_records": daemon["cpu_secs_per_10k_records"],
+        "daemon_customers_at_revkeen": daemon["customers_at_revkeen"],
+        "daemon_vs_peer_records_per_sec": round(daemon_rate / peer_rate.max(0.001), 2),
+        "daemon_vs_peer_cpu": round(daemon_cpu / peer_cpu.max(0.001), 2),
+    }))
+}
+
+/// A Python 3 that imports `requests`: `target/peer-venv`'s, else `python3`'s, else a venv made
+/// under target/ with pip. `Err` says what is missing and how to add it.
+fn python_with_requests() -> Result<PathBuf, String> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let venv = target.join("peer-venv");
+    let venv_python = venv.join("bin/python3");
+    let imports_requests = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import requests"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if imports_requests(&venv_python) {
+        return Ok(venv_python);
+    }
+    if imports_requests(Path::new("python3")) {
+        return Ok("python3".into());
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .stdout(std::process::Stdio::null())
+        .status();
+    match made {
+        Err(error) => {
+            return Err(format!(
+                "no python3 ({error}): install Python 3 with `requests` to run the peer row"
+            ));
+        }
+        Ok(status) if !status.success() => {
+            return Err(
+                "python3 has no `requests` and `python3 -m venv` failed (Debian: apt-get install python3-venv, or python3-requests)".into(),
+            );
+        }
+        Ok(_) => {}
+    }
+    println!(
+        "   installing requests into {} with pip ...",
+        venv.display()
+    );
+    let mut pip = Command::new(venv.join("bin/pip"));
+    pip.args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--timeout",
+        "30",
+        "requests",
+    ]);
+    let installed = run_with_deadline(pip, Duration::from_secs(240));
+    if installed && imports_requests(&venv_python) {
+        Ok(venv_python)
+    } else {
+        Err(format!(
+            "python3 has no `requests` and pip could not install it into {} (`pip install requests` to run the peer row)",
+            venv.display()
+        ))
+    }
+}
+
+/// Runs `command`, killing it past `limit`; whether it exited 0 in time.
+fn run_with_deadline(mut command: Command, limit: Duration) -> bool {
+    let Ok(mut child) = command.spawn() else {
+        return false;
+    };
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(200)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// `[min, median, max]`, rounded.
+fn spread(values: &[f64], digits: i32) -> Value {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!([
+        round(min, digits),
+        round(median(values), digits),
+        round(max, digits)
+    ])
+}
+
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// A positive count from the environment.
+fn env_count(name: &str) -> Option<usize> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| panic!("{name}: {value:?} is not a positive count")),
+    )
+}
+
+/// `/proc/loadavg`'s three figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 type Kept = (SimSet, tempfile::TempDir, PathBuf);
@@ -322,6 +792,7 @@ async fn unthrottled_daemon_only(clients: usize) -> (Value, Option<Kept>, u64) {
         "clients": clients,
         "elapsed_secs": round(elapsed, 2),
         "records_per_sec": round(clients as f64 / elapsed.max(0.001), 0),
+        "cpu_secs": round(run.cpu.as_secs_f64(), 2),
         "cpu_secs_per_10k_records": round(run.cpu.as_secs_f64() * 10_000.0 / clients as f64, 3),
         "peak_rss_mib": mib(run.max_rss_kib),
         "customers_at_revkeen": sims.revkeen.customers("wodify").len(),
@@ -461,21 +932,26 @@ burst = {burst}
     path
 }
 
-/// Runs `sync-daemon --once` as a child and measures it with `wait4`.
+/// Runs `sync-daemon --once` as a child and measures it.
 async fn run_once(config: &Path) -> ChildRun {
-    let config = config.to_path_buf();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sync-daemon"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("--once")
+        .stdout(std::process::Stdio::null());
+    run_child(command).await
+}
+
+/// Runs `command` as a child and measures it: CPU time from `wait4`, peak RSS from its own
+/// `VmHWM`, disk writes from its `/proc/PID/io` read once it has exited but before it is reaped.
+async fn run_child(mut command: Command) -> ChildRun {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         // Reaped by wait4 below, which also returns the child's own CPU time (its peak RSS comes
         // from VmHWM: see below).
         #[allow(clippy::zombie_processes)]
-        let child = Command::new(env!("CARGO_BIN_EXE_sync-daemon"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--once")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn sync-daemon");
+        let child = command.spawn().expect("spawn the measured child");
         let pid = child.id() as libc::pid_t;
         // wait4's ru_maxrss counts the pages a forked child shares with this (large) process
         // before exec, so the peak is read from the child's own VmHWM while it runs.
@@ -495,6 +971,26 @@ async fn run_once(config: &Path) -> ChildRun {
             }
             peak
         });
+        // Wait for the exit without reaping (WNOWAIT): the zombie keeps its io accounting,
+        // the sum over all its threads.
+        // SAFETY: siginfo_t is plain old data; waitid fills it for our own child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let waited = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        let write_bytes = (waited == 0)
+            .then(|| std::fs::read_to_string(format!("/proc/{pid}/io")).ok())
+            .flatten()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("write_bytes:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
         let mut status = 0;
         // SAFETY: rusage is plain old data; wait4 fills it for our own child.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -506,6 +1002,7 @@ async fn run_once(config: &Path) -> ChildRun {
             elapsed,
             cpu,
             max_rss_kib: sampler.join().unwrap_or(0),
+            write_bytes,
             exit: if libc::WIFEXITED(status) {
                 libc::WEXITSTATUS(status)
             } else {
