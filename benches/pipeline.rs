@@ -450,12 +450,7 @@ async fn scale_row(sizes: &[usize]) -> Value {
         "RSS MiB"
     );
     for &clients in sizes {
-        let sims = SimSet::start(SimPorts::default())
-            .await
-            .expect("simulators");
-        sims.wodify.seed(clients, 42);
-        sims.wodify.set_rate_limit(0, 0);
-        sims.revkeen.set_rate_limit(0, 0);
+        let sims = unthrottled_sims(clients).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let config = config(&sims, dir.path(), 100, None);
         let state = dir.path().join("state.db");
@@ -572,16 +567,22 @@ fn scale_goals(row: &Value) -> Vec<String> {
     failed
 }
 
-/// Row 7: the peer script, then the daemon, each on fresh simulators seeded alike.
-async fn peer(clients: usize) -> Result<Value, String> {
-    let python = python_with_requests()?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer.py");
+/// Fresh simulators with `clients` Wodify clients (seed 42) and no rate limits.
+async fn unthrottled_sims(clients: usize) -> SimSet {
     let sims = SimSet::start(SimPorts::default())
         .await
         .expect("simulators");
     sims.wodify.seed(clients, 42);
     sims.wodify.set_rate_limit(0, 0);
     sims.revkeen.set_rate_limit(0, 0);
+    sims
+}
+
+/// Row 7: the peer script, then the daemon, each on fresh simulators seeded alike.
+async fn peer(clients: usize) -> Result<Value, String> {
+    let python = python_with_requests()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer.py");
+    let sims = unthrottled_sims(clients).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("peer.out");
     let mut command = Command::new(&python);
@@ -777,12 +778,7 @@ type Kept = (SimSet, tempfile::TempDir, PathBuf);
 /// One unthrottled `--once`; returns its row, the simulators and state (for reuse), and peak
 /// RSS in KiB.
 async fn unthrottled_daemon_only(clients: usize) -> (Value, Option<Kept>, u64) {
-    let sims = SimSet::start(SimPorts::default())
-        .await
-        .expect("simulators");
-    sims.wodify.seed(clients, 42);
-    sims.wodify.set_rate_limit(0, 0);
-    sims.revkeen.set_rate_limit(0, 0);
+    let sims = unthrottled_sims(clients).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(&sims, dir.path(), 100, None);
     let run = run_once(&config).await;
