@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use sync_daemon::clock::now_ms;
 use sync_daemon::config::Config;
 use sync_daemon::store::{
-    ClaimFilter, DeadLetter, DeliveryCounts, Finished, PageItem, PageItemOutcome, PollStats, Store,
+    ClaimFilter, CursorSave, DeadLetter, DeliveryCounts, Finished, PageItem, PageItemOutcome,
+    PollStats, Store,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_sync-daemon");
@@ -203,7 +204,14 @@ fn build_state(store: &Store, synced: u64, dead: u64) {
         let items = page(from, to, 0);
         let cursor = format!(r#"{{"after_id":{}}}"#, 10_000 + to - 1);
         let outcome = store
-            .commit_page(SOURCE, REVKEEN_SOURCE, &items, Some(&cursor), false, false)
+            .commit_page(
+                SOURCE,
+                REVKEEN_SOURCE,
+                &items,
+                CursorSave::Always(&cursor),
+                false,
+                false,
+            )
             .expect("commit page");
         stats.add_page(items.len(), &outcome);
         from = to;
@@ -213,7 +221,7 @@ fn build_state(store: &Store, synced: u64, dead: u64) {
             SOURCE,
             REVKEEN_SOURCE,
             &[],
-            Some(r#"{"after_id":0}"#),
+            CursorSave::Always(r#"{"after_id":0}"#),
             true,
             false,
         )
@@ -275,7 +283,7 @@ fn write_continuously(store: &Store, synced: u64, stop: &AtomicBool, commits: &A
                 SOURCE,
                 REVKEEN_SOURCE,
                 &page(from, to, generation),
-                Some(&cursor),
+                CursorSave::Always(&cursor),
                 false,
                 false,
             )

@@ -967,7 +967,7 @@ mod tests {
 
     use super::*;
     use crate::store::test_support::temp_store;
-    use crate::store::{FailureKind, PageItem, PageItemOutcome};
+    use crate::store::{CursorSave, FailureKind, PageItem, PageItemOutcome};
     use crate::testing::Script;
 
     /// A RevKeen that answers from a script (the last answer repeats).
@@ -1004,7 +1004,7 @@ mod tests {
             })
             .collect();
         store
-            .commit_page("gym", "wodify", &items, None, false, false)
+            .commit_page("gym", "wodify", &items, CursorSave::Keep, false, false)
             .expect("commit");
         (store, dir)
     }
@@ -1224,7 +1224,7 @@ mod tests {
             },
         };
         store
-            .commit_page("gym", "wodify", &[item], None, false, false)
+            .commit_page("gym", "wodify", &[item], CursorSave::Keep, false, false)
             .expect("commit");
         wake.notify_one();
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -58,8 +58,8 @@ use proptest::test_runner::TestCaseError;
 use sync_daemon::customer::{Rejection, body_hash};
 use sync_daemon::keys;
 use sync_daemon::store::{
-    ClaimFilter, DeadLetter, DeliveryCounts, FailureKind, Finished, Job, PageItem, PageItemOutcome,
-    PageOutcome, Store, Unit,
+    ClaimFilter, CursorSave, DeadLetter, DeliveryCounts, FailureKind, Finished, Job, PageItem,
+    PageItemOutcome, PageOutcome, Store, Unit,
 };
 
 const SOURCE: &str = "gym";
@@ -295,7 +295,7 @@ impl Harness {
                 SOURCE,
                 REVKEEN_SOURCE,
                 &page,
-                Some(&cursor),
+                CursorSave::Always(&cursor),
                 pass_complete,
                 false,
             )

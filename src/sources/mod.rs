@@ -198,12 +198,12 @@ pub trait Source: Send + Sync + 'static {
     }
 
     /// For an adapter whose listings are incremental: whether the listing that completed
-    /// with `cursor` read every record, and if so how many complete listings ago the previous
-    /// full one did (records seen since then and not by this one have vanished). The
-    /// default: `None` (a kind whose every listing is a full scan says so by `Kind::full_scan`).
-    fn completed_full_scan(&self, cursor: &str) -> Option<i64> {
+    /// with `cursor` read every record (records known and not listed by it have vanished). The
+    /// default: `false` (a kind whose every listing is a full scan says so by
+    /// `Kind::full_scan`).
+    fn completed_full_scan(&self, cursor: &str) -> bool {
         let _ = cursor;
-        None
+        false
     }
 
     /// For a poll that resumed at `resumed_at`: whether reaching `cursor` on the next pass

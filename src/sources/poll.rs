@@ -19,7 +19,7 @@ use super::budget::{self, Budget, Counter};
 use super::{Mapped, Page, Source, SourceError, kind_of};
 use crate::config::SourceConfig;
 use crate::limiter::{Backoff, Limiter};
-use crate::store::{PageOutcome, PollStats, Store, StoreError};
+use crate::store::{CursorSave, PageOutcome, PollStats, SeenIds, Store, StoreError};
 
 /// Why a poll stopped before the end of its listing.
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +381,33 @@ struct Listing {
     wrapped: bool,
 }
 
+/// An unchanged page commits nothing: its cursor waits for the next page that writes anything,
+/// the end of the pass, the end of the poll, or this many pages, whichever comes first. A crash
+/// re-reads at most this many unchanged pages (about 2,000 records, as many requests).
+pub const CURSOR_SAVE_EVERY: u32 = 20;
+
+/// What the pages committed so far reached that the state file does not hold yet.
+#[derive(Default)]
+struct Pass {
+    /// The ids the pass in progress listed; `None` when it began in a poll that stopped without
+    /// saving them (a crash), so its end cannot tell what vanished.
+    seen: Option<SeenIds>,
+    /// The cursor past committed pages that changed nothing, not saved yet, and how many.
+    unsaved: Option<String>,
+    unsaved_pages: u32,
+}
+
+impl Pass {
+    /// How the next page's commit treats its cursor.
+    fn cursor_save<'a>(&self, next: &'a str) -> CursorSave<'a> {
+        if self.unsaved_pages + 1 >= CURSOR_SAVE_EVERY {
+            CursorSave::Always(next)
+        } else {
+            CursorSave::WithChanges(next)
+        }
+    }
+}
+
 impl Listing {
     /// Whether the page that moved the listing to `next` ends this poll.
     fn ends_with(&mut self, source: &dyn Source, next: &str, pass_complete: bool) -> bool {
@@ -405,17 +432,43 @@ async fn poll_pages(
     stats: &mut PollStats,
     poll_id: i64,
 ) -> Result<(), PollError> {
-    let mut listing = start_listing(source.as_ref(), ctx).await?;
+    let (mut listing, seen) = start_listing(source.as_ref(), ctx).await?;
+    let mut pass = Pass {
+        seen,
+        ..Pass::default()
+    };
+    let result = walk(source, ctx, stats, poll_id, &mut listing, &mut pass).await;
+    // However the poll ended, what its committed pages reached is kept: the cursor held back
+    // and, mid-pass, the ids listed so far.
+    let kept = stop_listing(ctx, &mut pass).await;
+    match (result, kept) {
+        (Err(error), Err(lost)) => {
+            tracing::warn!(source = %ctx.name(), error = %lost, "Cannot save where the listing stopped; the next poll reads a few pages again.");
+            Err(error)
+        }
+        (result, kept) => result.and(kept),
+    }
+}
+
+async fn walk(
+    source: &Arc<dyn Source>,
+    ctx: &PollContext,
+    stats: &mut PollStats,
+    poll_id: i64,
+    listing: &mut Listing,
+    pass: &mut Pass,
+) -> Result<(), PollError> {
     let mut progress = Progress::new(page_cap(ctx).await?);
     let mut commit: Option<Commit> = None;
     loop {
         if ctx.fetch.cancel.is_cancelled() {
-            finish_commit(commit.take(), ctx, stats, poll_id).await?;
+            finish_commit(commit.take(), ctx, stats, poll_id, pass).await?;
             return Err(PollError::Cancelled);
         }
         // Fetch the next page while the previous one commits.
-        let fetch = with_retries(&ctx.fetch, || source.fetch(&listing.cursor));
-        let previous = finish_commit(commit.take(), ctx, stats, poll_id);
+        let cursor = listing.cursor.clone();
+        let fetch = with_retries(&ctx.fetch, || source.fetch(&cursor));
+        let previous = finish_commit(commit.take(), ctx, stats, poll_id, pass);
         let (fetched, committed) = tokio::select! {
             both = async { tokio::join!(fetch, previous) } => both,
             () = ctx.fetch.cancel.cancelled() => return Err(PollError::Cancelled),
@@ -427,26 +480,57 @@ async fn poll_pages(
         let pass_complete = page.pass_complete;
         listing.cursor = page.next.clone();
         // A full scan tells which records vanished: every pass of a full-scan kind, and an
-        // incremental adapter's full listings (the previous one `gap` passes before).
+        // incremental adapter's full listings.
         let full_scan = match kind_of(&ctx.source) {
-            Ok(kind) if kind.full_scan() => Some(1),
-            _ if pass_complete => source.completed_full_scan(&page.next),
-            _ => None,
+            Ok(kind) if kind.full_scan() => true,
+            _ => pass_complete && source.completed_full_scan(&page.next),
         };
-        commit = Some(spawn_commit(source.clone(), ctx, page));
-        if let (true, Some(gap)) = (pass_complete, full_scan) {
-            finish_commit(commit.take(), ctx, stats, poll_id).await?;
-            report_vanished(ctx, stats, gap).await?;
+        commit = Some(spawn_commit(source.clone(), ctx, page, pass));
+        if pass_complete {
+            finish_commit(commit.take(), ctx, stats, poll_id, pass).await?;
+            // The next pass starts at the start of the listing: its ids are all this poll's.
+            let seen = pass.seen.replace(SeenIds::default());
+            if full_scan {
+                report_vanished(ctx, stats, seen).await?;
+            }
         }
         if stop {
-            finish_commit(commit.take(), ctx, stats, poll_id).await?;
+            finish_commit(commit.take(), ctx, stats, poll_id, pass).await?;
             return Ok(());
         }
     }
 }
 
-/// Where this poll starts: the saved cursor, and whether that resumes a crashed poll.
-async fn start_listing(source: &dyn Source, ctx: &PollContext) -> Result<Listing, PollError> {
+/// When a poll stops: saves the cursor of unchanged pages held back and, in the middle of a
+/// pass, the ids it listed (a poll that stopped right at a pass's end has none to keep).
+async fn stop_listing(ctx: &PollContext, pass: &mut Pass) -> Result<(), PollError> {
+    let cursor = pass.unsaved.take();
+    pass.unsaved_pages = 0;
+    let seen = pass.seen.take().filter(|seen| !seen.is_empty());
+    if cursor.is_none() && seen.is_none() {
+        return Ok(());
+    }
+    let name = ctx.name().to_string();
+    // `call` may run its closure again (a busy state file): the set is sorted in place, once.
+    let seen = std::sync::Mutex::new(seen);
+    ctx.store
+        .call(move |s| {
+            let mut seen = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.stop_listing(&name, cursor.as_deref(), seen.as_mut())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Where this poll starts: the saved cursor, whether that resumes a crashed poll, and the ids
+/// the pass in progress has listed (`None` when they are lost: a poll that resumes a crashed
+/// one cannot tell what vanished at the end of that pass).
+async fn start_listing(
+    source: &dyn Source,
+    ctx: &PollContext,
+) -> Result<(Listing, Option<SeenIds>), PollError> {
     let saved = {
         let name = ctx.name().to_string();
         ctx.store.call(move |s| s.cursor(&name)).await?
@@ -454,6 +538,12 @@ async fn start_listing(source: &dyn Source, ctx: &PollContext) -> Result<Listing
     let cursor = saved
         .map(|(c, _)| c)
         .unwrap_or_else(|| source.start_cursor());
+    let kept = {
+        let (name, cursor) = (ctx.name().to_string(), cursor.clone());
+        ctx.store
+            .call(move |s| s.resume_pass(&name, &cursor))
+            .await?
+    };
     // `--resync` reads every record: an incremental adapter starts a full listing.
     let cursor = if ctx.resync {
         source.full_listing(&cursor)
@@ -461,33 +551,52 @@ async fn start_listing(source: &dyn Source, ctx: &PollContext) -> Result<Listing
         cursor
     };
     let resumed_at = source.mid_listing(&cursor).then(|| cursor.clone());
-    if let Some(at) = &resumed_at {
-        tracing::info!(source = %ctx.name(), cursor = %at, "Resuming the listing where the last poll stopped.");
-    }
-    Ok(Listing {
+    let seen = match (&resumed_at, kept) {
+        (None, _) => Some(SeenIds::default()),
+        (Some(_), Some(kept)) => Some(kept),
+        (Some(at), None) => {
+            tracing::info!(source = %ctx.name(), cursor = %at, "Resuming the listing where the last poll stopped.");
+            None
+        }
+    };
+    let listing = Listing {
         cursor,
         resumed_at,
         wrapped: false,
-    })
+    };
+    Ok((listing, seen))
 }
 
 /// Maps a page (normalization, phone parsing, hashing) and commits it with its cursor, on a
-/// blocking thread while the poll fetches the next page.
-fn spawn_commit(source: Arc<dyn Source>, ctx: &PollContext, page: Page) -> Commit {
+/// blocking thread while the poll fetches the next page. The pass's ids travel with it and
+/// come back in [`CommitDone`].
+fn spawn_commit(source: Arc<dyn Source>, ctx: &PollContext, page: Page, pass: &mut Pass) -> Commit {
     let store = ctx.store.clone();
     let (name, revkeen_source, resync) = (
         ctx.name().to_string(),
         ctx.source.revkeen_source.clone(),
         ctx.resync,
     );
+    let mut seen = pass.seen.take();
+    let force = matches!(pass.cursor_save(""), CursorSave::Always(_));
     tokio::task::spawn_blocking(move || {
         let fetched = page.records.len();
         let (items, warnings) = map_page(source.as_ref(), &name, &page);
+        if let Some(seen) = seen.as_mut() {
+            for item in &items {
+                seen.insert(&item.external_id);
+            }
+        }
+        let cursor = if force {
+            CursorSave::Always(&page.next)
+        } else {
+            CursorSave::WithChanges(&page.next)
+        };
         let outcome = store.commit_page(
             &name,
             &revkeen_source,
             &items,
-            Some(&page.next),
+            cursor,
             page.pass_complete,
             resync,
         )?;
@@ -495,6 +604,8 @@ fn spawn_commit(source: Arc<dyn Source>, ctx: &PollContext, page: Page) -> Commi
             fetched,
             warnings,
             outcome,
+            cursor: page.next,
+            seen,
         })
     })
 }
@@ -536,26 +647,35 @@ fn map_page(source: &dyn Source, name: &str, page: &Page) -> (Vec<crate::store::
     (items, warnings)
 }
 
-/// After a complete full scan: counts and logs records that were seen since the previous full
-/// scan (`gap` passes before) and not by this one. They are not deleted in RevKeen (the source
-/// may have archived them).
+/// After a complete full scan that listed `seen`: counts and logs the records known before and
+/// not listed now. They are not deleted in RevKeen (the source may have archived them). With
+/// the pass's ids lost (it began in a poll that crashed), nothing is decided until the next.
 async fn report_vanished(
     ctx: &PollContext,
     stats: &mut PollStats,
-    gap: i64,
+    seen: Option<SeenIds>,
 ) -> Result<(), PollError> {
     let name = ctx.name().to_string();
+    let Some(seen) = seen else {
+        tracing::info!(source = %name, "This scan began in a poll that stopped without saving what it had listed; vanished records are looked for at the end of the next one.");
+        let total = {
+            let name = name.clone();
+            ctx.store.call(move |s| s.vanished_total(&name)).await?
+        };
+        stats.vanished = total;
+        metrics::gauge!(crate::metrics::VANISHED_RECORDS, "source" => name).set(total as f64);
+        return Ok(());
+    };
     let (new, total) = {
         let name = name.clone();
+        let seen = std::sync::Mutex::new(seen);
         ctx.store
             .call(move |s| {
                 let pass = s.cursor(&name)?.map(|(_, passes)| passes).unwrap_or(0);
-                let since = pass.saturating_sub(gap.max(1));
-                if since < 1 {
-                    return Ok((Vec::new(), 0));
-                }
-                s.clear_vanished_rejections(&name, pass)?;
-                s.vanished(&name, pass, since)
+                let mut seen = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                s.record_vanished(&name, pass, &mut seen)
             })
             .await?
     };
@@ -583,15 +703,21 @@ struct CommitDone {
     fetched: usize,
     warnings: u64,
     outcome: PageOutcome,
+    /// The cursor past the page, and whether the commit saved it.
+    cursor: String,
+    /// The pass's ids, with this page's added.
+    seen: Option<SeenIds>,
 }
 
-/// Waits for a page's commit and accounts for it: stats, progress, the poll's record, metrics,
+/// Waits for a page's commit and accounts for it: stats, progress, the pass's ids and held-back
+/// cursor, the poll's record (with the cursor: an unchanged page writes neither), metrics,
 /// and a wake-up for the worker when the page queued work.
 async fn finish_commit(
     commit: Option<Commit>,
     ctx: &PollContext,
     stats: &mut PollStats,
     poll_id: i64,
+    pass: &mut Pass,
 ) -> Result<(), PollError> {
     let Some(commit) = commit else {
         return Ok(());
@@ -601,6 +727,14 @@ async fn finish_commit(
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(_) => return Err(PollError::Cancelled),
     };
+    pass.seen = done.seen;
+    if done.outcome.cursor_saved {
+        pass.unsaved = None;
+        pass.unsaved_pages = 0;
+    } else {
+        pass.unsaved = Some(done.cursor);
+        pass.unsaved_pages += 1;
+    }
     stats.add_page(done.fetched, &done.outcome);
     stats.warnings += done.warnings;
     if let Some(progress) = &ctx.progress {
@@ -608,11 +742,13 @@ async fn finish_commit(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = *stats;
     }
-    // `status` shows a running poll's progress.
-    let running = *stats;
-    ctx.store
-        .call(move |s| s.update_poll(poll_id, &running, None, None))
-        .await?;
+    // `status` shows a running poll's progress, as of the last page that wrote anything.
+    if done.outcome.cursor_saved {
+        let running = *stats;
+        ctx.store
+            .call(move |s| s.update_poll(poll_id, &running, None, None))
+            .await?;
+    }
     let name = ctx.name().to_string();
     let page = done.outcome;
     metrics::counter!(crate::metrics::FETCHED, "source" => name.clone())

@@ -1,5 +1,11 @@
 //! One row per customer ever seen: its version counter, the newest body decided on, the last
-//! body RevKeen accepted, and the last complete pass that listed it.
+//! body RevKeen accepted, the pass that last wrote it and, once a full scan no longer lists
+//! it, the pass that found it gone.
+//!
+//! **An unchanged record costs no write.** A pass does not stamp the rows it lists: the ids it
+//! lists are kept in memory ([`SeenIds`], 8 bytes an id) and compared with the table once, when
+//! a full scan completes ([`Store::record_vanished`]). Only what changes is written: a new
+//! record, a changed body, a new rejection, a record that vanished or came back.
 //!
 //! **Nothing unchanged is sent (invariant 5).** [`decide`] is the one place that judges a
 //! polled body against what the state file knows ([`Lane`]): the real run ([`enqueue`]
@@ -31,6 +37,8 @@ pub struct Lane {
     pub queued: Option<Queued>,
     /// The record has an open rejection.
     pub rejected: bool,
+    /// A full scan no longer listed the record.
+    pub vanished: bool,
 }
 
 /// The newest outbox row of a lane.
@@ -122,39 +130,30 @@ impl Store {
         })
     }
 
-    /// After complete pass number `pass`, a full scan: the ids seen by passes `since` (the
-    /// previous full scan) up to this one and not by this one (newly vanished), and how many
-    /// known records this pass did not see (all vanished, cumulative).
-    pub fn vanished(
+    /// After complete pass number `pass`, a full scan that listed the ids in `seen`: marks the
+    /// records that vanished (known, not listed, and not written by this pass, as a push can
+    /// write a record the scan had already passed), drops their moot rejections, and returns
+    /// the newly vanished ids and how many records have vanished in all. A record that came
+    /// back was unmarked when it was listed. Reads every row of the source once; writes only
+    /// the newly vanished ones.
+    pub fn record_vanished(
         &self,
         source: &str,
         pass: i64,
-        since: i64,
+        seen: &mut SeenIds,
     ) -> Result<(Vec<String>, u64), StoreError> {
-        let conn = self.conn();
-        let new: Vec<String> = conn
-            .prepare_cached(
-                "SELECT external_id FROM customers
-                  WHERE source = ?1 AND seen_pass >= ?2 AND seen_pass < ?3
-                  ORDER BY external_id",
-            )
-            .and_then(|mut stmt| {
-                stmt.query_map(params![source, since, pass], |row| row.get(0))?
-                    .collect()
-            })
-            .map_err(|e| self.err(e))?;
-        let total = vanished_count(&conn, source, pass).map_err(|e| self.err(e))?;
-        Ok((new, total))
+        seen.finish();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let gone = mark_vanished(&tx, source, pass, seen).map_err(|e| self.err(e))?;
+        let total = vanished_count(&tx, source).map_err(|e| self.err(e))?;
+        self.commit(tx)?;
+        Ok((gone, total))
     }
 
-    /// Known records of a full-scan source that its last complete pass did not list.
+    /// Known records of a full-scan source that a complete full scan no longer lists.
     pub fn vanished_total(&self, source: &str) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let passes = cursors::passes_of(&conn, source).map_err(|e| self.err(e))?;
-        if passes == 0 {
-            return Ok(0);
-        }
-        vanished_count(&conn, source, passes).map_err(|e| self.err(e))
+        vanished_count(&self.conn(), source).map_err(|e| self.err(e))
     }
 
     /// Records of a source seen by a complete pass (the size of the next full scan), if one
@@ -174,12 +173,118 @@ impl Store {
     }
 }
 
-fn vanished_count(conn: &Connection, source: &str, pass: i64) -> rusqlite::Result<u64> {
+fn vanished_count(conn: &Connection, source: &str) -> rusqlite::Result<u64> {
     conn.row_cached(
-        "SELECT COUNT(*) FROM customers WHERE source = ?1 AND seen_pass < ?2",
-        params![source, pass],
+        "SELECT COUNT(*) FROM customers WHERE source = ?1 AND vanished_pass IS NOT NULL",
+        [source],
         |row| row.get(0),
     )
+}
+
+/// [`Store::record_vanished`]'s writes: the newly vanished rows, sorted by id.
+fn mark_vanished(
+    conn: &Connection,
+    source: &str,
+    pass: i64,
+    seen: &SeenIds,
+) -> rusqlite::Result<Vec<String>> {
+    let mut gone: Vec<(i64, String)> = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT rowid, external_id FROM customers
+              WHERE source = ?1 AND vanished_pass IS NULL AND seen_pass < ?2",
+        )?;
+        let mut rows = stmt.query(params![source, pass])?;
+        while let Some(row) = rows.next()? {
+            let id: String = row.get(1)?;
+            if !seen.contains(&id) {
+                gone.push((row.get(0)?, id));
+            }
+        }
+    }
+    let mut mark =
+        conn.prepare_cached("UPDATE customers SET vanished_pass = ?2 WHERE rowid = ?1")?;
+    for (rowid, _) in &gone {
+        mark.execute(params![rowid, pass])?;
+    }
+    // A record deleted at the source has nothing left to fix; dead letters stay (their body
+    // can still be replayed).
+    conn.prepare_cached(
+        "DELETE FROM failures WHERE source = ?1 AND kind = 'rejected' AND external_id IN
+           (SELECT external_id FROM customers WHERE source = ?1 AND vanished_pass IS NOT NULL)",
+    )?
+    .execute([source])?;
+    let mut ids: Vec<String> = gone.into_iter().map(|(_, id)| id).collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// The ids one pass of a listing saw, as 64-bit hashes: 8 bytes an id, so
+/// a million-record scan holds 8 MiB while it runs, instead of a write per record. Two ids
+/// hashing alike (odds about 3 in 10^8 for a million ids) would hide one vanished record, never
+/// lose or send anything.
+#[derive(Debug, Default)]
+pub struct SeenIds {
+    hashes: Vec<u64>,
+}
+
+impl SeenIds {
+    /// Room for `n` ids (the size of the last complete scan).
+    pub fn with_capacity(n: usize) -> SeenIds {
+        SeenIds {
+            hashes: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn insert(&mut self, external_id: &str) {
+        self.hashes.push(hash_id(external_id));
+    }
+
+    /// Ids inserted (counting repeats until the pass completes).
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    fn finish(&mut self) {
+        self.hashes.sort_unstable();
+        self.hashes.dedup();
+    }
+
+    /// The set as stored in `pass_ids`: sorted little-endian hashes.
+    pub(super) fn sorted_bytes(&mut self) -> Vec<u8> {
+        self.finish();
+        self.hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
+    }
+
+    /// The set from [`SeenIds::sorted_bytes`]; `None` for bytes that are not one.
+    pub(super) fn from_bytes(bytes: &[u8]) -> Option<SeenIds> {
+        if !bytes.len().is_multiple_of(8) {
+            return None;
+        }
+        let hashes = bytes
+            .chunks_exact(8)
+            .map(|chunk| u64::from_le_bytes(chunk.try_into().unwrap_or_default()))
+            .collect();
+        Some(SeenIds { hashes })
+    }
+
+    /// Only after [`SeenIds::finish`].
+    fn contains(&self, external_id: &str) -> bool {
+        self.hashes.binary_search(&hash_id(external_id)).is_ok()
+    }
+}
+
+fn hash_id(external_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // `new()` has fixed keys: the set lives in one process, so the hash only has to agree
+    // with itself.
+    let mut hasher = std::hash::DefaultHasher::new();
+    external_id.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Everything change detection needs in one lookup: the customer, its newest outbox row, and
@@ -196,7 +301,7 @@ pub(super) fn read(
                 o.id, o.batch_id, o.inflight,
                 EXISTS (SELECT 1 FROM failures f WHERE f.source = ?1
                           AND f.external_id = ?2 AND f.kind = 'rejected'),
-                {body}
+                {body}, c.vanished_pass IS NOT NULL
            FROM (SELECT 1)
            LEFT JOIN customers c ON c.source = ?1 AND c.external_id = ?2
            LEFT JOIN outbox o ON o.id =
@@ -220,32 +325,34 @@ pub(super) fn read(
                 synced_body: row.get(8)?,
                 queued,
                 rejected: row.get(7)?,
+                vanished: row.get::<_, Option<bool>>(9)?.unwrap_or(false),
             },
         ))
     })
 }
 
-/// Records that a pass saw the customer (creating its row if it is new).
+/// Records that pass `pass` listed a customer it did not change: a new one gets its row, one a
+/// full scan had missed is back. A known, listed customer is not written (the statement
+/// changes nothing), which is what keeps an unchanged rescan's writes off the disk.
 pub(super) fn touch(
     conn: &Connection,
     source: &str,
     external_id: &str,
-    known: bool,
     pass: i64,
 ) -> rusqlite::Result<()> {
-    let sql = if known {
-        "UPDATE customers SET seen_pass = ?3 WHERE source = ?1 AND external_id = ?2"
-    } else {
+    conn.prepare_cached(
         "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
-         ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass"
-    };
-    conn.prepare_cached(sql)?
-        .execute(params![source, external_id, pass])
-        .map(drop)
+         ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass,
+             vanished_pass = NULL
+          WHERE customers.vanished_pass IS NOT NULL",
+    )?
+    .execute(params![source, external_id, pass])
+    .map(drop)
 }
 
 /// Records a new version of the customer: the job just created carries `version` and `hash`.
-/// `pass` is the listing pass that saw it (`None`: not seen by a poll, e.g. `replay`).
+/// `pass` is the listing pass that saw it (`None`: not seen by a poll, e.g. `replay`, which
+/// leaves a vanished record vanished).
 pub(super) fn record_version(
     conn: &Connection,
     source: &str,
@@ -259,14 +366,17 @@ pub(super) fn record_version(
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (source, external_id) DO UPDATE SET version = excluded.version,
              latest_hash = excluded.latest_hash,
-             seen_pass = COALESCE(excluded.seen_pass, customers.seen_pass)",
+             seen_pass = COALESCE(excluded.seen_pass, customers.seen_pass),
+             vanished_pass = CASE WHEN excluded.seen_pass IS NULL
+                                  THEN customers.vanished_pass END",
     )?
     .execute(params![source, external_id, version, hash, pass])
     .map(drop)
 }
 
 /// A rejection is the customer's latest state: its latest hash is cleared, so that whatever
-/// the record becomes next is queued again, even a body sent before.
+/// the record becomes next is queued again, even a body sent before. A record rejected again,
+/// as it was, is not written.
 pub(super) fn reject(
     conn: &Connection,
     source: &str,
@@ -276,7 +386,8 @@ pub(super) fn reject(
     conn.prepare_cached(
         "INSERT INTO customers (source, external_id, seen_pass) VALUES (?1, ?2, ?3)
          ON CONFLICT (source, external_id) DO UPDATE SET seen_pass = excluded.seen_pass,
-             latest_hash = NULL",
+             latest_hash = NULL, vanished_pass = NULL
+          WHERE customers.latest_hash IS NOT NULL OR customers.vanished_pass IS NOT NULL",
     )?
     .execute(params![source, external_id, pass])
     .map(drop)

@@ -100,19 +100,6 @@ impl Store {
             })
             .map_err(|e| self.err(e))
     }
-
-    /// Drops rejections of records a complete pass no longer listed: a record deleted at the
-    /// source has nothing left to fix. (Dead letters stay: their body can still be replayed.)
-    pub fn clear_vanished_rejections(&self, source: &str, pass: i64) -> Result<u64, StoreError> {
-        self.conn()
-            .exec_cached(
-                "DELETE FROM failures WHERE source = ?1 AND kind = 'rejected' AND external_id IN
-                   (SELECT external_id FROM customers WHERE source = ?1 AND seen_pass < ?2)",
-                params![source, pass],
-            )
-            .map(|n| n as u64)
-            .map_err(|e| self.err(e))
-    }
 }
 
 fn failure_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Failure> {
@@ -138,7 +125,12 @@ fn failure_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Failure> {
     })
 }
 
-/// Records why a record cannot become a customer (its current problem).
+/// How stale a rejection's `last_seen` may get while every poll finds the record rejected the
+/// same way: refreshing it on every poll would rewrite every rejected row on every rescan.
+pub const LAST_SEEN_REFRESH_MS: i64 = 24 * 3600 * 1000;
+
+/// Records why a record cannot become a customer (its current problem). The same rejection
+/// again is not written, except to move `last_seen` once [`LAST_SEEN_REFRESH_MS`] old.
 pub(super) fn record_rejection(
     conn: &Connection,
     source: &str,
@@ -154,7 +146,10 @@ pub(super) fn record_rejection(
              field_errors = NULL, body = NULL, body_hash = NULL, attempts = 0,
              first_seen = CASE WHEN failures.kind = 'rejected' THEN failures.first_seen
                                ELSE excluded.first_seen END,
-             last_seen = excluded.last_seen",
+             last_seen = excluded.last_seen
+          WHERE failures.kind <> 'rejected' OR failures.code <> excluded.code
+             OR failures.reason <> excluded.reason OR failures.hint IS NOT excluded.hint
+             OR failures.last_seen <= excluded.last_seen - ?7",
     )?
     .execute(params![
         source,
@@ -162,7 +157,8 @@ pub(super) fn record_rejection(
         rejection.code,
         rejection.reason,
         rejection.hint,
-        now
+        now,
+        LAST_SEEN_REFRESH_MS
     ])
     .map(drop)
 }

@@ -25,6 +25,8 @@ pub struct PageOutcome {
     pub rejected: u64,
     /// Update-only records for customers RevKeen never had (a deleted patient).
     pub skipped: u64,
+    /// The commit moved the source's cursor (see [`CursorSave`](super::CursorSave)).
+    pub cursor_saved: bool,
 }
 
 /// Totals of RevKeen's answers, per source.

@@ -232,8 +232,33 @@ CREATE TABLE request_budget (
 ) WITHOUT ROWID;
 "#;
 
+const V9: &str = r#"
+-- An unchanged rescan writes nothing per record (issue 14): a pass no longer stamps every row
+-- it lists. `seen_pass` is now the pass that last wrote the row (a change, a new record, a
+-- rejection, a return), and `vanished_pass` the complete full scan that first missed the
+-- record (NULL while it is listed). The ids a pass lists are kept in memory and compared with
+-- the table when the pass completes (store/customers.rs `Store::record_vanished`).
+ALTER TABLE customers ADD COLUMN vanished_pass INTEGER;
+-- Under the old rule a record its source's last complete pass did not list had vanished.
+UPDATE customers SET vanished_pass = seen_pass
+ WHERE seen_pass < (SELECT passes FROM cursors c WHERE c.source = customers.source);
+-- `status`, the vanished gauge and clearing moot rejections read only vanished rows.
+CREATE INDEX customers_vanished ON customers (source) WHERE vanished_pass IS NOT NULL;
+-- The ids a pass in progress had listed when its poll stopped before the pass completed (the
+-- wrap-around after a crash, an error, a shutdown), as sorted 8-byte hashes, with the pass and
+-- the saved cursor they continue from: the next poll carries on with them, so the pass can
+-- still tell what vanished. Written only by a poll that stops mid-pass; read and removed by
+-- the next poll.
+CREATE TABLE pass_ids (
+    source  TEXT PRIMARY KEY,
+    pass    INTEGER NOT NULL,
+    cursor  TEXT NOT NULL,
+    ids     BLOB NOT NULL
+);
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 8;
+pub(super) const LATEST: usize = 9;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -246,6 +271,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V6),
         M::up(V7),
         M::up(V8),
+        M::up(V9),
     ])
 }
 
@@ -268,5 +294,33 @@ mod tests {
         let parsed = uuid::Uuid::parse_str(&id).expect("a UUID");
         assert_eq!(parsed.get_version_num(), 4, "{id}");
         assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{id}");
+    }
+
+    #[test]
+    fn v9_marks_what_the_last_complete_pass_had_not_listed_as_vanished() {
+        let mut conn = rusqlite::Connection::open_in_memory().expect("memory");
+        super::migrations().to_version(&mut conn, 8).expect("to V8");
+        conn.execute_batch(
+            "INSERT INTO cursors (source, cursor, passes, updated_at) VALUES ('gym', '{}', 3, 0);
+             INSERT INTO customers (source, external_id, seen_pass) VALUES
+                 ('gym', 'listed', 3), ('gym', 'gone', 2), ('gym', 'replayed', NULL);",
+        )
+        .expect("a V8 state");
+        super::migrations().to_latest(&mut conn).expect("to latest");
+        let marks: Vec<(String, Option<i64>)> = conn
+            .prepare("SELECT external_id, vanished_pass FROM customers ORDER BY external_id")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect()
+            })
+            .expect("read");
+        assert_eq!(
+            marks,
+            [
+                ("gone".to_string(), Some(2)),
+                ("listed".to_string(), None),
+                ("replayed".to_string(), None)
+            ]
+        );
     }
 }

@@ -35,11 +35,12 @@ mod outbox;
 mod push;
 
 pub use budget::BudgetMonth;
-pub use customers::{Decision, Lane, Preview, Queued, decide};
+pub use customers::{Decision, Lane, Preview, Queued, SeenIds, decide};
 pub use failures::{DeadLetter, Failure, FailureKind};
 pub use history::{DeliveryCounts, Halt, KeyReread, PageOutcome, Pause, PollRecord, PollStats};
 pub use outbox::{
-    Batch, ClaimFilter, Finished, Job, PageItem, PageItemOutcome, QueueSummary, ReplayOutcome, Unit,
+    Batch, ClaimFilter, CursorSave, Finished, Job, PageItem, PageItemOutcome, QueueSummary,
+    ReplayOutcome, Unit,
 };
 pub use push::PushRecorded;
 
@@ -1058,12 +1059,291 @@ mod outbox_tests {
         }
     }
 
+    /// The state file as another process sees it: the commit counter of one connection (it
+    /// moves only for other connections' commits) and both files' sizes.
+    fn disk_state(observer: &Connection, path: &Path) -> (i64, u64, u64) {
+        let version = observer
+            .pragma_query_value(None, "data_version", |row| row.get(0))
+            .expect("data_version");
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        (version, size(path), size(Path::new(&wal)))
+    }
+
+    fn poll_page() -> Vec<PageItem> {
+        vec![
+            item("1", "a@x.io"),
+            item("2", "b@x.io"),
+            PageItem {
+                external_id: "3".to_string(),
+                outcome: PageItemOutcome::Rejected(crate::customer::Rejection::new(
+                    "missing_email",
+                    "no email".to_string(),
+                    "add one",
+                )),
+            },
+            PageItem {
+                external_id: "4".to_string(),
+                outcome: PageItemOutcome::Ignored,
+            },
+        ]
+    }
+
+    #[test]
+    fn an_unchanged_page_commits_nothing_and_its_cursor_waits() {
+        let (store, dir) = temp_store();
+        let path = dir.path().join("state.db");
+        let observer = Connection::open(&path).expect("observer");
+        let first = store
+            .commit_page(
+                "gym",
+                "wodify",
+                &poll_page(),
+                CursorSave::WithChanges("c1"),
+                false,
+                false,
+            )
+            .expect("commit");
+        assert!(first.cursor_saved, "a page that wrote saves its cursor");
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("c1".to_string(), 0))
+        );
+
+        // The same page again, rejection and deleted record included: not one write.
+        let before = disk_state(&observer, &path);
+        let again = store
+            .commit_page(
+                "gym",
+                "wodify",
+                &poll_page(),
+                CursorSave::WithChanges("c2"),
+                false,
+                false,
+            )
+            .expect("commit");
+        assert_eq!((again.unchanged, again.rejected, again.skipped), (2, 1, 1));
+        assert!(!again.cursor_saved);
+        assert_eq!(
+            disk_state(&observer, &path),
+            before,
+            "nothing reached the state file"
+        );
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("c1".to_string(), 0))
+        );
+
+        // A forced save, or the end of the pass, moves it anyway.
+        let forced = store
+            .commit_page(
+                "gym",
+                "wodify",
+                &poll_page(),
+                CursorSave::Always("c3"),
+                false,
+                false,
+            )
+            .expect("commit");
+        assert!(forced.cursor_saved);
+        let done = store
+            .commit_page(
+                "gym",
+                "wodify",
+                &poll_page(),
+                CursorSave::WithChanges("c4"),
+                true,
+                false,
+            )
+            .expect("commit");
+        assert!(done.cursor_saved);
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("c4".to_string(), 1))
+        );
+
+        // A rejection that changes its reason is written.
+        let before = disk_state(&observer, &path);
+        let mut changed = poll_page();
+        changed[2].outcome = PageItemOutcome::Rejected(crate::customer::Rejection::new(
+            "invalid_email",
+            "not an email".to_string(),
+            "fix it",
+        ));
+        let outcome = store
+            .commit_page(
+                "gym",
+                "wodify",
+                &changed,
+                CursorSave::WithChanges("c5"),
+                false,
+                false,
+            )
+            .expect("commit");
+        assert!(outcome.cursor_saved);
+        assert_ne!(
+            disk_state(&observer, &path).0,
+            before.0,
+            "the new reason was committed"
+        );
+        let failures = store.failures(None).expect("failures");
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].code, "invalid_email");
+    }
+
+    #[test]
+    fn a_full_scan_marks_what_it_did_not_list_and_unmarks_what_comes_back() {
+        let (store, _dir) = temp_store();
+        let page = [
+            item("1", "a@x.io"),
+            item("2", "b@x.io"),
+            item("3", "c@x.io"),
+        ];
+        store
+            .commit_page(
+                "gym",
+                "wodify",
+                &page,
+                CursorSave::Always("end"),
+                true,
+                false,
+            )
+            .expect("first pass");
+        let mut seen = SeenIds::default();
+        for id in ["1", "2", "3"] {
+            seen.insert(id);
+        }
+        assert_eq!(
+            store
+                .record_vanished("gym", 1, &mut seen)
+                .expect("vanished"),
+            (Vec::new(), 0)
+        );
+
+        // Pass 2 lists 1 only; 3 has a rejection, which is moot once it is gone.
+        store
+            .commit_page(
+                "gym",
+                "wodify",
+                &page[..1],
+                CursorSave::WithChanges("end"),
+                true,
+                false,
+            )
+            .expect("second pass");
+        let mut seen = SeenIds::default();
+        seen.insert("1");
+        assert_eq!(
+            store
+                .record_vanished("gym", 2, &mut seen)
+                .expect("vanished"),
+            (vec!["2".to_string(), "3".to_string()], 2)
+        );
+        assert_eq!(store.vanished_total("gym").expect("total"), 2);
+
+        // Pass 3: 2 comes back (listed, unchanged); 3 is still gone and not named again.
+        store
+            .commit_page(
+                "gym",
+                "wodify",
+                &page[..2],
+                CursorSave::WithChanges("end"),
+                true,
+                false,
+            )
+            .expect("third pass");
+        let mut seen = SeenIds::default();
+        seen.insert("1");
+        seen.insert("2");
+        assert_eq!(
+            store
+                .record_vanished("gym", 3, &mut seen)
+                .expect("vanished"),
+            (Vec::new(), 1)
+        );
+
+        // A record a push wrote during the pass counts as listed even if the scan missed it.
+        store
+            .commit_push("gym", "wodify", &[item("5", "e@x.io")], &[])
+            .expect("push");
+        store
+            .commit_page(
+                "gym",
+                "wodify",
+                &page[..2],
+                CursorSave::WithChanges("end"),
+                true,
+                false,
+            )
+            .expect("fourth pass");
+        let mut seen = SeenIds::default();
+        seen.insert("1");
+        seen.insert("2");
+        assert_eq!(
+            store
+                .record_vanished("gym", 4, &mut seen)
+                .expect("vanished"),
+            (Vec::new(), 1)
+        );
+    }
+
+    #[test]
+    fn a_stopped_pass_keeps_its_ids_for_the_poll_that_continues_it_only() {
+        let (store, _dir) = temp_store();
+        store
+            .commit_page(
+                "gym",
+                "wodify",
+                &[item("1", "a@x.io")],
+                CursorSave::Always("p1"),
+                false,
+                false,
+            )
+            .expect("page");
+        let mut seen = SeenIds::default();
+        seen.insert("1");
+        store
+            .stop_listing("gym", Some("p2"), Some(&mut seen))
+            .expect("stop");
+        assert_eq!(
+            store.cursor("gym").expect("cursor"),
+            Some(("p2".to_string(), 0))
+        );
+        let mut kept = store
+            .resume_pass("gym", "p2")
+            .expect("resume")
+            .expect("the ids continue from p2");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept.sorted_bytes(), seen.sorted_bytes());
+        // Read once: a second poll from the same place has none (they may be out of date).
+        assert!(store.resume_pass("gym", "p2").expect("resume").is_none());
+
+        // Ids saved at another cursor do not continue this one.
+        store
+            .stop_listing("gym", None, Some(&mut seen))
+            .expect("stop");
+        assert!(
+            store
+                .resume_pass("gym", "elsewhere")
+                .expect("resume")
+                .is_none()
+        );
+    }
+
     #[test]
     fn page_jobs_and_cursor_commit_together_and_unchanged_records_are_skipped() {
         let (store, _dir) = temp_store();
         let page = [item("1", "a@x.io"), item("2", "b@x.io")];
         let outcome = store
-            .commit_page("gym", "wodify", &page, Some("c1"), false, false)
+            .commit_page(
+                "gym",
+                "wodify",
+                &page,
+                CursorSave::Always("c1"),
+                false,
+                false,
+            )
             .expect("commit");
         assert_eq!(outcome.enqueued, 2);
         assert_eq!(
@@ -1073,7 +1353,14 @@ mod outbox_tests {
         assert_eq!(store.outstanding(&filter().sources).expect("count"), 2);
         // Same bodies again: nothing new is queued.
         let again = store
-            .commit_page("gym", "wodify", &page, Some("c2"), true, false)
+            .commit_page(
+                "gym",
+                "wodify",
+                &page,
+                CursorSave::Always("c2"),
+                true,
+                false,
+            )
             .expect("commit");
         assert_eq!((again.enqueued, again.unchanged), (0, 2));
         assert_eq!(
@@ -1086,10 +1373,24 @@ mod outbox_tests {
     fn a_newer_version_replaces_a_queued_one_but_waits_behind_one_in_flight() {
         let (store, _dir) = temp_store();
         store
-            .commit_page("gym", "wodify", &[item("1", "a@x.io")], None, false, false)
+            .commit_page(
+                "gym",
+                "wodify",
+                &[item("1", "a@x.io")],
+                CursorSave::Keep,
+                false,
+                false,
+            )
             .expect("commit");
         store
-            .commit_page("gym", "wodify", &[item("1", "b@x.io")], None, false, false)
+            .commit_page(
+                "gym",
+                "wodify",
+                &[item("1", "b@x.io")],
+                CursorSave::Keep,
+                false,
+                false,
+            )
             .expect("commit");
         assert_eq!(
             store.outstanding(&filter().sources).expect("count"),
@@ -1101,7 +1402,14 @@ mod outbox_tests {
         };
         assert_eq!(first.body, br#"{"email":"b@x.io"}"#);
         store
-            .commit_page("gym", "wodify", &[item("1", "c@x.io")], None, false, false)
+            .commit_page(
+                "gym",
+                "wodify",
+                &[item("1", "c@x.io")],
+                CursorSave::Keep,
+                false,
+                false,
+            )
             .expect("commit");
         assert_eq!(store.outstanding(&filter().sources).expect("count"), 2);
         // The lane is busy: the newer version cannot be claimed until the first is answered.
@@ -1177,7 +1485,7 @@ mod outbox_tests {
                         "gym",
                         "wodify",
                         &page(from, "a"),
-                        Some("c"),
+                        CursorSave::Always("c"),
                         from == 200,
                         false,
                     )
@@ -1185,7 +1493,14 @@ mod outbox_tests {
             }
             if pass == 0 {
                 store
-                    .commit_page("gym", "wodify", &page(300, "a"), Some("c"), false, false)
+                    .commit_page(
+                        "gym",
+                        "wodify",
+                        &page(300, "a"),
+                        CursorSave::Always("c"),
+                        false,
+                        false,
+                    )
                     .expect("commit");
             }
             while let Some(unit) = store.claim(&batches, now_ms()).expect("claim") {
@@ -1213,7 +1528,14 @@ mod outbox_tests {
         }
         // Changes sent one by one, retried, released and acknowledged.
         store
-            .commit_page("gym", "wodify", &page(0, "b"), Some("c"), false, false)
+            .commit_page(
+                "gym",
+                "wodify",
+                &page(0, "b"),
+                CursorSave::Always("c"),
+                false,
+                false,
+            )
             .expect("commit");
         let Some(unit) = store.claim(&filter(), now_ms()).expect("claim") else {
             panic!("a single");

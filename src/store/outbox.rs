@@ -175,6 +175,20 @@ pub(super) fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
+/// What a page commit does with the source's cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorSave<'a> {
+    /// Leaves it where it is.
+    Keep,
+    /// Moves it past the page.
+    Always(&'a str),
+    /// Moves it past the page only when the page writes anything else (or completes the
+    /// pass): an unchanged page then costs no write. The poll loop saves a cursor it held back
+    /// with a later page, at least every few pages and when the poll stops, so a crash only
+    /// re-reads a few unchanged pages (`sources/poll.rs`, `CURSOR_SAVE_EVERY`).
+    WithChanges(&'a str),
+}
+
 // Queries that pick due work filter on `+o.source`: the unary plus keeps SQLite from using the
 // lane index for the source filter, which made it read and sort every queued row of the source
 // on every claim (O(backlog)); on `outbox_due` it walks due rows in order and stops at LIMIT.
@@ -185,14 +199,16 @@ const LANE_HEAD: &str = "NOT EXISTS (SELECT 1 FROM outbox p \
 
 impl Store {
     /// Commits one page: enqueues what changed, records rejections and moves the cursor, all
-    /// in one transaction (invariant 1). `cursor` `None` leaves the cursor alone;
-    /// `pass_complete` counts a finished pass over the whole listing.
+    /// in one transaction (invariant 1). `cursor` says what happens to the source's cursor;
+    /// `pass_complete` counts a finished pass over the whole listing. A page that changes
+    /// nothing under [`CursorSave::WithChanges`] commits nothing at all
+    /// ([`PageOutcome::cursor_saved`] says which).
     pub fn commit_page(
         &self,
         source: &str,
         revkeen_source: &str,
         items: &[PageItem],
-        cursor: Option<&str>,
+        cursor: CursorSave<'_>,
         pass_complete: bool,
         resync: bool,
     ) -> Result<PageOutcome, StoreError> {
@@ -200,11 +216,20 @@ impl Store {
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_ms();
         let passes = cursors::passes_of(&tx, source).map_err(|e| self.err(e))?;
-        let outcome = apply_items(&tx, source, revkeen_source, items, resync, passes + 1, now)
+        let before = tx.total_changes();
+        let mut outcome = apply_items(&tx, source, revkeen_source, items, resync, passes + 1, now)
             .map_err(|e| self.err(e))?;
-        if let Some(cursor) = cursor {
+        let save = match cursor {
+            CursorSave::Keep => None,
+            CursorSave::Always(cursor) => Some(cursor),
+            CursorSave::WithChanges(cursor) => {
+                (pass_complete || tx.total_changes() != before).then_some(cursor)
+            }
+        };
+        if let Some(cursor) = save {
             cursors::set(&tx, source, cursor, passes + i64::from(pass_complete), now)
                 .map_err(|e| self.err(e))?;
+            outcome.cursor_saved = true;
         }
         self.commit(tx)?;
         Ok(outcome)
@@ -479,7 +504,7 @@ pub(super) fn apply_items(
                 // Nothing to send and nothing to fix (a deleted record): an earlier rejection
                 // of it is moot.
                 failures::clear_rejection(tx, source, id)?;
-                customers::touch(tx, source, id, false, pass)?;
+                customers::touch(tx, source, id, pass)?;
                 outcome.skipped += 1;
             }
         }
@@ -513,7 +538,9 @@ fn enqueue(
     }
     let decision = customers::decide(&lane, &new.hash, new.update_only, resync);
     if !matches!(decision, Decision::Send { .. }) {
-        customers::touch(tx, source, external_id, known, pass)?;
+        if !known || lane.vanished {
+            customers::touch(tx, source, external_id, pass)?;
+        }
         return Ok(decision);
     }
     let job = JobRow {

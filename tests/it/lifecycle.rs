@@ -340,3 +340,82 @@ async fn wodify_clients_gone_from_a_complete_scan_are_counted_named_and_kept_in_
         "every client, present or vanished, is still at RevKeen"
     );
 }
+
+/// An unchanged rescan writes nothing per record (issue 14): the ids a scan lists are kept in
+/// memory, and a poll that stops mid-scan saves them for the poll that continues the scan. A
+/// kill loses them: that scan cannot tell what vanished, says so, and the next one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_killed_midway_still_names_vanished_clients_one_scan_later() {
+    const CLIENTS: usize = 3_000; // 30 pages: past the 20 unchanged pages a cursor may wait
+    let h = Harness::start().await;
+    h.unlimited();
+    h.write_config(&h.config_for("gym"));
+    seed_valid_clients(&h.sims.wodify, CLIENTS, 211);
+    h.once().await.assert_exit(exit::OK);
+    let mut ids: Vec<i64> = h
+        .sims
+        .wodify
+        .clients()
+        .iter()
+        .filter_map(|c| c["id"].as_i64())
+        .collect();
+    ids.sort_unstable();
+    // One client on the pages before the kill, one after.
+    let gone = [ids[450], ids[2_650]];
+    for id in gone {
+        assert!(h.sims.wodify.remove_client(id));
+    }
+    let named = |out: &crate::support::Output, id: i64| {
+        out.stderr
+            .lines()
+            .any(|line| line.contains("vanished") && line.contains(&id.to_string()))
+    };
+
+    // Killed on page 25 of the rescan: its cursor was saved at page 20, its ids are lost.
+    h.sims.wodify.set_faults(Faults {
+        latency_ms: 20,
+        ..Faults::default()
+    });
+    let before = h.sims.wodify.stats().requests;
+    let wodify = h.sims.wodify.clone();
+    h.spawn_once()
+        .kill_when(move || wodify.stats().requests >= before + 25)
+        .await;
+    h.sims.wodify.set_faults(Faults::default());
+
+    // It resumes, completes the scan without the first pages' ids (and says so), then reads
+    // the first pages again and saves their ids where it stops.
+    let resumed = h.once().await;
+    resumed.assert_exit(exit::OK);
+    assert!(
+        resumed
+            .stderr
+            .contains("vanished records are looked for at the end of the next one"),
+        "{}",
+        resumed.transcript()
+    );
+    assert!(
+        !gone.iter().any(|&id| named(&resumed, id)),
+        "{}",
+        resumed.transcript()
+    );
+    assert_eq!(vanished(&h, "gym").await, 0);
+
+    // The next run continues that scan with them: both are named, nothing else is.
+    let next = h.once().await;
+    next.assert_exit(exit::OK);
+    for id in gone {
+        assert!(named(&next, id), "{id} is named\n{}", next.transcript());
+    }
+    assert!(
+        next.stdout.contains("2 records vanished"),
+        "{}",
+        next.transcript()
+    );
+    assert_eq!(vanished(&h, "gym").await, 2);
+    assert_eq!(
+        h.sims.revkeen.customers("wodify").len(),
+        CLIENTS,
+        "vanished clients stay in RevKeen"
+    );
+}

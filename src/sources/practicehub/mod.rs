@@ -763,10 +763,8 @@ impl Source for PracticeHub {
         })
     }
 
-    fn completed_full_scan(&self, cursor: &str) -> Option<i64> {
-        serde_json::from_str::<Cursor>(cursor)
-            .ok()
-            .and_then(|c| c.full_gap)
+    fn completed_full_scan(&self, cursor: &str) -> bool {
+        serde_json::from_str::<Cursor>(cursor).is_ok_and(|c| c.full_gap.is_some())
     }
 
     fn external_id(&self, text: &str) -> Option<String> {
@@ -1099,7 +1097,7 @@ mod tests {
         assert_eq!(full.full_gap, Some(5));
         assert_eq!(full.since_full, 0);
         assert_eq!(full.full_at, Some(server_start - TimeDelta::days(400)));
-        assert_eq!(hub.completed_full_scan(&render(&full)), Some(5));
+        assert!(hub.completed_full_scan(&render(&full)));
     }
 
     #[test]
