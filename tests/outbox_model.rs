@@ -301,7 +301,11 @@ impl Harness {
             )
             .or_fail()?;
 
-        let mut want = PageOutcome::default();
+        // The model always saves its cursor with the page.
+        let mut want = PageOutcome {
+            cursor_saved: true,
+            ..PageOutcome::default()
+        };
         for &(customer, item) in items {
             let serial = self.serial();
             let lane = &mut self.lanes[customer];
