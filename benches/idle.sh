@@ -93,7 +93,9 @@ backfilled() {
   [[ $(grep -c '"outcome": "ok"' <<<"$status") -eq 2 ]] && grep -q '"outbox_depth": 0,' <<<"$status"
 }
 wait_for "the start-up backfill" 300 backfilled
-sleep 2 # let the last acknowledgements and log lines settle
+# Let the last acknowledgements and log lines settle, and the daemon hand memory back (10 s
+# after its worker parks, with no poll running).
+sleep 15
 
 TICK=$(getconf CLK_TCK)
 cpu_ticks() { # utime + stime, fields 14 and 15 of /proc/PID/stat (after the ")" of comm)

@@ -7,6 +7,13 @@
 //! polls a source anyway, with an error in the log, when its poll is overdue by more than one
 //! interval: scheduled jobs can silently stop firing (tokio-cron-scheduler issue #113).
 //!
+//! Between polls the daemon sleeps: no loop wakes on a fixed short timer. The scheduler's jobs
+//! are fired by [`drive_scheduler`], which sleeps until the next tick in the scheduler's own
+//! job store instead of running the crate's ticker (`JobScheduler::start` wakes every 500 ms
+//! forever); the watchdog wakes when a poll could next become overdue; the systemd loop wakes
+//! only when systemd listens, as often as its watchdog needs; the key re-read timer runs only
+//! while a key is refused.
+//!
 //! Shutdown (SIGTERM/SIGINT, via the token passed in): polls stop at a page boundary, the
 //! worker stops claiming, in-flight requests get `drain_timeout_secs`, then the process exits 0.
 //! Any stop is a clean stop: the invariants make whatever was in flight safe to re-send.
@@ -37,8 +44,14 @@ use crate::worker::{Exhausted, Held, Worker, WorkerExit, WorkerState};
 /// A poll's outcome in [`PollState`] when the source refused its key.
 const AUTH_REFUSED: &str = "auth refused";
 
-/// How often the scheduler watchdog looks at the sources.
-const WATCHDOG_TICK: Duration = Duration::from_secs(2);
+/// The longest [`drive_scheduler`] sleeps before it reads the wall clock again: cron ticks are
+/// wall-clock times and its sleep is monotonic, so a clock stepped forward or a host resumed
+/// from suspend fires a due poll at most this late.
+const SCHEDULER_MAX_SLEEP: Duration = Duration::from_secs(60);
+/// How long the worker stays parked with no poll running before the daemon hands memory back.
+const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(10);
+/// How often `STATUS=` is refreshed when systemd listens but wants no watchdog pings.
+const STATUS_REFRESH: Duration = Duration::from_secs(10);
 /// How often the daemon looks for work another process queued (`replay`): the idle worker
 /// never looks on a timer.
 const OUTSIDE_WRITES_TICK: Duration = Duration::from_secs(5);
@@ -101,6 +114,8 @@ pub struct Daemon {
     listener: TcpListener,
     addr: SocketAddr,
     scheduler: JobScheduler,
+    /// Stops [`drive_scheduler`] when dropped (at shutdown, or with a daemon never run).
+    ticking: tokio_util::sync::DropGuard,
     sources: Vec<SourceTask>,
     ticks: HashMap<String, mpsc::Sender<()>>,
     push: HashMap<String, (PushFeed, PollContext)>,
@@ -231,10 +246,10 @@ impl Daemon {
         // create).
         let held = Held::new(names);
         worker.held = Some(held.clone());
-        scheduler
-            .start()
-            .await
-            .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        // Its jobs fire from now on, by `drive_scheduler` (never by the crate's own ticker).
+        let ticking = CancellationToken::new();
+        tokio::spawn(drive_scheduler(scheduler.clone(), ticking.clone()));
+        let ticking = ticking.drop_guard();
         Ok(Daemon {
             config,
             store,
@@ -243,6 +258,7 @@ impl Daemon {
             listener,
             addr,
             scheduler,
+            ticking,
             sources,
             ticks,
             push,
@@ -290,11 +306,15 @@ impl Daemon {
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server::serve(self.listener, state, server_stop.clone()));
         let worker = self.worker;
+        // Said by a poll whose source refused its key, and by a worker halted on a refused key:
+        // the key re-read timer runs from then on.
+        let key_refused = Arc::new(Notify::new());
         let mut worker_task = Some(spawn_worker(
             worker.clone(),
             stop.clone(),
             &config,
             health.clone(),
+            key_refused.clone(),
         ));
         let poll_states: PollStates = Arc::default();
         // A re-read key lifts a RevKeen halt: the supervisor starts the worker again.
@@ -305,7 +325,14 @@ impl Daemon {
             self.ticks.clone(),
             self.worker_state.clone(),
             poll_states.clone(),
+            key_refused.clone(),
             resume_tx,
+            stop.clone(),
+        ));
+        tasks.spawn(idle_release_loop(
+            health.clone(),
+            store.clone(),
+            poll_states.clone(),
             stop.clone(),
         ));
         tasks.spawn(outside_writes_loop(
@@ -315,7 +342,12 @@ impl Daemon {
         ));
         for mut task in self.sources {
             task.ctx.run_id = Some(run_id);
-            tasks.spawn(source_loop(task, poll_states.clone(), self.held.clone()));
+            tasks.spawn(source_loop(
+                task,
+                poll_states.clone(),
+                self.held.clone(),
+                key_refused.clone(),
+            ));
         }
         tasks.spawn(watchdog(
             config.sources.clone(),
@@ -324,15 +356,18 @@ impl Daemon {
             health.clone(),
             self.stop_polls.clone(),
         ));
-        tasks.spawn(systemd_loop(
-            health.clone(),
-            poll_states,
-            self.worker_state,
-            store.clone(),
-            stop.clone(),
-            sd_notify::watchdog_enabled(),
-            Arc::new(notify),
-        ));
+        // Without a notify socket every `sd_notify` is a no-op: no loop, no wake-ups.
+        if std::env::var_os("NOTIFY_SOCKET").is_some() {
+            tasks.spawn(systemd_loop(
+                health.clone(),
+                poll_states,
+                self.worker_state,
+                store.clone(),
+                stop.clone(),
+                sd_notify::watchdog_enabled(),
+                Arc::new(notify),
+            ));
+        }
 
         notify(&[sd_notify::NotifyState::Ready]);
         tracing::info!(
@@ -355,7 +390,13 @@ impl Daemon {
 
         let respawn = || {
             health.worker_started();
-            spawn_worker(worker.clone(), stop.clone(), &config, health.clone())
+            spawn_worker(
+                worker.clone(),
+                stop.clone(),
+                &config,
+                health.clone(),
+                key_refused.clone(),
+            )
         };
         let died = match supervise(
             &shutdown,
@@ -385,6 +426,7 @@ impl Daemon {
             drain_timeout_secs = config.daemon.drain_timeout_secs,
             "Shutting down: finishing in-flight requests."
         );
+        drop(self.ticking);
         let mut scheduler = self.scheduler;
         let _ = scheduler.shutdown().await;
         self.stop_polls.cancel();
@@ -489,9 +531,91 @@ fn ended(join: tokio::task::JoinError) -> String {
     format!("panicked: {}", crate::secret::redact(&message))
 }
 
-/// Re-reads the keys on `SIGHUP`, and every [`reload::RECHECK`] while an API refuses its key;
-/// a changed key is tried at once: the source polls now, a halted worker starts again.
-/// Without a `rereader` a `SIGHUP` only says so (it never ends the process).
+/// Hands memory back once the daemon goes idle: [`IDLE_RELEASE_AFTER`] after the worker last
+/// parked, with no poll running. A poll already released what it used when it finished; this
+/// also covers what sending after it used (the outbox drains after the poll), and the pages of
+/// the program's own code that the busy spell mapped ([`release_code_pages`]). Waits for the
+/// worker to park, never on a timer while it stays parked.
+async fn idle_release_loop(
+    health: Arc<Health>,
+    store: Store,
+    polls: PollStates,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = health.worker_parks() => {}
+            // The only way out: the supervisor counts any other end as a death.
+            () = stop.cancelled() => return,
+        }
+        // Quiet for a while: no park (so no wake-up and no send) meanwhile.
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(IDLE_RELEASE_AFTER) => break,
+                () = health.worker_parks() => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        let polling = polls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(|state| state.running);
+        if polling || !health.worker_idle() {
+            continue;
+        }
+        let _ = store.call(|s| s.release_memory()).await;
+        release_code_pages();
+    }
+}
+
+/// Unmaps the pages of this program's own code and read-only data (clean, file-backed: the
+/// binary's text is most of an idle daemon's resident memory), as the kernel does under
+/// memory pressure; the page cache keeps them, and the next poll maps back what it runs.
+/// Only mappings of the executable that are not writable and hold no private copy of a page
+/// (smaps `Anonymous: 0 kB`, so never the relocated RELRO data) are touched: for those,
+/// `MADV_DONTNEED` changes what is resident, never what is read.
+fn release_code_pages() {
+    let (Ok(exe), Ok(smaps)) = (
+        std::fs::read_link("/proc/self/exe"),
+        std::fs::read_to_string("/proc/self/smaps"),
+    ) else {
+        return;
+    };
+    let exe = exe.to_string_lossy();
+    let mut clean_code: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
+            continue;
+        };
+        if let Some((start, end)) = first.split_once('-') {
+            // A mapping's header: `start-end perms offset dev inode path`.
+            let perms = fields.next().unwrap_or("");
+            let read_only = perms.starts_with('r') && !perms.contains('w') && perms.ends_with('p');
+            clean_code = match (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) {
+                (Ok(start), Ok(end)) if read_only && line.ends_with(exe.as_ref()) => {
+                    Some((start, end))
+                }
+                _ => None,
+            };
+        } else if first == "Anonymous:"
+            && let Some((start, end)) = clean_code.take()
+            && fields.next() == Some("0")
+        {
+            // SAFETY: the range is a whole private, read-only mapping of the executable with
+            // no page copied on write; dropping its pages only means they are read from the
+            // file (the page cache) again on next use, exactly as after reclaim.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
 /// Wakes the worker when another process committed to the state file (`sync-daemon replay`
 /// put dead letters back while the daemon runs): every [`OUTSIDE_WRITES_TICK`] one pragma on
 /// the writer connection, whose `data_version` moves only for other connections' commits.
@@ -517,11 +641,16 @@ async fn outside_writes_loop(store: Store, wake: Arc<Notify>, stop: Cancellation
     }
 }
 
+/// Re-reads the keys on `SIGHUP`, and every [`crate::reload::RECHECK`] while an API refuses
+/// its key (no timer otherwise: a poll or a worker halted on a refused key says so through
+/// `key_refused`); a changed key is tried at once: the source polls now, a halted worker starts
+/// again. Without a `rereader` a `SIGHUP` only says so (it never ends the process).
 async fn reread_loop(
     rereader: Option<Rereader>,
     ticks: HashMap<String, mpsc::Sender<()>>,
     worker_state: Arc<WorkerState>,
     poll_states: PollStates,
+    key_refused: Arc<Notify>,
     resume: mpsc::Sender<()>,
     stop: CancellationToken,
 ) {
@@ -532,9 +661,19 @@ async fn reread_loop(
             None
         }
     };
-    let mut recheck = tokio::time::interval(crate::reload::RECHECK);
-    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let revkeen_halted = || worker_state.halt().is_some_and(|halt| halt.is_auth());
+    // A source refusing its key is one whose last poll ended so (every source polls at start,
+    // so a halt an earlier process recorded shows here too).
+    let source_refused = || {
+        poll_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(|state| state.last_outcome.as_deref() == Some(AUTH_REFUSED))
+    };
     loop {
+        // The timer runs only while a key is refused; a refusal starting says so.
+        let refused = revkeen_halted() || source_refused();
         let trigger = tokio::select! {
             // The only way out: the supervisor counts any other end as a death.
             () = stop.cancelled() => return,
@@ -544,18 +683,10 @@ async fn reread_loop(
                     None => std::future::pending().await,
                 }
             } => Trigger::Signal,
-            _ = recheck.tick() => Trigger::Recheck,
+            () = key_refused.notified() => continue,
+            () = tokio::time::sleep(crate::reload::RECHECK), if refused => Trigger::Recheck,
         };
-        let revkeen_halted = worker_state.halt().is_some_and(|halt| halt.is_auth());
-        // A source refusing its key is one whose last poll ended so (every source polls at
-        // start, so a halt an earlier process recorded shows here too).
-        let source_refused = || {
-            poll_states
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .values()
-                .any(|state| state.last_outcome.as_deref() == Some(AUTH_REFUSED))
-        };
+        let revkeen_halted = revkeen_halted();
         if trigger == Trigger::Recheck && !revkeen_halted && !source_refused() {
             continue;
         }
@@ -602,6 +733,76 @@ fn cron_job(
     .map_err(|e| DaemonError::Scheduler(format!("{}: {e}", source.name)))
 }
 
+/// Fires the scheduler's cron jobs, sleeping until the next one is due.
+///
+/// tokio-cron-scheduler stays the scheduler of record: its job store holds each job and its
+/// next tick, its job runner runs the job when activated, and the next tick comes from the
+/// job's own schedule (the crate's croner parse). Only its ticker is replaced: `start()` would
+/// wake every 500 ms forever to compare the clock with the ticks; this loop does the same
+/// comparison (the crate's `must_run` rule: due, and not yet run for this tick) when the
+/// earliest tick comes, or after [`SCHEDULER_MAX_SLEEP`], whichever is first.
+async fn drive_scheduler(scheduler: JobScheduler, cancel: CancellationToken) {
+    let context = scheduler.context();
+    loop {
+        let now = crate::clock::now();
+        let wait = match fire_due(&context, now).await {
+            Ok(Some(next)) => (next - now).to_std().unwrap_or_default(),
+            Ok(None) => SCHEDULER_MAX_SLEEP,
+            Err(error) => {
+                // The in-memory job store does not fail; if it ever does, the watchdog polls.
+                tracing::warn!(%error, "The scheduler's job store failed; trying again.");
+                SCHEDULER_MAX_SLEEP
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait.min(SCHEDULER_MAX_SLEEP)) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Activates every job due at `now` and stores its next tick; returns the earliest tick still
+/// to come.
+async fn fire_due(
+    context: &tokio_cron_scheduler::Context,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, tokio_cron_scheduler::JobSchedulerError> {
+    use tokio_cron_scheduler::job::job_data::JobAndNextTick;
+
+    let mut jobs = context.metadata_storage.write().await;
+    let mut earliest: Option<DateTime<Utc>> = None;
+    for job in jobs.list_next_ticks().await? {
+        let Some(id) = job.id.as_ref().map(uuid::Uuid::from) else {
+            continue;
+        };
+        // 0: no tick to come (the crate's convention).
+        if job.next_tick == 0 {
+            continue;
+        }
+        let mut next = JobAndNextTick::utc(job.next_tick);
+        let due = next <= now && job.last_tick.is_none_or(|last| last <= job.next_tick);
+        if due {
+            // The crate's job runner runs the job's code (here: a tick into a one-slot channel).
+            let _ = context.job_activation_tx.send(id);
+            let following = jobs
+                .get(id)
+                .await?
+                .and_then(|data| data.schedule())
+                .and_then(|schedule| schedule.iter_after(now).next());
+            jobs.set_next_and_last_tick(id, following, Some(now))
+                .await?;
+            match following {
+                Some(following) => next = following,
+                None => continue,
+            }
+        }
+        if next > now {
+            earliest = Some(earliest.map_or(next, |e| e.min(next)));
+        }
+    }
+    Ok(earliest)
+}
+
 /// The worker, sending until shutdown. A refused key stops it on purpose (polling goes on). A
 /// state file that cannot be written (a full disk) never ends sending for good: the worker
 /// waits — with backoff, or until a write succeeds again — and starts over, re-sending what
@@ -611,6 +812,7 @@ fn spawn_worker(
     shutdown: CancellationToken,
     config: &Config,
     health: Arc<Health>,
+    key_refused: Arc<Notify>,
 ) -> tokio::task::JoinHandle<Result<WorkerExit, StoreError>> {
     let drain = Duration::from_secs(config.daemon.drain_timeout_secs);
     tokio::spawn(async move {
@@ -624,6 +826,7 @@ fn spawn_worker(
             let error = match exit {
                 Ok(WorkerExit::Halted(halt)) => {
                     health.worker_stopped();
+                    key_refused.notify_one();
                     return Ok(WorkerExit::Halted(halt));
                 }
                 Err(error) if !shutdown.is_cancelled() => error,
@@ -666,7 +869,12 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Polls a source on every tick, one poll at a time.
-async fn source_loop(task: SourceTask, states: PollStates, held: Arc<Held>) {
+async fn source_loop(
+    task: SourceTask,
+    states: PollStates,
+    held: Arc<Held>,
+    key_refused: Arc<Notify>,
+) {
     let SourceTask {
         adapter,
         ctx,
@@ -713,16 +921,26 @@ async fn source_loop(task: SourceTask, states: PollStates, held: Arc<Held>) {
         // page cache back.
         crate::customer::release_phone_patterns();
         let _ = ctx.store.call(|s| s.release_memory()).await;
-        let mut states = states
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let state = states.entry(name.clone()).or_default();
-        state.running = false;
-        state.last_outcome = Some(outcome);
+        let refused = outcome == AUTH_REFUSED;
+        {
+            let mut states = states
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let state = states.entry(name.clone()).or_default();
+            state.running = false;
+            state.last_outcome = Some(outcome);
+        }
+        if refused {
+            key_refused.notify_one();
+        }
     }
 }
 
 /// Polls a source anyway when its scheduled poll is overdue by more than one interval.
+///
+/// It looks when a source could next be overdue, and at each firing of a schedule (where a
+/// schedule's interval may change), never on a short timer; each look is a scheduler beat
+/// that says how long it sleeps ([`Health::scheduler_sleeps`]).
 async fn watchdog(
     sources: Vec<SourceConfig>,
     ticks: HashMap<String, mpsc::Sender<()>>,
@@ -732,16 +950,18 @@ async fn watchdog(
 ) {
     let mut warned: HashMap<String, DateTime<Utc>> = HashMap::new();
     loop {
-        health.beat_scheduler();
-        tokio::select! {
-            () = tokio::time::sleep(WATCHDOG_TICK.min(health.beat())) => {}
-            () = cancel.cancelled() => return,
-        }
         let now = crate::clock::now();
+        let mut next_look: Option<DateTime<Utc>> = None;
+        let mut look_at = |at: DateTime<Utc>| {
+            next_look = Some(next_look.map_or(at, |next| next.min(at)));
+        };
         for source in &sources {
             let Some(interval) = interval_of(&source.schedule, now) else {
                 continue;
             };
+            if let Some(firing) = crate::schedule::next_after(&source.schedule, now) {
+                look_at(firing);
+            }
             let state = states
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -751,13 +971,16 @@ async fn watchdog(
             let Some(last) = state.last_started else {
                 continue;
             };
-            if state.running || now - last <= interval * 2 {
+            // A running poll is looked at again at the next firing.
+            if state.running {
                 continue;
             }
-            if warned
-                .get(&source.name)
-                .is_some_and(|at| now - *at <= interval)
-            {
+            let warned_at = warned.get(&source.name).copied();
+            if now - last <= interval * 2 || warned_at.is_some_and(|at| now - at <= interval) {
+                // The first moment both conditions above are false.
+                let overdue = last + interval * 2;
+                let rewarn = warned_at.map_or(overdue, |at| at + interval);
+                look_at(overdue.max(rewarn) + chrono::Duration::milliseconds(1));
                 continue;
             }
             warned.insert(source.name.clone(), now);
@@ -771,6 +994,16 @@ async fn watchdog(
             if let Some(tx) = ticks.get(&source.name) {
                 let _ = tx.try_send(());
             }
+            look_at(now + interval + chrono::Duration::milliseconds(1));
+        }
+        // A schedule that never fires again leaves nothing to look at: one look an hour.
+        let sleep = next_look
+            .and_then(|at| (at - now).to_std().ok())
+            .unwrap_or(Duration::from_secs(3600));
+        health.scheduler_sleeps(sleep);
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = cancel.cancelled() => return,
         }
     }
 }
@@ -786,7 +1019,8 @@ fn interval_of(schedule: &str, now: DateTime<Utc>) -> Option<chrono::Duration> {
 type Notifier = Arc<dyn Fn(&[sd_notify::NotifyState<'_>]) + Send + Sync>;
 
 /// Feeds the systemd watchdog from real loop progress and keeps `STATUS=` current: a ping
-/// every half `watchdog` interval while every loop beats, none while one is wedged.
+/// every half `watchdog` interval while every loop beats, none while one is wedged, with
+/// `STATUS=` refreshed at each ping (every [`STATUS_REFRESH`] without a watchdog).
 async fn systemd_loop(
     health: Arc<Health>,
     states: PollStates,
@@ -798,8 +1032,7 @@ async fn systemd_loop(
 ) {
     let period = watchdog
         .map(|w| (w / 2).max(Duration::from_millis(100)))
-        .unwrap_or(Duration::from_secs(10))
-        .min(Duration::from_secs(10));
+        .unwrap_or(STATUS_REFRESH);
     loop {
         if let Some(window) = watchdog {
             // Unfed when a loop is wedged, so systemd restarts a real hang.
@@ -868,13 +1101,17 @@ async fn push_loop(adapter: Arc<dyn Source>, ctx: PollContext, wake: Arc<Notify>
             Ok(events) => events,
             Err(error) => {
                 tracing::error!(source = %name, %error, "Cannot read push events.");
-                Vec::new()
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    () = ctx.fetch.cancel.cancelled() => return,
+                }
             }
         };
         if events.is_empty() {
+            // Every stored event wakes this loop (the server, once the event is committed): no
+            // timer while there is nothing to fetch.
             tokio::select! {
                 () = wake.notified() => continue,
-                () = tokio::time::sleep(Duration::from_secs(5)) => continue,
                 () = ctx.fetch.cancel.cancelled() => return,
             }
         }
@@ -1085,6 +1322,100 @@ mod tests {
             "{waited:?}"
         );
         cancel.cancel();
+        task.await.expect("joins");
+    }
+
+    fn gym_config(schedule: &str) -> Config {
+        Config::from_toml(
+            &format!(
+                "[revkeen]\napi_key='k'\n[[sources]]\nname='gym'\nkind='wodify'\n\
+                 base_url='https://api.wodify.com/v1'\napi_key='w'\nschedule='{schedule}'\n"
+            ),
+            &crate::config::Environment::default(),
+            &sources::config_kinds(),
+        )
+        .expect("config")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scheduler_fires_each_tick_on_time_without_its_own_ticker() {
+        let config = gym_config("0 */15 * * * *");
+        let scheduler = JobScheduler::new().await.expect("scheduler");
+        // Room for every tick, so that the test sees each one (the daemon's slot holds one).
+        let (tx, mut rx) = mpsc::channel::<()>(16);
+        scheduler
+            .add(cron_job(&config.sources[0], &config.sources[0].schedule, tx).expect("job"))
+            .await
+            .expect("added");
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(drive_scheduler(scheduler, cancel.clone()));
+        let mut fired = Vec::new();
+        let until = Instant::now() + Duration::from_secs(3600);
+        while let Ok(Some(())) = tokio::time::timeout_at(until, rx.recv()).await {
+            fired.push(crate::clock::now());
+        }
+        cancel.cancel();
+        driver.await.expect("joins");
+        assert_eq!(fired.len(), 4, "four quarter hours in an hour: {fired:?}");
+        for at in &fired {
+            use chrono::Timelike;
+            // On the quarter hour, within the wall clock's sub-second part at the start.
+            assert!(
+                at.minute() % 15 == 0 && at.second() == 0,
+                "a tick off its schedule: {fired:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_are_reread_on_a_timer_only_while_one_is_refused() {
+        let config = gym_config("0 */15 * * * *");
+        let (store, _dir) = temp_store();
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let load: Loader = {
+            let (config, loads) = (config.clone(), loads.clone());
+            Arc::new(move || {
+                loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(config.clone())
+            })
+        };
+        let states = PollStates::default();
+        let key_refused = Arc::new(Notify::new());
+        let (resume, _resumes) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(reread_loop(
+            Some(Rereader::new(config.clone(), load, store)),
+            HashMap::new(),
+            Arc::new(WorkerState::default()),
+            states.clone(),
+            key_refused.clone(),
+            resume,
+            stop.clone(),
+        ));
+        let reads = || loads.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(reads(), 0, "no key is refused: no re-read in an hour");
+        // The source's poll was refused and says so: a re-read every RECHECK from then on.
+        states.lock().expect("lock").insert(
+            "gym".to_string(),
+            PollState {
+                last_outcome: Some(AUTH_REFUSED.to_string()),
+                ..PollState::default()
+            },
+        );
+        key_refused.notify_one();
+        tokio::time::sleep(crate::reload::RECHECK * 3 + Duration::from_millis(500)).await;
+        assert_eq!(reads(), 3);
+        // Accepted again: the timer stops.
+        states
+            .lock()
+            .expect("lock")
+            .get_mut("gym")
+            .expect("gym")
+            .last_outcome = Some("ok".to_string());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(reads(), 3, "re-read after the key was accepted");
+        stop.cancel();
         task.await.expect("joins");
     }
 

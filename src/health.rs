@@ -1,15 +1,18 @@
 //! Heartbeats of the daemon's loops, behind `/healthz` and the systemd watchdog.
 //!
 //! Each long-running loop beats when it makes progress (the worker once per iteration, at least
-//! every second while it has work; the scheduler watchdog every few seconds). A loop that stops
-//! beating is wedged, and only then does `/healthz` fail and the systemd watchdog go unfed, so
-//! a restart happens for a real hang, never for a quiet hour. A worker parked with nothing to
-//! do (waiting to be woken, no timer) is not wedged, nor is one stopped on purpose by an auth
-//! halt: that shows in `/readyz`, not in liveness.
+//! every second while it has work; the scheduler watchdog each time it looks at the sources). A
+//! loop that stops beating is wedged, and only then does `/healthz` fail and the systemd
+//! watchdog go unfed, so a restart happens for a real hang, never for a quiet hour. A worker
+//! parked with nothing to do (waiting to be woken, no timer) is not wedged, nor is one stopped
+//! on purpose by an auth halt: that shows in `/readyz`, not in liveness. The scheduler watchdog
+//! sleeps until it next has something to look at (minutes, between polls) and says so when it
+//! beats ([`Health::scheduler_sleeps`]): it is wedged only once it oversleeps that by the window.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Loop heartbeats.
@@ -19,10 +22,13 @@ pub struct Health {
     worker: AtomicU64,
     /// Worker beats since start: how often its loop went round.
     worker_beats: AtomicU64,
+    /// When the scheduler watchdog will beat again at the latest (milliseconds since start).
     scheduler: AtomicU64,
     worker_stopped: AtomicBool,
     /// The worker is parked: nothing queued or due, it waits to be woken.
     worker_parked: AtomicBool,
+    /// Told each time the worker parks.
+    parks: Notify,
     failed: AtomicBool,
 }
 
@@ -55,6 +61,7 @@ impl Health {
             scheduler: AtomicU64::new(0),
             worker_stopped: AtomicBool::new(false),
             worker_parked: AtomicBool::new(false),
+            parks: Notify::new(),
             failed: AtomicBool::new(false),
         }
     }
@@ -82,14 +89,33 @@ impl Health {
 
     /// The scheduler loop made progress.
     pub fn beat_scheduler(&self) {
-        self.scheduler.store(self.now(), Ordering::Relaxed);
+        self.scheduler_sleeps(Duration::ZERO);
+    }
+
+    /// The scheduler loop made progress and sleeps for `sleep` before it looks again: it is
+    /// not wedged until that sleep is over by more than the window.
+    pub fn scheduler_sleeps(&self, sleep: Duration) {
+        let sleep = u64::try_from(sleep.as_millis()).unwrap_or(u64::MAX);
+        self.scheduler
+            .store(self.now().saturating_add(sleep), Ordering::Relaxed);
     }
 
     /// The worker waits to be woken with nothing queued or due: it need not beat until the
     /// returned guard is dropped.
     pub fn worker_parked(&self) -> Parked<'_> {
         self.worker_parked.store(true, Ordering::Relaxed);
+        self.parks.notify_one();
         Parked(self)
+    }
+
+    /// Resolves when the worker parks (at once if it parked since the last call).
+    pub async fn worker_parks(&self) {
+        self.parks.notified().await;
+    }
+
+    /// Whether the worker has nothing to do: parked, or stopped on purpose.
+    pub fn worker_idle(&self) -> bool {
+        self.worker_parked.load(Ordering::Relaxed) || self.worker_stopped.load(Ordering::Relaxed)
     }
 
     /// The worker ended on purpose (auth halt): it no longer needs to beat.
@@ -120,6 +146,7 @@ impl Health {
         (self.worker_stopped.load(Ordering::Relaxed)
             || self.worker_parked.load(Ordering::Relaxed)
             || fresh(&self.worker))
+            // A beat is a time in the past; a promised next beat may be in the future.
             && fresh(&self.scheduler)
     }
 }
@@ -159,6 +186,15 @@ mod tests {
         );
         // A worker stopped on purpose (an auth halt) does not need to beat.
         health.worker_stopped();
+        assert!(health.alive(Duration::from_secs(5)));
+        // A scheduler that said it sleeps for ten minutes is alive for ten minutes and the
+        // window, and not after.
+        health.scheduler_sleeps(Duration::from_secs(600));
+        tokio::time::sleep(Duration::from_secs(605)).await;
+        assert!(health.alive(Duration::from_secs(5)), "asleep as announced");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!health.alive(Duration::from_secs(5)), "overslept: wedged");
+        health.beat_scheduler();
         assert!(health.alive(Duration::from_secs(5)));
         // A loop that failed makes the daemon not alive, however fresh the beats.
         health.failed();

@@ -565,10 +565,18 @@ async fn push(
     // Bounded below the request timeout: a file locked by another process for longer gets a
     // 503 the sender retries (an event stored late is only fetched once more: harmless).
     let committed = {
-        let source = source.clone();
-        let write = state
-            .writer
-            .call(move |s| s.record_push(&source, &ids, MAX_PENDING_PUSH));
+        let (source, writer, wake) = (source.clone(), state.writer.clone(), feed.wake.clone());
+        // The push loop waits for this wake with no timer: a commit that lands after the
+        // request gave up waiting wakes it too.
+        let write = tokio::spawn(async move {
+            let recorded = writer
+                .call(move |s| s.record_push(&source, &ids, MAX_PENDING_PUSH))
+                .await;
+            if matches!(recorded, Ok(PushRecorded::Accepted { .. })) {
+                wake.notify_one();
+            }
+            recorded
+        });
         tokio::time::timeout(PUSH_STORE_PATIENCE, write)
             .await
             .map_err(|_| {
@@ -577,11 +585,12 @@ async fn push(
                     PUSH_STORE_PATIENCE.as_secs()
                 )
             })
+            // A panic's message is not an answer to a client.
+            .and_then(|joined| joined.map_err(|_| "storing the events failed".to_string()))
             .and_then(|result| result.map_err(|error| error.to_string()))
     };
     match committed {
         Ok(PushRecorded::Accepted { .. }) => {
-            feed.wake.notify_one();
             metrics::counter!(crate::metrics::PUSH_EVENTS, "source" => source.clone())
                 .increment(count as u64);
             tracing::info!(source = %source, events = count, "Push events accepted.");
