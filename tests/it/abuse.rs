@@ -347,7 +347,12 @@ async fn a_thousand_half_open_connections_starve_neither_probes_nor_descriptors_
     eprintln!(
         "1100 half-open connections: daemon holds {held} descriptors, slowest of 10 probes {slowest:.1?}"
     );
-    assert_eq!(statuses, vec![200; 10]);
+    assert_eq!(
+        statuses,
+        vec![200; 10],
+        "the daemon's log:\n{}",
+        daemon.log()
+    );
     assert!(
         held <= MAX_CONNECTIONS + 64,
         "{held} descriptors held with {MAX_CONNECTIONS} connections allowed"
