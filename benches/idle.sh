@@ -75,10 +75,16 @@ RK=$(free_port) WO=$(free_port) PH=$(free_port) LISTEN=$(free_port)
 SIM_PID=$!
 wait_for "the simulators" 20 grep -q '^\[\[sources\]\]' "$WORK/sim.out"
 
-# Their config, with our state file, listen address and a 15-minute schedule for every source.
+# Their config, with our state file, listen address and a 15-minute schedule for every source,
+# its quarter hours placed so that no poll falls in the sample (start-up, the backfill and the
+# sample fit before the first one when IDLE_SECS is at most 12 minutes; a longer sample
+# includes polls, as a real idle hour does).
+minute=$((10#$(date -u +%M)))
+first=$(((minute + 2 + (IDLE_SECS + 59) / 60) % 15))
+quarters="$first,$((first + 15)),$((first + 30)),$((first + 45))"
 sed -n '/^\[daemon\]/,$p' "$WORK/sim.out" |
   sed -e "s#^state_path = .*#state_path = \"$WORK/state.db\"\nlisten = \"127.0.0.1:$LISTEN\"#" \
-    -e 's#^schedule = .*#schedule = "0 */15 * * * *"#' >"$WORK/config.toml"
+    -e "s#^schedule = .*#schedule = \"0 $quarters * * * *\"#" >"$WORK/config.toml"
 
 # The daemon.
 "$BIN" --config "$WORK/config.toml" 2>"$WORK/daemon.err" &
