@@ -572,48 +572,78 @@ async fn idle_release_loop(
 /// Unmaps the pages of this program's own code and read-only data (clean, file-backed: the
 /// binary's text is most of an idle daemon's resident memory), as the kernel does under
 /// memory pressure; the page cache keeps them, and the next poll maps back what it runs.
-/// Only mappings of the executable that are not writable and hold no private copy of a page
-/// (smaps `Anonymous: 0 kB`, so never the relocated RELRO data) are touched: for those,
-/// `MADV_DONTNEED` changes what is resident, never what is read.
 fn release_code_pages() {
+    for mapping in clean_code_mappings() {
+        // SAFETY: the range is a whole private, read-only mapping of the executable with no
+        // page copied on write; dropping its pages only means they are read from the file (the
+        // page cache) again on next use, exactly as after reclaim.
+        unsafe {
+            libc::madvise(
+                mapping.start as *mut libc::c_void,
+                mapping.end - mapping.start,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
+/// A mapping [`release_code_pages`] may hand back, and how much of it is resident.
+struct CodeMapping {
+    start: usize,
+    end: usize,
+    #[cfg_attr(not(test), allow(dead_code))]
+    resident_kib: u64,
+}
+
+/// The mappings of the executable that are not writable and hold no private copy of a page
+/// (smaps `Anonymous: 0 kB`, so never the relocated RELRO data): for those, `MADV_DONTNEED`
+/// changes what is resident, never what is read. Empty when `/proc` cannot be read.
+fn clean_code_mappings() -> Vec<CodeMapping> {
     let (Ok(exe), Ok(smaps)) = (
         std::fs::read_link("/proc/self/exe"),
         std::fs::read_to_string("/proc/self/smaps"),
     ) else {
-        return;
+        return Vec::new();
     };
     let exe = exe.to_string_lossy();
-    let mut clean_code: Option<(usize, usize)> = None;
+    let mut mappings = Vec::new();
+    // The mapping whose fields are being read, while it may still qualify.
+    let mut current: Option<CodeMapping> = None;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let Some(first) = fields.next() else {
             continue;
         };
+        let mut kib = || fields.next().and_then(|n| n.parse::<u64>().ok());
         if let Some((start, end)) = first.split_once('-') {
             // A mapping's header: `start-end perms offset dev inode path`.
             let perms = fields.next().unwrap_or("");
             let read_only = perms.starts_with('r') && !perms.contains('w') && perms.ends_with('p');
-            clean_code = match (
+            current = match (
                 usize::from_str_radix(start, 16),
                 usize::from_str_radix(end, 16),
             ) {
                 (Ok(start), Ok(end)) if read_only && line.ends_with(exe.as_ref()) => {
-                    Some((start, end))
+                    Some(CodeMapping {
+                        start,
+                        end,
+                        resident_kib: 0,
+                    })
                 }
                 _ => None,
             };
-        } else if first == "Anonymous:"
-            && let Some((start, end)) = clean_code.take()
-            && fields.next() == Some("0")
+        } else if first == "Rss:"
+            && let Some(mapping) = current.as_mut()
         {
-            // SAFETY: the range is a whole private, read-only mapping of the executable with
-            // no page copied on write; dropping its pages only means they are read from the
-            // file (the page cache) again on next use, exactly as after reclaim.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-            }
+            mapping.resident_kib = kib().unwrap_or(0);
+        } else if first == "Anonymous:"
+            && let Some(mapping) = current.take()
+            && kib() == Some(0)
+        {
+            mappings.push(mapping);
         }
     }
+    mappings
 }
 
 /// Wakes the worker when another process committed to the state file (`sync-daemon replay`
@@ -1419,27 +1449,9 @@ mod tests {
         task.await.expect("joins");
     }
 
-    /// Resident KiB of this program's clean, read-only mappings of its own executable.
+    /// Resident KiB of the mappings [`release_code_pages`] hands back.
     fn resident_code_kib() -> u64 {
-        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
-        let exe = exe.to_string_lossy();
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-        let mut code = false;
-        let mut kib = 0;
-        for line in smaps.lines() {
-            let mut fields = line.split_whitespace();
-            let first = fields.next().unwrap_or("");
-            if first.contains('-') && !first.ends_with(':') {
-                let perms = fields.next().unwrap_or("");
-                code = !perms.contains('w') && line.ends_with(exe.as_ref());
-            } else if code && first == "Rss:" {
-                kib += fields
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-        kib
+        clean_code_mappings().iter().map(|m| m.resident_kib).sum()
     }
 
     #[test]

@@ -835,17 +835,17 @@ async fn a_replay_while_the_daemon_runs_is_delivered_by_it() {
     h.run(&["replay", &REFUSED_CLIENT.to_string()])
         .await
         .assert_exit(exit::OK);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while revkeen
-        .customer("wodify", &REFUSED_CLIENT.to_string())
-        .is_none()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the replayed customer is not at RevKeen after 30 s; the daemon's log:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(crate::support::WAIT_INTERVAL).await;
-    }
+    // Fails with the daemon's log.
+    daemon
+        .wait_until(
+            "the replayed customer at RevKeen",
+            Duration::from_secs(30),
+            || async {
+                revkeen
+                    .customer("wodify", &REFUSED_CLIENT.to_string())
+                    .is_some()
+            },
+        )
+        .await;
     daemon.stop().await.assert_exit(exit::OK);
 }
