@@ -1568,8 +1568,23 @@ mod outbox_tests {
             traced.len() > 15,
             "the workload ran the hot paths: {traced:#?}"
         );
-        let growing = ["customers", "outbox", "batches", "failures"];
         let conn = store.conn();
+        // Nor is one compiled again on every run: SQLite re-prepares a statement whose plan
+        // may depend on a bound value (a `LIMIT ?`) each time that value is bound.
+        let recompiled: Vec<String> = traced
+            .iter()
+            .filter(|sql| {
+                conn.prepare_cached(sql)
+                    .is_ok_and(|stmt| stmt.get_status(rusqlite::StatementStatus::RePrepare) > 0)
+            })
+            .cloned()
+            .collect();
+        assert!(
+            recompiled.is_empty(),
+            "statements re-prepared on every run:\n{}",
+            recompiled.join("\n")
+        );
+        let growing = ["customers", "outbox", "batches", "failures"];
         let mut scans = Vec::new();
         for sql in &traced {
             let head = sql.trim_start().to_ascii_uppercase();

@@ -898,17 +898,19 @@ fn fill_batch(
 ) -> rusqlite::Result<Option<Unit>> {
     let list = placeholders(filter.sources.len());
     let (released, held_params) = filter.release_condition();
+    // The limit is part of the SQL, not a bound `?`: SQLite re-prepares a statement whose
+    // `LIMIT ?` is bound again, on every call. One batch size per run keeps it one statement.
     let fill_sql = format!(
         "SELECT {JOB_COLUMNS} FROM outbox o
           WHERE o.batch_id IS NULL AND o.inflight = 0 AND o.next_attempt_at <= ?
             AND +o.source IN ({list}) AND {LANE_HEAD} AND {released}
             AND o.revkeen_source = ? AND o.single_only = 0 AND o.update_only = 0 AND o.id <> ?
-          ORDER BY o.next_attempt_at, o.id LIMIT ?"
+          ORDER BY o.next_attempt_at, o.id LIMIT {limit}",
+        limit = i64::try_from(filter.batch_size.saturating_sub(1)).unwrap_or(i64::MAX)
     );
     let mut args: Vec<rusqlite::types::Value> = due_args(filter, now).chain(held_params).collect();
     args.push(head.revkeen_source.clone().into());
     args.push(head.id.into());
-    args.push(i64::try_from(filter.batch_size - 1).unwrap_or(99).into());
     let mut stmt = tx.prepare_cached(&fill_sql)?;
     let mut size = 0usize;
     let mut members: Vec<Job> = Vec::new();

@@ -82,13 +82,14 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(i64, String, i64)>, StoreError> {
         let conn = self.conn();
+        // The limit is in the SQL: a bound `LIMIT ?` is re-prepared each time it is bound.
         let mut stmt = conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT id, external_id, seq FROM push_events WHERE source = ?1
-                  ORDER BY received_at, id LIMIT ?2",
-            )
+                  ORDER BY received_at, id LIMIT {limit}"
+            ))
             .map_err(|e| self.err(e))?;
-        stmt.query_map(params![source, limit as i64], |row| {
+        stmt.query_map(params![source], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
         .and_then(|rows| rows.collect())
