@@ -260,7 +260,10 @@ async fn bench(scale: &Scale) -> Value {
         println!(
             "\n6. Scale: first sync and unchanged rescan, no limits, batch 100, at {sizes:?} clients"
         );
-        let scale_row = scale_row(&sizes, scale_rounds(scale)).await;
+        // Rounds interleave the sizes (10k 100k 1M 10k 100k 1M …), so drift on a shared machine
+        // lands on both sides of the growth figure instead of on one.
+        let rounds = env_count("SYNC_DAEMON_BENCH_SCALE_ROUNDS").unwrap_or(scale.rounds);
+        let scale_row = scale_row(&sizes, rounds).await;
         goals_failed.extend(scale_goals(&scale_row));
         rows.insert("6_scale", scale_row);
     }
@@ -442,30 +445,11 @@ fn state_files(state: &Path) -> (u64, u64) {
     (size(state), size(&state.with_extension("db-wal")))
 }
 
-/// Row 6's rounds: `SYNC_DAEMON_BENCH_SCALE_ROUNDS` or the scale's (full 3, smoke 1). Each
-/// round runs every size once, so the sizes interleave (100k 1M 100k 1M …) and drift on a
-/// shared machine lands on both sides of the growth figure instead of on one.
-fn scale_rounds(scale: &Scale) -> usize {
-    match std::env::var("SYNC_DAEMON_BENCH_SCALE_ROUNDS") {
-        Ok(n) => n
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| {
-                panic!(
-                    "SYNC_DAEMON_BENCH_SCALE_ROUNDS: {n:?} is not a count of rounds; give e.g. 3"
-                )
-            }),
-        Err(_) => scale.rounds,
-    }
-}
-
 /// Row 6: each size on fresh simulators and a fresh state file, `rounds` times over.
 async fn scale_row(sizes: &[usize], rounds: usize) -> Value {
     let mut points = Vec::new();
     let mut growths = Vec::new();
-    let mut method = "write_bytes of the daemon process (/proc/PID/io)";
+    let mut method: &'static str = "write_bytes of the daemon process (/proc/PID/io)";
     println!(
         "   {:>9} | {:>9} {:>8} {:>11} {:>8} {:>9} | {:>8} {:>11} {:>9} {:>7} {:>8}",
         "clients",
@@ -483,77 +467,7 @@ async fn scale_row(sizes: &[usize], rounds: usize) -> Value {
     for pass in 1..=rounds {
         let mut round_points = Vec::new();
         for &clients in sizes {
-            let sims = unthrottled_sims(clients).await;
-            let dir = tempfile::tempdir().expect("tempdir");
-            let config = config(&sims, dir.path(), 100, None);
-            let state = dir.path().join("state.db");
-
-            let first = run_once(&config).await;
-            let (db1, wal1) = state_files(&state);
-            let first_written = first.write_bytes.unwrap_or_else(|| {
-                method = "growth of the state file + WAL (io accounting unavailable)";
-                db1 + wal1
-            });
-            let customers = sims.revkeen.customers("wodify").len();
-            let before_r = sims.revkeen.stats();
-            let before_w = sims.wodify.stats();
-            let rescan = run_once(&config).await;
-            let after_r = sims.revkeen.stats();
-            let after_w = sims.wodify.stats();
-            let (db2, wal2) = state_files(&state);
-            let rescan_written = rescan.write_bytes.unwrap_or_else(|| {
-                method = "growth of the state file + WAL (io accounting unavailable)";
-                (db2 + wal2).saturating_sub(db1 + wal1)
-            });
-            let n = clients as f64;
-            let point = json!({
-                "clients": clients,
-                "round": pass,
-                "first_sync": {
-                    "exit_code": first.exit,
-                    "elapsed_secs": round(first.elapsed.as_secs_f64(), 2),
-                    "records_per_sec": round(n / first.elapsed.as_secs_f64().max(0.001), 0),
-                    "cpu_secs": round(first.cpu.as_secs_f64(), 2),
-                    "cpu_secs_per_10k_records": round(first.cpu.as_secs_f64() * 10_000.0 / n, 3),
-                    "sys_cpu_secs": round(first.sys.as_secs_f64(), 2),
-                    "disk_bytes_written": first_written,
-                    "disk_bytes_per_record": round(first_written as f64 / n, 0),
-                    "written_vs_state_file": round(first_written as f64 / db1.max(1) as f64, 2),
-                    "peak_rss_mib": mib(first.max_rss_kib),
-                    "state_file_bytes": db1,
-                    "wal_bytes": wal1,
-                    "customers_at_revkeen": customers,
-                },
-                "rescan": {
-                    "exit_code": rescan.exit,
-                    "elapsed_secs": round(rescan.elapsed.as_secs_f64(), 2),
-                    "cpu_secs_per_10k_records": round(rescan.cpu.as_secs_f64() * 10_000.0 / n, 3),
-                    "disk_bytes_written": rescan_written,
-                    "disk_bytes_per_record": round(rescan_written as f64 / n, 1),
-                    "revkeen_writes": after_r.writes() - before_r.writes(),
-                    "source_requests": after_w.requests - before_w.requests,
-                    "peak_rss_mib": mib(rescan.max_rss_kib),
-                    "state_file_bytes": db2,
-                    "wal_bytes": wal2,
-                },
-            });
-            println!(
-                "   {:>9} | {:>9} {:>8} {:>11} {:>8} {:>9} | {:>8} {:>11} {:>9} {:>7} {:>8}",
-                clients,
-                point["first_sync"]["records_per_sec"].to_string(),
-                point["first_sync"]["cpu_secs_per_10k_records"].to_string(),
-                human_bytes(first_written),
-                point["first_sync"]["peak_rss_mib"].to_string(),
-                human_bytes(db1),
-                point["rescan"]["cpu_secs_per_10k_records"].to_string(),
-                human_bytes(rescan_written),
-                point["rescan"]["disk_bytes_per_record"].to_string(),
-                point["rescan"]["revkeen_writes"].to_string(),
-                point["rescan"]["peak_rss_mib"].to_string(),
-            );
-            round_points.push(point);
-            drop(dir);
-            drop(sims);
+            round_points.push(scale_point(clients, pass, &mut method).await);
         }
         let cpu = |p: &Value| {
             p["first_sync"]["cpu_secs_per_10k_records"]
@@ -580,6 +494,80 @@ async fn scale_row(sizes: &[usize], rounds: usize) -> Value {
         "rounds": rounds,
         "points": points,
     })
+}
+
+/// One size of row 6, round `pass`: a first sync and an unchanged rescan on fresh simulators
+/// and a fresh state file, printed as a table line. `method` says how disk bytes were counted.
+async fn scale_point(clients: usize, pass: usize, method: &mut &'static str) -> Value {
+    let sims = unthrottled_sims(clients).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(&sims, dir.path(), 100, None);
+    let state = dir.path().join("state.db");
+
+    let first = run_once(&config).await;
+    let (db1, wal1) = state_files(&state);
+    let first_written = first.write_bytes.unwrap_or_else(|| {
+        *method = "growth of the state file + WAL (io accounting unavailable)";
+        db1 + wal1
+    });
+    let customers = sims.revkeen.customers("wodify").len();
+    let before_r = sims.revkeen.stats();
+    let before_w = sims.wodify.stats();
+    let rescan = run_once(&config).await;
+    let after_r = sims.revkeen.stats();
+    let after_w = sims.wodify.stats();
+    let (db2, wal2) = state_files(&state);
+    let rescan_written = rescan.write_bytes.unwrap_or_else(|| {
+        *method = "growth of the state file + WAL (io accounting unavailable)";
+        (db2 + wal2).saturating_sub(db1 + wal1)
+    });
+    let n = clients as f64;
+    let point = json!({
+        "clients": clients,
+        "round": pass,
+        "first_sync": {
+            "exit_code": first.exit,
+            "elapsed_secs": round(first.elapsed.as_secs_f64(), 2),
+            "records_per_sec": round(n / first.elapsed.as_secs_f64().max(0.001), 0),
+            "cpu_secs": round(first.cpu.as_secs_f64(), 2),
+            "cpu_secs_per_10k_records": round(first.cpu.as_secs_f64() * 10_000.0 / n, 3),
+            "sys_cpu_secs": round(first.sys.as_secs_f64(), 2),
+            "disk_bytes_written": first_written,
+            "disk_bytes_per_record": round(first_written as f64 / n, 0),
+            "written_vs_state_file": round(first_written as f64 / db1.max(1) as f64, 2),
+            "peak_rss_mib": mib(first.max_rss_kib),
+            "state_file_bytes": db1,
+            "wal_bytes": wal1,
+            "customers_at_revkeen": customers,
+        },
+        "rescan": {
+            "exit_code": rescan.exit,
+            "elapsed_secs": round(rescan.elapsed.as_secs_f64(), 2),
+            "cpu_secs_per_10k_records": round(rescan.cpu.as_secs_f64() * 10_000.0 / n, 3),
+            "disk_bytes_written": rescan_written,
+            "disk_bytes_per_record": round(rescan_written as f64 / n, 1),
+            "revkeen_writes": after_r.writes() - before_r.writes(),
+            "source_requests": after_w.requests - before_w.requests,
+            "peak_rss_mib": mib(rescan.max_rss_kib),
+            "state_file_bytes": db2,
+            "wal_bytes": wal2,
+        },
+    });
+    println!(
+        "   {:>9} | {:>9} {:>8} {:>11} {:>8} {:>9} | {:>8} {:>11} {:>9} {:>7} {:>8}",
+        clients,
+        point["first_sync"]["records_per_sec"].to_string(),
+        point["first_sync"]["cpu_secs_per_10k_records"].to_string(),
+        human_bytes(first_written),
+        point["first_sync"]["peak_rss_mib"].to_string(),
+        human_bytes(db1),
+        point["rescan"]["cpu_secs_per_10k_records"].to_string(),
+        human_bytes(rescan_written),
+        point["rescan"]["disk_bytes_per_record"].to_string(),
+        point["rescan"]["revkeen_writes"].to_string(),
+        point["rescan"]["peak_rss_mib"].to_string(),
+    );
+    point
 }
 
 /// Row 6's goals, as failure messages.
