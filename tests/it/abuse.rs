@@ -14,9 +14,10 @@ use crate::push::{
 };
 use crate::support::{DaemonProcess, push, rename_client, unix_now, wait_for, wait_for_name};
 
-/// A probe as a kubelet sends it: its own connection, a 5 s timeout. Returns the status and how
-/// long the answer took.
-async fn probe(daemon: &DaemonProcess) -> (u16, Duration) {
+/// A probe as a kubelet sends it: its own connection, a 5 s timeout. Returns the status (or why
+/// there was none, so a failing test can print it beside the daemon's log) and how long the
+/// answer took.
+async fn probe(daemon: &DaemonProcess) -> (Result<u16, String>, Duration) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(0)
@@ -24,8 +25,8 @@ async fn probe(daemon: &DaemonProcess) -> (u16, Duration) {
         .expect("client");
     let started = Instant::now();
     let status = match client.get(daemon.url("/healthz")).send().await {
-        Ok(answer) => answer.status().as_u16(),
-        Err(error) => panic!("/healthz did not answer within 5 s: {error}"),
+        Ok(answer) => Ok(answer.status().as_u16()),
+        Err(error) => Err(format!("/healthz did not answer within 5 s: {error}")),
     };
     (status, started.elapsed())
 }
@@ -39,7 +40,7 @@ async fn probe_while<F: std::future::Future>(daemon: &DaemonProcess, done: F) ->
         tokio::select! {
             _ = &mut done => return (slowest, probes),
             (status, took) = probe(daemon) => {
-                assert_eq!(status, 200, "/healthz under abuse");
+                assert_eq!(status, Ok(200), "/healthz under abuse; the daemon's log:\n{}", daemon.log());
                 slowest = slowest.max(took);
                 probes += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -349,7 +350,7 @@ async fn a_thousand_half_open_connections_starve_neither_probes_nor_descriptors_
     );
     assert_eq!(
         statuses,
-        vec![200; 10],
+        vec![Ok(200); 10],
         "the daemon's log:\n{}",
         daemon.log()
     );

@@ -206,10 +206,13 @@ async fn a_revkeen_redirect_is_refused_and_the_key_goes_nowhere() {
     );
     assert!(out.stderr.contains(&expected), "{}", out.transcript());
     assert!(trap.requests().is_empty(), "{:?}", trap.requests());
-    assert_eq!(
-        h.sims.revkeen.stats().redirected,
-        1,
-        "one request, then sending halts"
+    // The first 307 halts sending; requests already on their way when it came back (at most
+    // `revkeen.concurrency`, 4 by default, when a second page's batch went out meanwhile) are
+    // redirected too, and none follows.
+    let redirected = h.sims.revkeen.stats().redirected;
+    assert!(
+        (1..=4).contains(&redirected),
+        "{redirected} requests before sending halted"
     );
     assert!(h.sims.revkeen.customers("wodify").is_empty());
     let status = h.status_json().await;
