@@ -257,8 +257,16 @@ CREATE TABLE pass_ids (
 );
 "#;
 
+const V10: &str = r#"
+-- A recorded batch keeps the SHA-256 of its body instead of a second copy of its members'
+-- bodies (they are in their outbox rows): a re-send builds the body again and sends it only if
+-- it hashes the same. New rows store an empty `body`; rows recorded before this migration keep
+-- theirs (and a NULL hash) and are re-sent from it.
+ALTER TABLE batches ADD COLUMN body_sha256 TEXT;
+"#;
+
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 9;
+pub(super) const LATEST: usize = 10;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -272,6 +280,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V7),
         M::up(V8),
         M::up(V9),
+        M::up(V10),
     ])
 }
 

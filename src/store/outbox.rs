@@ -8,7 +8,9 @@
 //! 2. A job leaves `outbox` only in [`Store::finish`], on a final answer; in-flight marks are
 //!    cleared when the state is opened, so whatever was in flight at a crash is sent again.
 //! 3. A job's body and idempotency key are written once, when the job is created or coalesced,
-//!    and sent as stored; a batch is recorded (members, body, key) before it is sent.
+//!    and sent as stored; a batch is recorded (members, key, its body's SHA-256) before it is
+//!    sent. Its body is not stored twice: a re-send builds it again from the members' stored
+//!    bodies and sends it only if it hashes as recorded (else the members go as singles).
 //! 4. A lane (source, external id) has at most one job in flight: only the lowest outbox id of
 //!    a lane may be claimed, and a newer version replaces a waiting one instead of queueing
 //!    behind it.
@@ -811,43 +813,94 @@ fn due_args(filter: &ClaimFilter, now: i64) -> impl Iterator<Item = rusqlite::ty
     )
 }
 
-/// A recorded batch that is due: re-sent exactly as recorded (invariant 3).
+/// A recorded batch that is due: re-sent exactly as recorded (invariant 3). Its body is built
+/// again from its members' stored bodies; one that no longer hashes as recorded (a different
+/// sync-daemon version built the first) is dissolved, and its members go as singles, which
+/// carry their own keys, instead of sending a different body under the recorded key.
 fn claim_recorded_batch(
     tx: &Transaction<'_>,
     filter: &ClaimFilter,
     now: i64,
 ) -> rusqlite::Result<Option<Batch>> {
     let list = placeholders(filter.sources.len());
-    let batch: Option<(i64, String, Vec<u8>, String, u32)> = tx
-        .prepare_cached(&format!(
-                "SELECT b.id, b.revkeen_source, b.body, b.idempotency_key, b.attempts FROM batches b
+    loop {
+        let batch: Option<RecordedBatch> = tx
+            .prepare_cached(&format!(
+                "SELECT b.id, b.revkeen_source, b.body, b.body_sha256, b.idempotency_key, b.attempts
+                   FROM batches b
                   WHERE b.inflight = 0 AND b.next_attempt_at <= ?
                     AND EXISTS (SELECT 1 FROM outbox m WHERE m.batch_id = b.id AND m.source IN ({list}))
                   ORDER BY b.next_attempt_at, b.id LIMIT 1"
-        ))?
-        .query_row(params_from_iter(due_args(filter, now)), |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                row.get(4)?,
-            ))
-        })
-        .optional()?;
-    let Some((id, revkeen_source, body, idempotency_key, attempts)) = batch else {
-        return Ok(None);
-    };
-    tx.exec_cached("UPDATE batches SET inflight = 1 WHERE id = ?1", [id])?;
-    let members = batch_members(tx, id)?;
-    Ok(Some(Batch {
-        id,
+            ))?
+            .query_row(params_from_iter(due_args(filter, now)), |row| {
+                Ok(RecordedBatch {
+                    id: row.get(0)?,
+                    revkeen_source: row.get(1)?,
+                    stored_body: row.get(2)?,
+                    body_sha256: row.get(3)?,
+                    idempotency_key: row.get(4)?,
+                    attempts: row.get(5)?,
+                })
+            })
+            .optional()?;
+        let Some(recorded) = batch else {
+            return Ok(None);
+        };
+        let members = batch_members(tx, recorded.id)?;
+        let body = match recorded.body_sha256 {
+            // Recorded before the body hash (schema 9 and earlier): the body itself was kept.
+            None => recorded.stored_body,
+            Some(recorded_hash) => {
+                let body = batch_body_of(&recorded.revkeen_source, &members);
+                if body_hash(&body) != recorded_hash {
+                    tracing::warn!(
+                        batch = recorded.id,
+                        customers = members.len(),
+                        "A recorded batch's body, built again from its members, differs from the \
+                         one sent (another sync-daemon version built it); its customers are sent \
+                         one by one instead."
+                    );
+                    dissolve_batch(tx, recorded.id)?;
+                    continue;
+                }
+                body
+            }
+        };
+        tx.exec_cached(
+            "UPDATE batches SET inflight = 1 WHERE id = ?1",
+            [recorded.id],
+        )?;
+        return Ok(Some(Batch {
+            id: recorded.id,
+            revkeen_source: recorded.revkeen_source,
+            body,
+            idempotency_key: recorded.idempotency_key,
+            attempts: recorded.attempts,
+            members,
+        }));
+    }
+}
+
+/// A `batches` row as read back for a re-send.
+struct RecordedBatch {
+    id: i64,
+    revkeen_source: String,
+    /// The body itself, kept only by batches recorded before `body_sha256` existed (empty after).
+    stored_body: Vec<u8>,
+    body_sha256: Option<String>,
+    idempotency_key: String,
+    attempts: u32,
+}
+
+/// A batch's body from its members, in the order they are recorded and re-read (by external
+/// id, then outbox id).
+fn batch_body_of(revkeen_source: &str, members: &[Job]) -> Vec<u8> {
+    keys::batch_body(
         revkeen_source,
-        body,
-        idempotency_key,
-        attempts,
-        members,
-    }))
+        members
+            .iter()
+            .map(|m| (m.external_id.as_str(), m.body.as_slice())),
+    )
 }
 
 /// The oldest due lane head (not yet marked in flight) and whether it must go alone.
@@ -931,18 +984,16 @@ fn fill_batch(
         tx.exec_cached("UPDATE outbox SET inflight = 1 WHERE id = ?1", [job.id])?;
         return Ok(Some(Unit::Single(job)));
     }
-    members.sort_by(|a, b| a.external_id.cmp(&b.external_id));
-    let body = keys::batch_body(
-        &members[0].revkeen_source,
-        members
-            .iter()
-            .map(|m| (m.external_id.as_str(), m.body.as_slice())),
-    );
+    members.sort_by(|a, b| a.external_id.cmp(&b.external_id).then(a.id.cmp(&b.id)));
+    let body = batch_body_of(&members[0].revkeen_source, &members);
     let key = keys::batch_key(members.iter().map(|m| m.idempotency_key.as_str()));
+    // The members' bodies are in their outbox rows already: the batch keeps its body's hash,
+    // not a second copy (a tenth of a first sync's state-file writes).
     tx.exec_cached(
-        "INSERT INTO batches (revkeen_source, body, idempotency_key, created_at, inflight)
-         VALUES (?1, ?2, ?3, ?4, 1)",
-        params![members[0].revkeen_source, body, key, now],
+        "INSERT INTO batches (revkeen_source, body, body_sha256, idempotency_key, created_at,
+                              inflight)
+         VALUES (?1, x'', ?2, ?3, ?4, 1)",
+        params![members[0].revkeen_source, body_hash(&body), key, now],
     )?;
     let batch_id = tx.last_insert_rowid();
     let ids = serde_json::to_string(&members.iter().map(|m| m.id).collect::<Vec<i64>>())
@@ -963,7 +1014,7 @@ fn fill_batch(
 
 fn batch_members(tx: &Transaction<'_>, batch_id: i64) -> rusqlite::Result<Vec<Job>> {
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {JOB_COLUMNS} FROM outbox o WHERE o.batch_id = ?1 ORDER BY o.external_id"
+        "SELECT {JOB_COLUMNS} FROM outbox o WHERE o.batch_id = ?1 ORDER BY o.external_id, o.id"
     ))?;
     stmt.query_map([batch_id], job_from_row)?.collect()
 }
