@@ -63,6 +63,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Open connections at once. Far below the 1,024 descriptors a process gets by default (the
 /// systemd unit raises it to 8,192): outbound requests and the state file keep theirs.
 pub const MAX_CONNECTIONS: usize = 256;
+/// How long a new connection waits, at the cap, for the connection it evicted to close.
+const EVICTION_PATIENCE: Duration = Duration::from_secs(1);
 /// Request headers larger than this are answered 431 without being read further.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// At most one log line a minute about refused requests.
@@ -124,6 +126,10 @@ pub async fn serve(
     let refusals = state.refusals.clone();
     let app = router(state);
     let mut slots = Slots::new(MAX_CONNECTIONS);
+    // One permit per open connection, released when its task is dropped (its socket closed): an
+    // evicted connection's abort takes effect only when the runtime next drops that task, so
+    // the cap on descriptors is the permits, not the slots.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
     let mut summary = tokio::time::interval(REFUSAL_SUMMARY_INTERVAL);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,9 +162,24 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        // After an eviction, wait (briefly) until the evicted connection is really closed.
+        let permit =
+            match tokio::time::timeout(EVICTION_PATIENCE, permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    refusals.record(
+                        "-",
+                        503,
+                        "connection cap reached: no connection closed in time",
+                        tokio::time::Instant::now(),
+                    );
+                    drop(stream);
+                    continue;
+                }
+            };
         let app = app.clone();
         let stop = shutdown.clone();
-        let handle = connections.spawn(serve_connection(stream, app, served.clone(), stop));
+        let handle = connections.spawn(serve_connection(stream, app, served.clone(), stop, permit));
         slots.opened(served, handle);
     }
     // Stop accepting; close connections that never sent a request and let open requests
@@ -174,7 +195,9 @@ async fn serve_connection(
     app: Router,
     served: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let _permit = permit;
     let service = hyper::service::service_fn(move |request: axum::http::Request<Incoming>| {
         served.store(true, Ordering::Relaxed);
         let app = app.clone();
