@@ -1098,11 +1098,7 @@ mod outbox_tests {
         store
             .commit_page("gym", "wodify", &page, CursorSave::Keep, false, false)
             .expect("commit");
-        let filter = ClaimFilter {
-            batch_size: 100,
-            ..filter()
-        };
-        let Some(Unit::Batch(batch)) = store.claim(&filter, now_ms()).expect("claim") else {
+        let Some(Unit::Batch(batch)) = claim_batches(store) else {
             panic!("ten customers make a batch");
         };
         store
@@ -1111,6 +1107,7 @@ mod outbox_tests {
         batch
     }
 
+    /// The next unit, batches of up to 100 allowed.
     fn claim_batches(store: &Store) -> Option<Unit> {
         let filter = ClaimFilter {
             batch_size: 100,
