@@ -179,12 +179,13 @@ struct Links {
 }
 
 /// One listed patient, cut down to the allowlist on its own: its position for messages, a
-/// digest of its row (which names it when it has no usable id), the record or what is wrong
+/// digest of its row when it has no usable id (what names it then), the record or what is wrong
 /// with the row (never quoting it), and which naming it carries.
 #[derive(Debug)]
 pub(crate) struct Row {
     place: String,
-    digest: String,
+    /// Made only for a row without a usable id (hashing every row costs CPU for nothing).
+    digest: Option<String>,
     read: Result<PatientRecord, String>,
     naming: Naming,
 }
@@ -670,9 +671,13 @@ impl PracticeHub {
                         Err(problem) => (Err(problem), Vec::new()),
                     }
                 };
+                let digest = read
+                    .as_ref()
+                    .map_or(true, |record| record.id.is_none())
+                    .then(|| raw.digest());
                 Row {
                     place: format!("patient {} of {where_}", i + 1),
-                    digest: raw.digest(),
+                    digest,
                     read,
                     naming,
                 }
@@ -793,7 +798,7 @@ impl Source for PracticeHub {
             Err(problem) => {
                 return super::unreadable(
                     None,
-                    &row.digest,
+                    row.digest.as_deref().unwrap_or("unknown"),
                     format!("{} {problem}", row.place),
                     "the row is read again on every poll; check the patient in PracticeHub",
                 );
@@ -802,7 +807,7 @@ impl Source for PracticeHub {
         let Some(external_id) = record.id.clone() else {
             return super::unreadable(
                 None,
-                &row.digest,
+                row.digest.as_deref().unwrap_or("unknown"),
                 format!("{} has no usable id (a positive integer)", row.place),
                 "check the source's [fields] id mapping",
             );
@@ -847,7 +852,7 @@ mod tests {
         fn row(&self, value: &Value) -> Record {
             Record::new(Row {
                 place: "patient 1 of a page".to_string(),
-                digest: "0".repeat(12),
+                digest: None,
                 read: Ok(self.record(value)),
                 naming: Vec::new(),
             })
