@@ -216,10 +216,16 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = Cli::parse();
-    // The state file has one writer, so a few blocking threads are all the store can use;
-    // tokio's default of 512 only costs memory.
+    // One async worker thread (the network I/O; `block_on` runs the command's own future on
+    // this thread) and one blocking thread: the state file has one writer connection, so its
+    // work runs a call at a time anyway, and the blocking thread runs it, the page mapping,
+    // the push HMACs and DNS lookups in arrival order without contending for the connection.
+    // With tokio's defaults (a worker per core, up to 512 blocking threads; 2 and 2 before
+    // 2026-12-04) the threads only took turns at the connection's mutex: the 100k first sync
+    // cost 6-17 % more CPU (ARCHITECTURE.md, "Threads").
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(2)
+        .worker_threads(1)
+        .max_blocking_threads(1)
         .enable_all()
         .build()
     {
