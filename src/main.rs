@@ -217,7 +217,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // One async worker thread (the network I/O; `block_on` runs the command's own future on
-    // this thread) and one blocking thread: the state file has one writer connection, so its
+    // the main thread) and one blocking thread: the state file has one writer connection, so its
     // work runs a call at a time anyway, and the blocking thread runs it, the page mapping,
     // the push HMACs and DNS lookups in arrival order without contending for the connection.
     // With tokio's defaults (a worker per core, up to 512 blocking threads; 2 and 2 before

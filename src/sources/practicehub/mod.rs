@@ -184,13 +184,19 @@ struct Links {
 #[derive(Debug)]
 pub(crate) struct Row {
     place: String,
-    /// Made only for a row without a usable id (hashing every row costs CPU for nothing).
+    /// Made only for a row without a usable id, the one kind of row it names.
     digest: Option<String>,
     read: Result<PatientRecord, String>,
     naming: Naming,
 }
 
 impl Row {
+    /// The digest that names a row without a usable id (`unknown` is never reached: such a
+    /// row always has one).
+    fn digest(&self) -> &str {
+        self.digest.as_deref().unwrap_or("unknown")
+    }
+
     fn id(&self) -> Option<String> {
         self.read.as_ref().ok().and_then(|r| r.id.clone())
     }
@@ -798,7 +804,7 @@ impl Source for PracticeHub {
             Err(problem) => {
                 return super::unreadable(
                     None,
-                    row.digest.as_deref().unwrap_or("unknown"),
+                    row.digest(),
                     format!("{} {problem}", row.place),
                     "the row is read again on every poll; check the patient in PracticeHub",
                 );
@@ -807,7 +813,7 @@ impl Source for PracticeHub {
         let Some(external_id) = record.id.clone() else {
             return super::unreadable(
                 None,
-                row.digest.as_deref().unwrap_or("unknown"),
+                row.digest(),
                 format!("{} has no usable id (a positive integer)", row.place),
                 "check the source's [fields] id mapping",
             );
