@@ -515,10 +515,26 @@ async fn a_signal_during_once_finishes_what_is_in_flight_prints_the_summary_and_
         latency_ms: 300,
         ..Default::default()
     });
-    for (signal, code) in [
-        (libc::SIGTERM, exit::TERMINATED),
-        (libc::SIGINT, exit::INTERRUPTED),
+    // Every client changes before each run, so that each has sends to make whatever the runs
+    // before it delivered: with every batch in flight at once, an interrupted run can still
+    // deliver them all.
+    let change_every_client = |last_name: &str| {
+        let ids: Vec<i64> = h
+            .sims
+            .wodify
+            .clients()
+            .iter()
+            .filter_map(|c| c["id"].as_i64())
+            .collect();
+        for id in ids {
+            rename_client(&h.sims.wodify, id, last_name);
+        }
+    };
+    for (signal, code, last_name) in [
+        (libc::SIGTERM, exit::TERMINATED, "Terminated"),
+        (libc::SIGINT, exit::INTERRUPTED, "Interrupted"),
     ] {
+        change_every_client(last_name);
         let running = h.spawn_once();
         let (revkeen, before) = (h.sims.revkeen.clone(), h.sims.revkeen.stats().requests);
         wait_until(
@@ -540,18 +556,8 @@ async fn a_signal_during_once_finishes_what_is_in_flight_prints_the_summary_and_
             out.code, out.elapsed
         );
     }
-    // A second signal does not wait for anything. Every client changes first, so this run has
-    // sends to make whatever the interrupted runs delivered.
-    let ids: Vec<i64> = h
-        .sims
-        .wodify
-        .clients()
-        .iter()
-        .filter_map(|c| c["id"].as_i64())
-        .collect();
-    for id in ids {
-        rename_client(&h.sims.wodify, id, "Signalled");
-    }
+    // A second signal does not wait for anything.
+    change_every_client("Signalled");
     let running = h.spawn_once();
     let (revkeen, before) = (h.sims.revkeen.clone(), h.sims.revkeen.stats().requests);
     wait_until(
