@@ -901,6 +901,7 @@ impl Harness {
             );
         }
         self.check_failures(store)?;
+        self.check_bodies()?;
         prop_assert_eq!(
             store.cursor(SOURCE).or_fail()?,
             self.cursor.clone(),
@@ -956,6 +957,49 @@ impl Harness {
             })
             .collect();
         prop_assert_eq!(got, want, "invariant 6: failures (kind, attempts)");
+        Ok(())
+    }
+
+    /// Schema 11 keeps each body once, in `bodies`: every row there belongs to exactly one
+    /// queued job or one customer's synced body, and every queued job's body is there. An
+    /// orphan is space a long-running daemon would never get back; a shared row would be freed
+    /// under its other owner.
+    fn check_bodies(&self) -> Result<(), TestCaseError> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .or_fail()?;
+        let count = |sql: &str| -> Result<i64, TestCaseError> {
+            conn.query_row(sql, [], |row| row.get(0)).or_fail()
+        };
+        prop_assert_eq!(
+            count(
+                "SELECT COUNT(*) FROM bodies WHERE id NOT IN
+                     (SELECT body_id FROM outbox WHERE body_id IS NOT NULL UNION ALL
+                      SELECT synced_body_id FROM customers WHERE synced_body_id IS NOT NULL)"
+            )?,
+            0,
+            "bodies no job or customer points at"
+        );
+        prop_assert_eq!(
+            count(
+                "SELECT COUNT(*) FROM outbox o
+                  WHERE NOT EXISTS (SELECT 1 FROM bodies b WHERE b.id = o.body_id)"
+            )?,
+            0,
+            "queued jobs without their body"
+        );
+        prop_assert_eq!(
+            count(
+                "SELECT (SELECT COUNT(*) FROM outbox) + (SELECT COUNT(synced_body_id) FROM customers)
+                      - (SELECT COUNT(DISTINCT id) FROM
+                          (SELECT body_id AS id FROM outbox UNION ALL
+                           SELECT synced_body_id FROM customers WHERE synced_body_id IS NOT NULL))"
+            )?,
+            0,
+            "a body row with two owners"
+        );
         Ok(())
     }
 

@@ -295,7 +295,12 @@ pub(super) fn read(
     external_id: &str,
     with_body: bool,
 ) -> rusqlite::Result<(bool, Lane)> {
-    let body = if with_body { "c.synced_body" } else { "NULL" };
+    let body = if with_body {
+        // One synced before schema 11 is still in its row.
+        "COALESCE((SELECT b.body FROM bodies b WHERE b.id = c.synced_body_id), c.synced_body)"
+    } else {
+        "NULL"
+    };
     conn.prepare_cached(&format!(
         "SELECT c.source IS NOT NULL, COALESCE(c.version, 0), c.latest_hash, c.synced_hash,
                 o.id, o.batch_id, o.inflight,
@@ -393,9 +398,11 @@ pub(super) fn reject(
     .map(drop)
 }
 
-/// RevKeen accepted `job`'s body: it is the customer's synced body now. `revkeen_id` is
-/// RevKeen's id for the customer when the answer named one; an answer without one keeps the
-/// id known before.
+/// RevKeen accepted `job`'s body: it is the customer's synced body now, the job's body row
+/// becomes the customer's and the one synced before is freed (or cleared from the row, where
+/// schema 10 kept it). `revkeen_id` is RevKeen's id for
+/// the customer when the answer named one; an answer without one keeps the id known before.
+/// The job's outbox row is the caller's to delete.
 pub(super) fn mark_synced(
     conn: &Connection,
     job: &Job,
@@ -403,7 +410,13 @@ pub(super) fn mark_synced(
     now: i64,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "UPDATE customers SET synced_hash = ?3, synced_body = ?4, synced_at = ?5,
+        "DELETE FROM bodies WHERE id =
+             (SELECT synced_body_id FROM customers WHERE source = ?1 AND external_id = ?2)",
+    )?
+    .execute(params![job.source, job.external_id])?;
+    conn.prepare_cached(
+        "UPDATE customers SET synced_hash = ?3, synced_at = ?4, synced_body = NULL,
+                synced_body_id = (SELECT body_id FROM outbox WHERE id = ?5),
                 revkeen_id = COALESCE(?6, revkeen_id)
           WHERE source = ?1 AND external_id = ?2",
     )?
@@ -411,8 +424,8 @@ pub(super) fn mark_synced(
         job.source,
         job.external_id,
         job.body_hash,
-        job.body,
         now,
+        job.id,
         revkeen_id
     ])
     .map(drop)
@@ -425,7 +438,15 @@ pub(super) fn mark_batch_synced(
     now: i64,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "UPDATE customers SET synced_hash = o.body_hash, synced_body = o.body, synced_at = ?2
+        "DELETE FROM bodies WHERE id IN
+             (SELECT c.synced_body_id FROM outbox o
+                JOIN customers c ON c.source = o.source AND c.external_id = o.external_id
+               WHERE o.batch_id = ?1 AND c.synced_body_id IS NOT NULL)",
+    )?
+    .execute([batch_id])?;
+    conn.prepare_cached(
+        "UPDATE customers SET synced_hash = o.body_hash, synced_body_id = o.body_id,
+                synced_body = NULL, synced_at = ?2
            FROM outbox o
           WHERE o.batch_id = ?1
             AND customers.source = o.source AND customers.external_id = o.external_id",

@@ -266,7 +266,28 @@ ALTER TABLE batches ADD COLUMN body_sha256 TEXT;
 "#;
 
 /// The schema version this build writes: the number of migrations.
-pub(super) const LATEST: usize = 10;
+const V11: &str = r#"
+-- Customer bodies, each written once (issue 14): an outbox row and the customer it was
+-- accepted for point at the same row instead of each carrying a copy. A first sync used to
+-- write every body again twice (the claim rewrote the outbox row to record its batch, and the
+-- acknowledgement copied the body into `customers.synced_body`, which grew the row and split
+-- its page); now the claim and the acknowledgement rewrite rows of about 200 bytes. A body row
+-- belongs to the one outbox row that points at it until RevKeen accepts it, then to its
+-- customer (`synced_body_id`), which frees the one it had before (store/outbox.rs).
+CREATE TABLE bodies (
+    id    INTEGER PRIMARY KEY,
+    body  BLOB NOT NULL
+);
+ALTER TABLE outbox ADD COLUMN body_id INTEGER;
+ALTER TABLE customers ADD COLUMN synced_body_id INTEGER;
+-- The queued bodies move (the outbox is short); `outbox.body` stays, empty. A customer's
+-- synced body written before stays in `customers.synced_body` until its next sync replaces
+-- it: rewriting every customer here would make the upgrade of a large file write it whole.
+INSERT INTO bodies (id, body) SELECT id, body FROM outbox;
+UPDATE outbox SET body_id = id, body = x'';
+"#;
+
+pub(super) const LATEST: usize = 11;
 
 /// All migrations, oldest first.
 pub(super) fn migrations() -> Migrations<'static> {
@@ -281,6 +302,7 @@ pub(super) fn migrations() -> Migrations<'static> {
         M::up(V8),
         M::up(V9),
         M::up(V10),
+        M::up(V11),
     ])
 }
 

@@ -1209,6 +1209,98 @@ mod outbox_tests {
         assert_eq!((again.id, &again.body), (first.id, &old_body));
     }
 
+    /// Rows of `bodies` (schema 11).
+    fn body_rows(store: &Store) -> i64 {
+        store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM bodies", [], |row| row.get(0))
+            .expect("count")
+    }
+
+    #[test]
+    fn a_state_file_from_before_schema_11_keeps_its_queued_and_synced_bodies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let mut old = Connection::open(&path).expect("create");
+            super::migrations::migrations()
+                .to_version(&mut old, 10)
+                .expect("a schema 10 file");
+            old.execute_batch(
+                "INSERT INTO customers (source, external_id, version, latest_hash, synced_hash,
+                                        synced_body, synced_at)
+                 VALUES ('gym', 'a', 2, 'h2', 'h1', x'76312d73796e636564', 1),
+                        ('gym', 'b', 1, 'hb', 'hb', x'622d73796e636564', 1);
+                 INSERT INTO outbox (id, source, external_id, revkeen_source, body, body_hash,
+                                     idempotency_key, enqueued_at)
+                 VALUES (7, 'gym', 'a', 'wodify', x'76322d717565756564', 'h2', 'key-a-2', 1);",
+            )
+            .expect("a queued job and two synced customers");
+        }
+        let store = Store::open(&path).expect("migrated");
+        let synced = |id: &str| {
+            store
+                .lane("gym", id)
+                .expect("lane")
+                .expect("known")
+                .synced_body
+        };
+        assert_eq!(synced("a").as_deref(), Some(&b"v1-synced"[..]));
+        assert_eq!(synced("b").as_deref(), Some(&b"b-synced"[..]));
+        assert_eq!(body_rows(&store), 1, "only the queued body moves");
+        // The queued job goes out as it was written, under its stored key (invariant 3).
+        let Some(Unit::Single(job)) = store.claim(&filter(), now_ms()).expect("claim") else {
+            panic!("the queued job is claimable");
+        };
+        assert_eq!(
+            (job.id, job.body.as_slice(), job.idempotency_key.as_str()),
+            (7, &b"v2-queued"[..], "key-a-2")
+        );
+        store
+            .finish(
+                &Unit::Single(job.clone()),
+                &[(job.id, Finished::Delivered)],
+                DeliveryCounts::default(),
+            )
+            .expect("finish");
+        // Its body is the customer's now; the one synced before is gone from the row.
+        assert_eq!(synced("a").as_deref(), Some(&b"v2-queued"[..]));
+        assert_eq!(body_rows(&store), 1);
+        let inline: Option<Vec<u8>> = store
+            .conn()
+            .query_row(
+                "SELECT synced_body FROM customers WHERE external_id = 'a'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("read");
+        assert_eq!(inline, None);
+        assert_eq!(synced("b").as_deref(), Some(&b"b-synced"[..]));
+    }
+
+    #[test]
+    fn a_deleted_record_never_created_at_revkeen_is_dropped_with_its_body() {
+        let (store, _dir) = temp_store();
+        // Its create is still waiting when the poll sees it deleted: the deletion replaces it.
+        let deleted = PageItem {
+            external_id: "gone".to_string(),
+            outcome: PageItemOutcome::Customer {
+                body: br#"{"email":"gone@x.io","deleted":true}"#.to_vec(),
+                update_only: true,
+            },
+        };
+        for page in [item("gone", "gone@x.io"), deleted] {
+            store
+                .commit_page("gym", "wodify", &[page], CursorSave::Keep, false, false)
+                .expect("commit");
+        }
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 1);
+        assert_eq!(body_rows(&store), 1);
+        assert_eq!(store.claim(&filter(), now_ms()).expect("claim"), None);
+        assert_eq!(store.outstanding(&["gym".to_string()]).expect("count"), 0);
+        assert_eq!(body_rows(&store), 0, "the dropped job's body is freed");
+    }
+
     #[test]
     fn an_unchanged_page_commits_nothing_and_its_cursor_waits() {
         let (store, dir) = temp_store();

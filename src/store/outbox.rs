@@ -132,7 +132,21 @@ impl Unit {
 /// What a member adds to a batch body besides its body and id (`{"external_id":"…",` …).
 const BATCH_ITEM_OVERHEAD: usize = 24;
 
-const JOB_COLUMNS: &str = "o.id, o.source, o.external_id, o.revkeen_source, o.body, o.body_hash, o.idempotency_key, o.attempts";
+// A job's body is in `bodies` (schema 11): a rowid lookup per row.
+const JOB_COLUMNS: &str = "o.id, o.source, o.external_id, o.revkeen_source, \
+     (SELECT b.body FROM bodies b WHERE b.id = o.body_id), o.body_hash, o.idempotency_key, \
+     o.attempts";
+
+/// Removes a job that is not delivered (dropped, dead-lettered, superseded) with its body,
+/// which only the job pointed at.
+fn delete_job(tx: &rusqlite::Transaction<'_>, outbox_id: i64) -> rusqlite::Result<()> {
+    tx.exec_cached(
+        "DELETE FROM bodies WHERE id = (SELECT body_id FROM outbox WHERE id = ?1)",
+        [outbox_id],
+    )?;
+    tx.exec_cached("DELETE FROM outbox WHERE id = ?1", [outbox_id])
+        .map(drop)
+}
 
 /// Deletes a batch and puts its remaining members back in the queue as singles.
 fn dissolve_batch(tx: &rusqlite::Transaction<'_>, batch_id: i64) -> rusqlite::Result<()> {
@@ -325,8 +339,9 @@ impl Store {
             )
         });
         match unit {
-            // The common case, a whole batch accepted: three statements instead of three per
-            // member.
+            // The common case, a whole batch accepted: four statements instead of four per
+            // member. The members' bodies become their customers' synced bodies, so deleting
+            // the outbox rows leaves them.
             Unit::Batch(batch) if all_delivered => {
                 customers::mark_batch_synced(&tx, batch.id, now)
                     .and_then(|()| failures::clear_batch_dead_letters(&tx, batch.id))
@@ -346,12 +361,19 @@ impl Store {
                                 Finished::Applied { revkeen_id } => Some(revkeen_id.as_str()),
                                 _ => None,
                             };
-                            customers::mark_synced(&tx, job, revkeen_id, now).and_then(|()| {
-                                failures::clear_dead_letter(&tx, &job.source, &job.external_id)
-                            })
+                            customers::mark_synced(&tx, job, revkeen_id, now)
+                                .and_then(|()| {
+                                    failures::clear_dead_letter(&tx, &job.source, &job.external_id)
+                                })
+                                .and_then(|()| {
+                                    tx.exec_cached("DELETE FROM outbox WHERE id = ?1", [job.id])
+                                        .map(drop)
+                                })
                         }
+                        // The failure keeps its own copy of the body (for `replay`).
                         Finished::DeadLetter(dead) => {
                             failures::dead_letter(&tx, job, unit.attempts() + 1, dead, now)
+                                .and_then(|()| delete_job(&tx, job.id))
                         }
                         Finished::RetrySingle => {
                             // Stays queued (the batch row goes below).
@@ -365,9 +387,6 @@ impl Store {
                         }
                     }
                     .map_err(|e| self.err(e))?;
-                    tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")
-                        .and_then(|mut stmt| stmt.execute([job.id]))
-                        .map_err(|e| self.err(e))?;
                 }
             }
         }
@@ -600,16 +619,19 @@ fn insert_job(
     now: i64,
 ) -> rusqlite::Result<()> {
     let (version, key) = job.key(tx, lane)?;
+    tx.exec_cached("INSERT INTO bodies (body) VALUES (?1)", [job.body])?;
+    let body_id = tx.last_insert_rowid();
+    // `body` is the pre-schema-11 column, kept empty.
     tx.prepare_cached(
-        "INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
+        "INSERT INTO outbox (source, external_id, revkeen_source, body, body_id, body_hash,
                              idempotency_key, enqueued_at, update_only)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         VALUES (?1, ?2, ?3, x'', ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         job.source,
         job.external_id,
         job.revkeen_source,
-        job.body,
+        body_id,
         job.hash,
         key,
         now,
@@ -627,12 +649,17 @@ fn replace_job(
     pass: i64,
 ) -> rusqlite::Result<()> {
     let (version, key) = job.key(tx, lane)?;
+    // The waiting job's body row is its own (never sent, so no customer's): rewritten in place.
+    tx.exec_cached(
+        "UPDATE bodies SET body = ?2 WHERE id = (SELECT body_id FROM outbox WHERE id = ?1)",
+        params![outbox_id, job.body],
+    )?;
     tx.prepare_cached(
-        "UPDATE outbox SET body = ?2, body_hash = ?3, idempotency_key = ?4, attempts = 0,
-                next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?5
+        "UPDATE outbox SET body_hash = ?2, idempotency_key = ?3, attempts = 0,
+                next_attempt_at = 0, last_error = NULL, single_only = 0, update_only = ?4
           WHERE id = ?1",
     )?
-    .execute(params![outbox_id, job.body, job.hash, key, job.update_only])?;
+    .execute(params![outbox_id, job.hash, key, job.update_only])?;
     customers::record_version(
         tx,
         job.source,
@@ -657,12 +684,17 @@ fn reject(
     customers::reject(tx, source, external_id, pass)?;
     // Only the last row of a lane can be waiting in the queue (a newer version replaces a
     // waiting one instead of queueing behind it).
-    tx.prepare_cached(
-        "DELETE FROM outbox
-          WHERE id = (SELECT MAX(id) FROM outbox WHERE source = ?1 AND external_id = ?2)
-            AND batch_id IS NULL AND inflight = 0",
-    )?
-    .execute(params![source, external_id])?;
+    let waiting: Option<i64> = tx
+        .prepare_cached(
+            "SELECT id FROM outbox
+              WHERE id = (SELECT MAX(id) FROM outbox WHERE source = ?1 AND external_id = ?2)
+                AND batch_id IS NULL AND inflight = 0",
+        )?
+        .query_row(params![source, external_id], |row| row.get(0))
+        .optional()?;
+    if let Some(id) = waiting {
+        delete_job(tx, id)?;
+    }
     failures::record_rejection(tx, source, external_id, rejection, now)
 }
 
@@ -935,7 +967,7 @@ fn claim_head(
         if update_only && !customers::has_synced(tx, &head.source, &head.external_id)? {
             // A deleted record whose create never reached RevKeen: sending it now would
             // create the customer, so the job is dropped instead.
-            tx.exec_cached("DELETE FROM outbox WHERE id = ?1", [head.id])?;
+            delete_job(tx, head.id)?;
             continue;
         }
         return Ok(Some((head, single_only || update_only)));
