@@ -26,9 +26,10 @@
 //!    per 10k at the largest size within 10 % of the next size down; rescan ≤ 64 bytes
 //!    written per record, 0 RevKeen writes.
 //! 7. Peer: `benches/peer/peer.py` (Python 3 + `requests`: page Wodify, PUT batches of 100, no
-//!    durability), the script an integrator would write instead, on the large dataset, then the
-//!    daemon's first sync on the same dataset (fresh simulators each). Goal: daemon ≥ 1.5× the
-//!    peer's records/s at ≤ 0.8× its CPU. Skipped with a message when no Python with
+//!    durability), the script an integrator would write instead, on the large dataset, and the
+//!    daemon's first sync on the same dataset (fresh simulators each), in
+//!    `SYNC_DAEMON_BENCH_PAIRS` pairs (as row 2) whose order alternates; the figures are the
+//!    medians of the pairs' ratios. Goal: daemon ≥ 1.5× the peer's records/s at ≤ 0.8× its CPU. Skipped with a message when no Python with
 //!    `requests` is found (a venv under `target/peer-venv` is tried with pip first).
 //!
 //! The daemon runs as a child process (the real binary, `--once`): its CPU time comes from
@@ -270,14 +271,18 @@ async fn bench(scale: &Scale) -> Value {
 
     // Row 7.
     if wanted(7) {
+        let pairs = env_count("SYNC_DAEMON_BENCH_PAIRS").unwrap_or(scale.pairs);
         println!(
-            "\n7. Peer: benches/peer/peer.py vs the daemon's first sync, {} clients, no limits",
+            "\n7. Peer: benches/peer/peer.py vs the daemon's first sync, {} clients, no limits; {pairs} pair(s), order alternating",
             scale.large
         );
-        match peer(scale.large).await {
+        match peer(scale.large, pairs).await {
             Ok(row) => {
                 for (k, v) in row.as_object().expect("object") {
-                    println!("   {k:<34} {v}");
+                    // Each pair's figures are in the JSON, not the table.
+                    if k != "runs" {
+                        println!("   {k:<34} {v}");
+                    }
                 }
                 if row["daemon_vs_peer_records_per_sec"]
                     .as_f64()
@@ -611,14 +616,57 @@ async fn unthrottled_sims(clients: usize) -> SimSet {
     sims
 }
 
-/// Row 7: the peer script, then the daemon, each on fresh simulators seeded alike.
-async fn peer(clients: usize) -> Result<Value, String> {
+/// Row 7: `pairs` pairs of the peer script and the daemon, each run on fresh simulators seeded
+/// alike, the order alternating (peer first in the first pair, the daemon first in the next),
+/// so drift on a shared machine lands on both sides. The figures are the medians of the pairs'
+/// ratios: the peer's CPU time moves with the machine as much as the daemon's (2.0–4.2 s in
+/// one block of 12 runs), so one pair says little.
+async fn peer(clients: usize, pairs: usize) -> Result<Value, String> {
     let python = python_with_requests()?;
+    let mut runs = Vec::new();
+    for pair in 0..pairs.max(1) {
+        runs.push(peer_pair(clients, &python, pair % 2 == 1).await?);
+    }
+    let field = |key: &str| -> Vec<f64> {
+        runs.iter()
+            .map(|run| run[key].as_f64().unwrap_or(0.0))
+            .collect()
+    };
+    let spread = |key: &str| {
+        let values = field(key);
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        json!([min, round(median(&values), 3), max])
+    };
+    let mut row = json!({
+        "clients": clients,
+        "python": python.display().to_string(),
+        "pairs": runs.len(),
+        "daemon_vs_peer_records_per_sec": round(median(&field("daemon_vs_peer_records_per_sec")), 2),
+        "daemon_vs_peer_cpu": round(median(&field("daemon_vs_peer_cpu")), 2),
+        "daemon_vs_peer_records_per_sec_min_median_max": spread("daemon_vs_peer_records_per_sec"),
+        "daemon_vs_peer_cpu_min_median_max": spread("daemon_vs_peer_cpu"),
+        "peer_records_per_sec": round(median(&field("peer_records_per_sec")), 0),
+        "peer_cpu_secs_per_10k_records": round(median(&field("peer_cpu_secs_per_10k_records")), 3),
+        "daemon_records_per_sec": round(median(&field("daemon_records_per_sec")), 0),
+        "daemon_cpu_secs_per_10k_records": round(median(&field("daemon_cpu_secs_per_10k_records")), 3),
+    });
+    row["runs"] = Value::Array(runs);
+    Ok(row)
+}
+
+/// One pair of row 7: the peer script and the daemon's first sync, in the order asked.
+async fn peer_pair(clients: usize, python: &Path, daemon_first: bool) -> Result<Value, String> {
+    let first = if daemon_first {
+        Some(unthrottled_daemon_only(clients).await.0)
+    } else {
+        None
+    };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer.py");
     let sims = unthrottled_sims(clients).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("peer.out");
-    let mut command = Command::new(&python);
+    let mut command = Command::new(python);
     command
         .arg(&script)
         .env("WODIFY_URL", sims.wodify_server.url())
@@ -636,16 +684,17 @@ async fn peer(clients: usize) -> Result<Value, String> {
         .unwrap_or(Value::Null);
     let peer_customers = sims.revkeen.customers("wodify").len();
     drop(sims);
-
-    let (daemon, _, _) = unthrottled_daemon_only(clients).await;
+    let daemon = match first {
+        Some(daemon) => daemon,
+        None => unthrottled_daemon_only(clients).await.0,
+    };
     let n = clients as f64;
     let peer_rate = n / run.elapsed.as_secs_f64().max(0.001);
     let peer_cpu = run.cpu.as_secs_f64();
     let daemon_rate = daemon["records_per_sec"].as_f64().unwrap_or(0.0);
     let daemon_cpu = daemon["cpu_secs"].as_f64().unwrap_or(0.0);
     Ok(json!({
-        "clients": clients,
-        "python": python.display().to_string(),
+        "first": if daemon_first { "daemon" } else { "peer" },
         "peer_exit_code": run.exit,
         "peer_elapsed_secs": round(run.elapsed.as_secs_f64(), 2),
         "peer_records_per_sec": round(peer_rate, 0),
