@@ -1279,6 +1279,54 @@ mod outbox_tests {
     }
 
     #[test]
+    fn a_full_disk_during_the_schema_11_upgrade_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let mut old = Connection::open(&path).expect("create");
+        super::migrations::migrations()
+            .to_version(&mut old, 10)
+            .expect("a schema 10 file");
+        old.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200)
+             INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,
+                                 idempotency_key, enqueued_at)
+             SELECT 'gym', 'c' || i, 'wodify', randomblob(2000), 'h' || i, 'k' || i, 1 FROM n;",
+        )
+        .expect("200 queued jobs");
+        // Room for a few more pages, not for a copy of 400 KB of bodies.
+        let pages: i64 = old
+            .pragma_query_value(None, "page_count", |row| row.get(0))
+            .expect("page count");
+        old.pragma_update(None, "max_page_count", pages + 4)
+            .expect("cap");
+        let error = super::migrations::migrations()
+            .to_latest(&mut old)
+            .expect_err("the disk is full");
+        assert!(error.to_string().contains("full"), "{error}");
+        let (version, intact): (i64, i64) = old
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version),
+                        (SELECT COUNT(*) FROM outbox WHERE length(body) = 2000)",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .expect("read");
+        assert_eq!(
+            (version, intact),
+            (10, 200),
+            "nothing of V11 is half applied"
+        );
+        drop(old);
+        // With room again, the upgrade runs and every job keeps its body.
+        let store = Store::open(&path).expect("migrated");
+        let Some(Unit::Single(job)) = store.claim(&filter(), now_ms()).expect("claim") else {
+            panic!("a queued job");
+        };
+        assert_eq!(job.body.len(), 2000);
+        assert_eq!(body_rows(&store), 200);
+    }
+
+    #[test]
     fn a_deleted_record_never_created_at_revkeen_is_dropped_with_its_body() {
         let (store, _dir) = temp_store();
         // Its create is still waiting when the poll sees it deleted: the deletion replaces it.
