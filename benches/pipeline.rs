@@ -632,20 +632,14 @@ async fn peer(clients: usize, pairs: usize) -> Result<Value, String> {
             .map(|run| run[key].as_f64().unwrap_or(0.0))
             .collect()
     };
-    let spread = |key: &str| {
-        let values = field(key);
-        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        json!([min, round(median(&values), 3), max])
-    };
     let mut row = json!({
         "clients": clients,
         "python": python.display().to_string(),
         "pairs": runs.len(),
         "daemon_vs_peer_records_per_sec": round(median(&field("daemon_vs_peer_records_per_sec")), 2),
         "daemon_vs_peer_cpu": round(median(&field("daemon_vs_peer_cpu")), 2),
-        "daemon_vs_peer_records_per_sec_min_median_max": spread("daemon_vs_peer_records_per_sec"),
-        "daemon_vs_peer_cpu_min_median_max": spread("daemon_vs_peer_cpu"),
+        "daemon_vs_peer_records_per_sec_min_median_max": spread(&field("daemon_vs_peer_records_per_sec"), 3),
+        "daemon_vs_peer_cpu_min_median_max": spread(&field("daemon_vs_peer_cpu"), 3),
         "peer_records_per_sec": round(median(&field("peer_records_per_sec")), 0),
         "peer_cpu_secs_per_10k_records": round(median(&field("peer_cpu_secs_per_10k_records")), 3),
         "daemon_records_per_sec": round(median(&field("daemon_records_per_sec")), 0),

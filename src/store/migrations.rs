@@ -271,7 +271,7 @@ const V11: &str = r#"
 -- accepted for point at the same row instead of each carrying a copy. A first sync used to
 -- write every body again twice (the claim rewrote the outbox row to record its batch, and the
 -- acknowledgement copied the body into `customers.synced_body`, which grew the row and split
--- its page); now the claim and the acknowledgement rewrite rows of about 200 bytes. A body row
+-- its page); now the claim and the acknowledgement rewrite rows of 90–140 bytes. A body row
 -- belongs to the one outbox row that points at it until RevKeen accepts it, then to its
 -- customer (`synced_body_id`), which frees the one it had before (store/outbox.rs).
 CREATE TABLE bodies (

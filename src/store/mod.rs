@@ -1217,15 +1217,21 @@ mod outbox_tests {
             .expect("count")
     }
 
+    /// A state file at schema 10, as the release before `bodies` left it, and a connection to it.
+    fn schema_10_file(dir: &tempfile::TempDir) -> (PathBuf, Connection) {
+        let path = dir.path().join("state.db");
+        let mut old = Connection::open(&path).expect("create");
+        super::migrations::migrations()
+            .to_version(&mut old, 10)
+            .expect("a schema 10 file");
+        (path, old)
+    }
+
     #[test]
     fn a_state_file_from_before_schema_11_keeps_its_queued_and_synced_bodies() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("state.db");
-        {
-            let mut old = Connection::open(&path).expect("create");
-            super::migrations::migrations()
-                .to_version(&mut old, 10)
-                .expect("a schema 10 file");
+        let path = {
+            let (path, old) = schema_10_file(&dir);
             old.execute_batch(
                 "INSERT INTO customers (source, external_id, version, latest_hash, synced_hash,
                                         synced_body, synced_at)
@@ -1236,7 +1242,8 @@ mod outbox_tests {
                  VALUES (7, 'gym', 'a', 'wodify', x'76322d717565756564', 'h2', 'key-a-2', 1);",
             )
             .expect("a queued job and two synced customers");
-        }
+            path
+        };
         let store = Store::open(&path).expect("migrated");
         let synced = |id: &str| {
             store
@@ -1281,11 +1288,7 @@ mod outbox_tests {
     #[test]
     fn a_full_disk_during_the_schema_11_upgrade_leaves_the_file_as_it_was() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("state.db");
-        let mut old = Connection::open(&path).expect("create");
-        super::migrations::migrations()
-            .to_version(&mut old, 10)
-            .expect("a schema 10 file");
+        let (path, mut old) = schema_10_file(&dir);
         old.execute_batch(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200)
              INSERT INTO outbox (source, external_id, revkeen_source, body, body_hash,

@@ -8,7 +8,9 @@
 use serde_json::{Value, json};
 use sync_daemon_sim::Faults;
 
-use crate::support::{Harness, exit, expected_practicehub, seed_valid_clients, with_revkeen};
+use crate::support::{
+    Harness, client_ids, exit, expected_practicehub, seed_valid_clients, with_revkeen,
+};
 
 /// The `metadata.source_status` RevKeen holds for a customer, or `None` if it has none.
 fn source_status(h: &Harness, source: &str, id: &str) -> Option<String> {
@@ -352,14 +354,7 @@ async fn a_rescan_killed_midway_still_names_vanished_clients_one_scan_later() {
     h.write_config(&h.config_for("gym"));
     seed_valid_clients(&h.sims.wodify, CLIENTS, 211);
     h.once().await.assert_exit(exit::OK);
-    let mut ids: Vec<i64> = h
-        .sims
-        .wodify
-        .clients()
-        .iter()
-        .filter_map(|c| c["id"].as_i64())
-        .collect();
-    ids.sort_unstable();
+    let ids = client_ids(&h.sims.wodify);
     // One client on the pages before the kill, one after.
     let gone = [ids[450], ids[2_650]];
     for id in gone {

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use crate::support::{
-    Harness, assert_revkeen_holds, exit, expected_practicehub, expected_wodify, invalid_wodify,
-    name_at_revkeen, rename_client, seed_valid_clients, state_bytes, summary_cell, wait_until,
-    with_source,
+    Harness, assert_revkeen_holds, client_ids, exit, expected_practicehub, expected_wodify,
+    invalid_wodify, name_at_revkeen, rename_client, seed_valid_clients, state_bytes, summary_cell,
+    wait_until, with_source,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,14 +519,7 @@ async fn a_signal_during_once_finishes_what_is_in_flight_prints_the_summary_and_
     // before it delivered: with every batch in flight at once, an interrupted run can still
     // deliver them all.
     let change_every_client = |last_name: &str| {
-        let ids: Vec<i64> = h
-            .sims
-            .wodify
-            .clients()
-            .iter()
-            .filter_map(|c| c["id"].as_i64())
-            .collect();
-        for id in ids {
+        for id in client_ids(&h.sims.wodify) {
             rename_client(&h.sims.wodify, id, last_name);
         }
     };

@@ -599,6 +599,17 @@ pub fn seed_valid_patients(sim: &PracticeHubSim, count: usize, seed: u64) {
     }
 }
 
+/// The ids of Wodify's clients, in ascending order.
+pub fn client_ids(sim: &WodifySim) -> Vec<i64> {
+    let mut ids: Vec<i64> = sim
+        .clients()
+        .iter()
+        .filter_map(|c| c["id"].as_i64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// Gives Wodify client `id` the last name `last_name`; fails the test if Wodify has no such
 /// client.
 #[track_caller]
